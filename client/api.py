@@ -1,0 +1,270 @@
+"""A small typed client: requests with direct reply-to, waiting on events, never polling."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from vespid.client import current_task
+from vespid.shared import topology
+from vespid.shared.errors import (
+    BrokerError,
+    PublishFailed,
+    RemoteError,
+    RequestTimeout,
+    TaskNotFound,
+    WaitTimeout,
+)
+from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
+from vespid.shared.transport import (
+    DEFAULT_URL,
+    close_quietly,
+    connect,
+    connection_parameters,
+    guarded,
+    properties,
+    publish_confirmed,
+)
+
+APP_ID = "vespid-client"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
+
+
+class TaskState(BaseModel):
+    """A task as task-info reports it (the wire names with `-` become `_`)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+    name: str
+    status: str | None = None
+    success: str | None = None
+    name_pretty: str | None = None
+    parent: str | None = None
+    node: str | None = None
+    log: str | None = None
+    message: str | None = None
+    children: list[str] = Field(default_factory=list)
+    requirements: dict[str, Any] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict)
+    allocated: dict[str, float] | None = None
+    attempt: int = 0
+    time_create: float | None = Field(default=None, alias="time-create")
+    time_start: float | None = Field(default=None, alias="time-start")
+    time_finish: float | None = Field(default=None, alias="time-finish")
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def ok(self) -> bool:
+        return self.complete and self.success == "ok"
+
+
+@dataclass
+class TaskHandle:
+    client: Client
+    name: str
+
+    def info(self) -> TaskState:
+        return self.client.info(self.name)
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        return self.client.wait(self.name, timeout)
+
+    def cancel(self) -> None:
+        self.client.cancel(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def unique_name(name: str) -> str:
+    """`<name>_<time>_<uuid>`, as the seed's client made names unique per user."""
+    base = _UNSAFE.sub("_", name).strip("_")[:120] or "task"
+    return f"{base}_{int(time.time())}_{uuid.uuid4()}"
+
+
+@dataclass
+class Client:
+    url: str | None = None
+    timeout: float = 30.0
+    _connection: Any = field(default=None, init=False, repr=False)
+    _channel: Any = field(default=None, init=False, repr=False)
+    _replies: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    _parent_info: TaskState | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url or os.environ.get("VESPID_AMQP_URL") or DEFAULT_URL
+
+    # ---- connection ------------------------------------------------------------------
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        close_quietly(self._connection)
+        self._connection = self._channel = None
+
+    def _ensure_channel(self) -> Any:
+        if self._channel is None or not self._channel.is_open:
+            assert self.url is not None
+            self._connection = connect(connection_parameters(self.url, name=APP_ID),
+                                       give_up_after=self.timeout)
+            channel = guarded(self._connection.channel)
+            guarded(channel.confirm_delivery)
+            guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,
+                                                  auto_ack=True))
+            self._channel = channel
+        return self._channel
+
+    def _on_reply(self, _channel: Any, _method: Any, props: Any, body: bytes) -> None:
+        if props.correlation_id:
+            self._replies[props.correlation_id] = parse_body(body)
+
+    def _pump(self, seconds: float) -> None:
+        guarded(lambda: self._connection.process_data_events(time_limit=seconds))
+
+    # ---- requests --------------------------------------------------------------------
+    def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one command to the coordinator and return its reply (raise on `error`)."""
+        channel = self._ensure_channel()
+        correlation_id = uuid.uuid4().hex
+        props = properties(str(message["command"]), app_id=APP_ID,
+                           reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
+        try:
+            publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
+                              encode(message), props)
+        except PublishFailed:
+            raise BrokerError("the coordinator's queue does not exist: start it with "
+                              "`vespid coordinator`") from None
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while correlation_id not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout(f"the coordinator did not answer {message['command']} "
+                                     f"within {timeout or self.timeout:g} s; is it running?")
+            self._pump(min(left, 1.0))
+        reply = self._replies.pop(correlation_id)
+        if reply.get("command") == "error":
+            raise RemoteError(str(reply.get("error")), str(reply.get("message")))
+        return reply
+
+    def create_task(
+        self,
+        name: str,
+        script: str | None = None,
+        *,
+        pyfile: str | None = None,
+        name_pretty: str | None = None,
+        requirements: dict[str, Any] | None = None,
+        repositories: dict[str, Any] | None = None,
+        environment: dict[str, str] | None = None,
+        priority: int = 0,
+        parent: str | None = None,
+        unique: bool = True,
+    ) -> TaskHandle:
+        """Create a task. Inside a task, the new one is its child and inherits its usage_
+        flags and environment, unless `parent` names another task."""
+        requirements = dict(requirements or {})
+        environment = dict(environment or {})
+        parent = parent or current_task()
+        if parent is not None:
+            self._inherit(parent, requirements, environment)
+        elif not any(k.startswith("usage_user_") for k in requirements):
+            requirements[f"usage_user_{_UNSAFE.sub('_', getpass.getuser())}"] = True
+        full_name = unique_name(name) if unique else name
+        if not re.fullmatch(TASK_NAME_PATTERN, full_name):
+            raise ValueError(f"task name {full_name!r} must match {TASK_NAME_PATTERN}")
+        message = {
+            "command": "task-create", "name": full_name, "name_pretty": name_pretty or name,
+            "parent": parent, "executable_pyscript": script, "executable_pyfile": pyfile,
+            "requirements": requirements, "repositories": repositories or {},
+            "environment": environment, "priority": priority,
+        }
+        self.request(message)
+        return TaskHandle(self, full_name)
+
+    def _inherit(self, parent: str, requirements: dict[str, Any],
+                 environment: dict[str, str]) -> None:
+        if self._parent_info is None or self._parent_info.name != parent:
+            self._parent_info = self.info(parent)
+        for key, value in self._parent_info.requirements.items():
+            if key.startswith("usage_"):
+                requirements.setdefault(key, value)
+        for key, value in self._parent_info.environment.items():
+            environment.setdefault(key, value)
+
+    def info(self, name: str) -> TaskState:
+        reply = self.request({"command": "task-info", "name": name})
+        if reply.get("status") == "invalid":
+            raise TaskNotFound(f"no task named {name!r}")
+        return TaskState.model_validate(reply)
+
+    def cancel(self, name: str) -> None:
+        self.request({"command": "task-cancel", "name": name})
+
+    def report(self, success: str, message: str | None = None, name: str | None = None) -> None:
+        """Raise the current task's severity (warning, error, ...) with a message."""
+        target = name or current_task()
+        if target is None:
+            raise ValueError("report() needs a task name outside a running task")
+        self.request({"command": "task-update", "name": target, "success": success,
+                      "message": message})
+
+    def tasks(self, status: str | None = None, parent: str | None = None,
+              limit: int = 1000) -> list[dict[str, Any]]:
+        reply = self.request({"command": "task-list", "status": status, "parent": parent,
+                              "limit": limit})
+        return list(reply["tasks"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.request({"command": "node-list"})["nodes"])
+
+    # ---- waiting ---------------------------------------------------------------------
+    def wait(self, name: str, timeout: float | None = None) -> TaskState:
+        """Block until the task completes; events, not polling. Raise WaitTimeout."""
+        return self.wait_all([name], timeout)[name]
+
+    def wait_all(self, names: list[str], timeout: float | None = None) -> dict[str, TaskState]:
+        channel = self._ensure_channel()
+        done: dict[str, TaskState] = {}
+
+        def on_event(_ch: Any, _method: Any, _props: Any, body: bytes) -> None:
+            state = TaskState.model_validate(parse_body(body))
+            if state.complete and state.name in names:
+                done[state.name] = state
+
+        # Subscribe first, then ask: a completion between the two cannot be missed.
+        queue = guarded(lambda: channel.queue_declare("", exclusive=True, auto_delete=True)
+                        ).method.queue
+        for name in names:
+            guarded(lambda n=name: channel.queue_bind(queue, topology.EVENTS_EXCHANGE,
+                                                      topology.event_key("completed", n)))
+        tag = guarded(lambda: channel.basic_consume(queue, on_event, auto_ack=True))
+        try:
+            for name in names:
+                state = self.info(name)
+                if state.complete:
+                    done.setdefault(name, state)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while len(done) < len(names):
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(names) - set(done))
+                    raise WaitTimeout(f"{len(missing)} task(s) not complete after "
+                                      f"{timeout:g} s: {', '.join(missing[:5])}")
+                self._pump(min(left, 1.0))
+        finally:
+            if channel.is_open:
+                guarded(lambda: channel.basic_cancel(tag))
+                guarded(lambda: channel.queue_delete(queue))
+        return done

@@ -1,0 +1,250 @@
+"""The `vespid` command: every subcommand in one table, on top of the client library.
+
+Exit codes scripts can rely on: 0 success (a waited task ended ok), 1 a task ended
+warning/error/fatal/terminated, 2 bad usage or settings, 3 broker or coordinator unreachable,
+4 no such task, 5 timed out waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vespid.shared.errors import (
+    BrokerError,
+    ConfigError,
+    RemoteError,
+    RequestTimeout,
+    TaskNotFound,
+    VespidError,
+    WaitTimeout,
+)
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(6)
+EXIT_CODES: list[tuple[type[VespidError], int]] = [
+    (ConfigError, EXIT_USAGE), (TaskNotFound, EXIT_NOT_FOUND), (WaitTimeout, EXIT_TIMEOUT),
+    (RequestTimeout, EXIT_BROKER), (BrokerError, EXIT_BROKER), (RemoteError, EXIT_USAGE),
+]
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from vespid.client.api import Client
+
+    return Client(args.amqp_url, timeout=args.request_timeout)
+
+
+def _show(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    out(json.dumps(data, indent=2, sort_keys=True) if as_json else render(data))
+
+
+def _when(stamp: float | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def render_info(info: dict[str, Any]) -> str:
+    status = info.get("status") or "idle"
+    lines = [f"{info['name']}  {status}" + (f" / {info['success']}" if info.get("success")
+                                              else "")]
+    for label, key in [("name", "name_pretty"), ("parent", "parent"), ("node", "node"),
+                       ("log", "log"), ("message", "message"), ("attempt", "attempt")]:
+        if info.get(key) not in (None, ""):
+            lines.append(f"  {label:<10} {info[key]}")
+    for label, key in [("created", "time-create"), ("started", "time-start"),
+                       ("finished", "time-finish")]:
+        lines.append(f"  {label:<10} {_when(info.get(key))}")
+    if info.get("allocated"):
+        lines.append(f"  {'allocated':<10} " + ", ".join(
+            f"{k}={v:g}" for k, v in sorted(info["allocated"].items())))
+    if info.get("requirements"):
+        lines.append(f"  {'requires':<10} " + ", ".join(
+            f"{k}={v}" for k, v in sorted(info["requirements"].items())))
+    children = info.get("children") or []
+    lines.append(f"  {'children':<10} {len(children)}")
+    lines += [f"    {child}" for child in children]
+    return "\n".join(lines)
+
+
+def render_tasks(tasks: list[dict[str, Any]]) -> str:
+    rows = [("NAME", "STATUS", "SUCCESS", "NODE", "CREATED")]
+    rows += [(t["name"], t["status"] or "idle", t["success"] or "-", t["node"] or "-",
+              _when(t["time-create"])) for t in tasks]
+    return _table(rows) if tasks else "no tasks"
+
+
+def render_nodes(nodes: list[dict[str, Any]]) -> str:
+    rows = [("NODE", "STATE", "CORES FREE", "MEMORY FREE", "TASKS", "VERSION")]
+    for n in nodes:
+        state = "ok" if n["accepting"] else ("lost" if not n["alive"] else
+                                             "draining" if n["draining"] else "refused")
+        caps, free = n["capabilities"], n["free"]
+        rows.append((n["name"], state, f"{free.get('cores', 0):g}/{caps.get('cores', 0):g}",
+                     f"{free.get('memory', 0):g}/{caps.get('memory', 0):g} MB",
+                     str(len(n["activetasks"])), n["version"] or "-"))
+    text = _table(rows) if nodes else "no nodes have registered"
+    why = [f"  {n['name']}: {n['why_not_accepting']}" for n in nodes if n["why_not_accepting"]]
+    return "\n".join([text, *why])
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+# ---- commands -----------------------------------------------------------------------------
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from vespid.coordinator.main import run
+
+    return run(args)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from vespid.node_agent.main import run
+
+    return run(args)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    script = Path(args.script)
+    if not script.is_file():
+        raise ConfigError(f"script {script} does not exist")
+    requirements: dict[str, Any] = {"memory": args.memory, "cores": args.cores}
+    if args.cores_max is not None:
+        requirements["cores_max"] = args.cores_max
+    for label in args.label:
+        requirements[f"usage_{label}"] = True
+    for label in args.require:
+        requirements[f"usage_require_{label}"] = True
+    environment = dict(_pair(p) for p in args.env)
+    with _client(args) as client:
+        task = client.create_task(args.name or script.stem, script.read_text(),
+                                  requirements=requirements, environment=environment,
+                                  priority=args.priority)
+        if not args.wait:
+            out(json.dumps({"name": task.name}) if args.json else task.name)
+            return EXIT_OK
+        state = task.wait(args.timeout)
+        _show(state.model_dump(by_alias=True), args.json, render_info)
+        return EXIT_OK if state.ok else EXIT_TASK_FAILED
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--env takes KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        state = client.info(args.name)
+    _show(state.model_dump(by_alias=True), args.json, render_info)
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        state = client.wait(args.name, args.timeout)
+    _show(state.model_dump(by_alias=True), args.json, render_info)
+    return EXIT_OK if state.ok else EXIT_TASK_FAILED
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.info(args.name)
+        client.cancel(args.name)
+    out(f"cancelled {args.name} and its descendants")
+    return EXIT_OK
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tasks = client.tasks(status=args.status, parent=args.parent, limit=args.limit)
+    _show(tasks, args.json, render_tasks)
+    return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        nodes = client.nodes()
+    _show(nodes, args.json, render_nodes)
+    return EXIT_OK
+
+
+# ---- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from vespid.coordinator.main import add_arguments as coordinator_arguments
+    from vespid.node_agent.main import add_arguments as node_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="vespid", description="Vespid: a distributed task system for build farms.",
+        epilog="Exit codes: 0 ok, 1 task not ok, 2 usage, 3 broker/coordinator unreachable, "
+               "4 no such task, 5 wait timed out.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str,
+                client: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=handler)
+        if client:
+            p.add_argument("--amqp-url", help="broker URL (default env VESPID_AMQP_URL, else "
+                                              "amqp://guest:guest@localhost:5672/%%2F)")
+            p.add_argument("--request-timeout", type=float, default=30.0,
+                           help="seconds to wait for the coordinator to answer (default 30)")
+            p.add_argument("--json", action="store_true", help="print raw JSON for scripts")
+        return p
+
+    coordinator_arguments(command("coordinator", cmd_coordinator,
+                                  "run the coordinator (owns all scheduling state)", False))
+    node_arguments(command("node", cmd_node, "run a node agent on this build machine", False))
+    p = command("submit", cmd_submit, "submit a Python script as a task")
+    p.add_argument("script", help="the Python file to run on a node")
+    p.add_argument("--name", help="task name prefix (default: the script's name)")
+    p.add_argument("--memory", type=float, default=0, help="MB of memory needed (default 0)")
+    p.add_argument("--cores", type=float, default=1, help="cores needed (default 1)")
+    p.add_argument("--cores-max", type=float, help="take up to this many free cores")
+    p.add_argument("--label", action="append", default=[], help="carry label X (usage_X)")
+    p.add_argument("--require", action="append", default=[],
+                   help="run only on nodes labelled X (usage_require_X)")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the task")
+    p.add_argument("--wait", action="store_true", help="wait and exit non-zero unless ok")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after N seconds")
+    p = command("info", cmd_info, "show a task's state")
+    p.add_argument("name")
+    p = command("wait", cmd_wait, "wait for a task to complete; exit non-zero unless ok")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, help="give up after N seconds (exit 5)")
+    p = command("cancel", cmd_cancel, "cancel a task and all its descendants")
+    p.add_argument("name")
+    p = command("tasks", cmd_tasks, "list tasks, newest first")
+    p.add_argument("--status", choices=["idle", "working", "complete"])
+    p.add_argument("--parent", help="only children of this task")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    command("nodes", cmd_nodes, "list nodes with their capacity and state")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except VespidError as exc:
+        sys.stderr.write(f"vespid {args.command}: {exc}\n")
+        return next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

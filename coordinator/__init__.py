@@ -1,0 +1,1 @@
+"""The coordinator: owns all scheduling state and decides what runs where."""

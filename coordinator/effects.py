@@ -1,0 +1,49 @@
+"""What handling a batch of messages causes, collected before anything is sent.
+
+Handlers never publish: they record replies and outgoing messages here. The service
+writes outgoing messages to the outbox in the same transaction as the state change, then
+publishes them, and acks the batch only once the broker confirmed everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vespid.shared import topology
+from vespid.shared.protocol import encode
+
+
+@dataclass(frozen=True)
+class Reply:
+    reply_to: str
+    correlation_id: str | None
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    exchange: str
+    routing_key: str
+    command: str
+    body: bytes
+    headers: dict[str, Any] | None = None
+
+
+@dataclass
+class Effects:
+    replies: list[Reply] = field(default_factory=list)
+    outgoing: list[Outgoing] = field(default_factory=list)
+    new_nodes: list[str] = field(default_factory=list)
+
+    def to_node(self, node: str, message: dict[str, Any]) -> None:
+        self.outgoing.append(Outgoing(topology.EXCHANGE, topology.node_key(node),
+                                      str(message["command"]), encode(message)))
+
+    def event(self, event: str, task: str, body: dict[str, Any]) -> None:
+        self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, topology.event_key(event, task),
+                                      f"task.{event}", encode(body)))
+
+    def dead_letter(self, body: bytes, reason: str, command: str) -> None:
+        self.outgoing.append(Outgoing(topology.DEAD_EXCHANGE, "", command or "unknown", body,
+                                      {topology.ERROR_HEADER: reason}))

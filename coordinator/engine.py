@@ -1,0 +1,162 @@
+"""Applying decisions to state: starting matched tasks, ending tasks, losing nodes.
+
+Everything here is a function of (state, effects, now): no broker, no clock, no disk, so
+the handlers and the periodic sweep share it and unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vespid.coordinator import matcher
+from vespid.coordinator.effects import Effects
+from vespid.coordinator.settings import CoordinatorSettings
+from vespid.coordinator.state import Node, State, Task
+from vespid.coordinator.views import task_info
+from vespid.shared import PROTOCOL_VERSION
+from vespid.shared.logs import get_logger
+from vespid.shared.protocol import Severity, TaskStatus
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Context:
+    state: State
+    settings: CoordinatorSettings
+    effects: Effects
+    now: float
+
+    def event(self, event: str, task: Task) -> None:
+        self.effects.event(event, task.name, task_info(self.state, task))
+
+
+def why_not_accepting(node: Node) -> str | None:
+    if not node.alive:
+        return "lost: no node-set within the heartbeat timeout"
+    if node.draining:
+        return "draining: finishing its tasks, taking no new ones"
+    if node.protocol is not None and node.protocol != PROTOCOL_VERSION:
+        return (f"speaks protocol {node.protocol}, this coordinator speaks {PROTOCOL_VERSION}: "
+                "upgrade the agent or the coordinator")
+    return None
+
+
+def node_offer(node: Node) -> matcher.NodeOffer:
+    return matcher.NodeOffer(node.name, node.free_resources(),
+                             matcher.Labels.parse(node.capabilities),
+                             accepting=why_not_accepting(node) is None)
+
+
+def task_request(task: Task) -> matcher.TaskRequest:
+    return matcher.TaskRequest.from_requirements(
+        task.name, task.definition.priority, task.seq, task.definition.requirements)
+
+
+def schedule(ctx: Context) -> int:
+    """Start every waiting task that fits somewhere now; returns how many started."""
+    state = ctx.state
+    state.needs_scheduling = False
+    if not state.waiting:
+        return 0
+    requests = [task_request(state.tasks[name]) for name in state.waiting]
+    offers = [node_offer(node) for node in state.nodes.values()]
+    assignments = matcher.match(requests, offers)
+    for assignment in assignments:
+        start_task(ctx, state.tasks[assignment.task], state.nodes[assignment.node],
+                   assignment.allocated)
+    return len(assignments)
+
+
+def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]) -> None:
+    ctx.state.start(task, node, allocated, ctx.now)
+    task.log = ctx.settings.log_location.format(node=node.name, task=task.name)
+    ctx.effects.to_node(node.name, task_run(task))
+    ctx.event("started", task)
+    log.info("task_started", task=task.name, node=node.name, attempt=task.attempt,
+             allocated=allocated)
+
+
+def task_run(task: Task) -> dict[str, Any]:
+    definition = task.definition
+    environment = dict(definition.environment)
+    return {
+        "command": "task-run",
+        "name": task.name,
+        "executable_pyscript": definition.executable_pyscript,
+        "executable_pyfile": definition.executable_pyfile,
+        "path": task.path,
+        "log": task.log,
+        "cores": task.allocated.get("cores", 1.0),
+        "allocated": task.allocated,
+        "environment": environment,
+        "attempt": task.attempt,
+    }
+
+
+def end_task(ctx: Context, task: Task, severity: Severity, message: str | None = None) -> None:
+    """Mark a task complete with at least `severity`; a no-op for a complete task."""
+    if task.status is TaskStatus.COMPLETE:
+        return
+    ctx.state.finish(task, severity, ctx.now, message)
+    ctx.event("completed", task)
+    log.info("task_completed", task=task.name, node=task.node, success=task.success,
+             reason=message)
+
+
+def cancel_tree(ctx: Context, root: Task) -> None:
+    """Cancel a task and its descendants: idle ones never start, working ones are killed."""
+    for name in [root.name, *ctx.state.descendants(root.name)]:
+        task = ctx.state.tasks[name]
+        if task.status is TaskStatus.IDLE:
+            end_task(ctx, task, Severity.TERMINATED, "cancelled before it started")
+        elif task.status is TaskStatus.WORKING and not task.cancel_requested:
+            task.cancel_requested = True
+            ctx.state.touch_task(task)
+            assert task.node is not None
+            ctx.effects.to_node(task.node, {"command": "task-kill", "name": task.name,
+                                            "attempt": task.attempt, "reason": "cancelled"})
+
+
+def sweep_nodes(ctx: Context) -> None:
+    """Declare lost every node silent for longer than the heartbeat timeout."""
+    deadline = ctx.now - ctx.settings.node_timeout
+    for node in ctx.state.nodes.values():
+        if node.alive and node.last_seen < deadline:
+            lose_node(ctx, node)
+
+
+def lose_node(ctx: Context, node: Node) -> None:
+    node.alive = False
+    ctx.state.touch_node(node)
+    log.warning("node_lost", node=node.name, silent_for=round(ctx.now - node.last_seen, 1),
+                tasks=sorted(node.running))
+    for name in sorted(node.running):
+        end_task(ctx, ctx.state.tasks[name], Severity.TERMINATED,
+                 f"node {node.name} was lost (no heartbeat for "
+                 f"{ctx.settings.node_timeout:g} s) while the task ran")
+
+
+def reconcile_node(ctx: Context, node: Node, reported: set[str]) -> None:
+    """Compare what a node says it runs with what we believe it runs."""
+    for name in sorted(node.running):
+        task = ctx.state.tasks[name]
+        if name in reported:
+            if not task.seen_on_node:
+                task.seen_on_node = True
+                ctx.state.touch_task(task)
+            continue
+        # A task-run may still be on its way: only a task the node once reported, or one
+        # sent long enough ago, is really gone (task-complete travels before node-set).
+        sent = task.dispatched_at or 0.0
+        if task.seen_on_node or ctx.now - sent > ctx.settings.dispatch_grace:
+            end_task(ctx, task, Severity.TERMINATED,
+                     f"node {node.name} no longer reports this task")
+    for name in sorted(reported - node.running):
+        task = ctx.state.tasks.get(name)
+        if task is None or task.status is TaskStatus.COMPLETE or task.node != node.name:
+            log.warning("stray_task_killed", node=node.name, task=name)
+            ctx.effects.to_node(node.name, {"command": "task-kill", "name": name,
+                                            "reason": "the coordinator does not run this "
+                                                      "task on this node"})

@@ -1,0 +1,160 @@
+"""One handler per command, and the one dispatch table that routes to them.
+
+A handler changes state through the engine and returns the reply body for a requester
+(None: the contract's plain `ack`). Invalid requests raise ProtocolError, which the service
+turns into an `error` reply or a dead-letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vespid.coordinator import engine, views
+from vespid.coordinator.engine import Context
+from vespid.coordinator.state import Node, Task
+from vespid.shared import PROTOCOL_VERSION
+from vespid.shared.errors import ProtocolError
+from vespid.shared.logs import get_logger
+from vespid.shared.protocol import (
+    NodeList,
+    NodeSet,
+    TaskCancel,
+    TaskComplete,
+    TaskCreate,
+    TaskInfo,
+    TaskList,
+    TaskStatus,
+    TaskUpdate,
+)
+
+log = get_logger(__name__)
+Reply = dict[str, Any] | None
+
+
+def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
+    definition = msg.definition()
+    existing = ctx.state.tasks.get(definition.name)
+    if existing is not None:
+        if existing.definition != definition:
+            raise ProtocolError("conflict", f"a different task named {definition.name!r} "
+                                "already exists; pick another name")
+        return None
+    if definition.parent is not None and definition.parent not in ctx.state.tasks:
+        raise ProtocolError("unknown_parent", f"parent task {definition.parent!r} does not "
+                            "exist; create the parent first or leave parent empty")
+    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now)
+    ctx.state.add_task(task)
+    ctx.state.touch_task(task)
+    ctx.state.needs_scheduling = True
+    ctx.event("created", task)
+    log.info("task_created", task=task.name, parent=task.parent)
+    return None
+
+
+def handle_task_info(ctx: Context, msg: TaskInfo) -> Reply:
+    task = ctx.state.tasks.get(msg.name)
+    return views.unknown_task(msg.name) if task is None else views.task_info(ctx.state, task)
+
+
+def handle_task_cancel(ctx: Context, msg: TaskCancel) -> Reply:
+    task = _known_task(ctx, msg.name)
+    engine.cancel_tree(ctx, task)
+    return None
+
+
+def handle_task_update(ctx: Context, msg: TaskUpdate) -> Reply:
+    task = _known_task(ctx, msg.name)
+    if msg.attempt is not None and msg.attempt != task.attempt:
+        log.info("stale_update_ignored", task=task.name, attempt=msg.attempt)
+        return None
+    raised = task.raise_severity(msg.success)
+    if msg.message:
+        task.message = msg.message
+    if raised or msg.message:
+        ctx.state.touch_task(task)
+        ctx.event("updated", task)
+    return None
+
+
+def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
+    task = ctx.state.tasks.get(msg.name)
+    current = (task is not None and task.status is TaskStatus.WORKING
+               and task.node == msg.node and msg.attempt in (None, task.attempt))
+    if task is None or not current:
+        log.info("stale_complete_ignored", task=msg.name, node=msg.node, attempt=msg.attempt)
+        return None
+    engine.end_task(ctx, task, msg.success, msg.message)
+    return None
+
+
+def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
+    node = ctx.state.nodes.get(msg.name)
+    if node is None:
+        node = Node(name=msg.name, capabilities={}, repositories={}, last_seen=ctx.now)
+        ctx.state.add_node(node)
+        ctx.effects.new_nodes.append(msg.name)
+        log.info("node_joined", node=msg.name, version=msg.version)
+    if not node.alive:
+        log.info("node_returned", node=msg.name)
+    _refresh_node(node, msg, ctx.now)
+    ctx.state.touch_node(node)
+    ctx.state.needs_scheduling = True
+    engine.reconcile_node(ctx, node, set(msg.activetasks))
+    return None
+
+
+def _refresh_node(node: Node, msg: NodeSet, now: float) -> None:
+    if msg.protocol is not None and msg.protocol != PROTOCOL_VERSION and \
+            node.protocol != msg.protocol:
+        log.error("node_protocol_mismatch", node=node.name, protocol=msg.protocol,
+                  supported=PROTOCOL_VERSION)
+    node.capabilities = dict(msg.capabilities)
+    node.repositories = {k: v.model_dump() for k, v in msg.repositories.items()}
+    node.last_seen = now
+    node.alive = True
+    node.draining = msg.draining
+    node.version = msg.version
+    node.protocol = msg.protocol
+
+
+def handle_task_list(ctx: Context, msg: TaskList) -> Reply:
+    wanted = None if msg.status is None else TaskStatus(msg.status)
+    tasks = [t for t in ctx.state.tasks.values()
+             if (wanted is None or t.status is wanted)
+             and (msg.parent is None or t.parent == msg.parent)]
+    tasks.sort(key=lambda t: t.seq, reverse=True)
+    return {"command": "task-list-response", "total": len(tasks),
+            "tasks": [views.task_summary(ctx.state, t) for t in tasks[: msg.limit]]}
+
+
+def handle_node_list(ctx: Context, msg: NodeList) -> Reply:
+    nodes = []
+    for node in sorted(ctx.state.nodes.values(), key=lambda n: n.name):
+        why_not = engine.why_not_accepting(node)
+        nodes.append(views.node_summary(node, why_not is None, why_not))
+    return {"command": "node-list-response", "nodes": nodes}
+
+
+def _known_task(ctx: Context, name: str) -> Task:
+    task = ctx.state.tasks.get(name)
+    if task is None:
+        raise ProtocolError("not_found", f"no task named {name!r}; `vespid tasks` lists them")
+    return task
+
+
+Handler = Callable[[Context, Any], Reply]
+HANDLERS: dict[type, Handler] = {
+    TaskCreate: handle_task_create,
+    TaskInfo: handle_task_info,
+    TaskCancel: handle_task_cancel,
+    TaskUpdate: handle_task_update,
+    TaskComplete: handle_task_complete,
+    NodeSet: handle_node_set,
+    TaskList: handle_task_list,
+    NodeList: handle_node_list,
+}
+
+
+def dispatch(ctx: Context, message: Any) -> Reply:
+    return HANDLERS[type(message)](ctx, message)

@@ -1,0 +1,238 @@
+"""The coordinator's broker loop: consume in batches, persist, publish with confirms, ack.
+
+pika's SelectConnection lets one thread keep thousands of publishes in flight and take
+their confirms as they come (one-by-one confirms cap at ~1k msg/s). A batch of deliveries
+is acked only once every message it caused is confirmed by the broker; what was committed
+but not confirmed stays in the outbox and is sent again after a reconnect or restart.
+"""
+
+from __future__ import annotations
+
+import heapq
+import signal
+import time
+from collections import deque
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.spec import Basic
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+from vespid.coordinator.processor import Delivery, Outcome, Processor
+from vespid.coordinator.settings import CoordinatorSettings
+from vespid.coordinator.store import OutboxEntry, Store
+from vespid.shared import topology
+from vespid.shared.errors import BrokerError
+from vespid.shared.logs import get_logger
+from vespid.shared.protocol import encode
+from vespid.shared.transport import CONNECTION_ERRORS, close_quietly, connect, properties
+
+log = get_logger(__name__)
+APP_ID = "vespid-coordinator"
+TICK_SECONDS = 1.0
+OUTBOX_MESSAGE_ID = "vespid-out-{}"
+
+
+class CoordinatorService:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.store = Store(settings.state)
+        self.processor = Processor(self.store, settings, time.time())
+        self._stopping = False
+        self._connection: Any = None
+        self._reset_link()
+
+    def _reset_link(self) -> None:
+        self._channel: Any = None
+        self._pending: list[Delivery] = []
+        self._flush_scheduled = False
+        self._seq = 0
+        self._in_flight: dict[int, int | None] = {}  # publish seq -> outbox id (None: reply)
+        self._in_flight_heap: list[int] = []
+        self._ack_after: deque[tuple[int, int]] = deque()  # (publish seq, delivery tag)
+        self._resend: set[int] = set()
+        self._returned: set[int] = set()
+        self._close_reason: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info("coordinator_started", state=str(self.settings.state),
+                 tasks=len(self.processor.state.tasks), nodes=len(self.processor.state.nodes))
+        for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
+                                wait=wait_exponential(multiplier=0.2, max=5),
+                                before_sleep=self._log_reconnect):
+            with attempt:
+                if not self._stopping:
+                    self._run_connection()
+        self.store.close()
+        log.info("coordinator_stopped")
+
+    def _log_reconnect(self, state: Any) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("broker_lost_reconnecting", attempt=state.attempt_number, error=str(error))
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("coordinator_stopping", signal=signal.Signals(signum).name)
+        self._stopping = True
+        if self._connection is not None:
+            self._connection.ioloop.add_callback_threadsafe(self._close)
+
+    def _close(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        else:
+            self._connection.ioloop.stop()
+
+    def _run_connection(self) -> None:
+        self._declare_topology()
+        self._reset_link()
+        params = self.settings.broker_parameters(APP_ID)
+        self._connection = pika.SelectConnection(
+            params, on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
+        self._connection.ioloop.start()
+        if not self._stopping:
+            raise BrokerError(self._close_reason or "connection closed")
+
+    def _declare_topology(self) -> None:
+        connection = connect(self.settings.broker_parameters(APP_ID + "-setup"),
+                             give_up_after=10)
+        try:
+            channel = connection.channel()
+            topology.declare_coordinator(channel)
+            for node in self.processor.state.nodes:
+                topology.declare_node(channel, node)
+        except CONNECTION_ERRORS as exc:
+            raise BrokerError(f"declaring the topology failed: {exc!r}") from None
+        finally:
+            close_quietly(connection)
+
+    def _on_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_open_error(self, _connection: Any, error: Any) -> None:
+        self._close_reason = f"could not open the connection: {error!r}"
+        self._connection.ioloop.stop()
+
+    def _on_closed(self, _connection: Any, reason: Any) -> None:
+        self._close_reason = self._close_reason or f"connection closed: {reason!r}"
+        self._connection.ioloop.stop()
+
+    def _on_channel_closed(self, _channel: Any, reason: Any) -> None:
+        self._close_reason = f"channel closed: {reason!r}"
+        if self._connection.is_open:
+            self._connection.close()
+
+    def _on_channel(self, channel: Any) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm,
+                                 callback=lambda _frame: self._on_confirm_mode())
+
+    def _on_confirm_mode(self) -> None:
+        self._channel.basic_qos(prefetch_count=self.settings.prefetch,
+                                callback=lambda _frame: self._on_ready())
+
+    def _on_ready(self) -> None:
+        backlog = self.store.pending_outbox()
+        if backlog:
+            log.info("outbox_resent", messages=len(backlog))
+        self._publish(Outcome(outbox=backlog))
+        self._channel.basic_consume(topology.COORDINATOR_QUEUE, self._on_message)
+        self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
+        log.info("coordinator_consuming", queue=topology.COORDINATOR_QUEUE)
+
+    # ---- consuming -------------------------------------------------------------------
+    def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self._pending.append(Delivery(body, props.reply_to, props.correlation_id,
+                                      method.delivery_tag))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Runs after pika dispatched every frame it already read: a natural batch.
+            self._connection.ioloop.call_later(0, self._process_pending)
+
+    def _process_pending(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch or self._channel is None or not self._channel.is_open:
+            return
+        outcome = self.processor.process(batch, time.time())
+        self._publish(outcome)
+        self._ack_after.append((self._seq, batch[-1].tag))
+        self._ack_settled()
+
+    def _tick(self) -> None:
+        if self._channel is None or not self._channel.is_open:
+            return
+        outcome = self.processor.tick(time.time())
+        resend = [e for e in self.store.pending_outbox() if e.id in self._resend]
+        self._resend.clear()
+        outcome.outbox = resend + outcome.outbox
+        # An unroutable task-run means the node's queue vanished (deleted by hand?): declare
+        # it again before sending once more.
+        outcome.new_nodes += sorted({e.routing_key.removeprefix("node.") for e in resend
+                                     if e.routing_key.startswith("node.")})
+        self._publish(outcome)
+        self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
+
+    # ---- publishing ------------------------------------------------------------------
+    def _publish(self, outcome: Outcome) -> None:
+        for node in outcome.new_nodes:
+            # Same channel, so the broker declares and binds before the task-run arrives.
+            topology.declare_node(self._channel, node)
+        for reply in outcome.replies:
+            self._send("", reply.reply_to, encode(reply.body),
+                       properties(str(reply.body["command"]), app_id=APP_ID, persistent=False,
+                                  correlation_id=reply.correlation_id), None, mandatory=False)
+        for entry in outcome.outbox:
+            self._send_entry(entry)
+
+    def _send_entry(self, entry: OutboxEntry) -> None:
+        props = properties(entry.command, app_id=APP_ID, headers=entry.headers)
+        props.message_id = OUTBOX_MESSAGE_ID.format(entry.id)
+        # Events may have no listener at all; everything else must reach a queue.
+        mandatory = entry.exchange != topology.EVENTS_EXCHANGE
+        self._send(entry.exchange, entry.routing_key, entry.body, props, entry.id, mandatory)
+
+    def _send(self, exchange: str, key: str, body: bytes, props: Any, outbox_id: int | None,
+              mandatory: bool) -> None:
+        self._channel.basic_publish(exchange, key, body, props, mandatory=mandatory)
+        self._seq += 1
+        self._in_flight[self._seq] = outbox_id
+        heapq.heappush(self._in_flight_heap, self._seq)
+
+    def _on_return(self, _channel: Any, method: Any, props: Any, _body: bytes) -> None:
+        message_id = props.message_id or ""
+        log.warning("message_unroutable", routing_key=method.routing_key,
+                    exchange=method.exchange)
+        if message_id.startswith("vespid-out-"):
+            self._returned.add(int(message_id.removeprefix("vespid-out-")))
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, Basic.Ack)
+        seqs = ([s for s in self._in_flight if s <= method.delivery_tag] if method.multiple
+                else [method.delivery_tag])
+        done: list[int] = []
+        for seq in seqs:
+            outbox_id = self._in_flight.pop(seq, None)
+            if outbox_id is None:
+                continue
+            if acked and outbox_id not in self._returned:
+                done.append(outbox_id)
+            else:
+                self._returned.discard(outbox_id)
+                self._resend.add(outbox_id)
+        self.processor.confirmed(done)
+        self._ack_settled()
+
+    def _ack_settled(self) -> None:
+        while self._in_flight_heap and self._in_flight_heap[0] not in self._in_flight:
+            heapq.heappop(self._in_flight_heap)
+        lowest_open = self._in_flight_heap[0] if self._in_flight_heap else self._seq + 1
+        while self._ack_after and self._ack_after[0][0] < lowest_open:
+            _seq, tag = self._ack_after.popleft()
+            self._channel.basic_ack(delivery_tag=tag, multiple=True)

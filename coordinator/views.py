@@ -1,0 +1,66 @@
+"""How tasks and nodes look on the wire: task-info-response, list entries, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vespid.coordinator.state import Node, State, Task
+from vespid.shared.protocol import TaskStatus
+
+
+def task_info(state: State, task: Task) -> dict[str, Any]:
+    body: dict[str, Any] = {"command": "task-info-response"}
+    body.update(task.definition.model_dump(mode="json"))
+    body.update({
+        "time-create": task.time_create,
+        "time-start": task.time_start,
+        "time-finish": task.time_finish,
+        "status": None if task.status is TaskStatus.IDLE else task.status.value,
+        "success": task.success.value if task.success else None,
+        "node": task.node,
+        "log": task.log,
+        "path": task.path,
+        "children": list(state.children.get(task.name, ())),
+        "allocated": task.allocated or None,
+        "attempt": task.attempt,
+        "message": task.message,
+    })
+    return body
+
+
+def unknown_task(name: str) -> dict[str, Any]:
+    return {"command": "task-info-response", "name": name, "status": "invalid", "success": None,
+            "children": [], "node": None, "log": None}
+
+
+def task_summary(state: State, task: Task) -> dict[str, Any]:
+    return {
+        "name": task.name,
+        "name_pretty": task.definition.name_pretty,
+        "parent": task.parent,
+        "status": None if task.status is TaskStatus.IDLE else task.status.value,
+        "success": task.success.value if task.success else None,
+        "node": task.node,
+        "priority": task.definition.priority,
+        "time-create": task.time_create,
+        "time-start": task.time_start,
+        "time-finish": task.time_finish,
+        "children": len(state.children.get(task.name, ())),
+    }
+
+
+def node_summary(node: Node, accepting: bool, why_not: str | None) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "alive": node.alive,
+        "draining": node.draining,
+        "accepting": accepting,
+        "why_not_accepting": why_not,
+        "version": node.version,
+        "protocol": node.protocol,
+        "last_seen": node.last_seen,
+        "capabilities": node.capabilities,
+        "free": node.free_resources(),
+        "repositories": node.repositories,
+        "activetasks": sorted(node.running),
+    }

@@ -1,0 +1,234 @@
+"""The node agent's broker loop: heartbeat, take task-runs and task-kills, report results.
+
+One thread owns one pika connection. Task processes never run inside a pika callback:
+the loop alternates `process_data_events(time_limit=...)` with reaping children, so AMQP
+heartbeats keep flowing while tasks run for hours. Results produced while the broker is
+away wait in memory and are sent, in order, before the first node-set after reconnecting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+from vespid.node_agent.settings import NodeSettings
+from vespid.node_agent.supervisor import Finished, Launch, Supervisor
+from vespid.shared import PROTOCOL_VERSION, topology
+from vespid.shared.errors import BrokerError, ProtocolError
+from vespid.shared.logs import get_logger
+from vespid.shared.protocol import Severity, TaskKill, TaskRun, decode_node_message, encode
+from vespid.shared.transport import (
+    close_quietly,
+    connect,
+    guarded,
+    properties,
+    publish_confirmed,
+)
+
+APP_ID = "vespid-node"
+VERSION = "0.1.0"
+REMEMBERED_RESULTS = 10_000
+
+
+class NodeAgent:
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.log = get_logger(__name__, node=settings.name)
+        self.supervisor = Supervisor(kill_grace=settings.kill_grace)
+        self.unsent: list[Finished] = []
+        self.results: OrderedDict[str, Finished] = OrderedDict()
+        self.draining = False
+        self.stop_now = False
+        self._connection: Any = None
+        self._channel: Any = None
+        self._consumer_tag: str | None = None
+        self._next_heartbeat = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log.info("node_started", capabilities=self.settings.capabilities,
+                      repositories=sorted(self.settings.repositories))
+        for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
+                                wait=wait_exponential(multiplier=0.2, max=5),
+                                before_sleep=lambda s: self.log.warning(
+                                    "broker_lost_reconnecting", attempt=s.attempt_number)):
+            with attempt:
+                self._session()
+        self.log.info("node_stopped")
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.draining:
+            self.log.warning("node_stopping_now", signal=signal.Signals(signum).name)
+            self.stop_now = True
+            self.supervisor.kill_all("the node agent was stopped")
+            return
+        self.log.info("node_draining", signal=signal.Signals(signum).name,
+                      running=sorted(self.supervisor.running))
+        self.draining = True
+
+    def _finished(self) -> bool:
+        return self.draining and not self.supervisor.running and not self.unsent
+
+    def _session(self) -> None:
+        try:
+            self._open()
+            while not self._finished():
+                self._step()
+            self._send_node_set()
+        finally:
+            close_quietly(self._connection)
+            self._connection = self._channel = self._consumer_tag = None
+        # Work done while disconnected is never lost: keep reaping until we can report.
+        self._reap()
+
+    def _open(self) -> None:
+        self._connection = connect(self.settings.broker_parameters(
+            f"{APP_ID}-{self.settings.name}", heartbeat=30))
+        self._channel = guarded(self._connection.channel)
+        guarded(self._channel.confirm_delivery)
+        guarded(lambda: topology.declare_node(self._channel, self.settings.name))
+        guarded(lambda: self._channel.basic_qos(prefetch_count=self.settings.prefetch))
+        self._flush_results()
+        self._send_node_set()
+        if not self.draining:
+            self._consumer_tag = guarded(lambda: self._channel.basic_consume(
+                topology.node_queue(self.settings.name), self._on_message))
+        self.log.info("node_connected", queue=topology.node_queue(self.settings.name))
+
+    def _step(self) -> None:
+        guarded(lambda: self._connection.process_data_events(time_limit=0.2))
+        self._reap()
+        self._flush_results()
+        if self.draining and self._consumer_tag is not None:
+            guarded(lambda: self._channel.basic_cancel(self._consumer_tag))
+            self._consumer_tag = None
+            self._next_heartbeat = 0.0
+        if time.time() >= self._next_heartbeat:
+            self._send_node_set()
+
+    # ---- messages in -----------------------------------------------------------------
+    def _on_message(self, channel: Any, method: Any, _props: Any, body: bytes) -> None:
+        try:
+            message = decode_node_message(body)
+        except ProtocolError as exc:
+            self.log.error("node_message_rejected", error=exc.code, reason=exc.message)
+            channel.basic_reject(method.delivery_tag, requeue=False)
+            return
+        if isinstance(message, TaskRun):
+            self._start(message)
+        elif isinstance(message, TaskKill):
+            self.supervisor.kill(message.name, message.reason or "the coordinator asked")
+        # Acked once the process runs and is recorded: a task's lifetime is never bounded by
+        # the broker's delivery-acknowledgement timeout.
+        channel.basic_ack(method.delivery_tag)
+
+    def _start(self, run: TaskRun) -> None:
+        log = self.log.bind(task=run.name, attempt=run.attempt)
+        if run.name in self.supervisor.running:
+            log.info("duplicate_task_run_ignored")
+            return
+        previous = self.results.get(run.name)
+        if previous is not None and previous.attempt >= run.attempt:
+            log.info("finished_task_reported_again")
+            self.unsent.append(previous)
+            return
+        if self.draining:
+            self.unsent.append(Finished(run.name, run.attempt, Severity.TERMINATED,
+                                        "the node is draining"))
+            return
+        failed = self._launch(run)
+        if failed is not None:
+            self._record(failed)
+
+    def _launch(self, run: TaskRun) -> Finished | None:
+        try:
+            launch = self._plan(run)
+        except (OSError, ValueError) as exc:
+            return Finished(run.name, run.attempt, Severity.FATAL,
+                            f"could not prepare the task: {exc}")
+        return self.supervisor.start(run, launch)
+
+    def _plan(self, run: TaskRun) -> Launch:
+        work = self.settings.work_dir
+        cwd = self._working_dir(run)
+        if run.executable_pyscript is not None:
+            script = work / "scripts" / f"{run.name}.py"
+            script.parent.mkdir(parents=True, exist_ok=True)
+            script.write_text(run.executable_pyscript, encoding="utf-8")
+        elif run.executable_pyfile is not None:
+            script = (cwd / run.executable_pyfile).resolve()
+            if not script.is_file():
+                raise ValueError(f"executable_pyfile {run.executable_pyfile!r} is not a file "
+                                 f"in {cwd}")
+        else:
+            raise ValueError("the task-run carries no script")
+        return Launch(script=script.resolve(), cwd=cwd, env=self._environment(run),
+                      log_file=self.settings.log_dir / f"{run.name}.log")
+
+    def _working_dir(self, run: TaskRun) -> Path:
+        repository = self.settings.repositories.get(run.path or "")
+        if repository is not None:
+            repository.path.mkdir(parents=True, exist_ok=True)
+            return repository.path.resolve()
+        scratch = self.settings.work_dir / "scratch" / run.name
+        scratch.mkdir(parents=True, exist_ok=True)
+        return scratch.resolve()
+
+    def _environment(self, run: TaskRun) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(run.environment)
+        env.update({
+            "VESPID_TASK": run.name,
+            "VESPID_AMQP_URL": self.settings.amqp_url,
+            "VESPID_CORES": f"{run.cores:g}",
+            "VESPID_NODE": self.settings.name,
+            "VESPID_ATTEMPT": str(run.attempt),
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    # ---- messages out ----------------------------------------------------------------
+    def _reap(self) -> None:
+        for result in self.supervisor.reap():
+            self._record(result)
+
+    def _record(self, result: Finished) -> None:
+        self.results[result.name] = result
+        while len(self.results) > REMEMBERED_RESULTS:
+            self.results.popitem(last=False)
+        self.unsent.append(result)
+
+    def _flush_results(self) -> None:
+        while self.unsent and self._channel is not None:
+            result = self.unsent[0]
+            self._publish({"command": "task-complete", "name": result.name,
+                           "node": self.settings.name, "success": result.success.value,
+                           "attempt": result.attempt, "message": result.message})
+            self.unsent.pop(0)
+
+    def _send_node_set(self) -> None:
+        s = self.settings
+        self._publish({
+            "command": "node-set", "name": s.name, "capabilities": s.capabilities,
+            "repositories": {k: {"type": r.type, "persist": r.persist}
+                             for k, r in s.repositories.items()},
+            "activetasks": {name: {"attempt": r.run.attempt, "pid": r.process.pid}
+                            for name, r in self.supervisor.running.items()},
+            "draining": self.draining, "version": VERSION, "protocol": PROTOCOL_VERSION,
+        })
+        self._next_heartbeat = time.time() + s.heartbeat_interval
+
+    def _publish(self, message: dict[str, Any]) -> None:
+        if self._channel is None:
+            raise BrokerError("not connected")
+        publish_confirmed(self._channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
+                          encode(message), properties(str(message["command"]), app_id=APP_ID))
+

@@ -1,0 +1,62 @@
+"""The node agent's settings: a TOML file (see docs/node.example.toml), `VESPID_*` env, flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from vespid.shared.protocol import NODE_NAME_PATTERN, RequirementValue
+from vespid.shared.settings import ProcessSettings
+
+
+class RepositoryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path = Field(description="where the repository lives on this machine")
+    type: str = Field(description="the repository type tasks request, e.g. general_1gb")
+    persist: bool = Field(default=False, description="keep contents when released")
+
+
+def detect_memory_mb() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1024 * 1024))
+
+
+def detect_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _default_name() -> str:
+    return socket.gethostname().split(".")[0] or "node"
+
+
+class NodeSettings(ProcessSettings):
+    name: str = Field(default_factory=_default_name, pattern=NODE_NAME_PATTERN)
+    capabilities: dict[str, RequirementValue] = Field(default_factory=dict)
+    repositories: dict[str, RepositoryConfig] = Field(default_factory=dict)
+    work_dir: Path = Field(default=Path("vespid-node"),
+                           description="scratch folders, scripts and local task logs")
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    kill_grace: float = Field(default=10.0, ge=0,
+                              description="seconds between SIGTERM and SIGKILL of a task")
+    prefetch: int = Field(default=16, ge=1)
+
+    @field_validator("capabilities")
+    @classmethod
+    def _complete_capabilities(cls, value: dict[str, Any]) -> dict[str, Any]:
+        caps = dict(value)
+        caps.setdefault("memory", detect_memory_mb())
+        caps.setdefault("cores", detect_cores())
+        return caps
+
+    @model_validator(mode="after")
+    def _label_self(self) -> NodeSettings:
+        # Lets a task pin itself to this machine with usage_require_node_<name>.
+        self.capabilities.setdefault(f"usage_node_{self.name}", True)
+        return self
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work_dir / "logs"

@@ -1,0 +1,3 @@
+"""Pieces every Vespid process shares: protocol models, broker topology, transport, errors."""
+
+PROTOCOL_VERSION = 1

@@ -1,0 +1,61 @@
+"""The one error hierarchy of Vespid.
+
+Every error a caller can act on derives from `VespidError`. pika's exceptions never leave
+the transport module: they are translated into `BrokerError` subclasses there.
+"""
+
+from __future__ import annotations
+
+
+class VespidError(Exception):
+    """Root of every error Vespid raises on purpose."""
+
+
+class ConfigError(VespidError):
+    """A settings file or value is wrong; the message says which and how to fix it."""
+
+
+class BrokerError(VespidError):
+    """Something went wrong talking to RabbitMQ."""
+
+
+class BrokerUnavailable(BrokerError):
+    """No broker answers at the configured URL."""
+
+
+class PublishFailed(BrokerError):
+    """The broker refused (nacked) or could not route a message we required to be stored."""
+
+
+class ProtocolError(VespidError):
+    """A message does not follow the wire contract.
+
+    `code` is the machine-readable error code of the contract's `error` reply; the message is
+    a sentence a person can act on.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RemoteError(VespidError):
+    """The coordinator answered a request with an `error` reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+class RequestTimeout(VespidError):
+    """The coordinator did not answer in time (is it running?)."""
+
+
+class TaskNotFound(VespidError):
+    """The coordinator knows no task of that name."""
+
+
+class WaitTimeout(VespidError):
+    """A task did not complete within the time the caller was willing to wait."""

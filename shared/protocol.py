@@ -1,0 +1,348 @@
+"""The wire contract as pydantic models: one model per message, one decoder for all of them.
+
+Every message body is a JSON object whose `command` names its model. `decode()` turns any
+body into a model or raises one `ProtocolError` carrying the error code and a sentence for
+the contract's `error` reply, so no handler ever sees malformed input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from vespid.shared.errors import ProtocolError
+
+TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+NODE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+TaskName = Annotated[str, Field(pattern=TASK_NAME_PATTERN)]
+NodeName = Annotated[str, Field(pattern=NODE_NAME_PATTERN)]
+
+
+class Severity(StrEnum):
+    """How well a task went; ordered, and a task's severity never goes down."""
+
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+    FATAL = "fatal"
+    TERMINATED = "terminated"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_ORDER.index(self)
+
+    def worst(self, other: Severity | None) -> Severity:
+        if other is None or self.rank >= other.rank:
+            return self
+        return other
+
+
+_SEVERITY_ORDER = list(Severity)
+
+
+class TaskStatus(StrEnum):
+    """`null` on the wire means idle; `IDLE` is only our in-memory name for it."""
+
+    IDLE = "idle"
+    WORKING = "working"
+    COMPLETE = "complete"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class _OpenMessage(BaseModel):
+    """Messages from nodes may carry fields newer agents add; we keep them, we don't fail."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+
+RequirementValue = bool | int | float | None
+
+
+def _parse_unbounded(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("inf", "infinity")):
+        return math.inf
+    return value
+
+
+class RepositoryRequest(_Message):
+    request: str | None = None
+    local: bool = False
+
+
+class TaskDefinition(_Message):
+    """The fields of `task-create` that define a task (everything but `command`)."""
+
+    name: TaskName
+    name_pretty: str | None = None
+    parent: TaskName | None = None
+    executable_pyscript: str | None = None
+    executable_pyfile: str | None = None
+    requirements: dict[str, RequirementValue] = Field(default_factory=dict)
+    repositories: dict[str, RepositoryRequest] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict)
+    priority: int = 0
+
+    @field_validator("requirements", "repositories", "environment", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("requirements", mode="before")
+    @classmethod
+    def _check_requirements(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        checked: dict[str, Any] = {}
+        for key, item in value.items():
+            if key == "cores_max":
+                item = _parse_unbounded(item)
+            _check_requirement(key, item)
+            checked[key] = item
+        return checked
+
+    @model_validator(mode="after")
+    def _one_executable(self) -> TaskDefinition:
+        given = [x for x in (self.executable_pyscript, self.executable_pyfile) if x is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of executable_pyscript (the script's source) "
+                "or executable_pyfile (a path on the node)"
+            )
+        return self
+
+    @field_serializer("requirements")
+    def _strict_json_requirements(self, value: dict[str, RequirementValue]) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in value.items()}
+
+    @property
+    def cores(self) -> float:
+        return _number(self.requirements.get("cores"), 1.0)
+
+    @property
+    def cores_max(self) -> float:
+        raw = self.requirements.get("cores_max", self.requirements.get("cores", 1))
+        return _number(raw, math.inf)
+
+
+def _number(value: RequirementValue, default: float) -> float:
+    if value is None or isinstance(value, bool):
+        return default
+    return float(value)
+
+
+def _check_requirement(key: str, value: Any) -> None:
+    if key.startswith("usage_"):
+        if not isinstance(value, bool):
+            raise ValueError(f"requirement {key!r} is a label and must be true or false")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"requirement {key!r} is a resource amount and must be a number")
+    if value < 0 or (math.isnan(value)):
+        raise ValueError(f"requirement {key!r} must not be negative")
+    if math.isinf(value) and key != "cores_max":
+        raise ValueError(f"requirement {key!r} must be finite (only cores_max may be unbounded)")
+
+
+class TaskCreate(TaskDefinition):
+    command: Literal["task-create"]
+
+    def definition(self) -> TaskDefinition:
+        return TaskDefinition.model_validate(self.model_dump(exclude={"command"}))
+
+
+class TaskInfo(_Message):
+    command: Literal["task-info"]
+    name: str
+
+
+class TaskCancel(_Message):
+    command: Literal["task-cancel"]
+    name: str
+
+
+class TaskUpdate(_Message):
+    command: Literal["task-update"]
+    name: str
+    success: Severity
+    message: str | None = None
+    attempt: int | None = None
+
+
+class TaskList(_Message):
+    command: Literal["task-list"]
+    status: Literal["idle", "working", "complete"] | None = None
+    parent: str | None = None
+    limit: int = Field(default=1000, ge=1, le=100_000)
+
+
+class NodeList(_Message):
+    command: Literal["node-list"]
+
+
+class NodeRepository(_OpenMessage):
+    type: str
+    persist: bool = False
+
+
+class NodeSet(_OpenMessage):
+    command: Literal["node-set"]
+    name: NodeName
+    capabilities: dict[str, RequirementValue] = Field(default_factory=dict)
+    repositories: dict[str, NodeRepository] = Field(default_factory=dict)
+    activetasks: dict[str, Any] = Field(default_factory=dict)
+    draining: bool = False
+    version: str | None = None
+    protocol: int | None = None
+
+    @field_validator("capabilities", "repositories", "activetasks", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("activetasks", mode="before")
+    @classmethod
+    def _list_of_names(cls, value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return {name: {} for name in value}
+        return value
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _check_capabilities(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_requirement(key, item)
+        return value
+
+
+class TaskComplete(_OpenMessage):
+    command: Literal["task-complete"]
+    name: str
+    node: str
+    success: Severity
+    attempt: int | None = None
+    message: str | None = None
+
+
+class TaskRun(_OpenMessage):
+    command: Literal["task-run"]
+    name: str
+    executable_pyscript: str | None = None
+    executable_pyfile: str | None = None
+    path: str | None = None
+    log: str
+    cores: float
+    allocated: dict[str, float] = Field(default_factory=dict)
+    environment: dict[str, str] = Field(default_factory=dict)
+    attempt: int = 1
+
+
+class TaskKill(_OpenMessage):
+    command: Literal["task-kill"]
+    name: str
+    attempt: int | None = None
+    reason: str | None = None
+
+
+InboundMessage = Annotated[
+    TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskList | NodeList | NodeSet | TaskComplete,
+    Field(discriminator="command"),
+]
+NodeMessage = Annotated[TaskRun | TaskKill, Field(discriminator="command")]
+
+_inbound = TypeAdapter[Any](InboundMessage)
+_node_inbound = TypeAdapter[Any](NodeMessage)
+INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-list",
+                    "node-list", "node-set", "task-complete")
+
+
+def parse_body(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str, Any]:
+    """Bytes to a JSON object, or a ProtocolError saying what is wrong with them."""
+    if len(body) > max_bytes:
+        raise ProtocolError(
+            "too_large",
+            f"the message is {len(body)} bytes, more than the limit of {max_bytes}; "
+            "ship large scripts as executable_pyfile on the node instead",
+        )
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("invalid_json", f"the body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_json", "the body must be a JSON object, not "
+                            f"{type(data).__name__}")
+    return data
+
+
+def decode(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
+    """Decode a message sent to the coordinator; raise ProtocolError on anything invalid."""
+    return _validate(_inbound, parse_body(body, max_bytes), INBOUND_COMMANDS)
+
+
+def decode_node_message(body: bytes) -> Any:
+    return _validate(_node_inbound, parse_body(body), ("task-run", "task-kill"))
+
+
+def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str, ...]) -> Any:
+    command = data.get("command")
+    if command is None:
+        if "type" in data:
+            raise ProtocolError("unknown_type", f"message type {data['type']!r} is not supported "
+                                "by this coordinator")
+        raise ProtocolError("invalid_message", "the message has no 'command' field; "
+                            f"expected one of: {', '.join(known)}")
+    if command not in known:
+        raise ProtocolError("unknown_command", f"unknown command {command!r}; "
+                            f"expected one of: {', '.join(known)}")
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", describe_validation_error(str(command), exc)) \
+            from None
+
+
+def describe_validation_error(command: str, exc: ValidationError) -> str:
+    """One readable sentence per problem, e.g. `task-create: requirements.memory: ...`."""
+    parts = []
+    for error in exc.errors(include_url=False)[:5]:
+        location = ".".join(str(x) for x in error["loc"] if x != command)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "is not a field of this command (check the spelling)"
+        parts.append(f"{location}: {message}" if location else message)
+    more = exc.error_count() - len(parts)
+    suffix = f" (and {more} more problems)" if more > 0 else ""
+    return f"{command}: " + "; ".join(parts) + suffix
+
+
+def encode(payload: BaseModel | dict[str, Any]) -> bytes:
+    """Strict JSON (no NaN/Infinity) as the contract requires."""
+    data = payload.model_dump(mode="json", by_alias=True) if isinstance(payload, BaseModel) \
+        else payload
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def ack_reply(name: str | None) -> dict[str, Any]:
+    return {"command": "ack", "name": name}
+
+
+def error_reply(code: str, message: str) -> dict[str, Any]:
+    return {"command": "error", "error": code, "message": message}
