@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import processes
+from tests.broker import Broker, find_broker
+from tests.processes import VespidProcess
+from tests.raw import RawPeer
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    with find_broker() as found:
+        yield found
+
+
+@pytest.fixture
+def amqp_url(broker: Broker) -> Iterator[str]:
+    """A vhost of this test's own: no test ever sees another's messages."""
+    with broker.fresh_vhost() as url:
+        yield url
+
+
+@pytest.fixture
+def started(amqp_url: str) -> Iterator[list[VespidProcess]]:
+    procs: list[VespidProcess] = []
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def coordinator(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> VespidProcess:
+    proc = processes.coordinator(amqp_url, tmp_path / "coordinator").start()
+    started.append(proc)
+    proc.wait_for_log("coordinator_consuming")
+    return proc
+
+
+@pytest.fixture
+def start_node(amqp_url: str, tmp_path: Path, started: list[VespidProcess]
+               ) -> Callable[..., VespidProcess]:
+    def start(name: str = "box1", capabilities: dict[str, Any] | None = None) -> VespidProcess:
+        proc = processes.node(amqp_url, tmp_path / "nodes", name, capabilities).start()
+        started.append(proc)
+        proc.wait_for_log("node_connected")
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def raw(amqp_url: str) -> Iterator[RawPeer]:
+    peer = RawPeer(amqp_url)
+    yield peer
+    peer.close()

@@ -1,0 +1,73 @@
+"""A raw-AMQP peer speaking only WIRE.md, as third-party clients and nodes do."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pika
+
+EXCHANGE = "vespid"
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class RawPeer:
+    def __init__(self, url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.replies: dict[str, bytes] = {}
+        self.channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, auto_ack=True)
+
+    def _on_reply(self, _ch: Any, _m: Any, props: Any, body: bytes) -> None:
+        self.replies[props.correlation_id] = body
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+    def send(self, body: bytes | dict[str, Any], *, key: str = "coordinator",
+             reply: bool = False, props: dict[str, Any] | None = None) -> str | None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        correlation_id = uuid.uuid4().hex if reply else None
+        properties = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2,
+            reply_to=DIRECT_REPLY_TO if reply else None, correlation_id=correlation_id,
+            **(props or {}))
+        self.channel.basic_publish(EXCHANGE, key, data, properties)
+        return correlation_id
+
+    def request(self, body: bytes | dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
+        correlation_id = self.send(body, reply=True)
+        assert correlation_id is not None
+        deadline = time.monotonic() + timeout
+        while correlation_id not in self.replies:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no reply within {timeout} s to {body!r:.200}")
+            self.connection.process_data_events(time_limit=0.1)
+        reply: dict[str, Any] = json.loads(self.replies.pop(correlation_id))
+        return reply
+
+    def info(self, name: str) -> dict[str, Any]:
+        return self.request({"command": "task-info", "name": name})
+
+    def wait_for(self, name: str, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll task-info until predicate(info) holds (tests may poll; the product doesn't)."""
+        deadline = time.monotonic() + timeout
+        info = self.info(name)
+        while not predicate(info):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {name} never reached the expected state: {info}")
+            time.sleep(0.1)
+            info = self.info(name)
+        return info
+
+    def get(self, queue: str, timeout: float = 10.0) -> tuple[Any, bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            method, props, body = self.channel.basic_get(queue, auto_ack=True)
+            if method is not None:
+                return props, body
+            self.connection.process_data_events(time_limit=0.1)
+        raise AssertionError(f"nothing arrived in {queue} within {timeout} s")
