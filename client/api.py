@@ -130,6 +130,13 @@ class Client:
         if props.correlation_id:
             self._replies[props.correlation_id] = parse_body(body)
 
+    @staticmethod
+    def _subscribe(channel: Any, keys: list[str]) -> str:
+        queue: str = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        for key in keys:
+            channel.queue_bind(queue, topology.EVENTS_EXCHANGE, key)
+        return queue
+
     def _pump(self, seconds: float) -> None:
         guarded(lambda: self._connection.process_data_events(time_limit=seconds))
 
@@ -244,11 +251,8 @@ class Client:
                 done[state.name] = state
 
         # Subscribe first, then ask: a completion between the two cannot be missed.
-        queue = guarded(lambda: channel.queue_declare("", exclusive=True, auto_delete=True)
-                        ).method.queue
-        for name in names:
-            guarded(lambda n=name: channel.queue_bind(queue, topology.EVENTS_EXCHANGE,
-                                                      topology.event_key("completed", n)))
+        keys = [topology.event_key("completed", name) for name in names]
+        queue = guarded(lambda: self._subscribe(channel, keys))
         tag = guarded(lambda: channel.basic_consume(queue, on_event, auto_ack=True))
         try:
             for name in names:

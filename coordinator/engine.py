@@ -154,8 +154,8 @@ def reconcile_node(ctx: Context, node: Node, reported: set[str]) -> None:
             end_task(ctx, task, Severity.TERMINATED,
                      f"node {node.name} no longer reports this task")
     for name in sorted(reported - node.running):
-        task = ctx.state.tasks.get(name)
-        if task is None or task.status is TaskStatus.COMPLETE or task.node != node.name:
+        stray = ctx.state.tasks.get(name)
+        if stray is None or stray.status is TaskStatus.COMPLETE or stray.node != node.name:
             log.warning("stray_task_killed", node=node.name, task=name)
             ctx.effects.to_node(node.name, {"command": "task-kill", "name": name,
                                             "reason": "the coordinator does not run this "

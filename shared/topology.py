@@ -58,6 +58,9 @@ COORDINATOR_QUEUES = (
         COORDINATOR_QUEUE,
         {
             "x-queue-type": "quorum",
+            # A second coordinator started by mistake waits instead of splitting the work
+            # (and the state) in two.
+            "x-single-active-consumer": True,
             "x-delivery-limit": COORDINATOR_DELIVERY_LIMIT,
             "x-dead-letter-exchange": DEAD_EXCHANGE,
         },

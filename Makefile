@@ -1,0 +1,41 @@
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit integration bench clean broker
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m vespid.client.demo
+
+test: $(STAMP) lint typecheck
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration tests/faults
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# mypy resolves `vespid.*` through a tree of links, since the folders are mapped into the
+# namespace at install time.
+typecheck: $(STAMP)
+	@mkdir -p build/typing/vespid
+	@for d in shared coordinator node_agent client; do ln -sfn ../../../$$d build/typing/vespid/$$d; done
+	cd build/typing && MYPYPATH=. ../../$(BIN)/mypy --config-file ../../pyproject.toml -p vespid
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.scheduling
+
+clean:
+	rm -rf $(VENV) build demo-run .mypy_cache .ruff_cache .pytest_cache
