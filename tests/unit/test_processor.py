@@ -1,0 +1,598 @@
+"""vespid.coordinator.processor.Processor driven with raw deliveries, on a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vespid.coordinator import handlers
+from vespid.coordinator.processor import Delivery, Outcome, Processor
+from vespid.coordinator.settings import CoordinatorSettings
+from vespid.coordinator.store import OutboxEntry, Store
+from vespid.shared.protocol import TaskInfo, decode_node_message
+
+T0 = 1_000_000.0
+HEARTBEAT = 2.0
+MISSED = 4  # node timeout: 8 s
+GRACE = 15.0
+
+
+def settings(tmp_path: Path) -> CoordinatorSettings:
+    return CoordinatorSettings(state=tmp_path / "s.db", heartbeat_interval=HEARTBEAT,
+                               missed_heartbeats=MISSED, dispatch_grace=GRACE,
+                               max_body_bytes=1024 * 1024)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(tmp_path / "s.db")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def proc(store: Store, tmp_path: Path) -> Processor:
+    return Processor(store, settings(tmp_path), now=T0)
+
+
+def deliver(message: dict[str, Any] | bytes, reply_to: str | None = None) -> Delivery:
+    raw = message if isinstance(message, bytes) else json.dumps(message).encode("utf-8")
+    return Delivery(raw, reply_to=reply_to, correlation_id="corr-1" if reply_to else None)
+
+
+def send(proc: Processor, message: dict[str, Any] | bytes, now: float = T0,
+         reply_to: str | None = None) -> Outcome:
+    return proc.process([deliver(message, reply_to)], now)
+
+
+def node_set(name: str = "n1", activetasks: list[str] | None = None,
+             **capabilities: Any) -> dict[str, Any]:
+    return {"command": "node-set", "name": name,
+            "capabilities": capabilities or {"cores": 4, "memory": 8000},
+            "repositories": {}, "activetasks": activetasks or []}
+
+
+def task_create(name: str = "t1", **fields: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {"command": "task-create", "name": name,
+                               "executable_pyscript": "print('hi')",
+                               "requirements": {"cores": 2}}
+    message.update(fields)
+    return message
+
+
+def info(proc: Processor, name: str, now: float = T0) -> dict[str, Any]:
+    outcome = send(proc, {"command": "task-info", "name": name}, now, reply_to="client")
+    assert len(outcome.replies) == 1
+    return outcome.replies[0].body
+
+
+def to_nodes(outcome: Outcome) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.routing_key, json.loads(e.body)) for e in outcome.outbox
+            if e.exchange == "vespid"]
+
+
+def event_keys(outcome: Outcome) -> list[str]:
+    return [e.routing_key for e in outcome.outbox if e.exchange == "vespid.events"]
+
+
+def dead_letters(outcome: Outcome) -> list[OutboxEntry]:
+    return [e for e in outcome.outbox if e.exchange == "vespid.dead"]
+
+
+def start_one(proc: Processor, name: str = "t1", now: float = T0) -> None:
+    send(proc, node_set(), now)
+    outcome = send(proc, task_create(name), now)
+    assert [key for key, _ in to_nodes(outcome)] == ["node.n1"]
+
+
+# --- creating and starting tasks ------------------------------------------------------------
+
+
+def test_a_task_created_after_a_node_joined_is_sent_to_that_node_as_a_task_run(
+        proc: Processor, store: Store) -> None:
+    send(proc, node_set())
+
+    outcome = send(proc, task_create(environment={"A": "1"}), T0 + 1)
+
+    runs = [e for e in outcome.outbox if e.exchange == "vespid"]
+    assert len(runs) == 1
+    assert runs[0].routing_key == "node.n1"
+    assert runs[0].command == "task-run"
+    run = decode_node_message(runs[0].body)
+    assert run.name == "t1"
+    assert run.cores == 2.0
+    assert run.attempt == 1
+    assert run.environment == {"A": "1"}
+    assert run.executable_pyscript == "print('hi')"
+    assert run.log == "//n1/vespid/logs/t1.log"
+    assert event_keys(outcome) == ["task.created.t1", "task.started.t1"]
+    assert [e.id for e in store.pending_outbox()] == [e.id for e in outcome.outbox]
+
+
+def test_the_started_event_carries_the_task_info_of_the_working_task(proc: Processor) -> None:
+    send(proc, node_set())
+
+    outcome = send(proc, task_create(), T0 + 1)
+
+    started = [e for e in outcome.outbox if e.routing_key == "task.started.t1"]
+    body = json.loads(started[0].body)
+    assert body["command"] == "task-info-response"
+    assert body["status"] == "working"
+    assert body["node"] == "n1"
+    assert body["time-start"] == T0 + 1
+
+
+def test_a_task_created_with_no_node_waits_and_starts_when_a_node_joins(
+        proc: Processor) -> None:
+    created = send(proc, task_create())
+    assert to_nodes(created) == []
+    assert info(proc, "t1")["status"] is None
+
+    joined = send(proc, node_set(), T0 + 5)
+
+    assert [(key, body["name"]) for key, body in to_nodes(joined)] == [("node.n1", "t1")]
+    assert info(proc, "t1", T0 + 5)["status"] == "working"
+
+
+def test_an_unbounded_task_gets_every_core_and_task_info_shows_cores_max_as_null(
+        proc: Processor) -> None:
+    send(proc, node_set())
+
+    outcome = proc.process([Delivery(
+        b'{"command":"task-create","name":"t1","executable_pyscript":"x",'
+        b'"requirements":{"cores":1,"cores_max":Infinity}}')], T0)
+
+    assert to_nodes(outcome)[0][1]["cores"] == 4.0
+    reply = info(proc, "t1")
+    assert reply["requirements"] == {"cores": 1, "cores_max": None}
+
+
+def test_a_task_create_with_reply_to_is_acknowledged(proc: Processor) -> None:
+    outcome = send(proc, task_create(), reply_to="amq.rabbitmq.reply-to")
+
+    assert len(outcome.replies) == 1
+    reply = outcome.replies[0]
+    assert reply.reply_to == "amq.rabbitmq.reply-to"
+    assert reply.correlation_id == "corr-1"
+    assert reply.body == {"command": "ack", "name": "t1"}
+
+
+def test_a_message_without_reply_to_gets_no_reply(proc: Processor) -> None:
+    assert send(proc, task_create()).replies == []
+
+
+def test_a_repeated_identical_task_create_is_acknowledged_and_changes_nothing(
+        proc: Processor) -> None:
+    start_one(proc)
+    before = info(proc, "t1")
+
+    outcome = send(proc, task_create(), T0 + 3, reply_to="client")
+
+    assert outcome.replies[0].body == {"command": "ack", "name": "t1"}
+    assert outcome.outbox == []
+    assert info(proc, "t1", T0 + 3) == before
+
+
+def test_a_different_task_under_an_existing_name_is_a_conflict(proc: Processor) -> None:
+    start_one(proc)
+
+    outcome = send(proc, task_create(requirements={"cores": 3}), T0 + 1, reply_to="client")
+
+    body = outcome.replies[0].body
+    assert body["command"] == "error"
+    assert body["error"] == "conflict"
+    assert "'t1'" in body["message"]
+    assert outcome.outbox == []
+    assert info(proc, "t1")["requirements"] == {"cores": 2}
+
+
+def test_a_child_of_an_unknown_parent_is_refused(proc: Processor) -> None:
+    outcome = send(proc, task_create("child", parent="ghost"), reply_to="client")
+
+    assert outcome.replies[0].body["error"] == "unknown_parent"
+    assert info(proc, "child")["status"] == "invalid"
+
+
+def test_a_task_that_needs_more_memory_than_any_node_stays_idle(proc: Processor) -> None:
+    send(proc, node_set("small", cores=8, memory=1000))
+    send(proc, node_set("medium", cores=8, memory=4000))
+
+    outcome = send(proc, task_create(requirements={"memory": 5000}), T0 + 1)
+
+    assert to_nodes(outcome) == []
+    assert event_keys(outcome) == ["task.created.t1"]
+    reply = info(proc, "t1", T0 + 2)
+    assert reply["status"] is None
+    assert reply["node"] is None
+
+
+# --- malformed messages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b"{not json", "invalid_json"),
+    (b'{"command":"frobnicate"}', "unknown_command"),
+    (b'{"type":"TaskResults"}', "unknown_type"),
+    (b'{"command":"task-create","name":"t1"}', "invalid_message"),
+])
+def test_a_malformed_message_with_reply_to_gets_an_error_reply_and_is_not_dead_lettered(
+        proc: Processor, raw: bytes, code: str) -> None:
+    outcome = proc.process([Delivery(raw, reply_to="client", correlation_id="c9")], T0)
+
+    assert len(outcome.replies) == 1
+    reply = outcome.replies[0]
+    assert reply.correlation_id == "c9"
+    assert reply.body["command"] == "error"
+    assert reply.body["error"] == code
+    assert reply.body["message"]
+    assert outcome.outbox == []
+
+
+@pytest.mark.parametrize(("raw", "code", "command"), [
+    (b"\xff\xfe garbage", "invalid_json", "unknown"),
+    (b'{"command":"frobnicate"}', "unknown_command", "frobnicate"),
+    (b'{"command":"task-info"}', "invalid_message", "task-info"),
+])
+def test_a_malformed_message_without_reply_to_is_dead_lettered_with_the_reason(
+        proc: Processor, raw: bytes, code: str, command: str) -> None:
+    outcome = proc.process([Delivery(raw)], T0)
+
+    assert outcome.replies == []
+    assert len(outcome.outbox) == 1
+    entry = outcome.outbox[0]
+    assert entry.exchange == "vespid.dead"
+    assert entry.body == raw
+    assert entry.command == command
+    assert entry.headers is not None
+    assert entry.headers["x-vespid-error"].startswith(f"{code}: ")
+
+
+def test_a_too_large_message_is_dead_lettered_as_too_large(tmp_path: Path,
+                                                           store: Store) -> None:
+    small = CoordinatorSettings(state=tmp_path / "s.db", max_body_bytes=1024)
+    proc = Processor(store, small, now=T0)
+
+    outcome = send(proc, task_create(executable_pyscript="x" * 2000))
+
+    [entry] = dead_letters(outcome)
+    assert entry.headers is not None
+    assert entry.headers["x-vespid-error"].startswith("too_large: ")
+    assert info(proc, "t1")["status"] == "invalid"
+
+
+def test_a_bad_message_in_a_batch_does_not_stop_the_good_ones(proc: Processor) -> None:
+    outcome = proc.process([deliver(task_create("a")), Delivery(b"junk"),
+                            deliver(task_create("b"))], T0)
+
+    assert len(dead_letters(outcome)) == 1
+    assert event_keys(outcome) == ["task.created.a", "task.created.b"]
+
+
+# --- completing and updating ------------------------------------------------------------------
+
+
+def test_task_complete_ends_the_task_with_the_reported_success(proc: Processor) -> None:
+    start_one(proc)
+
+    outcome = send(proc, {"command": "task-complete", "name": "t1", "node": "n1",
+                          "success": "warning"}, T0 + 10)
+
+    assert event_keys(outcome) == ["task.completed.t1"]
+    reply = info(proc, "t1", T0 + 10)
+    assert reply["status"] == "complete"
+    assert reply["success"] == "warning"
+    assert reply["time-finish"] == T0 + 10
+
+
+def test_a_later_task_update_never_lowers_the_success_of_a_complete_task(
+        proc: Processor) -> None:
+    start_one(proc)
+    send(proc, {"command": "task-complete", "name": "t1", "node": "n1", "success": "error"},
+         T0 + 10)
+
+    outcome = send(proc, {"command": "task-update", "name": "t1", "success": "ok"}, T0 + 11)
+
+    assert event_keys(outcome) == []
+    assert info(proc, "t1", T0 + 11)["success"] == "error"
+
+
+def test_a_task_update_raises_the_success_of_a_working_task(proc: Processor) -> None:
+    start_one(proc)
+
+    outcome = send(proc, {"command": "task-update", "name": "t1", "success": "error",
+                          "message": "disk nearly full"}, T0 + 2)
+
+    assert event_keys(outcome) == ["task.updated.t1"]
+    reply = info(proc, "t1", T0 + 2)
+    assert reply["status"] == "working"
+    assert reply["success"] == "error"
+    assert reply["message"] == "disk nearly full"
+
+
+def test_a_complete_with_ok_after_a_warning_update_keeps_the_warning(proc: Processor) -> None:
+    start_one(proc)
+    send(proc, {"command": "task-update", "name": "t1", "success": "warning"}, T0 + 1)
+
+    send(proc, {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok"},
+         T0 + 2)
+
+    reply = info(proc, "t1", T0 + 2)
+    assert reply["status"] == "complete"
+    assert reply["success"] == "warning"
+
+
+@pytest.mark.xfail(strict=True, reason="task-update 'ok' on a working task sets success 'ok' "
+                   "although WIRE.md says `ok` only once complete")
+def test_a_working_task_never_shows_success_ok(proc: Processor) -> None:
+    start_one(proc)
+
+    send(proc, {"command": "task-update", "name": "t1", "success": "ok"}, T0 + 1)
+
+    reply = info(proc, "t1", T0 + 1)
+    assert reply["status"] == "working"
+    assert reply["success"] is None
+
+
+def test_a_repeated_task_complete_changes_nothing(proc: Processor) -> None:
+    start_one(proc)
+    complete = {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok"}
+    send(proc, complete, T0 + 5)
+    before = info(proc, "t1", T0 + 5)
+
+    outcome = send(proc, complete, T0 + 9)
+
+    assert outcome.outbox == []
+    assert info(proc, "t1", T0 + 9) == before
+
+
+def test_a_task_complete_from_another_node_is_ignored(proc: Processor) -> None:
+    start_one(proc)
+
+    send(proc, {"command": "task-complete", "name": "t1", "node": "impostor",
+                "success": "ok"}, T0 + 5)
+
+    assert info(proc, "t1", T0 + 5)["status"] == "working"
+
+
+def test_completing_a_task_frees_its_cores_for_the_next_waiting_task(proc: Processor) -> None:
+    send(proc, node_set(cores=2))
+    send(proc, task_create("a"))
+    waiting = send(proc, task_create("b"))
+    assert to_nodes(waiting) == []
+
+    outcome = send(proc, {"command": "task-complete", "name": "a", "node": "n1",
+                          "success": "ok"}, T0 + 5)
+
+    assert [(key, body["name"]) for key, body in to_nodes(outcome)] == [("node.n1", "b")]
+
+
+# --- lost nodes and reconciling -------------------------------------------------------------
+
+
+def test_a_node_silent_longer_than_the_heartbeat_timeout_loses_its_working_task(
+        proc: Processor) -> None:
+    start_one(proc)
+    timeout = HEARTBEAT * MISSED
+
+    quiet = proc.tick(T0 + timeout)
+    assert quiet.outbox == []
+    assert info(proc, "t1", T0 + timeout)["status"] == "working"
+
+    outcome = proc.tick(T0 + timeout + 0.5)
+
+    assert event_keys(outcome) == ["task.completed.t1"]
+    reply = info(proc, "t1", T0 + timeout + 0.5)
+    assert reply["status"] == "complete"
+    assert reply["success"] == "terminated"
+    nodes = send(proc, {"command": "node-list"}, T0 + timeout + 0.5, reply_to="c")
+    [listed] = nodes.replies[0].body["nodes"]
+    assert listed["alive"] is False
+    assert listed["accepting"] is False
+
+
+def test_a_heartbeat_keeps_a_node_and_its_task_alive(proc: Processor) -> None:
+    start_one(proc)
+    send(proc, node_set(activetasks=["t1"]), T0 + 6)
+
+    proc.tick(T0 + 12)
+
+    assert info(proc, "t1", T0 + 12)["status"] == "working"
+
+
+def test_a_node_set_that_omits_a_task_it_reported_before_ends_it_terminated(
+        proc: Processor) -> None:
+    start_one(proc)
+    send(proc, node_set(activetasks=["t1"]), T0 + 1)
+
+    outcome = send(proc, node_set(activetasks=[]), T0 + 2)
+
+    assert event_keys(outcome) == ["task.completed.t1"]
+    reply = info(proc, "t1", T0 + 2)
+    assert reply["status"] == "complete"
+    assert reply["success"] == "terminated"
+
+
+def test_a_node_set_that_omits_a_task_sent_moments_ago_leaves_it_working(
+        proc: Processor) -> None:
+    start_one(proc)
+
+    outcome = send(proc, node_set(activetasks=[]), T0 + GRACE - 1)
+
+    assert event_keys(outcome) == []
+    assert info(proc, "t1", T0 + GRACE - 1)["status"] == "working"
+
+
+def test_a_node_set_that_still_omits_a_task_after_the_grace_ends_it_terminated(
+        proc: Processor) -> None:
+    start_one(proc)
+    send(proc, node_set(activetasks=[]), T0 + GRACE - 1)
+
+    send(proc, node_set(activetasks=[]), T0 + GRACE + 1)
+
+    reply = info(proc, "t1", T0 + GRACE + 1)
+    assert reply["status"] == "complete"
+    assert reply["success"] == "terminated"
+
+
+def test_a_node_reporting_a_task_it_should_not_run_is_told_to_kill_it(
+        proc: Processor) -> None:
+    send(proc, node_set())
+
+    outcome = send(proc, node_set(activetasks=["stray"]), T0 + 1)
+
+    assert [(key, body["command"], body["name"]) for key, body in to_nodes(outcome)] == \
+        [("node.n1", "task-kill", "stray")]
+
+
+# --- cancelling -----------------------------------------------------------------------------
+
+
+def test_cancelling_an_idle_parent_also_ends_its_idle_children_terminated(
+        proc: Processor) -> None:
+    send(proc, task_create("parent"))
+    send(proc, task_create("child", parent="parent"))
+    send(proc, task_create("grandchild", parent="child"))
+    send(proc, task_create("bystander"))
+
+    outcome = send(proc, {"command": "task-cancel", "name": "parent"}, T0 + 1, reply_to="c")
+
+    assert outcome.replies[0].body == {"command": "ack", "name": "parent"}
+    assert sorted(event_keys(outcome)) == ["task.completed.child", "task.completed.grandchild",
+                                           "task.completed.parent"]
+    for name in ("parent", "child", "grandchild"):
+        reply = info(proc, name, T0 + 1)
+        assert (reply["status"], reply["success"]) == ("complete", "terminated")
+    assert info(proc, "bystander", T0 + 1)["status"] is None
+    assert info(proc, "parent", T0 + 1)["children"] == ["child"]
+
+
+def test_a_cancelled_idle_task_never_starts_when_a_node_joins(proc: Processor) -> None:
+    send(proc, task_create())
+    send(proc, {"command": "task-cancel", "name": "t1"})
+
+    outcome = send(proc, node_set(), T0 + 1)
+
+    assert to_nodes(outcome) == []
+
+
+def test_cancelling_a_working_task_sends_a_kill_to_its_node(proc: Processor) -> None:
+    start_one(proc)
+
+    outcome = send(proc, {"command": "task-cancel", "name": "t1"}, T0 + 1)
+
+    assert [(key, body["command"], body["name"], body["attempt"])
+            for key, body in to_nodes(outcome)] == [("node.n1", "task-kill", "t1", 1)]
+    assert info(proc, "t1", T0 + 1)["status"] == "working"
+
+
+def test_cancelling_an_unknown_task_is_not_found(proc: Processor) -> None:
+    outcome = send(proc, {"command": "task-cancel", "name": "ghost"}, reply_to="c")
+
+    assert outcome.replies[0].body["error"] == "not_found"
+
+
+# --- persistence ----------------------------------------------------------------------------
+
+
+def test_state_survives_reopening_the_store(tmp_path: Path, store: Store,
+                                            proc: Processor) -> None:
+    start_one(proc)
+    send(proc, task_create("waiting", requirements={"memory": 99999}))
+    store.close()
+
+    reopened = Store(tmp_path / "s.db")
+    try:
+        again = Processor(reopened, settings(tmp_path), now=T0 + 60)
+        working = info(again, "t1", T0 + 60)
+        waiting = info(again, "waiting", T0 + 60)
+    finally:
+        reopened.close()
+
+    assert (working["status"], working["node"], working["attempt"]) == ("working", "n1", 1)
+    assert waiting["status"] is None
+    assert waiting["requirements"] == {"memory": 99999}
+
+
+def test_a_reopened_store_still_counts_the_cores_of_working_tasks(tmp_path: Path, store: Store,
+                                                                   proc: Processor) -> None:
+    send(proc, node_set(cores=2))
+    send(proc, task_create("a"))
+    store.close()
+
+    reopened = Store(tmp_path / "s.db")
+    try:
+        again = Processor(reopened, settings(tmp_path), now=T0 + 1)
+        outcome = send(again, task_create("b"), T0 + 1)
+    finally:
+        reopened.close()
+
+    assert to_nodes(outcome) == []
+
+
+def test_unconfirmed_outbox_entries_survive_reopening_and_confirmed_ones_are_deleted(
+        tmp_path: Path, store: Store, proc: Processor) -> None:
+    send(proc, node_set())
+    created = send(proc, task_create())
+    ids = [e.id for e in created.outbox]
+    proc.confirmed(ids[:1])
+    send(proc, {"command": "node-list"})
+    store.close()
+
+    reopened = Store(tmp_path / "s.db")
+    try:
+        pending = [e.id for e in reopened.pending_outbox()]
+    finally:
+        reopened.close()
+
+    assert pending == ids[1:]
+
+
+# --- a handler that crashes ---------------------------------------------------------------------
+
+
+def test_a_handler_crash_on_one_message_does_not_lose_the_others_in_its_batch(
+        proc: Processor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(ctx: Any, msg: Any) -> None:
+        raise RuntimeError("boom")
+
+    send(proc, node_set(cores=8))
+    monkeypatch.setitem(handlers.HANDLERS, TaskInfo, explode)
+
+    outcome = proc.process([
+        deliver(task_create("a"), reply_to="c"),
+        deliver({"command": "task-info", "name": "a"}, reply_to="c"),
+        deliver(task_create("b")),
+        deliver({"command": "task-info", "name": "b"}),
+    ], T0 + 1)
+
+    bodies = [r.body for r in outcome.replies]
+    assert bodies[0] == {"command": "ack", "name": "a"}
+    assert bodies[1]["command"] == "error"
+    assert bodies[1]["error"] == "internal"
+    assert "boom" in bodies[1]["message"]
+    [dead] = dead_letters(outcome)
+    assert dead.headers is not None
+    assert dead.headers["x-vespid-error"].startswith("internal: ")
+    assert sorted(body["name"] for _, body in to_nodes(outcome)) == ["a", "b"]
+    monkeypatch.undo()
+    assert info(proc, "a", T0 + 1)["status"] == "working"
+    assert info(proc, "b", T0 + 1)["status"] == "working"
+
+
+def test_a_handler_crash_leaves_no_half_applied_change_behind(
+        proc: Processor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def create_then_explode(ctx: Any, msg: Any) -> None:
+        original(ctx, msg)
+        raise RuntimeError("after the change")
+
+    original = handlers.HANDLERS[type(handlers.TaskCreate.model_validate(task_create()))]
+    monkeypatch.setitem(handlers.HANDLERS, handlers.TaskCreate, create_then_explode)
+
+    outcome = send(proc, task_create())
+
+    assert event_keys(outcome) == []
+    monkeypatch.undo()
+    assert info(proc, "t1")["status"] == "invalid"
