@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
 from vespid.client import current_task
 from vespid.shared import topology
 from vespid.shared.errors import (

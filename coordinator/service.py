@@ -18,6 +18,7 @@ import pika
 import pika.exceptions
 from pika.spec import Basic
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store

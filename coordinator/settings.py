@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
+
 from vespid.shared.protocol import DEFAULT_MAX_BODY_BYTES
 from vespid.shared.settings import ProcessSettings
 

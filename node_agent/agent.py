@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
 from vespid.node_agent.settings import NodeSettings
 from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared import PROTOCOL_VERSION, topology

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from vespid.shared.protocol import NODE_NAME_PATTERN, RequirementValue
 from vespid.shared.settings import ProcessSettings
 

@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
 from vespid.shared.errors import ProtocolError
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"

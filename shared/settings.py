@@ -19,6 +19,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
 from vespid.shared.errors import ConfigError
 from vespid.shared.transport import DEFAULT_URL, connection_parameters, redact
 

@@ -22,6 +22,7 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
+
 from vespid.shared.errors import BrokerError, BrokerUnavailable, PublishFailed
 from vespid.shared.logs import get_logger
 

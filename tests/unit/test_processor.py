@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from vespid.coordinator import handlers
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
-from vespid.shared.protocol import TaskInfo, decode_node_message
+from vespid.shared.protocol import TaskCreate, TaskInfo, decode_node_message, encode
 
 T0 = 1_000_000.0
 HEARTBEAT = 2.0
@@ -532,6 +533,71 @@ def test_a_reopened_store_still_counts_the_cores_of_working_tasks(tmp_path: Path
     assert to_nodes(outcome) == []
 
 
+def test_a_repeated_unbounded_task_create_after_a_restart_is_still_acknowledged(
+        tmp_path: Path, store: Store, proc: Processor) -> None:
+    raw = (b'{"command":"task-create","name":"t1","executable_pyscript":"x",'
+           b'"requirements":{"cores":1,"cores_max":Infinity}}')
+    proc.process([Delivery(raw)], T0)
+    store.close()
+
+    reopened = Store(tmp_path / "s.db")
+    try:
+        again = Processor(reopened, settings(tmp_path), now=T0 + 1)
+        outcome = again.process([Delivery(raw, reply_to="c")], T0 + 1)
+    finally:
+        reopened.close()
+
+    assert outcome.replies[0].body == {"command": "ack", "name": "t1"}
+    assert outcome.outbox == []
+
+
+def test_a_restarted_coordinator_gives_silent_nodes_a_full_timeout_from_its_start(
+        tmp_path: Path, store: Store, proc: Processor) -> None:
+    start_one(proc)
+    store.close()
+    restart = T0 + 60
+
+    reopened = Store(tmp_path / "s.db")
+    try:
+        again = Processor(reopened, settings(tmp_path), now=restart)
+        early = again.tick(restart + HEARTBEAT * MISSED - 1)
+        status = info(again, "t1", restart + 1)["status"]
+        late = again.tick(restart + HEARTBEAT * MISSED + 1)
+    finally:
+        reopened.close()
+
+    assert early.outbox == []
+    assert status == "working"
+    assert event_keys(late) == ["task.completed.t1"]
+
+
+@pytest.mark.xfail(strict=True, reason="after a failed batch Processor reloads state from the "
+                   "store and forgets the downtime forgiveness of __init__, so the next tick "
+                   "loses every node that has not sent a node-set since the restart")
+def test_a_crashed_batch_after_a_restart_does_not_make_nodes_look_lost(
+        tmp_path: Path, store: Store, proc: Processor,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(ctx: Any, msg: Any) -> None:
+        raise RuntimeError("boom")
+
+    start_one(proc)
+    store.close()
+    restart = T0 + 60
+    reopened = Store(tmp_path / "s.db")
+    try:
+        again = Processor(reopened, settings(tmp_path), now=restart)
+        monkeypatch.setitem(handlers.HANDLERS, TaskInfo, explode)
+        again.process([deliver({"command": "task-info", "name": "t1"})], restart)
+        monkeypatch.undo()
+        outcome = again.tick(restart + 1)
+        status = info(again, "t1", restart + 1)["status"]
+    finally:
+        reopened.close()
+
+    assert event_keys(outcome) == []
+    assert status == "working"
+
+
 def test_unconfirmed_outbox_entries_survive_reopening_and_confirmed_ones_are_deleted(
         tmp_path: Path, store: Store, proc: Processor) -> None:
     send(proc, node_set())
@@ -548,6 +614,47 @@ def test_unconfirmed_outbox_entries_survive_reopening_and_confirmed_ones_are_del
         reopened.close()
 
     assert pending == ids[1:]
+
+
+# --- strict JSON out -------------------------------------------------------------------------
+
+
+def test_a_node_list_reply_is_strict_json(proc: Processor) -> None:
+    send(proc, node_set(cores=4, memory=8000, usage_gpu=True))
+
+    outcome = send(proc, {"command": "node-list"}, T0, reply_to="c")
+
+    body = json.loads(encode(outcome.replies[0].body))
+    [listed] = body["nodes"]
+    assert listed["name"] == "n1"
+    assert listed["capabilities"] == {"cores": 4, "memory": 8000, "usage_gpu": True}
+    assert listed["free"] == {"cores": 4.0, "memory": 8000.0}
+
+
+@pytest.mark.xfail(strict=True, reason="a node-set may carry Infinity (capability cores_max, or "
+                   "an extra field of a repository); it is stored and echoed in node-list, "
+                   "whose reply then cannot be encoded as strict JSON")
+@pytest.mark.parametrize("raw", [
+    b'{"command":"node-set","name":"n1","capabilities":{"cores":4,"cores_max":Infinity}}',
+    b'{"command":"node-set","name":"n1","capabilities":{"cores":4},'
+    b'"repositories":{"r":{"type":"conda","size":Infinity}}}',
+], ids=["capability-cores_max", "repository-extra-field"])
+def test_a_node_list_reply_stays_strict_json_whatever_a_node_sent(
+        proc: Processor, raw: bytes) -> None:
+    proc.process([Delivery(raw)], T0)
+
+    outcome = send(proc, {"command": "node-list"}, T0, reply_to="c")
+
+    assert b"Infinity" not in encode(outcome.replies[0].body)
+
+
+def test_a_draining_node_gets_no_new_task(proc: Processor) -> None:
+    send(proc, {**node_set(), "draining": True})
+
+    outcome = send(proc, task_create(), T0 + 1)
+
+    assert to_nodes(outcome) == []
+    assert info(proc, "t1", T0 + 1)["status"] is None
 
 
 # --- a handler that crashes ---------------------------------------------------------------------
@@ -588,11 +695,12 @@ def test_a_handler_crash_leaves_no_half_applied_change_behind(
         original(ctx, msg)
         raise RuntimeError("after the change")
 
-    original = handlers.HANDLERS[type(handlers.TaskCreate.model_validate(task_create()))]
-    monkeypatch.setitem(handlers.HANDLERS, handlers.TaskCreate, create_then_explode)
+    original = handlers.HANDLERS[TaskCreate]
+    monkeypatch.setitem(handlers.HANDLERS, TaskCreate, create_then_explode)
 
     outcome = send(proc, task_create())
 
     assert event_keys(outcome) == []
     monkeypatch.undo()
     assert info(proc, "t1")["status"] == "invalid"
+

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import pytest
+
 from vespid.shared.errors import ProtocolError
 from vespid.shared.protocol import (
     NodeList,

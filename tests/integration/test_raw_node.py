@@ -1,0 +1,163 @@
+"""The coordinator against nodes and clients that speak only WIRE.md, with raw AMQP."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from tests.processes import VespidProcess
+from tests.raw import RawPeer
+
+pytestmark = pytest.mark.integration
+NODE_QUEUE_ARGS = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+
+
+class RawNode:
+    """A third-party node: its own queue, node-set by hand, task-complete by hand."""
+
+    def __init__(self, peer: RawPeer, name: str, capabilities: dict[str, Any]) -> None:
+        self.peer, self.name, self.capabilities = peer, name, capabilities
+        self.queue = f"vespid.node.{name}"
+        channel = peer.channel
+        channel.exchange_declare("vespid", "topic", durable=True)
+        channel.queue_declare(self.queue, durable=True, arguments=NODE_QUEUE_ARGS)
+        channel.queue_bind(self.queue, "vespid", f"node.{name}")
+        self.inbox: list[bytes] = []
+        # Single-active-consumer quorum queues refuse basic.get: consume, as a node does.
+        channel.basic_consume(self.queue, lambda _c, _m, _p, body: self.inbox.append(body),
+                              auto_ack=True)
+
+    def node_set(self, active: list[str]) -> None:
+        self.peer.send({"command": "node-set", "name": self.name,
+                        "capabilities": self.capabilities, "repositories": {},
+                        "activetasks": {n: {} for n in active}})
+
+    def next_message(self, timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            assert time.monotonic() < deadline, f"no message for {self.name} in {timeout} s"
+            self.peer.connection.process_data_events(time_limit=0.1)
+        message: dict[str, Any] = json.loads(self.inbox.pop(0))
+        return message
+
+    def complete(self, name: str, success: str = "ok") -> None:
+        self.peer.send({"command": "task-complete", "name": name, "node": self.name,
+                        "success": success})
+
+
+@pytest.fixture
+def raw_node(coordinator: VespidProcess, raw: RawPeer) -> RawNode:
+    node = RawNode(raw, "rawbox", {"memory": 8000, "cores": 8})
+    node.node_set([])
+    return node
+
+
+def test_a_raw_node_receives_a_task_run_and_its_task_complete_finishes_the_task(
+        raw_node: RawNode, raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "t1", "executable_pyscript": "print(1)",
+                 "requirements": {"memory": 1000, "cores": 2, "cores_max": "inf"},
+                 "environment": {"A": "b"}})
+
+    run = raw_node.next_message()
+    raw_node.node_set(["t1"])
+    raw_node.complete("t1")
+    info = raw.wait_for("t1", lambda i: i["status"] == "complete")
+
+    assert run["command"] == "task-run" and run["name"] == "t1"
+    assert run["executable_pyscript"] == "print(1)"
+    assert run["cores"] == 8 and run["environment"] == {"A": "b"}
+    assert "log" in run and "path" in run
+    assert info["success"] == "ok" and info["node"] == "rawbox"
+    assert info["allocated"] == {"memory": 1000, "cores": 8}
+    assert info["requirements"]["cores_max"] is None
+
+
+def test_a_task_the_node_stops_reporting_ends_terminated(raw_node: RawNode,
+                                                        raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "vanishing", "executable_pyscript": "x"})
+    raw_node.next_message()
+    raw_node.node_set(["vanishing"])
+    assert raw.wait_for("vanishing", lambda i: i["status"] == "working")["node"] == "rawbox"
+
+    raw_node.node_set([])
+    info = raw.wait_for("vanishing", lambda i: i["status"] == "complete")
+
+    assert info["success"] == "terminated"
+    assert "no longer reports" in info["message"]
+
+
+def test_a_node_set_sent_before_the_task_run_arrived_does_not_end_the_task(
+        raw_node: RawNode, raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "in-flight", "executable_pyscript": "x"})
+    raw.wait_for("in-flight", lambda i: i["status"] == "working")
+
+    raw_node.node_set([])  # crossed the task-run on the wire
+    time.sleep(0.5)
+
+    assert raw.info("in-flight")["status"] == "working"
+
+
+def test_a_silent_node_is_lost_and_its_tasks_end_terminated(raw_node: RawNode,
+                                                           raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "orphan", "executable_pyscript": "x"})
+    raw_node.next_message()
+    raw_node.node_set(["orphan"])
+
+    info = raw.wait_for("orphan", lambda i: i["status"] == "complete", timeout=20)
+    nodes = raw.request({"command": "node-list"})["nodes"]
+
+    assert info["success"] == "terminated" and "lost" in info["message"]
+    assert [(n["name"], n["alive"], n["accepting"]) for n in nodes] == [("rawbox", False, False)]
+
+
+def test_task_update_raises_severity_and_it_never_goes_down(raw_node: RawNode,
+                                                           raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "warns", "executable_pyscript": "x"})
+    raw_node.next_message()
+    raw_node.node_set(["warns"])
+
+    raw.request({"command": "task-update", "name": "warns", "success": "warning",
+                 "message": "3 flaky tests"})
+    raw.request({"command": "task-update", "name": "warns", "success": "ok"})
+    raw_node.complete("warns", "ok")
+    info = raw.wait_for("warns", lambda i: i["status"] == "complete")
+
+    assert info["success"] == "warning" and info["message"] == "3 flaky tests"
+
+
+def test_every_change_of_a_task_is_published_as_an_event(raw_node: RawNode,
+                                                        raw: RawPeer) -> None:
+    channel = raw.channel
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, "vespid.events", "task.*.evented")
+
+    raw.request({"command": "task-create", "name": "evented", "executable_pyscript": "x"})
+    raw_node.next_message()
+    raw_node.complete("evented", "error")
+    events = []
+    while len(events) < 3:
+        props, body = raw.get(queue)
+        events.append((props.type, json.loads(body)))
+
+    assert [kind for kind, _ in events] == ["task.created", "task.started", "task.completed"]
+    assert events[-1][1]["command"] == "task-info-response"
+    assert (events[-1][1]["status"], events[-1][1]["success"]) == ("complete", "error")
+
+
+def test_task_list_and_node_list_answer_for_dashboards(raw_node: RawNode,
+                                                      raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "listed-parent", "executable_pyscript": "x"})
+    raw.request({"command": "task-create", "name": "listed-child", "parent": "listed-parent",
+                 "executable_pyscript": "x", "requirements": {"memory": 99999}})
+
+    children = raw.request({"command": "task-list", "parent": "listed-parent"})
+    idle = raw.request({"command": "task-list", "status": "idle"})
+    nodes = raw.request({"command": "node-list"})
+
+    assert [t["name"] for t in children["tasks"]] == ["listed-child"]
+    assert [t["name"] for t in idle["tasks"]] == ["listed-child"]
+    assert nodes["nodes"][0]["name"] == "rawbox"
+    assert nodes["nodes"][0]["free"]["cores"] == 7
