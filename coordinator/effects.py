@@ -19,6 +19,7 @@ class Reply:
     reply_to: str
     correlation_id: str | None
     body: dict[str, Any]
+    data: bytes  # encoded while handling, so a body that is not strict JSON fails there
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Effects:
     replies: list[Reply] = field(default_factory=list)
     outgoing: list[Outgoing] = field(default_factory=list)
     new_nodes: list[str] = field(default_factory=list)
+
+    def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
+        self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
 
     def to_node(self, node: str, message: dict[str, Any]) -> None:
         self.outgoing.append(Outgoing(topology.EXCHANGE, topology.node_key(node),

@@ -19,6 +19,7 @@ from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
     NodeList,
     NodeSet,
+    Severity,
     TaskCancel,
     TaskComplete,
     TaskCreate,
@@ -68,7 +69,8 @@ def handle_task_update(ctx: Context, msg: TaskUpdate) -> Reply:
     if msg.attempt is not None and msg.attempt != task.attempt:
         log.info("stale_update_ignored", task=task.name, attempt=msg.attempt)
         return None
-    raised = task.raise_severity(msg.success)
+    # `ok` is only ever the verdict of a completed task, never a running one's claim.
+    raised = msg.success is not Severity.OK and task.raise_severity(msg.success)
     if msg.message:
         task.message = msg.message
     if raised or msg.message:

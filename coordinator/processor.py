@@ -42,10 +42,14 @@ class Processor:
     def __init__(self, store: Store, settings: CoordinatorSettings, now: float) -> None:
         self.store = store
         self.settings = settings
-        self.state = store.load_state()
+        self._started = now
         self._next_id = store.next_outbox_id()
         self._confirmed: list[int] = []
-        self._forgive_downtime(now)
+        self._reload()
+
+    def _reload(self) -> None:
+        self.state = self.store.load_state()
+        self._forgive_downtime(self._started)
 
     def _forgive_downtime(self, now: float) -> None:
         # While the coordinator was down nobody heard the nodes: give every node and every
@@ -64,7 +68,7 @@ class Processor:
             return self._in_transaction(lambda ctx: self._handle_all(ctx, batch), now)
         except Exception:
             log.exception("batch_failed_retrying_one_by_one", size=len(batch))
-            self.state = self.store.load_state()
+            self._reload()
             return self._one_by_one(batch, now)
 
     def tick(self, now: float) -> Outcome:
@@ -86,7 +90,7 @@ class Processor:
         except Exception as exc:
             log.exception("message_crashed_handler", body=delivery.body[:200])
             reason = f"the coordinator failed on this message: {exc!r}"
-        self.state = self.store.load_state()
+        self._reload()
         return self._in_transaction(
             lambda ctx: self._reject(ctx, delivery, "internal", reason), now)
 
@@ -125,13 +129,13 @@ class Processor:
         if delivery.reply_to:
             if body is None:
                 body = ack_reply(getattr(message, "name", None))
-            ctx.effects.replies.append(Reply(delivery.reply_to, delivery.correlation_id, body))
+            ctx.effects.reply(delivery.reply_to, delivery.correlation_id, body)
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:
         log.warning("message_rejected", error=code, reason=sentence)
         if delivery.reply_to:
-            ctx.effects.replies.append(Reply(delivery.reply_to, delivery.correlation_id,
-                                             error_reply(code, sentence)))
+            ctx.effects.reply(delivery.reply_to, delivery.correlation_id,
+                              error_reply(code, sentence))
         else:
             ctx.effects.dead_letter(delivery.body, f"{code}: {sentence}", _command_of(delivery))
 

@@ -25,7 +25,6 @@ from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared import topology
 from vespid.shared.errors import BrokerError
 from vespid.shared.logs import get_logger
-from vespid.shared.protocol import encode
 from vespid.shared.transport import CONNECTION_ERRORS, close_quietly, connect, properties
 
 log = get_logger(__name__)
@@ -185,7 +184,7 @@ class CoordinatorService:
             # Same channel, so the broker declares and binds before the task-run arrives.
             topology.declare_node(self._channel, node)
         for reply in outcome.replies:
-            self._send("", reply.reply_to, encode(reply.body),
+            self._send("", reply.reply_to, reply.data,
                        properties(str(reply.body["command"]), app_id=APP_ID, persistent=False,
                                   correlation_id=reply.correlation_id), None, mandatory=False)
         for entry in outcome.outbox:

@@ -149,17 +149,17 @@ def _number(value: RequirementValue, default: float) -> float:
     return float(value)
 
 
-def _check_requirement(key: str, value: Any) -> None:
+def _check_requirement(key: str, value: Any, unbounded_ok: bool = True) -> None:
     if key.startswith("usage_"):
         if not isinstance(value, bool):
-            raise ValueError(f"requirement {key!r} is a label and must be true or false")
+            raise ValueError(f"{key!r} is a label and must be true or false")
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"requirement {key!r} is a resource amount and must be a number")
-    if value < 0 or (math.isnan(value)):
-        raise ValueError(f"requirement {key!r} must not be negative")
-    if math.isinf(value) and key != "cores_max":
-        raise ValueError(f"requirement {key!r} must be finite (only cores_max may be unbounded)")
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{key!r} is a resource amount and must be a number")
+    if value < 0:
+        raise ValueError(f"{key!r} must not be negative")
+    if math.isinf(value) and not (unbounded_ok and key == "cores_max"):
+        raise ValueError(f"{key!r} must be finite (only a task's cores_max may be unbounded)")
 
 
 class TaskCreate(TaskDefinition):
@@ -198,7 +198,10 @@ class NodeList(_Message):
     command: Literal["node-list"]
 
 
-class NodeRepository(_OpenMessage):
+class NodeRepository(_Message):
+    # Extra fields are dropped, not kept: they would be echoed in node-list replies.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
     type: str
     persist: bool = False
 
@@ -230,7 +233,7 @@ class NodeSet(_OpenMessage):
     def _check_capabilities(cls, value: Any) -> Any:
         if isinstance(value, dict):
             for key, item in value.items():
-                _check_requirement(key, item)
+                _check_requirement(key, item, unbounded_ok=False)
         return value
 
 

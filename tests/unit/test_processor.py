@@ -325,8 +325,6 @@ def test_a_complete_with_ok_after_a_warning_update_keeps_the_warning(proc: Proce
     assert reply["success"] == "warning"
 
 
-@pytest.mark.xfail(strict=True, reason="task-update 'ok' on a working task sets success 'ok' "
-                   "although WIRE.md says `ok` only once complete")
 def test_a_working_task_never_shows_success_ok(proc: Processor) -> None:
     start_one(proc)
 
@@ -571,9 +569,6 @@ def test_a_restarted_coordinator_gives_silent_nodes_a_full_timeout_from_its_star
     assert event_keys(late) == ["task.completed.t1"]
 
 
-@pytest.mark.xfail(strict=True, reason="after a failed batch Processor reloads state from the "
-                   "store and forgets the downtime forgiveness of __init__, so the next tick "
-                   "loses every node that has not sent a node-set since the restart")
 def test_a_crashed_batch_after_a_restart_does_not_make_nodes_look_lost(
         tmp_path: Path, store: Store, proc: Processor,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -631,9 +626,6 @@ def test_a_node_list_reply_is_strict_json(proc: Processor) -> None:
     assert listed["free"] == {"cores": 4.0, "memory": 8000.0}
 
 
-@pytest.mark.xfail(strict=True, reason="a node-set may carry Infinity (capability cores_max, or "
-                   "an extra field of a repository); it is stored and echoed in node-list, "
-                   "whose reply then cannot be encoded as strict JSON")
 @pytest.mark.parametrize("raw", [
     b'{"command":"node-set","name":"n1","capabilities":{"cores":4,"cores_max":Infinity}}',
     b'{"command":"node-set","name":"n1","capabilities":{"cores":4},'
