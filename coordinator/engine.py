@@ -43,34 +43,44 @@ def why_not_accepting(node: Node) -> str | None:
     return None
 
 
-def node_offer(node: Node) -> matcher.NodeOffer:
-    return matcher.NodeOffer(node.name, node.free_resources(),
-                             matcher.Labels.parse(node.capabilities),
-                             accepting=why_not_accepting(node) is None)
-
-
-def task_request(task: Task) -> matcher.TaskRequest:
-    return matcher.TaskRequest.from_requirements(
-        task.name, task.definition.priority, task.seq, task.definition.requirements)
+def node_offer(state: State, node: Node) -> matcher.NodeOffer:
+    free_repos: dict[str, list[str]] = {}
+    for repo, spec in sorted(node.repositories.items()):
+        if repo not in state.holds:
+            free_repos.setdefault(str(spec.get("type")), []).append(repo)
+    return matcher.NodeOffer(
+        node.name, node.free_resources(), node.labels, capacity=node.resources(),
+        repos={repo: str(spec.get("type")) for repo, spec in node.repositories.items()},
+        free_repos=free_repos, accepting=why_not_accepting(node) is None)
 
 
 def schedule(ctx: Context) -> int:
     """Start every waiting task that fits somewhere now; returns how many started."""
     state = ctx.state
     state.needs_scheduling = False
-    if not state.waiting:
+    if not state.queue:
+        state.roomier, state.reservation = set(), None
         return 0
-    requests = [task_request(state.tasks[name]) for name in state.waiting]
-    offers = [node_offer(node) for node in state.nodes.values()]
-    assignments = matcher.match(requests, offers)
-    for assignment in assignments:
+    offers = [node_offer(state, node) for node in state.nodes.values()]
+    result = matcher.match(state.queue, offers, blocked_before=state.blocked,
+                           dirty=state.roomier, reservation=state.reservation)
+    for assignment in result.assignments:
         start_task(ctx, state.tasks[assignment.task], state.nodes[assignment.node],
-                   assignment.allocated)
-    return len(assignments)
+                   assignment.allocated, assignment.repos)
+    state.blocked, state.reservation, state.roomier = result.blocked, result.reservation, set()
+    return len(result.assignments)
 
 
-def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]) -> None:
-    ctx.state.start(task, node, allocated, ctx.now)
+def explain(state: State, task: Task) -> list[str]:
+    """Why an idle task is not running, one sentence per obstacle."""
+    offers = [node_offer(state, node) for node in state.nodes.values()]
+    return matcher.explain(task.shape(), offers, state.reservation, task.name)
+
+
+def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float],
+               repos: dict[str, str]) -> None:
+    ctx.state.start(task, node, allocated, repos, ctx.now)
+    task.path = _path(task)
     task.log = ctx.settings.log_location.format(node=node.name, task=task.name)
     ctx.effects.to_node(node.name, task_run(task))
     ctx.event("started", task)
@@ -78,9 +88,17 @@ def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]
              allocated=allocated)
 
 
+def _path(task: Task) -> str | None:
+    """The repository the task works in: a local claim first, then any claim, then the
+    repository it inherited and must run next to."""
+    shape = task.shape()
+    local = [task.holds[r.key] for r in shape.repos if r.local and r.key in task.holds]
+    return next(iter([*local, *task.holds.values(), *shape.pinned]), None)
+
+
 def task_run(task: Task) -> dict[str, Any]:
     definition = task.definition
-    environment = dict(definition.environment)
+    environment = task.environment
     return {
         "command": "task-run",
         "name": task.name,
@@ -103,6 +121,31 @@ def end_task(ctx: Context, task: Task, severity: Severity, message: str | None =
     ctx.event("completed", task)
     log.info("task_completed", task=task.name, node=task.node, success=task.success,
              reason=message)
+    release_finished_trees(ctx, task)
+
+
+def release_finished_trees(ctx: Context, task: Task) -> None:
+    """A repository is held until its holder and all the holder's descendants completed."""
+    state = ctx.state
+    for holder in [task, *state.ancestors(task)]:
+        if not holder.holds or holder.status is not TaskStatus.COMPLETE:
+            continue
+        if any(state.tasks[d].status is not TaskStatus.COMPLETE
+               for d in state.descendants(holder.name)):
+            continue
+        for repo in state.release_repositories(holder):
+            release_repository(ctx, repo, holder)
+
+
+def release_repository(ctx: Context, repo: str, holder: Task) -> None:
+    host = ctx.state.repository_host(repo)
+    log.info("repository_released", repository=repo, task=holder.name,
+             node=host.name if host else None)
+    if host is None:
+        return
+    ctx.state.node_gained_room(host.name)
+    if not host.repositories[repo].get("persist"):
+        ctx.effects.to_node(host.name, {"command": "repository-clean", "repository": repo})
 
 
 def cancel_tree(ctx: Context, root: Task) -> None:

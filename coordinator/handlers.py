@@ -27,6 +27,7 @@ from vespid.shared.protocol import (
     TaskList,
     TaskStatus,
     TaskUpdate,
+    TaskWait,
 )
 
 log = get_logger(__name__)
@@ -55,7 +56,33 @@ def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
 
 def handle_task_info(ctx: Context, msg: TaskInfo) -> Reply:
     task = ctx.state.tasks.get(msg.name)
-    return views.unknown_task(msg.name) if task is None else views.task_info(ctx.state, task)
+    if task is None:
+        return views.unknown_task(msg.name)
+    body = views.task_info(ctx.state, task)
+    # Computed on request only: events carry the plain task-info.
+    body["tree_success"] = views.tree_success(ctx.state, task)
+    body["waiting_reason"] = (engine.explain(ctx.state, task)
+                              if task.status is TaskStatus.IDLE else None)
+    return body
+
+
+def handle_task_wait(ctx: Context, msg: TaskWait) -> Reply:
+    task = _known_task(ctx, msg.name)
+    node = ctx.state.nodes.get(task.node or "")
+    if task.status is not TaskStatus.WORKING or node is None:
+        return None
+    cores = task.allocated.get("cores", 0.0)
+    if msg.waiting and not task.lent_cores:
+        task.lent_cores = cores
+        node.release({"cores": cores})
+        ctx.state.node_gained_room(node.name)
+    elif not msg.waiting and task.lent_cores:
+        # Taken back even if that over-commits the node for a while: the parent's own
+        # work is small next to its children's, and refusing would deadlock it.
+        node.reserve({"cores": task.lent_cores})
+        task.lent_cores = 0.0
+    ctx.state.touch_task(task)
+    return None
 
 
 def handle_task_cancel(ctx: Context, msg: TaskCancel) -> Reply:
@@ -99,10 +126,18 @@ def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
         log.info("node_joined", node=msg.name, version=msg.version)
     if not node.alive:
         log.info("node_returned", node=msg.name)
+    before = _offer_terms(node)
     _refresh_node(node, msg, ctx.now)
     ctx.state.touch_node(node)
-    ctx.state.needs_scheduling = True
+    if _offer_terms(node) != before:
+        ctx.state.node_gained_room(node.name)
     engine.reconcile_node(ctx, node, set(msg.activetasks))
+    return None
+
+
+def _offer_terms(node: Node) -> tuple[Any, ...]:
+    """What a node-set can change about where tasks fit (a heartbeat usually changes none)."""
+    return (node.capabilities, node.repositories, node.alive, node.draining, node.protocol)
     return None
 
 
@@ -151,6 +186,7 @@ HANDLERS: dict[type, Handler] = {
     TaskInfo: handle_task_info,
     TaskCancel: handle_task_cancel,
     TaskUpdate: handle_task_update,
+    TaskWait: handle_task_wait,
     TaskComplete: handle_task_complete,
     NodeSet: handle_node_set,
     TaskList: handle_task_list,

@@ -6,21 +6,36 @@ Rules (docs/protocol.md, "Matching"):
   is one it has none of); `cores` defaults to 1 and the task gets up to `cores_max`;
 - `usage_X` is a label, `usage_require_X` a hard requirement on the other side's labels,
   `usage_prefer_X` a soft one that ranks the nodes that fit;
+- a repository request claims a free repository of that type (on the task's node when
+  `local`); `{"local": true}` without a request pins the task to the node hosting the
+  repository it inherited;
 - higher priority first, then older first; among nodes of the same score, best fit (the one
-  left with the fewest free cores) wins.
+  left with the fewest free cores) wins;
+- the first task in that order that cannot start now but could on an emptier node gets that
+  node reserved: nothing after it in the order is put there until it starts, so a stream of
+  small tasks cannot starve a large one.
+
+Waiting tasks come grouped by shape (tasks of one shape fit exactly the same nodes), each
+group in priority-then-age order, so a pass costs per group and per decision, not per
+queued task; a group that could not start last time is only tried against the nodes that
+gained room since (`dirty`).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 REQUIRE = "usage_require_"
 PREFER = "usage_prefer_"
 LABEL = "usage_"
 ELASTIC = "cores_max"
+
+QueueKey = tuple[int, int, str]  # (-priority, seq, name): ascending is the order to start
 
 
 @dataclass(frozen=True)
@@ -45,29 +60,59 @@ class Labels:
 
 
 @dataclass(frozen=True)
-class TaskRequest:
-    name: str
-    priority: int
-    seq: int
-    needs: Mapping[str, float]
+class RepoRequest:
+    key: str
+    type: str
+    local: bool
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything about a task that decides where it may run."""
+
+    needs: tuple[tuple[str, float], ...]
     cores_max: float
     labels: Labels
+    repos: tuple[RepoRequest, ...] = ()
+    pinned: tuple[str, ...] = ()  # repositories the task must run next to
+    unplaceable: str | None = None  # why no node can ever take it (e.g. no inherited repo)
 
     @classmethod
-    def from_requirements(cls, name: str, priority: int, seq: int,
-                          requirements: Mapping[str, Any]) -> TaskRequest:
+    def of(cls, requirements: Mapping[str, Any], repositories: Mapping[str, Any] | None = None,
+           environment: Mapping[str, str] | None = None) -> Shape:
         needs = {k: float(v) for k, v in requirements.items()
                  if not k.startswith(LABEL) and k != ELASTIC and _is_amount(v)}
         needs.setdefault("cores", 1.0)
         raw_max = requirements.get(ELASTIC, needs["cores"])
-        cores_max = math.inf if raw_max is None else float(raw_max)
-        return cls(name, priority, seq, needs, max(cores_max, needs["cores"]),
-                   Labels.parse(requirements))
+        cores_max = max(math.inf if raw_max is None else float(raw_max), needs["cores"])
+        requests, pinned, unplaceable = _repositories(repositories or {}, environment or {})
+        return cls(tuple(sorted(needs.items())), cores_max, Labels.parse(requirements),
+                   requests, pinned, unplaceable)
 
     @property
-    def shape(self) -> tuple[Any, ...]:
-        """Tasks of one shape fit exactly the same nodes."""
-        return (tuple(sorted(self.needs.items())), self.labels)
+    def need(self) -> dict[str, float]:
+        return dict(self.needs)
+
+
+def _repositories(repositories: Mapping[str, Any], environment: Mapping[str, str]
+                  ) -> tuple[tuple[RepoRequest, ...], tuple[str, ...], str | None]:
+    requests, pinned, unplaceable = [], [], None
+    for key, spec in sorted(repositories.items()):
+        request, local = _field(spec, "request"), bool(_field(spec, "local"))
+        if request:
+            requests.append(RepoRequest(key, str(request), local))
+        elif local:
+            inherited = environment.get(f"repo_{key}")
+            if inherited:
+                pinned.append(inherited)
+            else:
+                unplaceable = (f"repository {key!r} is local but the task holds none "
+                               f"(no repo_{key} in its environment)")
+    return tuple(requests), tuple(pinned), unplaceable
+
+
+def _field(spec: Any, name: str) -> Any:
+    return spec.get(name) if isinstance(spec, Mapping) else getattr(spec, name, None)
 
 
 @dataclass
@@ -75,6 +120,9 @@ class NodeOffer:
     name: str
     free: dict[str, float]
     labels: Labels
+    capacity: dict[str, float] = field(default_factory=dict)
+    repos: dict[str, str] = field(default_factory=dict)  # hosted repository -> type
+    free_repos: dict[str, list[str]] = field(default_factory=dict)  # type -> unclaimed
     accepting: bool = True
 
 
@@ -83,6 +131,20 @@ class Assignment:
     task: str
     node: str
     allocated: dict[str, float]
+    repos: dict[str, str] = field(default_factory=dict)  # request key -> repository
+
+
+@dataclass(frozen=True)
+class Reservation:
+    task: str
+    node: str
+
+
+@dataclass
+class MatchResult:
+    assignments: list[Assignment]
+    blocked: set[Shape]
+    reservation: Reservation | None
 
 
 def _is_amount(value: Any) -> bool:
@@ -93,81 +155,199 @@ def labels_compatible(task: Labels, node: Labels) -> bool:
     return task.required <= node.carried and node.required <= task.carried
 
 
-def fits(task: TaskRequest, node: NodeOffer) -> bool:
-    return (node.accepting and labels_compatible(task.labels, node.labels)
-            and all(node.free.get(k, 0.0) >= amount for k, amount in task.needs.items()))
-
-
 def preference_score(task: Labels, node: Labels) -> int:
     return len(task.preferred & node.carried) + len(node.preferred & task.carried)
 
 
-def allocate(task: TaskRequest, node: NodeOffer) -> dict[str, float]:
-    allocated = dict(task.needs)
-    spare_cores = node.free.get("cores", 0.0)
-    allocated["cores"] = max(task.needs["cores"], min(task.cores_max, math.floor(spare_cores)))
+def compatible(shape: Shape, node: NodeOffer) -> bool:
+    """Whether the node could ever take the shape, whatever is running there now."""
+    return (shape.unplaceable is None and labels_compatible(shape.labels, node.labels)
+            and all(repo in node.repos for repo in shape.pinned))
+
+
+def _local_types(shape: Shape) -> Counter[str]:
+    return Counter(r.type for r in shape.repos if r.local)
+
+
+class RepoPool:
+    """Unclaimed repositories across accepting nodes, for requests that are not local."""
+
+    def __init__(self, offers: Iterable[NodeOffer]) -> None:
+        self.count: Counter[str] = Counter()
+        for offer in offers:
+            for kind, names in offer.free_repos.items():
+                self.count[kind] += len(names)
+
+    def enough(self, shape: Shape) -> bool:
+        wanted = Counter(r.type for r in shape.repos)
+        return all(self.count[kind] >= n for kind, n in wanted.items())
+
+
+def fits_now(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
+    if any(node.free.get(k, 0.0) < amount for k, amount in shape.needs):
+        return False
+    local = _local_types(shape)
+    return (all(len(node.free_repos.get(t, ())) >= n for t, n in local.items())
+            and (not shape.repos or pool.enough(shape)))
+
+
+def fits_empty(shape: Shape, node: NodeOffer) -> bool:
+    """Whether the node, once empty, has room for the shape."""
+    return (all(node.capacity.get(k, 0.0) >= amount for k, amount in shape.needs)
+            and all(Counter(node.repos.values())[t] >= n
+                    for t, n in _local_types(shape).items()))
+
+
+def _rank(shape: Shape, node: NodeOffer) -> tuple[int, float, float, str]:
+    need = shape.need
+    return (-preference_score(shape.labels, node.labels),
+            node.free.get("cores", 0.0) - need["cores"],
+            node.free.get("memory", 0.0) - need.get("memory", 0.0), node.name)
+
+
+def allocate(shape: Shape, node: NodeOffer) -> dict[str, float]:
+    allocated = shape.need
+    spare = math.floor(node.free.get("cores", 0.0))
+    allocated["cores"] = max(allocated["cores"], min(shape.cores_max, spare))
     return allocated
 
 
-def _rank(task: TaskRequest, node: NodeOffer) -> tuple[int, float, float]:
-    left_cores = node.free.get("cores", 0.0) - task.needs["cores"]
-    left_memory = node.free.get("memory", 0.0) - task.needs.get("memory", 0.0)
-    return (-preference_score(task.labels, node.labels), left_cores, left_memory)
+def _claim(shape: Shape, node: NodeOffer, offers: Sequence[NodeOffer],
+           pool: RepoPool) -> dict[str, str]:
+    claimed = {}
+    for request in shape.repos:
+        sources = [node] if request.local else [node, *offers]
+        source = next(o for o in sources if o.free_repos.get(request.type))
+        claimed[request.key] = source.free_repos[request.type].pop(0)
+        pool.count[request.type] -= 1
+    return claimed
 
 
-def match(tasks: Iterable[TaskRequest], nodes: Iterable[NodeOffer]) -> list[Assignment]:
-    """Assign waiting tasks to nodes, in priority-then-age order, reserving as it goes."""
-    offers = [n for n in nodes if n.accepting]
+@dataclass
+class _Pass:
+    offers: list[NodeOffer]
+    dirty: set[str] | None
+    blocked_before: frozenset[Shape]
+    previous: Reservation | None
+    pool: RepoPool
+    compatible: dict[Shape, list[NodeOffer]] = field(default_factory=dict)
+    reservation: Reservation | None = None
+
+    @property
+    def dirty_offers(self) -> list[NodeOffer]:
+        if self._dirty_offers is None:
+            self._dirty_offers = [o for o in self.offers if o.name in (self.dirty or ())]
+        return self._dirty_offers
+
+    _dirty_offers: list[NodeOffer] | None = None
+
+    def candidates(self, shape: Shape) -> list[NodeOffer]:
+        if self.dirty is not None and shape in self.blocked_before:
+            # Nothing changed for this shape but the nodes that gained room.
+            return [o for o in self.dirty_offers if compatible(shape, o)]
+        return self.all_compatible(shape)
+
+    def all_compatible(self, shape: Shape) -> list[NodeOffer]:
+        if shape not in self.compatible:
+            self.compatible[shape] = [o for o in self.offers if compatible(shape, o)]
+        return self.compatible[shape]
+
+    def best_node(self, shape: Shape, task: str) -> NodeOffer | None:
+        taken = self.reservation
+        fitting = [o for o in self.candidates(shape)
+                   if (taken is None or o.name != taken.node or taken.task == task)
+                   and fits_now(shape, o, self.pool)]
+        return min(fitting, key=lambda o: _rank(shape, o)) if fitting else None
+
+    def reserve_for(self, shape: Shape, task: str) -> None:
+        if self.reservation is not None:
+            return
+        room = [o for o in self.all_compatible(shape) if fits_empty(shape, o)]
+        if not room:
+            return
+        previous = self.previous
+        keep = [o for o in room if previous and previous.task == task and o.name == previous.node]
+        chosen = keep[0] if keep else max(room, key=lambda o: (o.free.get("cores", 0.0),
+                                                               o.name))
+        self.reservation = Reservation(task, chosen.name)
+
+
+def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer], *,
+          blocked_before: Iterable[Shape] = (), dirty: Iterable[str] | None = None,
+          reservation: Reservation | None = None) -> MatchResult:
+    """Start what can start now, in priority-then-age order across all shapes.
+
+    `dirty` names the nodes that gained room since the last pass; a shape in
+    `blocked_before` is only tried on those (None: try every node)."""
+    accepting = [o for o in offers if o.accepting]
+    dirty_set = None if dirty is None else set(dirty)
+    if dirty_set is not None and reservation is not None:
+        dirty_set.add(reservation.node)  # a lifted reservation frees that node for everyone
+    run = _Pass(accepting, dirty_set, frozenset(blocked_before), reservation,
+                RepoPool(accepting))
+    heap = [(tasks[0], shape, 0) for shape, tasks in queue.items() if tasks]
+    heapq.heapify(heap)
     assignments: list[Assignment] = []
-    unfit_shapes: set[tuple[Any, ...]] = set()
-    for task in sorted(tasks, key=lambda t: (-t.priority, t.seq)):
-        if not offers:
-            break
-        shape = task.shape
-        if shape in unfit_shapes:
+    blocked: set[Shape] = set()
+    while heap:
+        key, shape, index = heapq.heappop(heap)
+        node = run.best_node(shape, key[2])
+        if node is None:
+            blocked.add(shape)
+            run.reserve_for(shape, key[2])
             continue
-        candidates = [n for n in offers if fits(task, n)]
-        if not candidates:
-            unfit_shapes.add(shape)
-            continue
-        node = min(candidates, key=lambda n: _rank(task, n))
-        allocated = allocate(task, node)
-        for key, amount in allocated.items():
-            node.free[key] = node.free.get(key, 0.0) - amount
-        assignments.append(Assignment(task.name, node.name, allocated))
-    return assignments
+        allocated = allocate(shape, node)
+        repos = _claim(shape, node, accepting, run.pool)
+        for resource, amount in allocated.items():
+            node.free[resource] = node.free.get(resource, 0.0) - amount
+        assignments.append(Assignment(key[2], node.name, allocated, repos))
+        tasks = queue[shape]
+        if index + 1 < len(tasks):
+            heapq.heappush(heap, (tasks[index + 1], shape, index + 1))
+    return MatchResult(assignments, blocked, run.reservation)
 
 
-def explain(task: TaskRequest, nodes: Iterable[NodeOffer],
-            capacity: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """Sentences saying why `task` runs nowhere now; `capacity` is each node's total."""
-    reasons: list[str] = []
-    any_node = False
-    for node in nodes:
-        any_node = True
-        if not node.accepting:
-            reasons.append(f"{node.name}: not accepting work (lost, draining or incompatible)")
-            continue
-        missing = task.labels.required - node.labels.carried
-        if missing:
-            reasons.append(f"{node.name}: lacks label(s) {', '.join(sorted(missing))}")
-            continue
-        unmet = node.labels.required - task.labels.carried
-        if unmet:
-            reasons.append(f"{node.name}: runs only tasks labelled {', '.join(sorted(unmet))}")
-            continue
-        total = capacity.get(node.name, {})
-        too_big = [k for k, v in task.needs.items() if total.get(k, 0.0) < v]
-        if too_big:
-            reasons.append(f"{node.name}: too small ({_amounts(task, total, too_big)})")
-            continue
-        busy = [k for k, v in task.needs.items() if node.free.get(k, 0.0) < v]
-        if busy:
-            reasons.append(f"{node.name}: full for now ({_amounts(task, node.free, busy)} free)")
-    if not any_node:
-        reasons.append("no node is registered")
-    return reasons
+def explain(shape: Shape, offers: Iterable[NodeOffer],
+            reservation: Reservation | None = None, task: str | None = None) -> list[str]:
+    """Sentences saying why a task of this shape runs nowhere now."""
+    if shape.unplaceable:
+        return [shape.unplaceable]
+    offers = list(offers)
+    reasons = [_why_not(shape, offer) for offer in offers]
+    if shape.repos and not RepoPool(o for o in offers if o.accepting).enough(shape):
+        kinds = ", ".join(sorted({r.type for r in shape.repos}))
+        reasons.append(f"not enough free repositories of type {kinds} on any node")
+    if reservation is not None and reservation.task != task:
+        reasons.append(f"{reservation.node} is kept free for {reservation.task}, which waits "
+                       "longer")
+    return [r for r in reasons if r] or ["no node is registered"]
 
 
-def _amounts(task: TaskRequest, have: Mapping[str, float], keys: list[str]) -> str:
-    return ", ".join(f"{k} needs {task.needs[k]:g}, has {have.get(k, 0.0):g}" for k in keys)
+def _why_not(shape: Shape, node: NodeOffer) -> str | None:
+    if not node.accepting:
+        return f"{node.name}: not accepting work (lost, draining or incompatible)"
+    missing = shape.labels.required - node.labels.carried
+    if missing:
+        return f"{node.name}: lacks label(s) {', '.join(sorted(missing))}"
+    unmet = node.labels.required - shape.labels.carried
+    if unmet:
+        return f"{node.name}: runs only tasks labelled {', '.join(sorted(unmet))}"
+    absent = [r for r in shape.pinned if r not in node.repos]
+    if absent:
+        return f"{node.name}: does not host repository {absent[0]}"
+    need = shape.need
+    too_big = [k for k, v in need.items() if node.capacity.get(k, 0.0) < v]
+    if too_big:
+        return f"{node.name}: too small ({_amounts(need, node.capacity, too_big)})"
+    for kind, count in _local_types(shape).items():
+        if len(node.free_repos.get(kind, ())) < count:
+            hosted = sum(1 for t in node.repos.values() if t == kind)
+            return f"{node.name}: no free repository of type {kind} ({hosted} hosted, all held)"
+    busy = [k for k, v in need.items() if node.free.get(k, 0.0) < v]
+    if busy:
+        return f"{node.name}: full for now ({_amounts(need, node.free, busy)} free)"
+    return None
+
+
+def _amounts(need: Mapping[str, float], have: Mapping[str, float], keys: list[str]) -> str:
+    return ", ".join(f"{k} needs {need[k]:g}, has {have.get(k, 0.0):g}" for k in keys)

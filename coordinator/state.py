@@ -1,7 +1,9 @@
-"""The coordinator's scheduling state in memory: tasks, nodes and the tree between tasks.
+"""The coordinator's scheduling state in memory: tasks, nodes, the queue and repositories.
 
 The store persists it; handlers change it only through these classes, which mark what
-changed so the store writes just that at the end of each batch.
+changed so the store writes just that at the end of each batch. The waiting queue is
+indexed by shape (what decides where a task may run), each shape's tasks kept sorted by
+priority then age, so scheduling never scans every queued task.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sortedcontainers import SortedList
+
+from vespid.coordinator.matcher import Labels, QueueKey, Reservation, Shape
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
 
@@ -31,6 +36,8 @@ class Task:
     dispatched_at: float | None = None
     seen_on_node: bool = False
     cancel_requested: bool = False
+    holds: dict[str, str] = field(default_factory=dict)  # request key -> repository
+    lent_cores: float = 0.0  # cores given back while it waits for its children
 
     @property
     def name(self) -> str:
@@ -40,6 +47,29 @@ class Task:
     def parent(self) -> str | None:
         return self.definition.parent
 
+    @property
+    def queue_key(self) -> QueueKey:
+        return (-self.definition.priority, self.seq, self.name)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """Its own environment plus `repo_<key>` for every repository it holds."""
+        env = dict(self.definition.environment)
+        env.update({f"repo_{key}": repo for key, repo in self.holds.items()})
+        return env
+
+    @property
+    def holding(self) -> dict[str, float]:
+        """What it holds on its node now (less the cores it lent while waiting)."""
+        held = dict(self.allocated)
+        if self.lent_cores:
+            held["cores"] = held.get("cores", 0.0) - self.lent_cores
+        return held
+
+    def shape(self) -> Shape:
+        d = self.definition
+        return Shape.of(d.requirements, d.repositories, d.environment)
+
     def raise_severity(self, severity: Severity) -> bool:
         """Severity never goes down; True when it went up."""
         worse = severity.worst(self.success)
@@ -48,24 +78,11 @@ class Task:
         return changed
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "definition": self.definition.model_dump(mode="json"),
-            "seq": self.seq,
-            "time_create": self.time_create,
-            "status": self.status.value,
-            "success": self.success.value if self.success else None,
-            "node": self.node,
-            "allocated": self.allocated,
-            "attempt": self.attempt,
-            "time_start": self.time_start,
-            "time_finish": self.time_finish,
-            "message": self.message,
-            "log": self.log,
-            "path": self.path,
-            "dispatched_at": self.dispatched_at,
-            "seen_on_node": self.seen_on_node,
-            "cancel_requested": self.cancel_requested,
-        }
+        record = {k: v for k, v in self.__dict__.items() if k != "definition"}
+        record["definition"] = self.definition.model_dump(mode="json")
+        record["status"] = self.status.value
+        record["success"] = self.success.value if self.success else None
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Task:
@@ -89,14 +106,15 @@ class Node:
     used: dict[str, float] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
 
+    @property
+    def labels(self) -> Labels:
+        return Labels.parse(self.capabilities)
+
     def resource(self, key: str) -> float:
         value = self.capabilities.get(key, 0)
         if value is None or isinstance(value, bool):
             return 0.0
         return float(value)
-
-    def free(self, key: str) -> float:
-        return self.resource(key) - self.used.get(key, 0.0)
 
     def resources(self) -> dict[str, float]:
         return {k: self.resource(k) for k, v in self.capabilities.items()
@@ -105,26 +123,17 @@ class Node:
     def free_resources(self) -> dict[str, float]:
         return {k: total - self.used.get(k, 0.0) for k, total in self.resources().items()}
 
-    def reserve(self, allocated: dict[str, float]) -> None:
-        for key, amount in allocated.items():
+    def reserve(self, amounts: dict[str, float]) -> None:
+        for key, amount in amounts.items():
             self.used[key] = self.used.get(key, 0.0) + amount
 
-    def release(self, allocated: dict[str, float]) -> None:
-        for key, amount in allocated.items():
+    def release(self, amounts: dict[str, float]) -> None:
+        for key, amount in amounts.items():
             left = self.used.get(key, 0.0) - amount
             self.used[key] = 0.0 if math.isclose(left, 0.0, abs_tol=1e-9) else left
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "capabilities": self.capabilities,
-            "repositories": self.repositories,
-            "last_seen": self.last_seen,
-            "alive": self.alive,
-            "draining": self.draining,
-            "version": self.version,
-            "protocol": self.protocol,
-        }
+        return {k: v for k, v in self.__dict__.items() if k not in ("used", "running")}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Node:
@@ -133,28 +142,57 @@ class Node:
 
 @dataclass
 class State:
-    """All tasks and nodes, plus what changed since the last flush."""
+    """All tasks and nodes, the waiting queue by shape, and what changed since the last flush."""
 
     tasks: dict[str, Task] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     children: dict[str, list[str]] = field(default_factory=dict)
-    waiting: set[str] = field(default_factory=set)
+    queue: dict[Shape, SortedList[QueueKey]] = field(default_factory=dict)
+    waiting_shape: dict[str, Shape] = field(default_factory=dict)
+    holds: dict[str, str] = field(default_factory=dict)  # repository -> holding task
     next_seq: int = 1
     dirty_tasks: set[str] = field(default_factory=set)
     dirty_nodes: set[str] = field(default_factory=set)
+    # Scheduling memo: shapes that fit nowhere at the last pass, nodes that gained room
+    # since (None: every node), and the node kept free for the longest-waiting task.
+    blocked: set[Shape] = field(default_factory=set)
+    roomier: set[str] | None = None
+    reservation: Reservation | None = None
     needs_scheduling: bool = True
+
+    @property
+    def waiting(self) -> dict[str, Shape]:
+        return self.waiting_shape
 
     def add_task(self, task: Task) -> None:
         self.tasks[task.name] = task
         self.next_seq = max(self.next_seq, task.seq + 1)
         if task.parent is not None:
             self.children.setdefault(task.parent, []).append(task.name)
+        for repo in task.holds.values():
+            self.holds[repo] = task.name
         if task.status is TaskStatus.IDLE:
-            self.waiting.add(task.name)
+            self.enqueue(task)
         elif task.status is TaskStatus.WORKING and task.node in self.nodes:
             node = self.nodes[task.node]
-            node.reserve(task.allocated)
+            node.reserve(task.holding)
             node.running.add(task.name)
+
+    def enqueue(self, task: Task) -> None:
+        shape = task.shape()
+        self.waiting_shape[task.name] = shape
+        self.queue.setdefault(shape, SortedList[QueueKey]()).add(task.queue_key)
+        self.needs_scheduling = True
+
+    def dequeue(self, task: Task) -> None:
+        shape = self.waiting_shape.pop(task.name, None)
+        if shape is None:
+            return
+        group = self.queue[shape]
+        group.discard(task.queue_key)
+        if not group:
+            del self.queue[shape]
+            self.blocked.discard(shape)
 
     def add_node(self, node: Node) -> None:
         self.nodes[node.name] = node
@@ -165,15 +203,24 @@ class State:
     def touch_node(self, node: Node) -> None:
         self.dirty_nodes.add(node.name)
 
-    def start(self, task: Task, node: Node, allocated: dict[str, float], now: float) -> None:
+    def node_gained_room(self, name: str) -> None:
+        if self.roomier is not None:
+            self.roomier.add(name)
+        self.needs_scheduling = True
+
+    def start(self, task: Task, node: Node, allocated: dict[str, float],
+              repos: dict[str, str], now: float) -> None:
         task.status = TaskStatus.WORKING
         task.node = node.name
         task.allocated = allocated
+        task.holds = dict(repos)
         task.attempt += 1
         task.time_start = now
         task.dispatched_at = now
         task.seen_on_node = False
-        self.waiting.discard(task.name)
+        for repo in repos.values():
+            self.holds[repo] = task.name
+        self.dequeue(task)
         node.reserve(allocated)
         node.running.add(task.name)
         self.touch_task(task)
@@ -181,16 +228,34 @@ class State:
     def finish(self, task: Task, severity: Severity, now: float, message: str | None) -> None:
         if task.status is TaskStatus.WORKING and task.node in self.nodes:
             node = self.nodes[task.node]
-            node.release(task.allocated)
+            node.release(task.holding)
             node.running.discard(task.name)
+            self.node_gained_room(node.name)
         task.status = TaskStatus.COMPLETE
+        task.lent_cores = 0.0
         task.raise_severity(severity)
         task.time_finish = now
         if message:
             task.message = message
-        self.waiting.discard(task.name)
-        self.needs_scheduling = True
+        self.dequeue(task)
         self.touch_task(task)
+
+    def release_repositories(self, task: Task) -> list[str]:
+        released = [repo for repo in task.holds.values() if self.holds.get(repo) == task.name]
+        for repo in released:
+            del self.holds[repo]
+        return released
+
+    def repository_host(self, repo: str) -> Node | None:
+        return next((n for n in self.nodes.values() if repo in n.repositories), None)
+
+    def ancestors(self, task: Task) -> list[Task]:
+        found = []
+        parent = task.parent
+        while parent is not None and parent in self.tasks:
+            found.append(self.tasks[parent])
+            parent = self.tasks[parent].parent
+        return found
 
     def descendants(self, name: str) -> list[str]:
         found: list[str] = []

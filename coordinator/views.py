@@ -11,6 +11,7 @@ from vespid.shared.protocol import TaskStatus
 def task_info(state: State, task: Task) -> dict[str, Any]:
     body: dict[str, Any] = {"command": "task-info-response"}
     body.update(task.definition.model_dump(mode="json"))
+    body["environment"] = task.environment
     body.update({
         "time-create": task.time_create,
         "time-start": task.time_start,
@@ -24,8 +25,20 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
         "allocated": task.allocated or None,
         "attempt": task.attempt,
         "message": task.message,
+        "holds": task.holds,
+        "lent_cores": task.lent_cores or None,
     })
     return body
+
+
+def tree_success(state: State, task: Task) -> str | None:
+    """The worst severity in the task's tree: what a build's root should show."""
+    worst = task.success
+    for name in state.descendants(task.name):
+        child = state.tasks[name].success
+        if child is not None:
+            worst = child.worst(worst)
+    return worst.value if worst else None
 
 
 def unknown_task(name: str) -> dict[str, Any]:

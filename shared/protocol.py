@@ -187,6 +187,17 @@ class TaskUpdate(_Message):
     attempt: int | None = None
 
 
+class TaskWait(_Message):
+    """A running task waits for others (`waiting` true) or is done waiting (false).
+
+    While it waits its cores go back to the pool, so a tree deeper than the farm is wide
+    cannot deadlock with every core held by a parent that waits."""
+
+    command: Literal["task-wait"]
+    name: str
+    waiting: bool
+
+
 class TaskList(_Message):
     command: Literal["task-list"]
     status: Literal["idle", "working", "complete"] | None = None
@@ -259,6 +270,11 @@ class TaskRun(_OpenMessage):
     attempt: int = 1
 
 
+class RepositoryClean(_OpenMessage):
+    command: Literal["repository-clean"]
+    repository: str
+
+
 class TaskKill(_OpenMessage):
     command: Literal["task-kill"]
     name: str
@@ -267,15 +283,17 @@ class TaskKill(_OpenMessage):
 
 
 InboundMessage = Annotated[
-    TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskList | NodeList | NodeSet | TaskComplete,
+    TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskWait | TaskList | NodeList | NodeSet
+    | TaskComplete,
     Field(discriminator="command"),
 ]
-NodeMessage = Annotated[TaskRun | TaskKill, Field(discriminator="command")]
+NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean, Field(discriminator="command")]
 
 _inbound = TypeAdapter[Any](InboundMessage)
 _node_inbound = TypeAdapter[Any](NodeMessage)
-INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-list",
-                    "node-list", "node-set", "task-complete")
+INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
+                    "task-list", "node-list", "node-set", "task-complete")
+NODE_COMMANDS = ("task-run", "task-kill", "repository-clean")
 
 
 def parse_body(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str, Any]:
@@ -302,7 +320,7 @@ def decode(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
 
 
 def decode_node_message(body: bytes) -> Any:
-    return _validate(_node_inbound, parse_body(body), ("task-run", "task-kill"))
+    return _validate(_node_inbound, parse_body(body), NODE_COMMANDS)
 
 
 def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str, ...]) -> Any:
