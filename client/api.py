@@ -255,6 +255,10 @@ class Client:
         keys = [topology.event_key("completed", name) for name in names]
         queue = guarded(lambda: self._subscribe(channel, keys))
         tag = guarded(lambda: channel.basic_consume(queue, on_event, auto_ack=True))
+        # A task that waits for others lends its cores to them meanwhile.
+        waiter = current_task() if current_task() not in names else None
+        if waiter is not None:
+            self.request({"command": "task-wait", "name": waiter, "waiting": True})
         try:
             for name in names:
                 state = self.info(name)
@@ -272,4 +276,6 @@ class Client:
             if channel.is_open:
                 guarded(lambda: channel.basic_cancel(tag))
                 guarded(lambda: channel.queue_delete(queue))
+            if waiter is not None:
+                self.request({"command": "task-wait", "name": waiter, "waiting": False})
         return done

@@ -67,6 +67,13 @@ def render_info(info: dict[str, Any]) -> str:
     if info.get("requirements"):
         lines.append(f"  {'requires':<10} " + ", ".join(
             f"{k}={v}" for k, v in sorted(info["requirements"].items())))
+    if info.get("tree_success") and info.get("children"):
+        lines.append(f"  {'tree':<10} {info['tree_success']} (worst in its tree)")
+    if info.get("holds"):
+        lines.append(f"  {'holds':<10} " + ", ".join(
+            f"{k}={v}" for k, v in sorted(info["holds"].items())))
+    for reason in info.get("waiting_reason") or []:
+        lines.append(f"  {'waiting':<10} {reason}")
     children = info.get("children") or []
     lines.append(f"  {'children':<10} {len(children)}")
     lines += [f"    {child}" for child in children]
@@ -78,6 +85,32 @@ def render_tasks(tasks: list[dict[str, Any]]) -> str:
     rows += [(t["name"], t["status"] or "idle", t["success"] or "-", t["node"] or "-",
               _when(t["time-create"])) for t in tasks]
     return _table(rows) if tasks else "no tasks"
+
+
+def render_tree(tasks: list[dict[str, Any]]) -> str:
+    """Tasks as an indented tree, oldest root first."""
+    names = {t["name"] for t in tasks}
+    kids: dict[str | None, list[dict[str, Any]]] = {}
+    for task in sorted(tasks, key=lambda t: t["time-create"] or 0):
+        parent = task["parent"] if task["parent"] in names else None
+        kids.setdefault(parent, []).append(task)
+    lines: list[str] = []
+
+    def draw(task: dict[str, Any], prefix: str, last: bool, root: bool) -> None:
+        joint = "" if root else ("└─ " if last else "├─ ")
+        status = task["status"] or "idle"
+        verdict = f" {task['success']}" if task["success"] else ""
+        where = f" on {task['node']}" if task["node"] else ""
+        label = task["name_pretty"] or task["name"]
+        lines.append(f"{prefix}{joint}{label}  [{status}{verdict}{where}]  {task['name']}")
+        children = kids.get(task["name"], [])
+        inner = prefix + ("" if root else ("   " if last else "│  "))
+        for i, child in enumerate(children):
+            draw(child, inner, i == len(children) - 1, False)
+
+    for root in kids.get(None, []):
+        draw(root, "", True, True)
+    return "\n".join(lines) if lines else "no tasks"
 
 
 def render_nodes(nodes: list[dict[str, Any]]) -> str:
@@ -169,7 +202,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     with _client(args) as client:
         tasks = client.tasks(status=args.status, parent=args.parent, limit=args.limit)
-    _show(tasks, args.json, render_tasks)
+    _show(tasks, args.json, render_tree if args.tree else render_tasks)
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        state = client.info(args.name)
+    reasons = state.model_extra.get("waiting_reason") if state.model_extra else None
+    if args.json:
+        out(json.dumps({"name": state.name, "status": state.status,
+                        "waiting_reason": reasons}))
+    elif state.status is not None:
+        out(f"{state.name} is not waiting: it is {state.status}"
+            + (f" on {state.node}" if state.node else ""))
+    else:
+        out(f"{state.name} waits because:")
+        out("\n".join(f"  {reason}" for reason in reasons or ["(no reason known)"]))
     return EXIT_OK
 
 
@@ -230,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=["idle", "working", "complete"])
     p.add_argument("--parent", help="only children of this task")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.add_argument("--tree", action="store_true", help="draw parents and children as a tree")
+    p = command("explain", cmd_explain, "say why an idle task is not running")
+    p.add_argument("name")
     command("nodes", cmd_nodes, "list nodes with their capacity and state")
     return parser
 

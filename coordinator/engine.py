@@ -89,11 +89,12 @@ def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]
 
 
 def _path(task: Task) -> str | None:
-    """The repository the task works in: a local claim first, then any claim, then the
-    repository it inherited and must run next to."""
+    """The repository the task works in: its `env` one (the seed's name for the workspace),
+    else a local claim, else any claim, else the one it inherited and must run next to."""
     shape = task.shape()
     local = [task.holds[r.key] for r in shape.repos if r.local and r.key in task.holds]
-    return next(iter([*local, *task.holds.values(), *shape.pinned]), None)
+    env = [task.holds["env"]] if "env" in task.holds else []
+    return next(iter([*env, *local, *task.holds.values(), *shape.pinned]), None)
 
 
 def task_run(task: Task) -> dict[str, Any]:

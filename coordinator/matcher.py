@@ -35,7 +35,10 @@ PREFER = "usage_prefer_"
 LABEL = "usage_"
 ELASTIC = "cores_max"
 
-QueueKey = tuple[int, int, str]  # (-priority, seq, name): ascending is the order to start
+# (-priority, tier, seq, name), ascending is the order to start. Tier 0 is a child of a
+# running task: it goes before tasks whose tree has not started, since its tree already
+# holds resources (cores, memory, repositories) until it finishes.
+QueueKey = tuple[int, int, int, str]
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,10 @@ class RepoPool:
 def fits_now(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
     if any(node.free.get(k, 0.0) < amount for k, amount in shape.needs):
         return False
+    return repositories_free(shape, node, pool)
+
+
+def repositories_free(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
     local = _local_types(shape)
     return (all(len(node.free_repos.get(t, ())) >= n for t, n in local.items())
             and (not shape.repos or pool.enough(shape)))
@@ -215,7 +222,9 @@ def allocate(shape: Shape, node: NodeOffer) -> dict[str, float]:
 def _claim(shape: Shape, node: NodeOffer, offers: Sequence[NodeOffer],
            pool: RepoPool) -> dict[str, str]:
     claimed = {}
-    for request in shape.repos:
+    # Local requests first: a non-local one must not take the repository a local one
+    # of the same type needs on this node.
+    for request in sorted(shape.repos, key=lambda r: not r.local):
         sources = [node] if request.local else [node, *offers]
         source = next(o for o in sources if o.free_repos.get(request.type))
         claimed[request.key] = source.free_repos[request.type].pop(0)
@@ -242,7 +251,8 @@ class _Pass:
     _dirty_offers: list[NodeOffer] | None = None
 
     def candidates(self, shape: Shape) -> list[NodeOffer]:
-        if self.dirty is not None and shape in self.blocked_before:
+        anywhere = any(not r.local for r in shape.repos)  # a repository freed on any node
+        if self.dirty is not None and shape in self.blocked_before and not anywhere:
             # Nothing changed for this shape but the nodes that gained room.
             return [o for o in self.dirty_offers if compatible(shape, o)]
         return self.all_compatible(shape)
@@ -262,7 +272,10 @@ class _Pass:
     def reserve_for(self, shape: Shape, task: str) -> None:
         if self.reservation is not None:
             return
-        room = [o for o in self.all_compatible(shape) if fits_empty(shape, o)]
+        # Only a wait for room is helped by keeping a node free: a repository comes back
+        # when its holder's tree ends, whatever else runs there.
+        room = [o for o in self.all_compatible(shape)
+                if fits_empty(shape, o) and repositories_free(shape, o, self.pool)]
         if not room:
             return
         previous = self.previous
@@ -291,16 +304,16 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
     blocked: set[Shape] = set()
     while heap:
         key, shape, index = heapq.heappop(heap)
-        node = run.best_node(shape, key[2])
+        node = run.best_node(shape, key[-1])
         if node is None:
             blocked.add(shape)
-            run.reserve_for(shape, key[2])
+            run.reserve_for(shape, key[-1])
             continue
         allocated = allocate(shape, node)
         repos = _claim(shape, node, accepting, run.pool)
         for resource, amount in allocated.items():
             node.free[resource] = node.free.get(resource, 0.0) - amount
-        assignments.append(Assignment(key[2], node.name, allocated, repos))
+        assignments.append(Assignment(key[-1], node.name, allocated, repos))
         tasks = queue[shape]
         if index + 1 < len(tasks):
             heapq.heappush(heap, (tasks[index + 1], shape, index + 1))
@@ -320,7 +333,11 @@ def explain(shape: Shape, offers: Iterable[NodeOffer],
     if reservation is not None and reservation.task != task:
         reasons.append(f"{reservation.node} is kept free for {reservation.task}, which waits "
                        "longer")
-    return [r for r in reasons if r] or ["no node is registered"]
+    found = [r for r in reasons if r]
+    if found:
+        return found
+    return ["it fits now and starts at the next scheduling pass"] if offers else [
+        "no node is registered"]
 
 
 def _why_not(shape: Shape, node: NodeOffer) -> str | None:

@@ -47,9 +47,8 @@ class Task:
     def parent(self) -> str | None:
         return self.definition.parent
 
-    @property
-    def queue_key(self) -> QueueKey:
-        return (-self.definition.priority, self.seq, self.name)
+    def queue_key(self, parent_running: bool) -> QueueKey:
+        return (-self.definition.priority, 0 if parent_running else 1, self.seq, self.name)
 
     @property
     def environment(self) -> dict[str, str]:
@@ -148,7 +147,7 @@ class State:
     nodes: dict[str, Node] = field(default_factory=dict)
     children: dict[str, list[str]] = field(default_factory=dict)
     queue: dict[Shape, SortedList[QueueKey]] = field(default_factory=dict)
-    waiting_shape: dict[str, Shape] = field(default_factory=dict)
+    waiting_shape: dict[str, tuple[Shape, QueueKey]] = field(default_factory=dict)
     holds: dict[str, str] = field(default_factory=dict)  # repository -> holding task
     next_seq: int = 1
     dirty_tasks: set[str] = field(default_factory=set)
@@ -159,10 +158,6 @@ class State:
     roomier: set[str] | None = None
     reservation: Reservation | None = None
     needs_scheduling: bool = True
-
-    @property
-    def waiting(self) -> dict[str, Shape]:
-        return self.waiting_shape
 
     def add_task(self, task: Task) -> None:
         self.tasks[task.name] = task
@@ -180,16 +175,19 @@ class State:
 
     def enqueue(self, task: Task) -> None:
         shape = task.shape()
-        self.waiting_shape[task.name] = shape
-        self.queue.setdefault(shape, SortedList[QueueKey]()).add(task.queue_key)
+        parent = self.tasks.get(task.parent or "")
+        key = task.queue_key(parent is not None and parent.status is TaskStatus.WORKING)
+        self.waiting_shape[task.name] = (shape, key)
+        self.queue.setdefault(shape, SortedList[QueueKey]()).add(key)
         self.needs_scheduling = True
 
     def dequeue(self, task: Task) -> None:
-        shape = self.waiting_shape.pop(task.name, None)
-        if shape is None:
+        entry = self.waiting_shape.pop(task.name, None)
+        if entry is None:
             return
+        shape, key = entry
         group = self.queue[shape]
-        group.discard(task.queue_key)
+        group.discard(key)
         if not group:
             del self.queue[shape]
             self.blocked.discard(shape)

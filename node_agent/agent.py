@@ -9,6 +9,7 @@ away wait in memory and are sent, in order, before the first node-set after reco
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections import OrderedDict
@@ -22,7 +23,14 @@ from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared import PROTOCOL_VERSION, topology
 from vespid.shared.errors import BrokerError, ProtocolError
 from vespid.shared.logs import get_logger
-from vespid.shared.protocol import Severity, TaskKill, TaskRun, decode_node_message, encode
+from vespid.shared.protocol import (
+    RepositoryClean,
+    Severity,
+    TaskKill,
+    TaskRun,
+    decode_node_message,
+    encode,
+)
 from vespid.shared.transport import (
     close_quietly,
     connect,
@@ -127,6 +135,8 @@ class NodeAgent:
             self._start(message)
         elif isinstance(message, TaskKill):
             self.supervisor.kill(message.name, message.reason or "the coordinator asked")
+        elif isinstance(message, RepositoryClean):
+            self._clean(message.repository)
         # Acked once the process runs and is recorded: a task's lifetime is never bounded by
         # the broker's delivery-acknowledgement timeout.
         channel.basic_ack(method.delivery_tag)
@@ -148,6 +158,18 @@ class NodeAgent:
         failed = self._launch(run)
         if failed is not None:
             self._record(failed)
+
+    def _clean(self, name: str) -> None:
+        """Empty a released, non-persistent repository for its next holder."""
+        repository = self.settings.repositories.get(name)
+        if repository is None or repository.persist or not repository.path.is_dir():
+            return
+        for entry in repository.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        self.log.info("repository_cleaned", repository=name, path=str(repository.path))
 
     def _launch(self, run: TaskRun) -> Finished | None:
         try:

@@ -44,8 +44,10 @@ def coordinator(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> 
 @pytest.fixture
 def start_node(amqp_url: str, tmp_path: Path, started: list[VespidProcess]
                ) -> Callable[..., VespidProcess]:
-    def start(name: str = "box1", capabilities: dict[str, Any] | None = None) -> VespidProcess:
-        proc = processes.node(amqp_url, tmp_path / "nodes", name, capabilities).start()
+    def start(name: str = "box1", capabilities: dict[str, Any] | None = None,
+              repositories: dict[str, dict[str, Any]] | None = None) -> VespidProcess:
+        proc = processes.node(amqp_url, tmp_path / "nodes", name, capabilities,
+                              repositories).start()
         started.append(proc)
         proc.wait_for_log("node_connected")
         return proc

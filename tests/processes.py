@@ -87,16 +87,28 @@ def coordinator(url: str, workdir: Path, **extra: str) -> VespidProcess:
 
 
 def node(url: str, workdir: Path, name: str, capabilities: dict[str, Any] | None = None,
+         repositories: dict[str, dict[str, Any]] | None = None,
          **extra: str) -> VespidProcess:
     home = workdir / name
     home.mkdir(parents=True, exist_ok=True)
     lines = [f'name = "{name}"', f'work_dir = "{home / "work"}"', "[capabilities]"]
     for key, value in (capabilities or {"memory": 4000, "cores": 4}).items():
-        lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+        lines.append(f"{key} = {_toml(value)}")
+    for network_name, spec in (repositories or {}).items():
+        lines.append(f'[repositories."{network_name}"]')
+        lines += [f"{key} = {_toml(value)}" for key, value in spec.items()]
     config = home / "node.toml"
     config.write_text("\n".join(lines) + "\n")
     return VespidProcess(["node", "--config", str(config)], home / "agent.log",
                          base_env(url, **extra), home)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | Path):
+        return f'"{value}"'
+    return str(value)
 
 
 def cli(url: str, *args: str, cwd: Path | None = None,

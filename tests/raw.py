@@ -71,3 +71,46 @@ class RawPeer:
                 return props, body
             self.connection.process_data_events(time_limit=0.1)
         raise AssertionError(f"nothing arrived in {queue} within {timeout} s")
+
+
+NODE_QUEUE_ARGS = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+
+
+class RawNode:
+    """A third-party node: its own queue, node-set by hand, task-complete by hand."""
+
+    def __init__(self, peer: RawPeer, name: str, capabilities: dict[str, Any],
+                 repositories: dict[str, Any] | None = None) -> None:
+        self.peer, self.name, self.capabilities = peer, name, capabilities
+        self.repositories = repositories or {}
+        self.queue = f"vespid.node.{name}"
+        channel = peer.channel
+        channel.exchange_declare("vespid", "topic", durable=True)
+        channel.queue_declare(self.queue, durable=True, arguments=NODE_QUEUE_ARGS)
+        channel.queue_bind(self.queue, "vespid", f"node.{name}")
+        self.inbox: list[bytes] = []
+        # Single-active-consumer quorum queues refuse basic.get: consume, as a node does.
+        channel.basic_consume(self.queue, lambda _c, _m, _p, body: self.inbox.append(body),
+                              auto_ack=True)
+
+    def node_set(self, active: list[str]) -> None:
+        self.peer.send({"command": "node-set", "name": self.name,
+                        "capabilities": self.capabilities,
+                        "repositories": self.repositories,
+                        "activetasks": {n: {} for n in active}})
+
+    def next_message(self, timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            assert time.monotonic() < deadline, f"no message for {self.name} in {timeout} s"
+            self.peer.connection.process_data_events(time_limit=0.1)
+        message: dict[str, Any] = json.loads(self.inbox.pop(0))
+        return message
+
+    def runs(self, count: int, timeout: float = 15.0) -> list[str]:
+        """The names of the next `count` task-runs, in the order they arrived."""
+        return [self.next_message(timeout)["name"] for _ in range(count)]
+
+    def complete(self, name: str, success: str = "ok") -> None:
+        self.peer.send({"command": "task-complete", "name": name, "node": self.name,
+                        "success": success})

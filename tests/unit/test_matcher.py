@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -10,123 +12,194 @@ import pytest
 from vespid.coordinator.matcher import (
     Assignment,
     Labels,
+    MatchResult,
     NodeOffer,
-    TaskRequest,
+    QueueKey,
+    RepoPool,
+    Reservation,
+    Shape,
+    allocate,
+    compatible,
     explain,
+    fits_empty,
+    fits_now,
     match,
 )
 
-
-def task(name: str = "t", priority: int = 0, seq: int = 1, **requirements: Any) -> TaskRequest:
-    return TaskRequest.from_requirements(name, priority, seq, requirements)
+# --- helpers --------------------------------------------------------------------------------
 
 
-def node(name: str = "n", accepting: bool = True, **capabilities: Any) -> NodeOffer:
+@dataclass(frozen=True)
+class Task:
+    name: str
+    shape: Shape
+    priority: int
+    seq: int
+
+    @property
+    def key(self) -> QueueKey:
+        return (-self.priority, 1, self.seq, self.name)
+
+
+def shape(repositories: Mapping[str, Any] | None = None,
+          environment: Mapping[str, str] | None = None, **requirements: Any) -> Shape:
+    return Shape.of(requirements, repositories, environment)
+
+
+def task(name: str = "t", priority: int = 0, seq: int = 1,
+         repositories: Mapping[str, Any] | None = None,
+         environment: Mapping[str, str] | None = None, **requirements: Any) -> Task:
+    return Task(name, shape(repositories, environment, **requirements), priority, seq)
+
+
+def node(name: str = "n", accepting: bool = True, repos: Mapping[str, str] | None = None,
+         held: Iterable[str] = (), **capabilities: Any) -> NodeOffer:
+    """An offer whose capacity is what it has free, hosting `repos` (name -> type), every one
+    free except those `held`."""
     free = {k: float(v) for k, v in capabilities.items()
             if not k.startswith("usage_") and not isinstance(v, bool)}
-    return NodeOffer(name, free, Labels.parse(capabilities), accepting=accepting)
+    hosted = dict(repos or {})
+    free_repos: dict[str, list[str]] = {}
+    for repo, kind in sorted(hosted.items()):
+        if repo not in set(held):
+            free_repos.setdefault(kind, []).append(repo)
+    return NodeOffer(name, free, Labels.parse(capabilities), capacity=dict(free), repos=hosted,
+                     free_repos=free_repos, accepting=accepting)
 
 
-def placed(assignments: list[Assignment]) -> dict[str, str]:
-    return {a.task: a.node for a in assignments}
+def busy(offer: NodeOffer, **free: float) -> NodeOffer:
+    """The same offer with less free now (tasks already running there)."""
+    offer.free.update({k: float(v) for k, v in free.items()})
+    return offer
+
+
+def queue(*tasks: Task) -> dict[Shape, list[QueueKey]]:
+    grouped: dict[Shape, list[QueueKey]] = {}
+    for t in tasks:
+        grouped.setdefault(t.shape, []).append(t.key)
+    return {s: sorted(keys) for s, keys in grouped.items()}
+
+
+def run(tasks: Iterable[Task], offers: Iterable[NodeOffer], **options: Any) -> MatchResult:
+    return match(queue(*tasks), list(offers), **options)
+
+
+def placed(result: MatchResult) -> dict[str, str]:
+    return {a.task: a.node for a in result.assignments}
+
+
+def claimed(result: MatchResult) -> dict[str, dict[str, str]]:
+    return {a.task: a.repos for a in result.assignments}
 
 
 # --- fit on resources -----------------------------------------------------------------------
 
 
 def test_a_task_fits_a_node_with_enough_memory_and_cores() -> None:
-    assignments = match([task(memory=1000, cores=2)], [node(memory=1000, cores=2)])
+    result = run([task(memory=1000, cores=2)], [node(memory=1000, cores=2)])
 
-    assert assignments == [Assignment("t", "n", {"memory": 1000.0, "cores": 2.0})]
+    assert result.assignments == [Assignment("t", "n", {"memory": 1000.0, "cores": 2.0})]
+    assert result.blocked == set()
 
 
 def test_a_task_needing_more_memory_than_the_node_has_does_not_run_there() -> None:
-    assert match([task(memory=2000)], [node(memory=1999, cores=8)]) == []
+    big = task(memory=2000)
+
+    result = run([big], [node(memory=1999, cores=8)])
+
+    assert result.assignments == []
+    assert result.blocked == {big.shape}
 
 
 def test_a_task_needing_more_cores_than_the_node_has_does_not_run_there() -> None:
-    assert match([task(cores=3)], [node(memory=1000, cores=2)]) == []
+    assert run([task(cores=3)], [node(memory=1000, cores=2)]).assignments == []
 
 
 def test_any_other_numeric_resource_is_consumed_like_memory() -> None:
     tasks = [task("a", seq=1, gpus=1), task("b", seq=2, gpus=1)]
 
-    assignments = match(tasks, [node(cores=8, gpus=1)])
+    result = run(tasks, [node(cores=8, gpus=1)])
 
-    assert placed(assignments) == {"a": "n"}
-    assert assignments[0].allocated["gpus"] == 1.0
+    assert placed(result) == {"a": "n"}
+    assert result.assignments[0].allocated["gpus"] == 1.0
 
 
 def test_a_resource_the_node_does_not_declare_counts_as_none_of_it() -> None:
-    assert match([task(gpus=1)], [node(cores=8, memory=1000)]) == []
+    assert run([task(gpus=1)], [node(cores=8, memory=1000)]).assignments == []
 
 
 def test_a_zero_amount_of_an_undeclared_resource_still_fits() -> None:
-    assert placed(match([task(gpus=0)], [node(cores=1)])) == {"t": "n"}
+    assert placed(run([task(gpus=0)], [node(cores=1)])) == {"t": "n"}
 
 
 def test_a_task_without_requirements_needs_one_core() -> None:
-    request = task()
+    plain = task()
 
-    assert request.needs == {"cores": 1.0}
-    assert match([request], [node(memory=1000)]) == []
-    assert match([request], [node(cores=1)])[0].allocated == {"cores": 1.0}
+    assert plain.shape.need == {"cores": 1.0}
+    assert run([plain], [node(memory=1000)]).assignments == []
+    assert run([plain], [node(cores=1)]).assignments[0].allocated == {"cores": 1.0}
 
 
 def test_a_fractional_core_request_fits_a_fractional_free_amount() -> None:
-    assert placed(match([task(cores=0.5)], [node(cores=0.5)])) == {"t": "n"}
-    assert match([task(cores=0.6)], [node(cores=0.5)]) == []
+    assert placed(run([task(cores=0.5)], [node(cores=0.5)])) == {"t": "n"}
+    assert run([task(cores=0.6)], [node(cores=0.5)]).assignments == []
+
+
+def test_fits_now_compares_needs_with_what_is_free_and_fits_empty_with_capacity() -> None:
+    offer = busy(node(cores=8), cores=2)
+    pool = RepoPool([offer])
+
+    assert not fits_now(shape(cores=4), offer, pool)
+    assert fits_empty(shape(cores=4), offer)
+    assert not fits_empty(shape(cores=9), offer)
 
 
 # --- elastic cores ----------------------------------------------------------------------------
 
 
 def test_without_cores_max_a_task_gets_exactly_its_cores() -> None:
-    assignments = match([task(cores=2)], [node(cores=16)])
+    result = run([task(cores=2)], [node(cores=16)])
 
-    assert assignments[0].allocated["cores"] == 2.0
+    assert result.assignments[0].allocated["cores"] == 2.0
 
 
 def test_an_elastic_task_gets_up_to_cores_max_of_the_free_cores() -> None:
-    assignments = match([task(cores=2, cores_max=6)], [node(cores=16)])
+    result = run([task(cores=2, cores_max=6)], [node(cores=16)])
 
-    assert assignments[0].allocated["cores"] == 6.0
+    assert result.assignments[0].allocated["cores"] == 6.0
 
 
 def test_an_elastic_task_gets_all_free_cores_when_fewer_than_cores_max() -> None:
-    assignments = match([task(cores=2, cores_max=6)], [node(cores=4)])
+    result = run([task(cores=2, cores_max=6)], [node(cores=4)])
 
-    assert assignments[0].allocated["cores"] == 4.0
+    assert result.assignments[0].allocated["cores"] == 4.0
 
 
 @pytest.mark.parametrize("unbounded", [math.inf, None])
 def test_an_unbounded_task_takes_every_free_core(unbounded: float | None) -> None:
-    assignments = match([task(cores=1, cores_max=unbounded)], [node(cores=12)])
+    result = run([task(cores=1, cores_max=unbounded)], [node(cores=12)])
 
-    assert assignments[0].allocated["cores"] == 12.0
+    assert result.assignments[0].allocated["cores"] == 12.0
 
 
 def test_an_elastic_task_never_gets_fewer_than_its_cores() -> None:
-    request = task(cores=1.5, cores_max=math.inf)
+    elastic = shape(cores=1.5, cores_max=math.inf)
 
-    assignments = match([request], [node(cores=2.5)])
-
-    assert assignments[0].allocated["cores"] == 2.0
-    assert match([task(cores=1.5, cores_max=math.inf)], [node(cores=1.7)])[0] \
-        .allocated["cores"] == 1.5
+    assert allocate(elastic, node(cores=2.5))["cores"] == 2.0
+    assert allocate(elastic, node(cores=1.7))["cores"] == 1.5
 
 
 def test_a_cores_max_below_cores_is_raised_to_cores() -> None:
     request = task(cores=4, cores_max=2)
 
-    assert request.cores_max == 4.0
-    assert match([request], [node(cores=8)])[0].allocated["cores"] == 4.0
+    assert request.shape.cores_max == 4.0
+    assert run([request], [node(cores=8)]).assignments[0].allocated["cores"] == 4.0
 
 
 def test_an_unbounded_task_leaves_no_cores_for_the_next_task() -> None:
     tasks = [task("greedy", seq=1, cores_max=math.inf), task("small", seq=2)]
 
-    assert placed(match(tasks, [node(cores=8)])) == {"greedy": "n"}
+    assert placed(run(tasks, [node(cores=8)])) == {"greedy": "n"}
 
 
 # --- labels ---------------------------------------------------------------------------------
@@ -135,25 +208,27 @@ def test_an_unbounded_task_leaves_no_cores_for_the_next_task() -> None:
 def test_a_task_requiring_a_label_runs_only_on_a_node_carrying_it() -> None:
     request = task(usage_require_gpu=True)
 
-    assert match([request], [node("plain", cores=8)]) == []
-    assert placed(match([request], [node("plain", cores=8), node("gpu", cores=1,
-                                                                 usage_gpu=True)])) == \
+    assert run([request], [node("plain", cores=8)]).assignments == []
+    assert placed(run([request], [node("plain", cores=8), node("gpu", cores=1,
+                                                               usage_gpu=True)])) == \
         {"t": "gpu"}
 
 
 def test_a_node_requiring_a_label_runs_only_tasks_carrying_it() -> None:
     fussy = node("fussy", cores=8, usage_require_nightly=True)
 
-    assert match([task("plain")], [fussy]) == []
-    assert placed(match([task("nightly", usage_nightly=True)], [fussy])) == {"nightly": "fussy"}
+    assert not compatible(shape(), fussy)
+    assert run([task("plain")], [fussy]).assignments == []
+    assert placed(run([task("nightly", usage_nightly=True)], [fussy])) == {"nightly": "fussy"}
 
 
 def test_a_label_set_to_false_is_not_carried() -> None:
-    assert match([task(usage_require_gpu=True)], [node(cores=1, usage_gpu=False)]) == []
+    assert run([task(usage_require_gpu=True)], [node(cores=1, usage_gpu=False)]).assignments \
+        == []
 
 
 def test_a_requirement_set_to_false_requires_nothing() -> None:
-    assert placed(match([task(usage_require_gpu=False)], [node(cores=1)])) == {"t": "n"}
+    assert placed(run([task(usage_require_gpu=False)], [node(cores=1)])) == {"t": "n"}
 
 
 def test_labels_parse_into_carried_required_and_preferred() -> None:
@@ -163,20 +238,25 @@ def test_labels_parse_into_carried_required_and_preferred() -> None:
     assert labels == Labels(frozenset({"gpu"}), frozenset({"linux"}), frozenset({"ssd"}))
 
 
+def test_labels_are_not_consumable_resources() -> None:
+    assert shape(usage_gpu=True, usage_require_ssd=True, usage_prefer_x=True).need == \
+        {"cores": 1.0}
+
+
 def test_a_task_preferring_a_label_goes_to_the_node_that_carries_it() -> None:
     nodes = [node("tight", cores=2), node("ssd", cores=16, usage_ssd=True)]
 
-    assert placed(match([task(cores=2, usage_prefer_ssd=True)], nodes)) == {"t": "ssd"}
+    assert placed(run([task(cores=2, usage_prefer_ssd=True)], nodes)) == {"t": "ssd"}
 
 
 def test_a_preference_is_soft_and_the_task_still_runs_without_it() -> None:
-    assert placed(match([task(usage_prefer_ssd=True)], [node(cores=1)])) == {"t": "n"}
+    assert placed(run([task(usage_prefer_ssd=True)], [node(cores=1)])) == {"t": "n"}
 
 
 def test_a_node_preferring_a_label_attracts_tasks_that_carry_it() -> None:
     nodes = [node("tight", cores=2), node("likes-ci", cores=16, usage_prefer_ci=True)]
 
-    assert placed(match([task(cores=2, usage_ci=True)], nodes)) == {"t": "likes-ci"}
+    assert placed(run([task(cores=2, usage_ci=True)], nodes)) == {"t": "likes-ci"}
 
 
 def test_more_preference_matches_rank_a_node_higher() -> None:
@@ -184,7 +264,7 @@ def test_more_preference_matches_rank_a_node_higher() -> None:
              node("two", cores=16, usage_ssd=True, usage_fast=True)]
     request = task(usage_prefer_ssd=True, usage_prefer_fast=True)
 
-    assert placed(match([request], nodes)) == {"t": "two"}
+    assert placed(run([request], nodes)) == {"t": "two"}
 
 
 # --- choosing a node and an order -----------------------------------------------------------
@@ -193,74 +273,93 @@ def test_more_preference_matches_rank_a_node_higher() -> None:
 def test_among_equal_nodes_the_best_fit_leaves_the_fewest_cores_free() -> None:
     nodes = [node("big", cores=16), node("snug", cores=3), node("mid", cores=8)]
 
-    assert placed(match([task(cores=3)], nodes)) == {"t": "snug"}
+    assert placed(run([task(cores=3)], nodes)) == {"t": "snug"}
 
 
 def test_when_cores_tie_the_node_left_with_less_memory_wins() -> None:
     nodes = [node("roomy", cores=4, memory=64000), node("snug", cores=4, memory=2000)]
 
-    assert placed(match([task(cores=4, memory=1000)], nodes)) == {"t": "snug"}
+    assert placed(run([task(cores=4, memory=1000)], nodes)) == {"t": "snug"}
 
 
 def test_a_higher_priority_task_is_placed_before_an_older_one() -> None:
     tasks = [task("old", priority=0, seq=1, cores=4), task("urgent", priority=5, seq=2, cores=4)]
 
-    assert placed(match(tasks, [node(cores=4)])) == {"urgent": "n"}
+    assert placed(run(tasks, [node(cores=4)])) == {"urgent": "n"}
 
 
 def test_among_equal_priorities_the_older_task_is_placed_first() -> None:
     tasks = [task("young", seq=9, cores=4), task("old", seq=3, cores=4)]
 
-    assert placed(match(tasks, [node(cores=4)])) == {"old": "n"}
+    assert placed(run(tasks, [node(cores=4)])) == {"old": "n"}
 
 
-def test_assignments_come_out_in_priority_then_age_order() -> None:
-    tasks = [task("c", priority=0, seq=1), task("a", priority=2, seq=3),
-             task("b", priority=2, seq=4), task("d", priority=-1, seq=0)]
+def test_a_priority_2_task_starts_before_an_older_priority_0_task_of_another_shape() -> None:
+    older = task("older", priority=0, seq=1, cores=4)
+    urgent = task("urgent", priority=2, seq=2, cores=3, memory=100)
+    assert older.shape != urgent.shape
 
-    assignments = match(tasks, [node(cores=10)])
+    assert placed(run([older, urgent], [node(cores=4, memory=100)])) == {"urgent": "n"}
 
-    assert [a.task for a in assignments] == ["a", "b", "c", "d"]
+
+def test_among_equal_priorities_the_older_task_of_another_shape_starts_first() -> None:
+    older = task("older", seq=1, cores=4)
+    younger = task("younger", seq=2, cores=3, memory=100)
+
+    assert placed(run([younger, older], [node(cores=4, memory=100)])) == {"older": "n"}
+
+
+def test_assignments_come_out_in_priority_then_age_order_across_shapes() -> None:
+    tasks = [task("c", priority=0, seq=1, memory=1), task("a", priority=2, seq=3),
+             task("b", priority=2, seq=4, memory=2), task("d", priority=-1, seq=0),
+             task("e", priority=-1, seq=5, memory=1)]
+
+    result = run(tasks, [node(cores=10, memory=10)])
+
+    assert [a.task for a in result.assignments] == ["a", "b", "c", "d", "e"]
 
 
 def test_a_big_task_that_fits_nowhere_does_not_block_smaller_ones_behind_it() -> None:
     tasks = [task("huge", priority=9, seq=1, cores=64), task("small", seq=2, cores=1)]
 
-    assert placed(match(tasks, [node(cores=4)])) == {"small": "n"}
+    result = run(tasks, [node(cores=4)])
+
+    assert placed(result) == {"small": "n"}
+    assert result.reservation is None
 
 
-# --- reservations within one call -------------------------------------------------------------
+# --- several placements within one pass -------------------------------------------------------
 
 
 def test_two_tasks_that_each_need_the_whole_node_do_not_both_land_on_it() -> None:
     tasks = [task("a", seq=1, cores=4, memory=8000), task("b", seq=2, cores=4, memory=8000)]
 
-    assert placed(match(tasks, [node(cores=4, memory=8000)])) == {"a": "n"}
+    assert placed(run(tasks, [node(cores=4, memory=8000)])) == {"a": "n"}
 
 
-def test_memory_reserved_by_one_task_is_not_offered_to_the_next() -> None:
+def test_memory_taken_by_one_task_is_not_offered_to_the_next() -> None:
     tasks = [task("a", seq=1, memory=600), task("b", seq=2, memory=600)]
 
-    assert placed(match(tasks, [node(cores=8, memory=1000)])) == {"a": "n"}
+    assert placed(run(tasks, [node(cores=8, memory=1000)])) == {"a": "n"}
 
 
 def test_the_second_task_goes_to_another_node_when_the_first_fills_one() -> None:
     tasks = [task("a", seq=1, cores=4), task("b", seq=2, cores=4)]
 
-    assert placed(match(tasks, [node("n1", cores=4), node("n2", cores=4)])) == \
+    assert placed(run(tasks, [node("n1", cores=4), node("n2", cores=4)])) == \
         {"a": "n1", "b": "n2"}
 
 
 def test_several_small_tasks_fill_a_node_exactly_to_its_capacity() -> None:
     tasks = [task(f"t{i}", seq=i, cores=1) for i in range(6)]
 
-    assert len(match(tasks, [node(cores=4)])) == 4
+    assert placed(run(tasks, [node(cores=4)])) == {"t0": "n", "t1": "n", "t2": "n", "t3": "n"}
 
 
-def test_match_reserves_what_it_allocates_on_the_offers_it_was_given() -> None:
+def test_match_takes_what_it_allocates_from_the_offers_it_was_given() -> None:
     offer = node(cores=8, memory=1000)
 
-    match([task(cores=3, memory=400)], [offer])
+    run([task(cores=3, memory=400)], [offer])
 
     assert offer.free == {"cores": 5.0, "memory": 600.0}
 
@@ -269,77 +368,375 @@ def test_match_reserves_what_it_allocates_on_the_offers_it_was_given() -> None:
 
 
 def test_a_node_that_is_not_accepting_gets_no_task() -> None:
-    assert match([task()], [node(cores=64, accepting=False)]) == []
+    assert run([task()], [node(cores=64, accepting=False)]).assignments == []
 
 
 def test_a_task_skips_a_non_accepting_node_for_an_accepting_one() -> None:
     nodes = [node("draining", cores=1, accepting=False), node("open", cores=64)]
 
-    assert placed(match([task()], nodes)) == {"t": "open"}
+    assert placed(run([task()], nodes)) == {"t": "open"}
+
+
+def test_a_non_accepting_node_is_never_reserved() -> None:
+    tasks = [task("huge", seq=1, cores=8)]
+    nodes = [busy(node("draining", cores=8, accepting=False), cores=0), node("small", cores=2)]
+
+    assert run(tasks, nodes).reservation is None
 
 
 def test_no_nodes_means_no_assignments() -> None:
-    assert match([task()], []) == []
+    result = run([task()], [])
+
+    assert result.assignments == []
+    assert result.reservation is None
+
+
+# --- repositories ---------------------------------------------------------------------------
+
+ENV = {"env": {"request": "env"}}
+LOCAL_ENV = {"env": {"request": "env", "local": True}}
+
+
+def test_a_request_claims_a_free_repository_of_that_type() -> None:
+    offer = node(cores=4, repos={"//n/scratch": "tmp", "//n/env1": "env"})
+
+    result = run([task(repositories=ENV)], [offer])
+
+    assert claimed(result) == {"t": {"env": "//n/env1"}}
+    assert offer.free_repos == {"tmp": ["//n/scratch"], "env": []}
+
+
+def test_two_tasks_never_get_the_same_repository_in_one_pass() -> None:
+    tasks = [task("a", seq=1, repositories=ENV), task("b", seq=2, repositories=ENV)]
+
+    result = run(tasks, [node(cores=8, repos={"//n/env1": "env", "//n/env2": "env"})])
+
+    assert placed(result) == {"a": "n", "b": "n"}
+    assert {r["env"] for r in claimed(result).values()} == {"//n/env1", "//n/env2"}
+
+
+def test_several_requests_in_one_task_get_distinct_repositories() -> None:
+    two = {"first": {"request": "env"}, "second": {"request": "env"}}
+
+    result = run([task(repositories=two)],
+                 [node(cores=8, repos={"//n/env1": "env", "//n/env2": "env"})])
+
+    assert claimed(result) == {"t": {"first": "//n/env1", "second": "//n/env2"}}
+
+
+def test_a_task_whose_request_finds_no_free_repository_is_blocked() -> None:
+    tasks = [task("a", seq=1, repositories=ENV), task("b", seq=2, repositories=ENV)]
+
+    result = run(tasks, [node(cores=8, repos={"//n/env1": "env"})])
+
+    assert placed(result) == {"a": "n"}
+    assert result.blocked == {tasks[1].shape}
+
+
+def test_a_local_request_forces_the_node_that_hosts_a_free_repository_of_that_type() -> None:
+    nodes = [node("snug", cores=1), node("host", cores=16, repos={"//host/env": "env"})]
+
+    result = run([task(repositories=LOCAL_ENV)], nodes)
+
+    assert placed(result) == {"t": "host"}
+    assert claimed(result) == {"t": {"env": "//host/env"}}
+
+
+def test_a_local_request_is_not_met_by_a_repository_on_another_node() -> None:
+    nodes = [node("worker", cores=8), busy(node("store", cores=8, repos={"//s/env": "env"}),
+                                           cores=0)]
+
+    result = run([task(repositories=LOCAL_ENV)], nodes)
+
+    assert result.assignments == []
+
+
+def test_a_local_request_skips_a_host_whose_repositories_of_that_type_are_all_held() -> None:
+    nodes = [node("held", cores=1, repos={"//h/env": "env"}, held=["//h/env"]),
+             node("free", cores=16, repos={"//f/env": "env"})]
+
+    assert placed(run([task(repositories=LOCAL_ENV)], nodes)) == {"t": "free"}
+
+
+def test_a_non_local_request_may_take_a_repository_hosted_on_another_node() -> None:
+    nodes = [node("worker", cores=4), busy(node("store", cores=4, repos={"//s/env": "env"}),
+                                           cores=0)]
+
+    result = run([task(repositories=ENV)], nodes)
+
+    assert placed(result) == {"t": "worker"}
+    assert claimed(result) == {"t": {"env": "//s/env"}}
+
+
+def test_a_repository_not_listed_as_free_is_never_handed_out() -> None:
+    offer = NodeOffer("n", {"cores": 8.0}, Labels.parse({}), capacity={"cores": 8.0},
+                      repos={"//n/held": "env", "//n/free": "env"},
+                      free_repos={"env": ["//n/free"]})
+    tasks = [task("a", seq=1, repositories=ENV), task("b", seq=2, repositories=ENV),
+             task("c", seq=3, repositories={"x": {"request": "other"}})]
+
+    result = run(tasks, [offer])
+
+    assert claimed(result) == {"a": {"env": "//n/free"}}
+
+
+def test_a_non_accepting_node_hands_out_no_repository() -> None:
+    nodes = [node("worker", cores=4),
+             node("draining", cores=0, accepting=False, repos={"//d/env": "env"})]
+
+    assert run([task(repositories=ENV)], nodes).assignments == []
+
+
+def test_a_local_repository_without_request_pins_the_task_to_the_inherited_repository() -> None:
+    inherited = task(repositories={"env": {"local": True}},
+                     environment={"repo_env": "//home/env"})
+    nodes = [node("snug", cores=1, repos={"//snug/env": "env"}),
+             node("home", cores=16, repos={"//home/env": "env"}, held=["//home/env"])]
+
+    result = run([inherited], nodes)
+
+    assert inherited.shape.pinned == ("//home/env",)
+    assert placed(result) == {"t": "home"}
+    assert claimed(result) == {"t": {}}
+
+
+def test_a_local_repository_without_request_or_inherited_repository_is_unplaceable() -> None:
+    orphan = task(repositories={"env": {"local": True}}, environment={"repo_other": "//x"})
+
+    result = run([orphan], [node(cores=16, repos={"//n/env": "env"})])
+
+    assert result.assignments == []
+    assert result.blocked == {orphan.shape}
+    assert result.reservation is None
+    assert explain(orphan.shape, [node(cores=16)]) == \
+        ["repository 'env' is local but the task holds none (no repo_env in its environment)"]
+
+
+def test_a_task_with_a_local_and_a_non_local_request_of_one_type_gets_both() -> None:
+    mixed = {"a_shared": {"request": "env"}, "b_mine": {"request": "env", "local": True}}
+    nodes = [node("worker", cores=4, repos={"//w/env": "env"}),
+             busy(node("store", cores=4, repos={"//s/env": "env"}), cores=0)]
+
+    result = run([task(repositories=mixed)], nodes)
+
+    assert claimed(result) == {"t": {"a_shared": "//s/env", "b_mine": "//w/env"}}
+
+
+# --- a large task is not starved by small ones --------------------------------------------------
+
+
+def starving() -> tuple[list[Task], list[NodeOffer]]:
+    """A task needing all 8 cores of the only node that can hold it, oldest in the queue,
+    and a stream of small tasks behind it; another small node beside it."""
+    huge = task("huge", seq=1, cores=8)
+    small = [task(f"s{i}", seq=i, cores=1) for i in range(2, 8)]
+    return [huge, *small], [busy(node("big", cores=8), cores=3), node("side", cores=2)]
+
+
+def test_the_oldest_task_that_cannot_start_gets_the_node_that_could_hold_it_reserved() -> None:
+    tasks, nodes = starving()
+
+    result = run(tasks, nodes)
+
+    assert result.reservation == Reservation("huge", "big")
+    assert "big" not in placed(result).values()
+
+
+def test_small_tasks_still_start_on_a_node_that_is_not_reserved() -> None:
+    tasks, nodes = starving()
+
+    result = run(tasks, nodes)
+
+    assert placed(result) == {"s2": "side", "s3": "side"}
+
+
+def test_a_task_placed_before_the_reserving_task_may_still_use_its_node() -> None:
+    tasks, nodes = starving()
+    urgent = task("urgent", priority=1, seq=9, cores=3)
+
+    result = run([*tasks, urgent], nodes)
+
+    assert placed(result)["urgent"] == "big"
+    assert result.reservation == Reservation("huge", "big")
+
+
+def test_a_reservation_passed_back_keeps_the_same_node() -> None:
+    huge = task("huge", seq=1, cores=8)
+    first = run([huge], [busy(node("left", cores=8), cores=3),
+                         busy(node("right", cores=8), cores=2)])
+    assert first.reservation == Reservation("huge", "left")
+    later = [busy(node("left", cores=8), cores=1), busy(node("right", cores=8), cores=4)]
+    assert run([huge], later).reservation == Reservation("huge", "right")  # fresh choice
+
+    again = run([huge], [busy(node("left", cores=8), cores=1),
+                         busy(node("right", cores=8), cores=4)], reservation=first.reservation)
+
+    assert again.reservation == Reservation("huge", "left")
+
+
+def test_the_large_task_starts_on_its_reserved_node_once_that_node_is_empty() -> None:
+    tasks, nodes = starving()
+    first = run(tasks, nodes)
+
+    result = run(tasks[3:] + tasks[:1], [node("big", cores=8), node("side", cores=0)],
+                 reservation=first.reservation)
+
+    assert placed(result) == {"huge": "big"}
+    assert result.reservation != Reservation("huge", "big")
+
+
+def test_a_task_that_could_not_fit_even_an_empty_node_reserves_nothing() -> None:
+    result = run([task("huge", seq=1, cores=64), task("small", seq=2)], [node(cores=8)])
+
+    assert result.reservation is None
+    assert placed(result) == {"small": "n"}
+
+
+# --- incremental passes ---------------------------------------------------------------------
+
+
+def test_a_shape_blocked_before_is_not_tried_on_a_node_that_is_not_dirty() -> None:
+    waiting = task(cores=2)
+
+    result = run([waiting], [node("n", cores=4)], blocked_before={waiting.shape}, dirty=[])
+
+    assert result.assignments == []
+    assert waiting.shape in result.blocked
+
+
+def test_a_shape_blocked_before_starts_once_its_node_is_dirty() -> None:
+    waiting = task(cores=2)
+
+    result = run([waiting], [node("n", cores=4)], blocked_before={waiting.shape}, dirty=["n"])
+
+    assert placed(result) == {"t": "n"}
+    assert result.blocked == set()
+
+
+def test_a_shape_blocked_before_is_tried_only_on_the_dirty_nodes() -> None:
+    waiting = task(cores=2)
+    nodes = [node("snug", cores=2), node("roomy", cores=8)]
+
+    result = run([waiting], nodes, blocked_before={waiting.shape}, dirty=["roomy"])
+
+    assert placed(result) == {"t": "roomy"}
+
+
+def test_with_dirty_none_a_shape_blocked_before_is_tried_on_every_node() -> None:
+    waiting = task(cores=2)
+
+    result = run([waiting], [node("n", cores=4)], blocked_before={waiting.shape}, dirty=None)
+
+    assert placed(result) == {"t": "n"}
+
+
+def test_a_shape_not_blocked_before_is_tried_on_every_node_whatever_is_dirty() -> None:
+    waiting = task(cores=2)
+
+    result = run([waiting], [node("n", cores=4)], blocked_before={task(cores=3).shape},
+                 dirty=[])
+
+    assert placed(result) == {"t": "n"}
+
+
+def test_the_node_of_a_previous_reservation_counts_as_dirty() -> None:
+    waiting = task(cores=2)
+
+    result = run([waiting], [node("n", cores=4)], blocked_before={waiting.shape}, dirty=[],
+                 reservation=Reservation("gone", "n"))
+
+    assert placed(result) == {"t": "n"}
+
+
+def test_a_repository_freed_on_one_node_lets_a_blocked_task_start_on_another() -> None:
+    huge = task("huge", seq=1, cores=8)
+    waiting = task("t", seq=2, repositories=ENV)
+    first = run([huge, waiting],
+                [busy(node("z", cores=8), cores=4), node("y", cores=2),
+                 busy(node("x", cores=1, repos={"//x/env": "env"}, held=["//x/env"]), cores=0)])
+    assert first.blocked == {huge.shape, waiting.shape}
+    assert first.reservation == Reservation("huge", "z")
+
+    # The task holding //x/env ends: x gains room (its repository), nothing changes on y.
+    result = run([huge, waiting],
+                 [busy(node("z", cores=8), cores=4), node("y", cores=2),
+                  busy(node("x", cores=1, repos={"//x/env": "env"}), cores=0)],
+                 blocked_before=first.blocked, dirty=["x"], reservation=first.reservation)
+
+    assert placed(result) == {"t": "y"}
 
 
 # --- explain --------------------------------------------------------------------------------
 
 
-def capacity(*offers: NodeOffer) -> dict[str, dict[str, float]]:
-    return {o.name: dict(o.free) for o in offers}
-
-
 def test_explain_names_the_label_a_node_lacks() -> None:
-    offer = node("box", cores=8)
-
-    reasons = explain(task(usage_require_gpu=True), [offer], capacity(offer))
-
-    assert reasons == ["box: lacks label(s) gpu"]
+    assert explain(shape(usage_require_gpu=True), [node("box", cores=8)]) == \
+        ["box: lacks label(s) gpu"]
 
 
 def test_explain_names_the_label_a_node_insists_on() -> None:
-    offer = node("box", cores=8, usage_require_nightly=True)
-
-    reasons = explain(task(), [offer], capacity(offer))
-
-    assert reasons == ["box: runs only tasks labelled nightly"]
+    assert explain(shape(), [node("box", cores=8, usage_require_nightly=True)]) == \
+        ["box: runs only tasks labelled nightly"]
 
 
 def test_explain_says_a_node_is_too_small_and_by_how_much() -> None:
-    offer = node("box", cores=8, memory=1000)
-
-    reasons = explain(task(memory=4000), [offer], capacity(offer))
-
-    assert reasons == ["box: too small (memory needs 4000, has 1000)"]
+    assert explain(shape(memory=4000), [node("box", cores=8, memory=1000)]) == \
+        ["box: too small (memory needs 4000, has 1000)"]
 
 
 def test_explain_says_a_big_enough_node_is_full_for_now() -> None:
-    offer = node("box", cores=8)
-    total = capacity(offer)
-    offer.free["cores"] = 1.0
+    offer = busy(node("box", cores=8), cores=1)
 
-    reasons = explain(task(cores=4), [offer], total)
-
-    assert reasons == ["box: full for now (cores needs 4, has 1 free)"]
+    assert explain(shape(cores=4), [offer]) == ["box: full for now (cores needs 4, has 1 free)"]
 
 
 def test_explain_says_a_node_is_not_accepting() -> None:
-    offer = node("box", cores=8, accepting=False)
-
-    reasons = explain(task(), [offer], capacity(offer))
+    reasons = explain(shape(), [node("box", cores=8, accepting=False)])
 
     assert len(reasons) == 1
     assert reasons[0].startswith("box: not accepting work")
 
 
 def test_explain_says_when_no_node_is_registered() -> None:
-    assert explain(task(), [], {}) == ["no node is registered"]
+    assert explain(shape(), []) == ["no node is registered"]
 
 
 def test_explain_gives_one_sentence_per_node_that_cannot_take_the_task() -> None:
-    offers = [node("small", cores=1), node("plain", cores=8), node("fits", cores=8,
-                                                                   usage_gpu=True)]
+    offers = [node("small", cores=1), node("plain", cores=8),
+              node("fits", cores=8, usage_gpu=True)]
 
-    reasons = explain(task(cores=2, usage_require_gpu=True), offers, capacity(*offers))
+    reasons = explain(shape(cores=2, usage_require_gpu=True), offers)
 
     assert reasons == ["small: lacks label(s) gpu", "plain: lacks label(s) gpu"]
+
+
+def test_explain_says_a_node_does_not_host_the_inherited_repository() -> None:
+    pinned = shape({"env": {"local": True}}, {"repo_env": "//home/env"})
+
+    assert explain(pinned, [node("box", cores=8)]) == ["box: does not host repository //home/env"]
+
+
+def test_explain_says_every_local_repository_of_the_type_is_held() -> None:
+    offer = node("box", cores=8, repos={"//box/env": "env"}, held=["//box/env"])
+
+    assert explain(shape(LOCAL_ENV), [offer]) == \
+        ["box: no free repository of type env (1 hosted, all held)",
+         "not enough free repositories of type env on any node"]
+
+
+def test_explain_says_no_node_has_a_free_repository_of_the_requested_type() -> None:
+    offer = node("box", cores=8, repos={"//box/env": "env"}, held=["//box/env"])
+
+    assert explain(shape(ENV), [offer]) == \
+        ["not enough free repositories of type env on any node"]
+
+
+def test_explain_says_which_task_a_node_is_kept_free_for() -> None:
+    offer = busy(node("box", cores=8), cores=2)
+    reserved = Reservation("huge", "box")
+
+    assert explain(shape(cores=4), [offer], reserved, "small") == \
+        ["box: full for now (cores needs 4, has 2 free)",
+         "box is kept free for huge, which waits longer"]
+    assert explain(shape(cores=8), [offer], reserved, "huge") == \
+        ["box: full for now (cores needs 8, has 2 free)"]

@@ -1,0 +1,427 @@
+"""Scheduling benchmark: how fast the coordinator decides against a deep queue.
+
+For every cell of the grid (simulated nodes x queued tasks), in a private vhost with a fresh
+coordinator: W task-creates are queued and taken by the coordinator before any node exists
+(ingestion), then N simulated raw nodes join at once and complete every task-run they get
+immediately. Measured: first task-run to W-th task-run (decisions per second), and how long
+a node-list request waits for its reply while the queue is full.
+
+    .venv/bin/python -m bench.scheduling [--quick] [--nodes 10 100] [--tasks 1000] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import (
+    COORDINATOR_QUEUE,
+    DEAD_QUEUE,
+    BenchError,
+    ChildProcess,
+    Coordinator,
+    Deadline,
+    NodeSpec,
+    Peer,
+    SimSpec,
+    SimStats,
+    broker_pid,
+    count_status,
+    describe_log,
+    fmt,
+    install_signal_handlers,
+    log,
+    markdown_table,
+    private_vhost,
+    process_cpu_seconds,
+    rate,
+    setup_logging,
+    simulator_main,
+    task_create,
+    wait_for_total,
+    write_report,
+)
+
+FULL_GRID = ([10, 100, 1000], [1_000, 10_000, 100_000], 20 * 60)
+QUICK_GRID = ([10, 100], [1_000, 10_000], 3 * 60)
+CELL_CAP = 10 * 60  # one cell never takes longer than this, whatever the grid cap leaves
+STALL = 60.0  # no new task-run for this long ends the cell's drain
+PROBE_EVERY = 1.0  # seconds between node-list requests during the drain
+PROBE_TIMEOUT = 60.0
+
+
+@dataclass
+class Options:
+    nodes: list[int]
+    tasks: list[int]
+    cap: float
+    heartbeat: float
+    delay: float
+    seed: int
+
+
+@dataclass
+class Cell:
+    nodes: int
+    tasks: int
+    ingest_seconds: float | None = None
+    publish_seconds: float | None = None
+    first_after_join: float | None = None
+    drain_seconds: float | None = None
+    decisions: int = 0
+    join_latency: float | None = None
+    probe_latencies: list[float] = field(default_factory=list)
+    probe_timeouts: int = 0
+    completed: int | None = None
+    coordinator_cpu: float | None = None
+    simulator_cpu: float | None = None
+    broker_cpu: float | None = None
+    notes: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+
+# ---- the workload -------------------------------------------------------------------------
+def make_nodes(count: int) -> list[NodeSpec]:
+    """Mixed machines: 4-32 cores, 16/64 GB, every 5th with 2 GPUs, every 10th Alice's."""
+    nodes = []
+    for index in range(count):
+        name = f"sim{index:04d}"
+        capabilities: dict[str, object] = {"cores": (4, 8, 16, 32)[index % 4],
+                                           "memory": (16000, 64000)[(index // 4) % 2]}
+        if index % 5 == 2:
+            capabilities.update(usage_gpu=True, gpus=2)
+        if index % 10 == 9:
+            capabilities["usage_require_user_alice"] = True
+        repositories = {f"//{name}/vespid/general_1gb_{k}": {"type": "general_1gb"}
+                        for k in range(2)}
+        nodes.append(NodeSpec(name, capabilities, repositories))
+    return nodes
+
+
+def make_tasks(count: int, seed: int) -> list[bytes]:
+    """Mixed tasks; every one of them fits at least one node of make_nodes(10)."""
+    rng = random.Random(seed)
+    bodies = []
+    for index in range(count):
+        requirements: dict[str, object] = {"cores": rng.choice((1, 2, 4)),
+                                           "memory": 500 * rng.randint(1, 16)}
+        if rng.random() < 0.10:
+            requirements.update(usage_require_gpu=True, gpus=1)
+        if rng.random() < 0.10:
+            requirements["usage_user_alice"] = True
+        if rng.random() < 0.10:
+            requirements["usage_prefer_gpu"] = True
+        extra: dict[str, object] = {}
+        if rng.random() < 0.20:
+            extra["priority"] = rng.randint(1, 3)
+        if rng.random() < 0.10:
+            extra["repositories"] = {"env": {"request": "general_1gb", "local": True}}
+        bodies.append(task_create(f"bench-{index:06d}", requirements, **extra))
+    return bodies
+
+
+# ---- one cell -----------------------------------------------------------------------------
+def ingest(peer: Peer, coordinator: Coordinator, bodies: list[bytes], cell: Cell,
+           deadline: Deadline) -> bool:
+    """Queue every task with no node around; True once the coordinator holds them all."""
+    first, last = peer.publish_many(bodies)
+    cell.publish_seconds = last - first
+    while not deadline.expired():
+        coordinator.check_alive()
+        depth = peer.queue_depth(COORDINATOR_QUEUE)
+        if depth is not None and depth[0] == 0:
+            reply = wait_for_total(peer, "idle", len(bodies), deadline.within(2), 0.1)
+            if reply is not None:
+                cell.ingest_seconds = reply.received - first
+                return True
+        peer.pump(0.1)
+    idle = count_status(peer, "idle", Deadline.after(15))
+    dead = peer.queue_depth(DEAD_QUEUE)
+    cell.notes.append(f"ingestion unfinished at the deadline: {idle} of {len(bodies)} tasks "
+                      f"taken, {dead[0] if dead else '?'} dead-lettered")
+    return False
+
+
+@dataclass
+class Probe:
+    """node-list requests sent one at a time during the drain."""
+
+    correlation_id: str | None = None
+    sent: float = 0.0
+    next_at: float = 0.0
+
+
+def probe_step(peer: Peer, probe: Probe, cell: Cell) -> None:
+    now = time.monotonic()
+    if probe.correlation_id is not None:
+        reply = peer.take_reply(probe.correlation_id)
+        if reply is not None:
+            if cell.join_latency is None:
+                cell.join_latency = reply.latency
+            cell.probe_latencies.append(reply.latency)
+            probe.correlation_id, probe.next_at = None, now + PROBE_EVERY
+        elif now - probe.sent > PROBE_TIMEOUT:
+            peer.forget(probe.correlation_id)
+            cell.probe_timeouts += 1
+            probe.correlation_id, probe.next_at = None, now
+    if probe.correlation_id is None and now >= probe.next_at:
+        probe.correlation_id, probe.sent = peer.ask({"command": "node-list"}), now
+
+
+def drain(peer: Peer, sim: ChildProcess, coordinator: Coordinator, cell: Cell,
+          deadline: Deadline) -> None:
+    """Nodes join; wait for the W-th task-run, probing the coordinator's responsiveness."""
+    sim.send("join")
+    joined = float(sim.wait_for("joined", deadline.within(60)))
+    broker = broker_pid()
+    cpu_before = (coordinator.cpu_seconds(), sim.latest["progress"].cpu_seconds,
+                  process_cpu_seconds(broker))
+    probe = Probe()
+    probe_step(peer, probe, cell)  # lands right behind the N joining node-sets
+    try:
+        wait_for_last_run(peer, sim, coordinator, probe, cell, deadline)
+        finish_probe(peer, probe, cell, deadline)
+    finally:  # also on Ctrl-C: keep what was measured
+        stats: SimStats = sim.latest.get("progress", SimStats())
+        cpu_after = (coordinator.cpu_seconds(), stats.cpu_seconds,
+                     process_cpu_seconds(broker))
+        record_drain(cell, stats, joined, cpu_before, cpu_after)
+
+
+def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Coordinator, probe: Probe,
+                      cell: Cell, deadline: Deadline) -> None:
+    last_progress, last_distinct = time.monotonic(), 0
+    while not deadline.expired():
+        peer.pump(0.05)
+        sim.poll(0.0)
+        stats: SimStats = sim.latest.get("progress", SimStats())
+        probe_step(peer, probe, cell)
+        if stats.expected_run is not None:
+            return
+        if stats.distinct > last_distinct:
+            last_progress, last_distinct = time.monotonic(), stats.distinct
+        elif time.monotonic() - last_progress > STALL:
+            cell.notes.append(f"stalled: no new task-run for {STALL:.0f} s")
+            return
+        coordinator.check_alive()
+    cell.notes.append("cell deadline reached during the drain")
+
+
+def finish_probe(peer: Peer, probe: Probe, cell: Cell, deadline: Deadline) -> None:
+    if probe.correlation_id is None:
+        return
+    limit = deadline.within(max(0.0, PROBE_TIMEOUT - (time.monotonic() - probe.sent)))
+    while probe.correlation_id is not None and not limit.expired():
+        peer.pump(0.05)
+        probe.next_at = float("inf")
+        probe_step(peer, probe, cell)
+    if probe.correlation_id is not None:
+        cell.probe_timeouts += 1
+        peer.forget(probe.correlation_id)
+
+
+# CPU seconds used so far by (coordinator, simulator, broker)
+CpuPair = tuple[float | None, float | None, float | None]
+
+
+def record_drain(cell: Cell, stats: SimStats, joined: float, before: CpuPair,
+                 after: CpuPair) -> None:
+    cell.decisions = stats.distinct
+    if stats.first_run is None:
+        cell.notes.append("no task-run arrived at all")
+        return
+    cell.first_after_join = stats.first_run - joined
+    end = stats.expected_run or stats.last_run
+    assert end is not None
+    cell.drain_seconds = end - stats.first_run
+    cell.coordinator_cpu = cpu_share(before[0], after[0], end - joined)
+    cell.simulator_cpu = cpu_share(before[1], after[1], end - joined)
+    cell.broker_cpu = cpu_share(before[2], after[2], end - joined)
+
+
+def cpu_share(before: float | None, after: float | None, wall: float) -> float | None:
+    if before is None or after is None or wall <= 0:
+        return None
+    return (after - before) / wall
+
+
+def check_simulator(cell: Cell, final: SimStats | None, heartbeat: float) -> None:
+    if final is None:
+        return
+    if final.duplicates:
+        cell.notes.append(f"{final.duplicates} task-runs for tasks already run")
+    if final.kills:
+        cell.notes.append(f"{final.kills} task-kills received")
+    if final.max_heartbeat_gap > max(5.0, heartbeat * 1.25):
+        cell.notes.append(f"simulator fell behind: a node-set gap of "
+                          f"{final.max_heartbeat_gap:.1f} s")
+
+
+def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
+    bodies = make_tasks(cell.tasks, options.seed)
+    with ExitStack() as stack:
+        url = stack.enter_context(private_vhost("vespid-bench-sched"))
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-")))
+        coordinator = Coordinator(url, workdir)
+        stack.callback(coordinator.stop)
+        coordinator.start()
+        peer = Peer(url)
+        stack.callback(peer.close)
+        spec = SimSpec(url, make_nodes(cell.nodes), cell.tasks, options.heartbeat,
+                       options.delay)
+        sim = ChildProcess(simulator_main, (spec,), "node simulator")
+        try:
+            coordinator.wait_ready(peer, deadline.within(90))
+            sim.start()
+            stack.callback(sim.stop)
+            sim.wait_for("declared", deadline.within(300))
+            log.info("  %d nodes declared; queueing %d tasks", cell.nodes, cell.tasks)
+            if ingest(peer, coordinator, bodies, cell, deadline):
+                log.info("  ingested in %.1f s; nodes join", cell.ingest_seconds or 0)
+                drain(peer, sim, coordinator, cell, deadline)
+                if cell.decisions >= cell.tasks:
+                    reply = wait_for_total(peer, "complete", cell.tasks, deadline.within(60))
+                    cell.completed = (int(reply.body["total"]) if reply else
+                                      count_status(peer, "complete", Deadline.after(15)))
+        except BenchError as exc:
+            cell.notes.append(str(exc))
+        finally:
+            check_simulator(cell, sim.stop() if sim.process.pid else None, options.heartbeat)
+            coordinator.stop()
+            note = describe_log(coordinator.log_summary())
+            if note:
+                cell.notes.append(note)
+
+
+# ---- the grid and the report --------------------------------------------------------------
+def run_grid(options: Options) -> list[Cell]:
+    """Cheapest cells first (by queue depth, then nodes), so the cap skips the dearest."""
+    grid = Deadline.after(options.cap)
+    order = sorted(((n, w) for n in options.nodes for w in options.tasks),
+                   key=lambda nodes_tasks: (nodes_tasks[1], nodes_tasks[0]))
+    cells = [Cell(n, w) for n, w in order]
+    for index, cell in enumerate(cells):
+        try:
+            run_or_skip(cell, options, grid)
+        except KeyboardInterrupt:
+            cell.notes.append("interrupted (Ctrl-C or signal) during this cell")
+            for later in cells[index + 1:]:
+                later.skipped = True
+                later.notes.append("not run: interrupted")
+            report_interrupted(cells)
+    return cells
+
+
+def run_or_skip(cell: Cell, options: Options, grid: Deadline) -> None:
+    if grid.expired():
+        cell.skipped = True
+        cell.notes.append(f"skipped: the grid cap of {options.cap / 60:g} min was reached")
+        return
+    log.info("cell: %d nodes x %d tasks (%.0f s left of the grid cap)", cell.nodes,
+             cell.tasks, grid.remaining())
+    run_cell(cell, options, grid.within(CELL_CAP))
+
+
+def report_interrupted(cells: list[Cell]) -> None:
+    """Print what was measured before the interrupt, then exit like an interrupt."""
+    write_report("Vespid scheduling benchmark (interrupted)", report_sections(cells, None))
+    sys.exit(130)
+
+
+def row(cell: Cell) -> list[str]:
+    if cell.skipped:
+        return [str(cell.nodes), f"{cell.tasks:,}", *["—"] * 9, "; ".join(cell.notes)]
+    per_second = rate(cell.decisions, cell.drain_seconds)
+    partial = cell.decisions < cell.tasks
+    decided = (f"{fmt(per_second)} (partial: {cell.decisions:,}/{cell.tasks:,})" if partial
+               else fmt(per_second))
+    worst = max(cell.probe_latencies) if cell.probe_latencies else None
+    median = statistics.median(cell.probe_latencies) if cell.probe_latencies else None
+    probes = f"{fmt(ms(median))} / {fmt(ms(worst))}"
+    if cell.probe_timeouts:
+        probes += f" ({cell.probe_timeouts} unanswered in {PROBE_TIMEOUT:.0f} s)"
+    return [str(cell.nodes), f"{cell.tasks:,}",
+            fmt(rate(cell.tasks, cell.ingest_seconds)),
+            fmt(cell.first_after_join, 2), fmt(cell.drain_seconds, 2), decided,
+            fmt(ms(1 / per_second) if per_second else None, 3),
+            fmt(ms(cell.join_latency)), probes,
+            " / ".join(percent(x) for x in (cell.coordinator_cpu, cell.simulator_cpu,
+                                            cell.broker_cpu)),
+            "—" if cell.completed is None else f"{cell.completed:,}",
+            "; ".join(cell.notes) or ""]
+
+
+def percent(share: float | None) -> str:
+    return "—" if share is None else f"{100 * share:.0f}%"
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+HEADERS = ["nodes", "queued tasks", "ingest (creates/s)", "1st run after join (s)",
+           "1st→W-th run (s)", "decisions/s", "ms/decision", "node-list at join (ms)",
+           "node-list during drain, median / max (ms)", "CPU coordinator / simulator / RabbitMQ",
+           "complete",
+           "notes"]
+
+
+def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
+    sections = [markdown_table(HEADERS, [row(c) for c in cells])]
+    if options is not None:
+        sections.append(
+            f"Settings: node-set every {options.heartbeat:g} s per simulated node, "
+            f"task-complete {options.delay * 1000:g} ms after each task-run, grid cap "
+            f"{options.cap / 60:g} min, cell cap {CELL_CAP / 60:g} min, stall limit "
+            f"{STALL:g} s, task mix seed {options.seed}.")
+    sections.append(
+        "How to read it: *decisions/s* = W / (time from the first to the W-th task-run seen "
+        "by the simulated nodes); *ms/decision* is its inverse. *node-list at join* is a "
+        "request sent right behind the N joining node-sets, so it waits for the first "
+        "scheduling pass over the full queue; the next column samples one request a second "
+        "until the W-th run. *CPU* is each process's CPU time over the wall time from join to "
+        "the W-th run (100% = one core; the machine has the cores listed above, shared "
+        "with RabbitMQ). *ingest* counts from the first publish to the "
+        "task-list reply that saw all W tasks idle. *complete* is task-list status complete "
+        "once the drain ended.")
+    return sections
+
+
+def parse_options(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m bench.scheduling",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="nodes 10, 100 x tasks 1k, 10k; 3 min cap")
+    parser.add_argument("--nodes", type=int, nargs="+", help="override the node counts")
+    parser.add_argument("--tasks", type=int, nargs="+", help="override the queue depths")
+    parser.add_argument("--cap-minutes", type=float, help="wall-clock cap for the grid")
+    parser.add_argument("--heartbeat", type=float, default=4.0,
+                        help="seconds between one simulated node's node-sets (default 4)")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="task-complete this long after the task-run (default 0)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    nodes, tasks, cap = QUICK_GRID if args.quick else FULL_GRID
+    return Options(args.nodes or nodes, args.tasks or tasks,
+                   60 * args.cap_minutes if args.cap_minutes else cap,
+                   args.heartbeat, args.delay_ms / 1000, args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    install_signal_handlers()
+    options = parse_options(argv)
+    cells = run_grid(options)
+    write_report("Vespid scheduling benchmark", report_sections(cells, options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
