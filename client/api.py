@@ -179,6 +179,8 @@ class Client:
         priority: int = 0,
         parent: str | None = None,
         unique: bool = True,
+        timeout: float | None = None,
+        retries: int = 1,
     ) -> TaskHandle:
         """Create a task. Inside a task, the new one is its child and inherits its usage_
         flags and environment, unless `parent` names another task."""
@@ -196,7 +198,8 @@ class Client:
             "command": "task-create", "name": full_name, "name_pretty": name_pretty or name,
             "parent": parent, "executable_pyscript": script, "executable_pyfile": pyfile,
             "requirements": requirements, "repositories": repositories or {},
-            "environment": environment, "priority": priority,
+            "environment": environment, "priority": priority, "timeout": timeout,
+            "retries": retries,
         }
         self.request(message)
         return TaskHandle(self, full_name)
@@ -225,14 +228,23 @@ class Client:
         target = name or current_task()
         if target is None:
             raise ValueError("report() needs a task name outside a running task")
-        self.request({"command": "task-update", "name": target, "success": success,
-                      "message": message})
+        update: dict[str, Any] = {"command": "task-update", "name": target,
+                                  "success": success, "message": message}
+        if name is None and os.environ.get("VESPID_ATTEMPT", "").isdigit():
+            # Lets the coordinator tell a stale attempt's report from the current one's.
+            update["attempt"] = int(os.environ["VESPID_ATTEMPT"])
+            update["node"] = os.environ.get("VESPID_NODE")
+        self.request(update)
 
     def tasks(self, status: str | None = None, parent: str | None = None,
               limit: int = 1000) -> list[dict[str, Any]]:
         reply = self.request({"command": "task-list", "status": status, "parent": parent,
                               "limit": limit})
         return list(reply["tasks"])
+
+    def drain(self, node: str) -> None:
+        """Stop giving the node work; its agent finishes what runs, then exits."""
+        self.request({"command": "node-drain", "name": node})
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.request({"command": "node-list"})["nodes"])

@@ -161,7 +161,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         task = client.create_task(args.name or script.stem, script.read_text(),
                                   requirements=requirements, environment=environment,
-                                  priority=args.priority)
+                                  priority=args.priority, timeout=args.task_timeout,
+                                  retries=args.retries)
         if not args.wait:
             out(json.dumps({"name": task.name}) if args.json else task.name)
             return EXIT_OK
@@ -222,6 +223,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.drain(args.node)
+    out(f"{args.node} is draining: it takes no new work and its agent exits once its tasks "
+        "finished")
+    return EXIT_OK
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
     with _client(args) as client:
         nodes = client.nodes()
@@ -266,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only on nodes labelled X (usage_require_X)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the task")
+    p.add_argument("--task-timeout", type=float,
+                   help="kill the task after N seconds of running (ends terminated)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="restarts elsewhere if its node is lost under it (default 1)")
     p.add_argument("--wait", action="store_true", help="wait and exit non-zero unless ok")
     p.add_argument("--timeout", type=float, help="with --wait: give up after N seconds")
     p = command("info", cmd_info, "show a task's state")
@@ -283,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("explain", cmd_explain, "say why an idle task is not running")
     p.add_argument("name")
     command("nodes", cmd_nodes, "list nodes with their capacity and state")
+    p = command("drain", cmd_drain, "stop giving a node work; its agent exits when idle")
+    p.add_argument("node")
     return parser
 
 

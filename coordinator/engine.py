@@ -111,6 +111,8 @@ def task_run(task: Task) -> dict[str, Any]:
         "allocated": task.allocated,
         "environment": environment,
         "attempt": task.attempt,
+        "timeout": definition.timeout,
+        "memory": task.allocated.get("memory") or None,
     }
 
 
@@ -177,13 +179,24 @@ def lose_node(ctx: Context, node: Node) -> None:
     log.warning("node_lost", node=node.name, silent_for=round(ctx.now - node.last_seen, 1),
                 tasks=sorted(node.running))
     for name in sorted(node.running):
-        end_task(ctx, ctx.state.tasks[name], Severity.TERMINATED,
-                 f"node {node.name} was lost (no heartbeat for "
-                 f"{ctx.settings.node_timeout:g} s) while the task ran")
+        lost_under(ctx, ctx.state.tasks[name],
+                   f"node {node.name} was lost (no heartbeat for "
+                   f"{ctx.settings.node_timeout:g} s) while the task ran")
 
 
-def reconcile_node(ctx: Context, node: Node, reported: set[str]) -> None:
-    """Compare what a node says it runs with what we believe it runs."""
+def lost_under(ctx: Context, task: Task, why: str) -> None:
+    """The task's node lost it: start it again elsewhere while retries last."""
+    if task.cancel_requested or task.losses >= task.definition.retries:
+        end_task(ctx, task, Severity.TERMINATED, why)
+        return
+    ctx.state.requeue(task, ctx.now, why)
+    ctx.event("updated", task)
+    log.warning("task_requeued", task=task.name, attempt=task.attempt, reason=why,
+                retries_left=task.definition.retries - task.losses)
+
+
+def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) -> None:
+    """Compare what a node says it runs (name -> attempt) with what we believe it runs."""
     for name in sorted(node.running):
         task = ctx.state.tasks[name]
         if name in reported:
@@ -195,12 +208,23 @@ def reconcile_node(ctx: Context, node: Node, reported: set[str]) -> None:
         # sent long enough ago, is really gone (task-complete travels before node-set).
         sent = task.dispatched_at or 0.0
         if task.seen_on_node or ctx.now - sent > ctx.settings.dispatch_grace:
-            end_task(ctx, task, Severity.TERMINATED,
-                     f"node {node.name} no longer reports this task")
-    for name in sorted(reported - node.running):
-        stray = ctx.state.tasks.get(name)
-        if stray is None or stray.status is TaskStatus.COMPLETE or stray.node != node.name:
-            log.warning("stray_task_killed", node=node.name, task=name)
-            ctx.effects.to_node(node.name, {"command": "task-kill", "name": name,
-                                            "reason": "the coordinator does not run this "
-                                                      "task on this node"})
+            lost_under(ctx, task, f"node {node.name} no longer reports this task")
+    for name, attempt in sorted(reported.items()):
+        if name not in node.running:
+            _unexpected(ctx, node, name, attempt)
+
+
+def _unexpected(ctx: Context, node: Node, name: str, attempt: int | None) -> None:
+    """A node runs something we do not believe it runs: adopt it if it is the task's
+    current attempt and the task waits for a new one; otherwise it must die."""
+    task = ctx.state.tasks.get(name)
+    current = task is not None and attempt is not None and attempt == task.attempt
+    if task is not None and current and task.status is TaskStatus.IDLE:
+        ctx.state.adopt(task, node, ctx.now)
+        ctx.event("updated", task)
+        log.info("task_adopted", task=name, node=node.name, attempt=attempt)
+        return
+    log.warning("stray_task_killed", node=node.name, task=name, attempt=attempt)
+    ctx.effects.to_node(node.name, {"command": "task-kill", "name": name, "attempt": attempt,
+                                    "reason": "the coordinator does not run this attempt of "
+                                              "the task on this node"})

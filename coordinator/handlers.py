@@ -17,6 +17,7 @@ from vespid.shared import PROTOCOL_VERSION
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
+    NodeDrain,
     NodeList,
     NodeSet,
     Severity,
@@ -93,8 +94,8 @@ def handle_task_cancel(ctx: Context, msg: TaskCancel) -> Reply:
 
 def handle_task_update(ctx: Context, msg: TaskUpdate) -> Reply:
     task = _known_task(ctx, msg.name)
-    if msg.attempt is not None and msg.attempt != task.attempt:
-        log.info("stale_update_ignored", task=task.name, attempt=msg.attempt)
+    if not _is_current(task, msg.node, msg.attempt) and (msg.attempt or msg.node):
+        _record_late(ctx, task, msg.attempt, f"task-update {msg.success.value}", msg.node)
         return None
     # `ok` is only ever the verdict of a completed task, never a running one's claim.
     raised = msg.success is not Severity.OK and task.raise_severity(msg.success)
@@ -108,13 +109,44 @@ def handle_task_update(ctx: Context, msg: TaskUpdate) -> Reply:
 
 def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
     task = ctx.state.tasks.get(msg.name)
-    current = (task is not None and task.status is TaskStatus.WORKING
-               and task.node == msg.node and msg.attempt in (None, task.attempt))
-    if task is None or not current:
-        log.info("stale_complete_ignored", task=msg.name, node=msg.node, attempt=msg.attempt)
+    if task is None:
+        log.info("unknown_task_complete_ignored", task=msg.name, node=msg.node)
         return None
-    engine.end_task(ctx, task, msg.success, msg.message)
+    if _is_current(task, msg.node, msg.attempt):
+        engine.end_task(ctx, task, msg.success, msg.message)
+    elif _requeued_from(task, msg.node, msg.attempt) and msg.node in ctx.state.nodes:
+        # Its node was declared lost, yet the attempt finished there: keep the result
+        # rather than run the task twice.
+        ctx.state.adopt(task, ctx.state.nodes[msg.node], ctx.now)
+        engine.end_task(ctx, task, msg.success, msg.message)
+    else:
+        _record_late(ctx, task, msg.attempt, f"task-complete {msg.success.value}", msg.node)
     return None
+
+
+def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:
+    return (task.status is TaskStatus.WORKING and node in (None, task.node)
+            and attempt in (None, task.attempt))
+
+
+def _requeued_from(task: Task, node: str, attempt: int | None) -> bool:
+    last = task.attempts[-1] if task.attempts else None
+    return (task.status is TaskStatus.IDLE and last is not None and last["node"] == node
+            and attempt == task.attempt)
+
+
+def _record_late(ctx: Context, task: Task, attempt: int | None, what: str,
+                 node: str | None) -> None:
+    """A report from an attempt that is no longer current is kept, and changes nothing."""
+    log.warning("stale_report_ignored", task=task.name, attempt=attempt, node=node,
+                current=task.attempt, report=what)
+    for record in task.attempts:
+        if record["attempt"] == attempt:
+            record.setdefault("late", []).append(what)
+            ctx.state.touch_task(task)
+    if node is not None and node in ctx.state.nodes and attempt is not None:
+        ctx.effects.to_node(node, {"command": "task-kill", "name": task.name,
+                                   "attempt": attempt, "reason": "a newer attempt replaced it"})
 
 
 def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
@@ -131,8 +163,14 @@ def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
     ctx.state.touch_node(node)
     if _offer_terms(node) != before:
         ctx.state.node_gained_room(node.name)
-    engine.reconcile_node(ctx, node, set(msg.activetasks))
+    engine.reconcile_node(ctx, node, {name: _attempt_of(info)
+                                      for name, info in msg.activetasks.items()})
     return None
+
+
+def _attempt_of(info: Any) -> int | None:
+    attempt = info.get("attempt") if isinstance(info, dict) else None
+    return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
 
 
 def _offer_terms(node: Node) -> tuple[Any, ...]:
@@ -148,11 +186,26 @@ def _refresh_node(node: Node, msg: NodeSet, now: float) -> None:
                   supported=PROTOCOL_VERSION)
     node.capabilities = dict(msg.capabilities)
     node.repositories = {k: v.model_dump() for k, v in msg.repositories.items()}
+    # A drain asked for with `vespid drain` lasts until this agent says so itself or a new
+    # agent process (a restart, say after an upgrade) takes the node's name.
+    same_agent = node.alive and (msg.started is None or msg.started == node.started)
+    node.draining = msg.draining or (node.draining and same_agent)
+    node.started = msg.started
     node.last_seen = now
     node.alive = True
-    node.draining = msg.draining
     node.version = msg.version
     node.protocol = msg.protocol
+
+
+def handle_node_drain(ctx: Context, msg: NodeDrain) -> Reply:
+    node = ctx.state.nodes.get(msg.name)
+    if node is None:
+        raise ProtocolError("not_found", f"no node named {msg.name!r}; `vespid nodes` lists them")
+    node.draining = True
+    ctx.state.touch_node(node)
+    ctx.effects.to_node(node.name, {"command": "node-drain", "name": node.name})
+    log.info("node_drain_requested", node=node.name, running=sorted(node.running))
+    return None
 
 
 def handle_task_list(ctx: Context, msg: TaskList) -> Reply:
@@ -187,6 +240,7 @@ HANDLERS: dict[type, Handler] = {
     TaskCancel: handle_task_cancel,
     TaskUpdate: handle_task_update,
     TaskWait: handle_task_wait,
+    NodeDrain: handle_node_drain,
     TaskComplete: handle_task_complete,
     NodeSet: handle_node_set,
     TaskList: handle_task_list,

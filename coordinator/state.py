@@ -38,6 +38,17 @@ class Task:
     cancel_requested: bool = False
     holds: dict[str, str] = field(default_factory=dict)  # request key -> repository
     lent_cores: float = 0.0  # cores given back while it waits for its children
+    # One entry per start: attempt, node, start, end, why it ended, lost (node lost under it),
+    # and late results from that attempt that arrived after it was superseded.
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def losses(self) -> int:
+        return sum(1 for a in self.attempts if a.get("lost"))
+
+    def close_attempt(self, now: float, why: str, lost: bool = False) -> None:
+        if self.attempts and self.attempts[-1]["end"] is None:
+            self.attempts[-1].update(end=now, why=why, lost=lost)
 
     @property
     def name(self) -> str:
@@ -102,6 +113,7 @@ class Node:
     draining: bool = False
     version: str | None = None
     protocol: int | None = None
+    started: float | None = None
     used: dict[str, float] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
 
@@ -216,6 +228,8 @@ class State:
         task.time_start = now
         task.dispatched_at = now
         task.seen_on_node = False
+        task.attempts.append({"attempt": task.attempt, "node": node.name, "start": now,
+                              "end": None, "why": None, "lost": False})
         for repo in repos.values():
             self.holds[repo] = task.name
         self.dequeue(task)
@@ -223,12 +237,42 @@ class State:
         node.running.add(task.name)
         self.touch_task(task)
 
-    def finish(self, task: Task, severity: Severity, now: float, message: str | None) -> None:
+    def _leave_node(self, task: Task) -> None:
         if task.status is TaskStatus.WORKING and task.node in self.nodes:
             node = self.nodes[task.node]
             node.release(task.holding)
             node.running.discard(task.name)
             self.node_gained_room(node.name)
+
+    def requeue(self, task: Task, now: float, why: str) -> None:
+        """Its node was lost under it: wait again, to start as a new attempt elsewhere."""
+        self._leave_node(task)
+        task.close_attempt(now, why, lost=True)
+        task.status = TaskStatus.IDLE
+        task.node, task.allocated, task.lent_cores = None, {}, 0.0
+        task.dispatched_at, task.seen_on_node, task.message = None, False, why
+        for repo in self.release_repositories(task):
+            host = self.repository_host(repo)
+            if host is not None:
+                self.node_gained_room(host.name)
+        task.holds = {}
+        self.enqueue(task)
+        self.touch_task(task)
+
+    def adopt(self, task: Task, node: Node, now: float) -> None:
+        """A node that came back still runs the current attempt of a requeued task."""
+        self.dequeue(task)
+        task.status, task.node, task.seen_on_node = TaskStatus.WORKING, node.name, True
+        task.allocated = task.shape().need
+        if task.attempts:
+            task.attempts[-1].update(end=None, why=None, lost=False)
+        node.reserve(task.allocated)
+        node.running.add(task.name)
+        self.touch_task(task)
+
+    def finish(self, task: Task, severity: Severity, now: float, message: str | None) -> None:
+        self._leave_node(task)
+        task.close_attempt(now, message or severity.value)
         task.status = TaskStatus.COMPLETE
         task.lent_cores = 0.0
         task.raise_severity(severity)

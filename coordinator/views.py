@@ -26,6 +26,7 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
         "attempt": task.attempt,
         "message": task.message,
         "holds": task.holds,
+        "attempts": task.attempts,
         "lent_cores": task.lent_cores or None,
     })
     return body

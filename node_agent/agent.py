@@ -24,6 +24,7 @@ from vespid.shared import PROTOCOL_VERSION, topology
 from vespid.shared.errors import BrokerError, ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
+    NodeDrain,
     RepositoryClean,
     Severity,
     TaskKill,
@@ -48,7 +49,9 @@ class NodeAgent:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.log = get_logger(__name__, node=settings.name)
-        self.supervisor = Supervisor(kill_grace=settings.kill_grace)
+        self.supervisor = Supervisor(kill_grace=settings.kill_grace,
+                                     memory_margin=settings.memory_margin)
+        self.superseded: dict[str, TaskRun] = {}  # newer attempts waiting for the old to die
         self.unsent: list[Finished] = []
         self.results: OrderedDict[str, Finished] = OrderedDict()
         self.draining = False
@@ -57,6 +60,7 @@ class NodeAgent:
         self._channel: Any = None
         self._consumer_tag: str | None = None
         self._next_heartbeat = 0.0
+        self.started = time.time()
 
     # ---- lifecycle -------------------------------------------------------------------
     def run(self) -> None:
@@ -79,9 +83,14 @@ class NodeAgent:
             self.stop_now = True
             self.supervisor.kill_all("the node agent was stopped")
             return
-        self.log.info("node_draining", signal=signal.Signals(signum).name,
-                      running=sorted(self.supervisor.running))
+        self._drain(f"signal {signal.Signals(signum).name}")
+
+    def _drain(self, why: str) -> None:
+        """Take no new work, finish what runs, then exit."""
+        if not self.draining:
+            self.log.info("node_draining", reason=why, running=sorted(self.supervisor.running))
         self.draining = True
+        self._next_heartbeat = 0.0  # tell the coordinator at once
 
     def _finished(self) -> bool:
         return self.draining and not self.supervisor.running and not self.unsent
@@ -107,19 +116,16 @@ class NodeAgent:
         guarded(lambda: self._channel.basic_qos(prefetch_count=self.settings.prefetch))
         self._flush_results()
         self._send_node_set()
-        if not self.draining:
-            self._consumer_tag = guarded(lambda: self._channel.basic_consume(
-                topology.node_queue(self.settings.name), self._on_message))
+        # Consumed even while draining: a task-run already on its way was assigned before
+        # the coordinator knew, and is run rather than lost.
+        self._consumer_tag = guarded(lambda: self._channel.basic_consume(
+            topology.node_queue(self.settings.name), self._on_message))
         self.log.info("node_connected", queue=topology.node_queue(self.settings.name))
 
     def _step(self) -> None:
         guarded(lambda: self._connection.process_data_events(time_limit=0.2))
         self._reap()
         self._flush_results()
-        if self.draining and self._consumer_tag is not None:
-            guarded(lambda: self._channel.basic_cancel(self._consumer_tag))
-            self._consumer_tag = None
-            self._next_heartbeat = 0.0
         if time.time() >= self._next_heartbeat:
             self._send_node_set()
 
@@ -134,7 +140,10 @@ class NodeAgent:
         if isinstance(message, TaskRun):
             self._start(message)
         elif isinstance(message, TaskKill):
-            self.supervisor.kill(message.name, message.reason or "the coordinator asked")
+            self.supervisor.kill(message.name, message.reason or "the coordinator asked",
+                                 message.attempt)
+        elif isinstance(message, NodeDrain):
+            self._drain("the coordinator asked (vespid drain)")
         elif isinstance(message, RepositoryClean):
             self._clean(message.repository)
         # Acked once the process runs and is recorded: a task's lifetime is never bounded by
@@ -143,17 +152,19 @@ class NodeAgent:
 
     def _start(self, run: TaskRun) -> None:
         log = self.log.bind(task=run.name, attempt=run.attempt)
-        if run.name in self.supervisor.running:
-            log.info("duplicate_task_run_ignored")
+        current = self.supervisor.running.get(run.name)
+        if current is not None:
+            if current.run.attempt < run.attempt:
+                log.warning("older_attempt_superseded", running=current.run.attempt)
+                self.supervisor.kill(run.name, "a newer attempt of the task arrived")
+                self.superseded[run.name] = run
+            else:
+                log.info("duplicate_task_run_ignored")
             return
         previous = self.results.get(run.name)
         if previous is not None and previous.attempt >= run.attempt:
             log.info("finished_task_reported_again")
             self.unsent.append(previous)
-            return
-        if self.draining:
-            self.unsent.append(Finished(run.name, run.attempt, Severity.TERMINATED,
-                                        "the node is draining"))
             return
         failed = self._launch(run)
         if failed is not None:
@@ -222,6 +233,9 @@ class NodeAgent:
     def _reap(self) -> None:
         for result in self.supervisor.reap():
             self._record(result)
+            newer = self.superseded.pop(result.name, None)
+            if newer is not None:
+                self._start(newer)
 
     def _record(self, result: Finished) -> None:
         self.results[result.name] = result
@@ -246,6 +260,7 @@ class NodeAgent:
             "activetasks": {name: {"attempt": r.run.attempt, "pid": r.process.pid}
                             for name, r in self.supervisor.running.items()},
             "draining": self.draining, "version": VERSION, "protocol": PROTOCOL_VERSION,
+            "started": self.started,
         })
         self._next_heartbeat = time.time() + s.heartbeat_interval
 

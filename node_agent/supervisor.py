@@ -1,8 +1,12 @@
 """Starting, watching and killing task processes. No broker code here.
 
-Each task runs as `sys.executable script.py` in its own process group (so a kill reaches
-everything it spawned) with the parent-death signal set (so it dies if the agent is
-SIGKILLed). Its stdout and stderr go to the task's log file.
+Each task runs with the agent's own Python in its own process group, so a kill reaches
+everything it spawned. If the agent dies, even by SIGKILL, the kernel sends the task the
+parent-death signal; a small bootstrap that runs before the script turns it into SIGKILL
+for the whole group, so no grandchild (a compiler, a test runner) is left orphaned.
+Its stdout and stderr go to the task's log file. Running time (`timeout`) and memory
+(the resident memory of the whole group, polled, against what the task asked for times a
+margin) are enforced here.
 """
 
 from __future__ import annotations
@@ -22,6 +26,17 @@ from vespid.shared.protocol import Severity, TaskRun
 
 log = get_logger(__name__)
 PR_SET_PDEATHSIG = 1
+DEATH_SIGNAL = signal.SIGUSR2
+MEMORY_POLL_SECONDS = 0.5
+# Runs as `python -c BOOTSTRAP script`: the script sees itself as __main__ with its own
+# folder first on sys.path, as `python script` would give it.
+BOOTSTRAP = (
+    "import os, runpy, signal, sys\n"
+    "signal.signal(signal.SIGUSR2, lambda *_: os.killpg(0, signal.SIGKILL))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 @dataclass
@@ -29,8 +44,11 @@ class Running:
     run: TaskRun
     process: subprocess.Popen[bytes]
     started: float
+    memory_limit_mb: float | None = None
     kill_reason: str | None = None
+    kill_severity: Severity = Severity.TERMINATED
     kill_deadline: float | None = None
+    next_memory_check: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,15 +70,32 @@ class Launch:
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the agent
-    # dies, however it dies.
+    # Runs in the child between fork and exec: ask the kernel to signal it when the agent
+    # dies, however it dies; the bootstrap then kills the whole group.
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL)
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group, in MB (Linux /proc)."""
+    total_pages = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat, after pid and (comm)
+            total_pages += int(fields[21])  # field 24: rss in pages
+    return total_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
 @dataclass
 class Supervisor:
     kill_grace: float
+    memory_margin: float = 1.5
     running: dict[str, Running] = field(default_factory=dict)
 
     def start(self, run: TaskRun, launch: Launch) -> Finished | None:
@@ -69,7 +104,8 @@ class Supervisor:
             launch.log_file.parent.mkdir(parents=True, exist_ok=True)
             with launch.log_file.open("ab") as log_handle:
                 process = subprocess.Popen(
-                    [sys.executable, str(launch.script)], cwd=launch.cwd, env=launch.env,
+                    [sys.executable, "-c", BOOTSTRAP, str(launch.script)], cwd=launch.cwd,
+                    env=launch.env,
                     stdin=subprocess.DEVNULL, stdout=log_handle, stderr=subprocess.STDOUT,
                     start_new_session=True, preexec_fn=_die_with_parent,
                 )
@@ -77,18 +113,25 @@ class Supervisor:
             message = f"could not start the task: {exc}"
             log.error("task_start_failed", task=run.name, error=str(exc))
             return Finished(run.name, run.attempt, Severity.FATAL, message)
-        self.running[run.name] = Running(run, process, time.time())
+        limit = run.memory * self.memory_margin if run.memory else None
+        self.running[run.name] = Running(run, process, time.time(), limit)
         log.info("task_process_started", task=run.name, pid=process.pid, attempt=run.attempt)
         return None
 
-    def kill(self, name: str, reason: str) -> None:
+    def kill(self, name: str, reason: str, attempt: int | None = None,
+             severity: Severity = Severity.TERMINATED) -> None:
         entry = self.running.get(name)
         if entry is None or entry.kill_reason is not None:
             return
+        if attempt is not None and entry.run.attempt > attempt:
+            return  # meant for an older attempt than the one running here
         entry.kill_reason = reason
-        entry.kill_deadline = time.time() + self.kill_grace
+        entry.kill_severity = severity
+        # A task over its memory goes at once: a grace period is time to take the machine.
+        over_memory = severity is Severity.FATAL
+        entry.kill_deadline = time.time() + (0 if over_memory else self.kill_grace)
         log.info("task_killing", task=name, reason=reason)
-        self._signal(entry, signal.SIGTERM)
+        self._signal(entry, signal.SIGKILL if over_memory else signal.SIGTERM)
 
     def kill_all(self, reason: str) -> None:
         for name in list(self.running):
@@ -101,8 +144,7 @@ class Supervisor:
         for name, entry in list(self.running.items()):
             code = entry.process.poll()
             if code is None:
-                if entry.kill_deadline is not None and now > entry.kill_deadline:
-                    self._signal(entry, signal.SIGKILL)
+                self._enforce(name, entry, now)
                 continue
             del self.running[name]
             # The group may still hold processes the script left behind: end them too.
@@ -110,10 +152,26 @@ class Supervisor:
             finished.append(self._outcome(entry, code))
         return finished
 
+    def _enforce(self, name: str, entry: Running, now: float) -> None:
+        if entry.kill_deadline is not None:
+            if now > entry.kill_deadline:
+                self._signal(entry, signal.SIGKILL)
+            return
+        timeout = entry.run.timeout
+        if timeout is not None and now - entry.started > timeout:
+            self.kill(name, f"it ran longer than its timeout of {timeout:g} s")
+        elif entry.memory_limit_mb is not None and now >= entry.next_memory_check:
+            entry.next_memory_check = now + MEMORY_POLL_SECONDS
+            used = group_rss_mb(entry.process.pid)
+            if used > entry.memory_limit_mb:
+                self.kill(name, f"it used {used:.0f} MB, more than the {entry.run.memory:g} MB "
+                                f"it asked for times the node's margin of "
+                                f"{self.memory_margin:g}", severity=Severity.FATAL)
+
     def _outcome(self, entry: Running, code: int) -> Finished:
         run = entry.run
         if entry.kill_reason is not None:
-            result = Finished(run.name, run.attempt, Severity.TERMINATED,
+            result = Finished(run.name, run.attempt, entry.kill_severity,
                               f"killed: {entry.kill_reason}")
         elif code == 0:
             result = Finished(run.name, run.attempt, Severity.OK, None)

@@ -99,6 +99,9 @@ class TaskDefinition(_Message):
     repositories: dict[str, RepositoryRequest] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
     priority: int = 0
+    timeout: float | None = Field(default=None, gt=0, description="seconds of running time")
+    retries: int = Field(default=1, ge=0, le=100,
+                         description="restarts after its node was lost under it")
 
     @field_validator("requirements", "repositories", "environment", mode="before")
     @classmethod
@@ -185,6 +188,7 @@ class TaskUpdate(_Message):
     success: Severity
     message: str | None = None
     attempt: int | None = None
+    node: str | None = None
 
 
 class TaskWait(_Message):
@@ -196,6 +200,15 @@ class TaskWait(_Message):
     command: Literal["task-wait"]
     name: str
     waiting: bool
+
+
+class NodeDrain(_Message):
+    """Stop giving a node work; its agent finishes what runs, then exits.
+
+    Sent by a client to the coordinator, which marks the node and forwards it to the node."""
+
+    command: Literal["node-drain"]
+    name: NodeName
 
 
 class TaskList(_Message):
@@ -226,6 +239,7 @@ class NodeSet(_OpenMessage):
     draining: bool = False
     version: str | None = None
     protocol: int | None = None
+    started: float | None = None  # when this agent process started: a restart is a new one
 
     @field_validator("capabilities", "repositories", "activetasks", mode="before")
     @classmethod
@@ -268,6 +282,8 @@ class TaskRun(_OpenMessage):
     allocated: dict[str, float] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
     attempt: int = 1
+    timeout: float | None = None
+    memory: float | None = None  # MB asked for: the node enforces it with a margin
 
 
 class RepositoryClean(_OpenMessage):
@@ -284,16 +300,17 @@ class TaskKill(_OpenMessage):
 
 InboundMessage = Annotated[
     TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskWait | TaskList | NodeList | NodeSet
-    | TaskComplete,
+    | TaskComplete | NodeDrain,
     Field(discriminator="command"),
 ]
-NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean, Field(discriminator="command")]
+NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain,
+                        Field(discriminator="command")]
 
 _inbound = TypeAdapter[Any](InboundMessage)
 _node_inbound = TypeAdapter[Any](NodeMessage)
 INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
-                    "task-list", "node-list", "node-set", "task-complete")
-NODE_COMMANDS = ("task-run", "task-kill", "repository-clean")
+                    "task-list", "node-list", "node-set", "task-complete", "node-drain")
+NODE_COMMANDS = ("task-run", "task-kill", "repository-clean", "node-drain")
 
 
 def parse_body(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str, Any]:

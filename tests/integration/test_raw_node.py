@@ -42,7 +42,8 @@ def test_a_raw_node_receives_a_task_run_and_its_task_complete_finishes_the_task(
 
 def test_a_task_the_node_stops_reporting_ends_terminated(raw_node: RawNode,
                                                         raw: RawPeer) -> None:
-    raw.request({"command": "task-create", "name": "vanishing", "executable_pyscript": "x"})
+    raw.request({"command": "task-create", "name": "vanishing", "executable_pyscript": "x",
+                 "retries": 0})
     raw_node.next_message()
     raw_node.node_set(["vanishing"])
     assert raw.wait_for("vanishing", lambda i: i["status"] == "working")["node"] == "rawbox"
@@ -67,7 +68,8 @@ def test_a_node_set_sent_before_the_task_run_arrived_does_not_end_the_task(
 
 def test_a_silent_node_is_lost_and_its_tasks_end_terminated(raw_node: RawNode,
                                                            raw: RawPeer) -> None:
-    raw.request({"command": "task-create", "name": "orphan", "executable_pyscript": "x"})
+    raw.request({"command": "task-create", "name": "orphan", "executable_pyscript": "x",
+                 "retries": 0})
     raw_node.next_message()
     raw_node.node_set(["orphan"])
 
@@ -126,3 +128,48 @@ def test_task_list_and_node_list_answer_for_dashboards(raw_node: RawNode,
     assert [t["name"] for t in idle["tasks"]] == ["listed-child"]
     assert nodes["nodes"][0]["name"] == "rawbox"
     assert nodes["nodes"][0]["free"]["cores"] == 7
+
+
+def test_a_task_whose_node_is_lost_runs_again_elsewhere_as_a_new_attempt(
+        raw_node: RawNode, raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "retried", "executable_pyscript": "x"})
+    first = raw_node.next_message()
+    raw_node.node_set(["retried"])
+    spare = RawNode(raw, "spare", {"memory": 8000, "cores": 8})
+
+    deadline = time.monotonic() + 20
+    second: dict[str, Any] | None = None
+    while second is None:  # the spare keeps beating; rawbox has gone silent
+        assert time.monotonic() < deadline, "the task never started again"
+        spare.node_set([])
+        raw.connection.process_data_events(time_limit=0.3)
+        if spare.inbox:
+            second = spare.next_message()
+    spare.complete("retried")
+    info = raw.wait_for("retried", lambda i: i["status"] == "complete")
+
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    assert info["success"] == "ok" and info["node"] == "spare"
+    assert [(a["attempt"], a["node"], a["lost"]) for a in info["attempts"]] == [
+        (1, "rawbox", True), (2, "spare", False)]
+    assert "lost" in info["attempts"][0]["why"]
+
+
+def test_a_late_result_from_a_superseded_attempt_changes_nothing(
+        raw_node: RawNode, raw: RawPeer) -> None:
+    raw.request({"command": "task-create", "name": "fenced", "executable_pyscript": "x"})
+    raw_node.next_message()
+    raw_node.node_set(["fenced"])
+    raw_node.node_set([])  # vanished: requeued, and the only node takes it again
+    second = raw_node.next_message()
+    raw_node.node_set(["fenced"])
+
+    raw.send({"command": "task-complete", "name": "fenced", "node": "rawbox",
+              "success": "fatal", "attempt": 1})
+    kill = raw_node.next_message()
+    still = raw.info("fenced")
+
+    assert second["attempt"] == 2
+    assert (kill["command"], kill["attempt"]) == ("task-kill", 1)
+    assert still["status"] == "working" and still["success"] is None
+    assert still["attempts"][0]["late"] == ["task-complete fatal"]

@@ -83,9 +83,9 @@ def dead_letters(outcome: Outcome) -> list[OutboxEntry]:
     return [e for e in outcome.outbox if e.exchange == "vespid.dead"]
 
 
-def start_one(proc: Processor, name: str = "t1", now: float = T0) -> None:
+def start_one(proc: Processor, name: str = "t1", now: float = T0, **fields: Any) -> None:
     send(proc, node_set(), now)
-    outcome = send(proc, task_create(name), now)
+    outcome = send(proc, task_create(name, **fields), now)
     assert [key for key, _ in to_nodes(outcome)] == ["node.n1"]
 
 
@@ -373,7 +373,7 @@ def test_completing_a_task_frees_its_cores_for_the_next_waiting_task(proc: Proce
 
 def test_a_node_silent_longer_than_the_heartbeat_timeout_loses_its_working_task(
         proc: Processor) -> None:
-    start_one(proc)
+    start_one(proc, retries=0)
     timeout = HEARTBEAT * MISSED
 
     quiet = proc.tick(T0 + timeout)
@@ -403,7 +403,7 @@ def test_a_heartbeat_keeps_a_node_and_its_task_alive(proc: Processor) -> None:
 
 def test_a_node_set_that_omits_a_task_it_reported_before_ends_it_terminated(
         proc: Processor) -> None:
-    start_one(proc)
+    start_one(proc, retries=0)
     send(proc, node_set(activetasks=["t1"]), T0 + 1)
 
     outcome = send(proc, node_set(activetasks=[]), T0 + 2)
@@ -426,7 +426,7 @@ def test_a_node_set_that_omits_a_task_sent_moments_ago_leaves_it_working(
 
 def test_a_node_set_that_still_omits_a_task_after_the_grace_ends_it_terminated(
         proc: Processor) -> None:
-    start_one(proc)
+    start_one(proc, retries=0)
     send(proc, node_set(activetasks=[]), T0 + GRACE - 1)
 
     send(proc, node_set(activetasks=[]), T0 + GRACE + 1)
@@ -551,7 +551,7 @@ def test_a_repeated_unbounded_task_create_after_a_restart_is_still_acknowledged(
 
 def test_a_restarted_coordinator_gives_silent_nodes_a_full_timeout_from_its_start(
         tmp_path: Path, store: Store, proc: Processor) -> None:
-    start_one(proc)
+    start_one(proc, retries=0)
     store.close()
     restart = T0 + 60
 
