@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vespid.coordinator import engine, views
+from vespid.coordinator.check import check_state
 from vespid.coordinator.engine import Context
 from vespid.coordinator.state import Node, Task
 from vespid.shared import PROTOCOL_VERSION
@@ -21,6 +22,7 @@ from vespid.shared.protocol import (
     NodeList,
     NodeSet,
     Severity,
+    StateCheck,
     TaskCancel,
     TaskComplete,
     TaskCreate,
@@ -208,6 +210,13 @@ def handle_node_drain(ctx: Context, msg: NodeDrain) -> Reply:
     return None
 
 
+def handle_state_check(ctx: Context, msg: StateCheck) -> Reply:
+    problems = check_state(ctx.state)
+    return {"command": "state-check-response", "ok": not problems, "problems": problems,
+            "tasks": len(ctx.state.tasks), "nodes": len(ctx.state.nodes),
+            "waiting": len(ctx.state.waiting_shape)}
+
+
 def handle_task_list(ctx: Context, msg: TaskList) -> Reply:
     wanted = None if msg.status is None else TaskStatus(msg.status)
     tasks = [t for t in ctx.state.tasks.values()
@@ -241,6 +250,7 @@ HANDLERS: dict[type, Handler] = {
     TaskUpdate: handle_task_update,
     TaskWait: handle_task_wait,
     NodeDrain: handle_node_drain,
+    StateCheck: handle_state_check,
     TaskComplete: handle_task_complete,
     NodeSet: handle_node_set,
     TaskList: handle_task_list,

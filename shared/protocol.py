@@ -211,6 +211,12 @@ class NodeDrain(_Message):
     name: NodeName
 
 
+class StateCheck(_Message):
+    """Ask the coordinator to verify its state (used resources, holds, queue)."""
+
+    command: Literal["state-check"]
+
+
 class TaskList(_Message):
     command: Literal["task-list"]
     status: Literal["idle", "working", "complete"] | None = None
@@ -300,7 +306,7 @@ class TaskKill(_OpenMessage):
 
 InboundMessage = Annotated[
     TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskWait | TaskList | NodeList | NodeSet
-    | TaskComplete | NodeDrain,
+    | TaskComplete | NodeDrain | StateCheck,
     Field(discriminator="command"),
 ]
 NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain,
@@ -309,7 +315,8 @@ NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain,
 _inbound = TypeAdapter[Any](InboundMessage)
 _node_inbound = TypeAdapter[Any](NodeMessage)
 INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
-                    "task-list", "node-list", "node-set", "task-complete", "node-drain")
+                    "task-list", "node-list", "node-set", "task-complete", "node-drain",
+                    "state-check")
 NODE_COMMANDS = ("task-run", "task-kill", "repository-clean", "node-drain")
 
 
