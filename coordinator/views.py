@@ -56,6 +56,7 @@ def task_summary(state: State, task: Task) -> dict[str, Any]:
         "success": task.success.value if task.success else None,
         "node": task.node,
         "priority": task.definition.priority,
+        "attempt": task.attempt,
         "time-create": task.time_create,
         "time-start": task.time_start,
         "time-finish": task.time_finish,
