@@ -1,0 +1,140 @@
+"""The coordinator and the broker fail under load; every acknowledged task still ends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pytest
+
+from tests.processes import VespidProcess, cli
+from tests.raw import RawPeer
+
+pytestmark = pytest.mark.integration
+
+
+def complete_tasks(raw: RawPeer, total: int) -> list[dict[str, Any]]:
+    reply = raw.request({"command": "task-list", "status": "complete", "limit": total})
+    return list(reply["tasks"])
+
+
+def wait_all_complete(amqp_url: str, total: int, timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        peer = RawPeer(amqp_url)
+        try:
+            done = complete_tasks(peer, total)
+        except (AssertionError, pika.exceptions.AMQPError):
+            done = []
+        finally:
+            peer.close()
+        if len(done) >= total or time.monotonic() > deadline:
+            return done
+        time.sleep(1)
+
+
+def test_every_task_completes_while_the_coordinator_is_sigkilled_repeatedly(
+        amqp_url: str, coordinator: VespidProcess,
+        start_node: Callable[..., VespidProcess], raw: RawPeer) -> None:
+    for name in ("box1", "box2", "box3"):
+        start_node(name, {"memory": 8000, "cores": 4})
+    total = 2000
+    for i in range(total):
+        raw.send({"command": "task-create", "name": f"flow-{i:04d}",
+                  "executable_pyscript": "pass"})
+        if i % 400 == 399:
+            raw.connection.process_data_events(time_limit=0)
+
+    started = time.monotonic()
+    kills = 0
+    for _ in range(6):
+        time.sleep(2)
+        coordinator.kill()
+        kills += 1
+        # A repeated message must change nothing: send duplicates while it is down.
+        for i in range(0, total, 50):
+            raw.send({"command": "task-create", "name": f"flow-{i:04d}",
+                      "executable_pyscript": "pass"})
+        coordinator.start()
+    done = wait_all_complete(amqp_url, total, timeout=300)
+    elapsed = time.monotonic() - started
+
+    names = {t["name"] for t in done}
+    assert len(done) == total and names == {f"flow-{i:04d}" for i in range(total)}
+    assert {t["success"] for t in done} == {"ok"}
+    duplicated = sum(1 for t in done if t["attempt"] > 1)
+    check = cli(amqp_url, "coordinator", "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    print(f"\ncoordinator SIGKILL x{kills}: {total} tasks, 0 lost, {duplicated} re-run, "
+          f"all done in {elapsed:.0f} s")
+
+
+@pytest.fixture
+def broker_restart() -> Iterator[Callable[[], None]]:
+    stopped = False
+
+    def restart() -> None:
+        nonlocal stopped
+        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120)
+        stopped = True
+        time.sleep(3)
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120)
+        stopped = False
+
+    yield restart
+    if stopped:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=False, timeout=120)
+
+
+def test_work_finishes_across_a_broker_restart_and_no_output_is_lost(
+        amqp_url: str, coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
+        raw: RawPeer, broker_restart: Callable[[], None]) -> None:
+    agent = start_node("box1", {"memory": 4000, "cores": 2})
+    talker = ("import time\nfor i in range(60):\n    print(f'line {i}', flush=True)\n"
+              "    time.sleep(0.1)\n")
+    raw.request({"command": "task-create", "name": "talker", "executable_pyscript": talker})
+    for i in range(10):
+        raw.request({"command": "task-create", "name": f"queued-{i}",
+                     "executable_pyscript": "import time; time.sleep(0.2)"})
+    raw.wait_for("talker", lambda i: i["status"] == "working")
+    raw.close()
+
+    broker_restart()
+    done = wait_all_complete(amqp_url, 11, timeout=120)
+
+    assert len(done) == 11 and {t["success"] for t in done} == {"ok"}
+    log = next((agent.log_path.parent / "work" / "logs").glob("talker.log")).read_text()
+    assert [line for line in log.splitlines() if line.startswith("line")] == [
+        f"line {i}" for i in range(60)]
+
+
+def test_a_poison_message_is_dead_lettered_by_the_delivery_limit_not_redelivered_forever(
+        coordinator: VespidProcess, raw: RawPeer) -> None:
+    coordinator.kill()  # stand in for a coordinator that dies on this message every time
+    raw.send({"command": "task-info", "name": "poison"})
+    channel = raw.channel
+    deliveries = 0
+
+    def fail_on_it(ch: Any, method: Any, _props: Any, _body: bytes) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        ch.basic_nack(method.delivery_tag, requeue=True)
+
+    # A consumer (basic.get is refused on single-active-consumer queues) that fails on it.
+    channel.basic_consume("vespid.coordinator", fail_on_it)
+    deadline = time.monotonic() + 30
+    last = -1
+    while deliveries != last and time.monotonic() < deadline:
+        last = deliveries
+        raw.connection.process_data_events(time_limit=1.0)
+
+    props, body = raw.get("vespid.dead")
+
+    assert json.loads(body)["name"] == "poison"
+    assert props.headers["x-first-death-reason"] == "delivery_limit"
+    assert deliveries == 21  # the first delivery and 20 redeliveries
