@@ -140,10 +140,23 @@ def private_vhost(prefix: str) -> Iterator[str]:
         rabbitmqctl(["set_permissions", "-p", name, user, ".*", ".*", ".*"])
         yield url_for(name)
     finally:
+        _delete_vhost(name, Deadline.after(120))
+
+
+def _delete_vhost(name: str, deadline: Deadline) -> None:
+    """Retried for a while: the broker may be restarting (the fault tests stop it)."""
+    while True:
         try:
-            rabbitmqctl(["delete_vhost", name], timeout=300)
+            rabbitmqctl(["delete_vhost", name], timeout=max(10.0, deadline.remaining()))
+            return
         except (BenchError, subprocess.TimeoutExpired) as exc:
-            log.warning("could not delete vhost %s (delete it by hand): %s", name, exc)
+            if deadline.expired():
+                log.warning("could not delete vhost %s (delete it by hand: rabbitmqctl "
+                            "delete_vhost %s): %s", name, name, exc)
+                return
+            if "does not exist" in str(exc):
+                return
+        time.sleep(min(3.0, deadline.remaining()))
 
 
 def connection_parameters(url: str, name: str) -> pika.URLParameters:

@@ -15,6 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorException,
+)
 from tenacity import (
     RetryCallState,
     retry,
@@ -39,6 +43,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.StreamLostError,
     pika.exceptions.ChannelWrongStateError,
     pika.exceptions.ChannelClosed,
+    # A handshake that times out (an overloaded broker) surfaces as these, not as
+    # AMQPConnectionError.
+    AMQPConnectorException,
+    AMQPConnectionWorkflowFailed,
     ConnectionError,
     OSError,
 )
