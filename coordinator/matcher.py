@@ -240,6 +240,7 @@ class _Pass:
     previous: Reservation | None
     pool: RepoPool
     compatible: dict[Shape, list[NodeOffer]] = field(default_factory=dict)
+    live: dict[Shape, list[NodeOffer]] = field(default_factory=dict)
     reservation: Reservation | None = None
 
     @property
@@ -263,11 +264,16 @@ class _Pass:
         return self.compatible[shape]
 
     def best_node(self, shape: Shape, task: str) -> NodeOffer | None:
+        if shape not in self.live:
+            self.live[shape] = self.candidates(shape)
+        # Room only shrinks during a pass: a node that cannot take the shape now will not
+        # later in this pass, so each shape looks at each node about once per pass.
+        fitting = [o for o in self.live[shape] if fits_now(shape, o, self.pool)]
+        self.live[shape] = fitting
         taken = self.reservation
-        fitting = [o for o in self.candidates(shape)
-                   if (taken is None or o.name != taken.node or taken.task == task)
-                   and fits_now(shape, o, self.pool)]
-        return min(fitting, key=lambda o: _rank(shape, o)) if fitting else None
+        usable = [o for o in fitting
+                  if taken is None or o.name != taken.node or taken.task == task]
+        return min(usable, key=lambda o: _rank(shape, o)) if usable else None
 
     def reserve_for(self, shape: Shape, task: str) -> None:
         if self.reservation is not None:

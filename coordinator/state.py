@@ -8,6 +8,7 @@ priority then age, so scheduling never scans every queued task.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,12 @@ class Task:
         return cls(**data)
 
 
+@functools.lru_cache(maxsize=4096)
+def _labels(capabilities: frozenset[tuple[str, Any]]) -> Labels:
+    # Parsed once per distinct set of capabilities, not once per node per pass.
+    return Labels.parse(dict(capabilities))
+
+
 @dataclass
 class Node:
     name: str
@@ -119,7 +126,7 @@ class Node:
 
     @property
     def labels(self) -> Labels:
-        return Labels.parse(self.capabilities)
+        return _labels(frozenset(self.capabilities.items()))
 
     def resource(self, key: str) -> float:
         value = self.capabilities.get(key, 0)
