@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench clean broker
+.PHONY: demo test lint typecheck unit integration bench bench-throughput bench-scheduling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ typecheck: $(STAMP)
 	@for d in shared coordinator node_agent client; do ln -sfn ../../../$$d build/typing/vespid/$$d; done
 	cd build/typing && MYPYPATH=. ../../$(BIN)/mypy --config-file ../../pyproject.toml -p vespid
 
-bench: $(STAMP)
+bench: bench-throughput bench-scheduling
+
+bench-throughput: $(STAMP)
+	$(BIN)/python -m bench.throughput
+
+bench-scheduling: $(STAMP)
 	$(BIN)/python -m bench.scheduling
 
 clean:
