@@ -174,3 +174,17 @@ def test_a_late_result_from_a_superseded_attempt_changes_nothing(
     assert (kill["command"], kill["attempt"]) == ("task-kill", 1)
     assert still["status"] == "working" and still["success"] is None
     assert still["attempts"][0]["late"] == ["task-complete fatal"]
+
+
+def test_a_node_speaking_another_protocol_gets_no_work_and_nodes_says_why(
+        coordinator: VespidProcess, raw: RawPeer) -> None:
+    raw.send({"command": "node-set", "name": "future", "capabilities": {"cores": 8},
+              "protocol": 99, "version": "9.0"})
+    raw.request({"command": "task-create", "name": "refused", "executable_pyscript": "x"})
+
+    time.sleep(0.5)
+    [node] = raw.request({"command": "node-list"})["nodes"]
+
+    assert raw.info("refused")["status"] is None
+    assert node["accepting"] is False and "speaks protocol 99" in node["why_not_accepting"]
+    assert "node_protocol_mismatch" in coordinator.log()
