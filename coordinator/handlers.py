@@ -115,7 +115,11 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         log.info("unknown_task_complete_ignored", task=msg.name, node=msg.node)
         return None
     if _is_current(task, msg.node, msg.attempt):
-        engine.end_task(ctx, task, msg.success, msg.message)
+        # A task cancelled while it ran ends terminated, whatever its process made of the kill.
+        success = Severity.TERMINATED if task.cancel_requested else msg.success
+        engine.end_task(ctx, task, success, msg.message)
+    elif _repeat_of_last(task, msg.node, msg.attempt):
+        log.info("repeated_complete_ignored", task=task.name, node=msg.node)
     elif _requeued_from(task, msg.node, msg.attempt) and msg.node in ctx.state.nodes:
         # Its node was declared lost, yet the attempt finished there: keep the result
         # rather than run the task twice.
@@ -129,6 +133,13 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
 def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:
     return (task.status is TaskStatus.WORKING and node in (None, task.node)
             and attempt in (None, task.attempt))
+
+
+def _repeat_of_last(task: Task, node: str, attempt: int | None) -> bool:
+    """The same report again (at-least-once delivery): it changes nothing."""
+    last = task.attempts[-1] if task.attempts else None
+    return (task.status is TaskStatus.COMPLETE and last is not None and last["node"] == node
+            and attempt in (None, last["attempt"]))
 
 
 def _requeued_from(task: Task, node: str, attempt: int | None) -> bool:

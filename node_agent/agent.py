@@ -135,7 +135,10 @@ class NodeAgent:
             message = decode_node_message(body)
         except ProtocolError as exc:
             self.log.error("node_message_rejected", error=exc.code, reason=exc.message)
-            channel.basic_reject(method.delivery_tag, requeue=False)
+            # Kept for the operators in vespid.dead, with the reason, not dropped.
+            self._publish_raw(topology.DEAD_EXCHANGE, "", body,
+                              {topology.ERROR_HEADER: f"{exc.code}: {exc.message}"})
+            channel.basic_ack(method.delivery_tag)
             return
         if isinstance(message, TaskRun):
             self._start(message)
@@ -269,4 +272,12 @@ class NodeAgent:
             raise BrokerError("not connected")
         publish_confirmed(self._channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
                           encode(message), properties(str(message["command"]), app_id=APP_ID))
+
+    def _publish_raw(self, exchange: str, key: str, body: bytes,
+                     headers: dict[str, Any]) -> None:
+        # Not mandatory: a broker without the coordinator's vespid.dead queue yet must not
+        # make the agent fail on a message it already judged bad.
+        publish_confirmed(self._channel, exchange, key, body,
+                          properties("rejected", app_id=APP_ID, headers=headers),
+                          mandatory=False)
 

@@ -109,5 +109,8 @@ def declare_coordinator(channel: DeclaringChannel) -> None:
 
 
 def declare_node(channel: DeclaringChannel, node: str) -> None:
-    declare_exchanges(channel)
+    """What a node needs: the main exchange and its own queue (vespid.dead and its queue
+    belong to the coordinator, which declares them with arguments of its choosing)."""
+    main = EXCHANGES[0]
+    channel.exchange_declare(exchange=main.name, exchange_type=main.kind, durable=True)
     declare_queue(channel, node_queue_spec(node))
