@@ -51,7 +51,8 @@ def node_offer(state: State, node: Node) -> matcher.NodeOffer:
     return matcher.NodeOffer(
         node.name, node.free_resources(), node.labels, capacity=node.resources(),
         repos={repo: str(spec.get("type")) for repo, spec in node.repositories.items()},
-        free_repos=free_repos, accepting=why_not_accepting(node) is None)
+        free_repos=free_repos, accepting=why_not_accepting(node) is None,
+        min_bid=node.resource("min_bid"))
 
 
 def schedule(ctx: Context) -> int:

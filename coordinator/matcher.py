@@ -34,11 +34,14 @@ REQUIRE = "usage_require_"
 PREFER = "usage_prefer_"
 LABEL = "usage_"
 ELASTIC = "cores_max"
+BID, MIN_BID = "bid", "min_bid"
+# Numbers that are not consumed: the elastic core limit, what a task bids, what a node asks.
+NOT_CONSUMED = frozenset({ELASTIC, BID, MIN_BID})
 
-# (-priority, tier, seq, name), ascending is the order to start. Tier 0 is a child of a
-# running task: it goes before tasks whose tree has not started, since its tree already
-# holds resources (cores, memory, repositories) until it finishes.
-QueueKey = tuple[int, int, int, str]
+# (-priority, tier, -bid, seq, name), ascending is the order to start. Tier 0 is a child
+# of a running task: it goes before tasks whose tree has not started, since its tree
+# already holds resources (cores, memory, repositories) until it finishes. The name is last.
+QueueKey = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -79,18 +82,23 @@ class Shape:
     repos: tuple[RepoRequest, ...] = ()
     pinned: tuple[str, ...] = ()  # repositories the task must run next to
     unplaceable: str | None = None  # why no node can ever take it (e.g. no inherited repo)
+    bid: float = 0.0
+    avoid: frozenset[str] = frozenset()  # nodes to use only when no other can serve
 
     @classmethod
     def of(cls, requirements: Mapping[str, Any], repositories: Mapping[str, Any] | None = None,
-           environment: Mapping[str, str] | None = None) -> Shape:
+           environment: Mapping[str, str] | None = None,
+           avoid: Iterable[str] = ()) -> Shape:
         needs = {k: float(v) for k, v in requirements.items()
-                 if not k.startswith(LABEL) and k != ELASTIC and _is_amount(v)}
+                 if not k.startswith(LABEL) and k not in NOT_CONSUMED and _is_amount(v)}
         needs.setdefault("cores", 1.0)
         raw_max = requirements.get(ELASTIC, needs["cores"])
         cores_max = max(math.inf if raw_max is None else float(raw_max), needs["cores"])
         requests, pinned, unplaceable = _repositories(repositories or {}, environment or {})
+        bid = requirements.get(BID, 0.0)
         return cls(tuple(sorted(needs.items())), cores_max, Labels.parse(requirements),
-                   requests, pinned, unplaceable)
+                   requests, pinned, unplaceable, float(bid) if _is_amount(bid) else 0.0,
+                   frozenset(avoid))
 
     @property
     def need(self) -> dict[str, float]:
@@ -127,6 +135,7 @@ class NodeOffer:
     repos: dict[str, str] = field(default_factory=dict)  # hosted repository -> type
     free_repos: dict[str, list[str]] = field(default_factory=dict)  # type -> unclaimed
     accepting: bool = True
+    min_bid: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,7 @@ def preference_score(task: Labels, node: Labels) -> int:
 def compatible(shape: Shape, node: NodeOffer) -> bool:
     """Whether the node could ever take the shape, whatever is running there now."""
     return (shape.unplaceable is None and labels_compatible(shape.labels, node.labels)
+            and shape.bid >= node.min_bid
             and all(repo in node.repos for repo in shape.pinned))
 
 
@@ -205,9 +215,9 @@ def fits_empty(shape: Shape, node: NodeOffer) -> bool:
                     for t, n in _local_types(shape).items()))
 
 
-def _rank(shape: Shape, node: NodeOffer) -> tuple[int, float, float, str]:
+def _rank(shape: Shape, node: NodeOffer) -> tuple[bool, int, float, float, str]:
     need = shape.need
-    return (-preference_score(shape.labels, node.labels),
+    return (node.name in shape.avoid, -preference_score(shape.labels, node.labels),
             node.free.get("cores", 0.0) - need["cores"],
             node.free.get("memory", 0.0) - need.get("memory", 0.0), node.name)
 
@@ -352,6 +362,9 @@ def _why_not(shape: Shape, node: NodeOffer) -> str | None:
     missing = shape.labels.required - node.labels.carried
     if missing:
         return f"{node.name}: lacks label(s) {', '.join(sorted(missing))}"
+    if shape.bid < node.min_bid:
+        return (f"{node.name}: takes only tasks bidding at least {node.min_bid:g} "
+                f"(bid {shape.bid:g})")
     unmet = node.labels.required - shape.labels.carried
     if unmet:
         return f"{node.name}: runs only tasks labelled {', '.join(sorted(unmet))}"

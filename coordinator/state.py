@@ -15,7 +15,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from vespid.coordinator.matcher import Labels, QueueKey, Reservation, Shape
+from vespid.coordinator.matcher import NOT_CONSUMED, Labels, QueueKey, Reservation, Shape
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
 
@@ -60,7 +60,9 @@ class Task:
         return self.definition.parent
 
     def queue_key(self, parent_running: bool) -> QueueKey:
-        return (-self.definition.priority, 0 if parent_running else 1, self.seq, self.name)
+        bid = self.definition.requirements.get("bid") or 0
+        return (-self.definition.priority, 0 if parent_running else 1, -float(bid), self.seq,
+                self.name)
 
     @property
     def environment(self) -> dict[str, str]:
@@ -79,7 +81,7 @@ class Task:
 
     def shape(self) -> Shape:
         d = self.definition
-        return Shape.of(d.requirements, d.repositories, d.environment)
+        return Shape.of(d.requirements, d.repositories, d.environment, d.avoid_nodes)
 
     def raise_severity(self, severity: Severity) -> bool:
         """Severity never goes down; True when it went up."""
@@ -136,7 +138,8 @@ class Node:
 
     def resources(self) -> dict[str, float]:
         return {k: self.resource(k) for k, v in self.capabilities.items()
-                if not k.startswith("usage_") and not isinstance(v, bool)}
+                if not k.startswith("usage_") and not isinstance(v, bool)
+                and k not in NOT_CONSUMED}
 
     def free_resources(self) -> dict[str, float]:
         return {k: total - self.used.get(k, 0.0) for k, total in self.resources().items()}

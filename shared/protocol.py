@@ -102,6 +102,8 @@ class TaskDefinition(_Message):
     timeout: float | None = Field(default=None, gt=0, description="seconds of running time")
     retries: int = Field(default=1, ge=0, le=100,
                          description="restarts after its node was lost under it")
+    avoid_nodes: list[str] = Field(default_factory=list,
+                                   description="nodes to use only when no other can serve")
 
     @field_validator("requirements", "repositories", "environment", mode="before")
     @classmethod
@@ -350,9 +352,10 @@ def decode_node_message(body: bytes) -> Any:
 def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str, ...]) -> Any:
     command = data.get("command")
     if command is None:
-        if "type" in data:
-            raise ProtocolError("unknown_type", f"message type {data['type']!r} is not supported "
-                                "by this coordinator")
+        if "type" in data and adapter is _inbound:
+            from vespid.shared.golem import decode_golem
+
+            return decode_golem(data)
         raise ProtocolError("invalid_message", "the message has no 'command' field; "
                             f"expected one of: {', '.join(known)}")
     if command not in known:

@@ -1,0 +1,188 @@
+"""The Golem-style dialect (after golemfactory/golemrpc's message API): models and defaults.
+
+Messages carry `type` instead of `command`. A CreateTask's `task` keeps every field it was
+given, known or not, and gains the seed's defaults for the ones left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from enum import IntEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from vespid.shared.errors import ProtocolError
+from vespid.shared.protocol import describe_validation_error
+
+DURATION = re.compile(r"^(\d{1,3}):([0-5]\d):([0-5]\d)$")
+TASK_TYPES = ("Python", "GLambda", "Fractal")
+NO_VERIFICATION, EXTERNALLY_VERIFIED = "None", "External"
+
+
+class SubtaskVerificationState(IntEnum):
+    UNKNOWN_SUBTASK = 0
+    WAITING = 1
+    IN_PROGRESS = 2
+    VERIFIED = 3
+    WRONG_ANSWER = 4
+    NOT_SURE = 5
+    TIMEOUT = 6
+
+
+def parse_duration(text: Any, field: str) -> float:
+    """`HH:MM:SS` to seconds, or a ValueError that names the field."""
+    match = DURATION.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{field} must be a duration HH:MM:SS, not {text!r}")
+    hours, minutes, seconds = (int(g) for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"{field} must be longer than 00:00:00")
+    return float(total)
+
+
+def default_task_name() -> str:
+    return uuid.uuid1().hex.upper()[:24]
+
+
+class GolemTaskSpec(BaseModel):
+    """`task` of a CreateTask: the seed's fields with their defaults, extras kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    bid: float = Field(default=1.0, ge=0)
+    subtasks_count: int = Field(default=1, ge=1, le=10_000)
+    subtask_timeout: str = "00:10:00"
+    timeout: str = "00:10:00"
+    task_name: str = Field(default_factory=default_task_name)
+    resources: list[str] = Field(default_factory=list)
+    resources_mapped: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+    verification: dict[str, Any] = Field(default_factory=lambda: {"type": NO_VERIFICATION})
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in TASK_TYPES:
+            raise ValueError(f"task type {value!r} is not supported here; use one of "
+                             f"{', '.join(TASK_TYPES)}")
+        return value
+
+    @field_validator("subtask_timeout", "timeout")
+    @classmethod
+    def _duration(cls, value: str, info: Any) -> str:
+        parse_duration(value, str(info.field_name))
+        return value
+
+    @field_validator("bid")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("bid must be a finite number")
+        return value
+
+    @field_validator("resources_mapped")
+    @classmethod
+    def _relative(cls, value: dict[str, str]) -> dict[str, str]:
+        for source, destination in value.items():
+            if destination.startswith("/") or ".." in destination.split("/"):
+                raise ValueError(f"resources_mapped[{source!r}] = {destination!r} must be a "
+                                 "relative path inside the working folder")
+        return value
+
+    @field_validator("verification")
+    @classmethod
+    def _verification(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type") not in (NO_VERIFICATION, EXTERNALLY_VERIFIED):
+            raise ValueError('verification.type must be "None" or "External"')
+        return value
+
+    @property
+    def seconds(self) -> float:
+        return parse_duration(self.timeout, "timeout")
+
+    @property
+    def subtask_seconds(self) -> float:
+        return parse_duration(self.subtask_timeout, "subtask_timeout")
+
+    @property
+    def external(self) -> bool:
+        return self.verification.get("type") == EXTERNALLY_VERIFIED
+
+    def as_given(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class _Golem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateTask(_Golem):
+    type: Literal["CreateTask"]
+    task: GolemTaskSpec
+    # Resources already uploaded by the requester: path as given -> sha256 of its content.
+    resource_digests: dict[str, str] = Field(default_factory=dict)
+
+
+class VerifyResults(_Golem):
+    type: Literal["VerifyResults"]
+    task_id: str
+    subtask_id: str
+    verdict: int
+
+
+class AbortTask(_Golem):
+    type: Literal["AbortTask"]
+    task_id: str
+
+
+class RestartTask(_Golem):
+    type: Literal["RestartTask"]
+    task_id: str
+
+
+class RestartSubtasks(_Golem):
+    type: Literal["RestartSubtasks"]
+    task_id: str
+    subtask_ids: list[str] = Field(min_length=1)
+
+
+class ListTasks(_Golem):
+    type: Literal["ListTasks"]
+
+
+class GetTaskState(_Golem):
+    type: Literal["GetTaskState"]
+    task_id: str
+
+
+GolemMessage = Annotated[
+    CreateTask | VerifyResults | AbortTask | RestartTask | RestartSubtasks | ListTasks
+    | GetTaskState,
+    Field(discriminator="type"),
+]
+_golem = TypeAdapter[Any](GolemMessage)
+GOLEM_TYPES = ("CreateTask", "VerifyResults", "AbortTask", "RestartTask", "RestartSubtasks",
+               "ListTasks", "GetTaskState")
+
+
+def decode_golem(data: dict[str, Any]) -> Any:
+    kind = data.get("type")
+    if kind not in GOLEM_TYPES:
+        raise ProtocolError("unknown_type", f"message type {kind!r} is not supported; "
+                            f"expected one of: {', '.join(GOLEM_TYPES)}")
+    try:
+        json.dumps(data, allow_nan=False)
+    except ValueError:
+        raise ProtocolError("invalid_message", f"{kind}: a field is not serialisable as strict "
+                            "JSON (NaN or Infinity)") from None
+    try:
+        return _golem.validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", describe_validation_error(str(kind), exc)) \
+            from None
