@@ -61,6 +61,7 @@ def _tasks(state: State) -> list[str]:
         if task.status is TaskStatus.COMPLETE and (task.success is None
                                                    or task.time_finish is None):
             problems.append(f"task {task.name}: complete without a success or finish time")
-        if task.status is TaskStatus.WORKING and task.node not in state.nodes:
+        if task.status is TaskStatus.WORKING and task.node not in state.nodes \
+                and not task.virtual:
             problems.append(f"task {task.name}: working on unknown node {task.node}")
     return problems

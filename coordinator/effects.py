@@ -36,6 +36,11 @@ class Effects:
     replies: list[Reply] = field(default_factory=list)
     outgoing: list[Outgoing] = field(default_factory=list)
     new_nodes: list[str] = field(default_factory=list)
+    blobs: list[tuple[str, str]] = field(default_factory=list)  # (node, sha256) to send
+
+    def golem_event(self, kind: str, task_id: str, body: dict[str, Any]) -> None:
+        self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, f"golem.{kind}.{task_id}", kind,
+                                      encode(body)))
 
     def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
         self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
@@ -43,6 +48,11 @@ class Effects:
     def to_node(self, node: str, message: dict[str, Any]) -> None:
         self.outgoing.append(Outgoing(topology.EXCHANGE, topology.node_key(node),
                                       str(message["command"]), encode(message)))
+
+    def to_node_first(self, node: str, message: dict[str, Any]) -> None:
+        """Sent ahead of everything else of this batch (files a task-run will need)."""
+        self.outgoing.insert(0, Outgoing(topology.EXCHANGE, topology.node_key(node),
+                                         str(message["command"]), encode(message)))
 
     def event(self, event: str, task: str, body: dict[str, Any]) -> None:
         self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, topology.event_key(event, task),

@@ -6,6 +6,7 @@ the handlers and the periodic sweep share it and unit tests drive it directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +16,16 @@ from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.state import Node, State, Task
 from vespid.coordinator.views import task_info
 from vespid.shared import PROTOCOL_VERSION
+from vespid.shared.blobs import BlobStore
 from vespid.shared.logs import get_logger
-from vespid.shared.protocol import Severity, TaskStatus
+from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
 log = get_logger(__name__)
+Hook = Callable[["Context", Task], None]
+# Dialects built on top of plain tasks (the Golem-style one) follow their tasks here.
+START_HOOKS: list[Hook] = []
+END_HOOKS: list[Hook] = []
+TICK_HOOKS: list[Callable[[Context], None]] = []
 
 
 @dataclass
@@ -27,6 +34,7 @@ class Context:
     settings: CoordinatorSettings
     effects: Effects
     now: float
+    blobs: BlobStore | None = None
 
     def event(self, event: str, task: Task) -> None:
         self.effects.event(event, task.name, task_info(self.state, task))
@@ -78,11 +86,39 @@ def explain(state: State, task: Task) -> list[str]:
     return matcher.explain(task.shape(), offers, state.reservation, task.name)
 
 
+def add_task(ctx: Context, definition: TaskDefinition) -> Task:
+    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now)
+    ctx.state.add_task(task)
+    ctx.state.touch_task(task)
+    ctx.event("created", task)
+    log.info("task_created", task=task.name, parent=task.parent)
+    return task
+
+
+def add_virtual_task(ctx: Context, name: str, pretty: str) -> Task:
+    """A task that runs nowhere and stands for work done by its children."""
+    definition = TaskDefinition(name=name, name_pretty=pretty, executable_pyscript="",
+                                retries=0)
+    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
+                status=TaskStatus.WORKING, time_start=ctx.now, virtual=True)
+    ctx.state.add_task(task)
+    ctx.state.touch_task(task)
+    ctx.event("created", task)
+    return task
+
+
 def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float],
                repos: dict[str, str]) -> None:
     ctx.state.start(task, node, allocated, repos, ctx.now)
     task.path = _path(task)
     task.log = ctx.settings.log_location.format(node=node.name, task=task.name)
+    sent = ctx.state.node_blobs.setdefault(node.name, set())
+    for resource in task.resources:  # each file once per node: the node caches it
+        if resource["sha256"] not in sent:
+            sent.add(resource["sha256"])
+            ctx.effects.blobs.append((node.name, resource["sha256"]))
+    for hook in START_HOOKS:
+        hook(ctx, task)
     ctx.effects.to_node(node.name, task_run(task))
     ctx.event("started", task)
     log.info("task_started", task=task.name, node=node.name, attempt=task.attempt,
@@ -114,6 +150,7 @@ def task_run(task: Task) -> dict[str, Any]:
         "attempt": task.attempt,
         "timeout": definition.timeout,
         "memory": task.allocated.get("memory") or None,
+        "resources": task.resources,
     }
 
 
@@ -126,6 +163,8 @@ def end_task(ctx: Context, task: Task, severity: Severity, message: str | None =
     log.info("task_completed", task=task.name, node=task.node, success=task.success,
              reason=message)
     release_finished_trees(ctx, task)
+    for hook in END_HOOKS:
+        hook(ctx, task)
 
 
 def release_finished_trees(ctx: Context, task: Task) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vespid.coordinator import engine, views
+from vespid.coordinator import engine, golem, views
 from vespid.coordinator.check import check_state
 from vespid.coordinator.engine import Context
 from vespid.coordinator.state import Node, Task
 from vespid.shared import PROTOCOL_VERSION
+from vespid.shared.blobs import BlobChunk
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -48,12 +49,7 @@ def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
     if definition.parent is not None and definition.parent not in ctx.state.tasks:
         raise ProtocolError("unknown_parent", f"parent task {definition.parent!r} does not "
                             "exist; create the parent first or leave parent empty")
-    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now)
-    ctx.state.add_task(task)
-    ctx.state.touch_task(task)
-    ctx.state.needs_scheduling = True
-    ctx.event("created", task)
-    log.info("task_created", task=task.name, parent=task.parent)
+    engine.add_task(ctx, definition)
     return None
 
 
@@ -115,6 +111,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         log.info("unknown_task_complete_ignored", task=msg.name, node=msg.node)
         return None
     if _is_current(task, msg.node, msg.attempt):
+        task.results = _results(msg)
         # A task cancelled while it ran ends terminated, whatever its process made of the kill.
         success = Severity.TERMINATED if task.cancel_requested else msg.success
         engine.end_task(ctx, task, success, msg.message)
@@ -127,6 +124,18 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         engine.end_task(ctx, task, msg.success, msg.message)
     else:
         _record_late(ctx, task, msg.attempt, f"task-complete {msg.success.value}", msg.node)
+    return None
+
+
+def _results(msg: TaskComplete) -> list[dict[str, Any]]:
+    results = (msg.model_extra or {}).get("results") or []
+    return [r for r in results if isinstance(r, dict) and {"name", "sha256"} <= set(r)]
+
+
+def handle_blob_chunk(ctx: Context, msg: BlobChunk) -> Reply:
+    if ctx.blobs is None:
+        raise ProtocolError("internal", "this coordinator keeps no files")
+    ctx.blobs.put_chunk(msg)
     return None
 
 
@@ -266,6 +275,8 @@ HANDLERS: dict[type, Handler] = {
     NodeSet: handle_node_set,
     TaskList: handle_task_list,
     NodeList: handle_node_list,
+    BlobChunk: handle_blob_chunk,
+    **golem.HANDLERS,
 }
 
 

@@ -16,6 +16,7 @@ from vespid.coordinator.effects import Effects, Reply
 from vespid.coordinator.engine import Context
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
+from vespid.shared.blobs import BlobStore, chunk_messages
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import ack_reply, decode, error_reply
@@ -43,6 +44,7 @@ class Processor:
         self.store = store
         self.settings = settings
         self._started = now
+        self.blobs = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._next_id = store.next_outbox_id()
         self._confirmed: list[int] = []
         self._reload()
@@ -73,7 +75,13 @@ class Processor:
 
     def tick(self, now: float) -> Outcome:
         """Periodic work: lose silent nodes, start what can start, forget confirmed sends."""
-        return self._in_transaction(lambda ctx: engine.sweep_nodes(ctx), now)
+        return self._in_transaction(self._sweep, now)
+
+    @staticmethod
+    def _sweep(ctx: Context) -> None:
+        engine.sweep_nodes(ctx)
+        for hook in engine.TICK_HOOKS:
+            hook(ctx)
 
     def _one_by_one(self, batch: Sequence[Delivery], now: float) -> Outcome:
         total = Outcome()
@@ -95,7 +103,7 @@ class Processor:
             lambda ctx: self._reject(ctx, delivery, "internal", reason), now)
 
     def _in_transaction(self, work: Callable[[Context], None], now: float) -> Outcome:
-        ctx = Context(self.state, self.settings, Effects(), now)
+        ctx = Context(self.state, self.settings, Effects(), now, self.blobs)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:
@@ -109,6 +117,9 @@ class Processor:
 
     def _entries(self, effects: Effects) -> list[OutboxEntry]:
         entries = []
+        for node, sha in reversed(effects.blobs):  # ahead of the task-runs that need them
+            for chunk in reversed(list(chunk_messages(self.blobs.read(sha), sha))):
+                effects.to_node_first(node, chunk)
         for out in effects.outgoing:
             entries.append(OutboxEntry(self._next_id, out.exchange, out.routing_key,
                                        out.command, out.body, out.headers))

@@ -184,8 +184,9 @@ class CoordinatorService:
             # Same channel, so the broker declares and binds before the task-run arrives.
             topology.declare_node(self._channel, node)
         for reply in outcome.replies:
+            kind = str(reply.body.get("command") or reply.body.get("type"))  # either dialect
             self._send("", reply.reply_to, reply.data,
-                       properties(str(reply.body["command"]), app_id=APP_ID, persistent=False,
+                       properties(kind, app_id=APP_ID, persistent=False,
                                   correlation_id=reply.correlation_id), None, mandatory=False)
         for entry in outcome.outbox:
             self._send_entry(entry)

@@ -24,8 +24,31 @@ class CoordinatorSettings(ProcessSettings):
     prefetch: int = Field(default=500, ge=1, le=65535,
                           description="messages handled per batch at most")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    results_dir: Path | None = Field(default=None,
+                                     description="where Golem-style results are kept: "
+                                                 "<results_dir>/<task_id>-output/<index>/ "
+                                                 "(default: vespid-results beside the state)")
+    blob_dir: Path | None = Field(default=None,
+                                  description="resources and results by sha256 (default: "
+                                              "vespid-blobs beside the state file)")
+    max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1,
+                                description="largest resource or result file accepted")
+    golem_max_failures: int = Field(default=3, ge=1,
+                                    description="failed or timed-out attempts of one part "
+                                                "before its task fails")
+    golem_max_wrong_answers: int = Field(default=3, ge=1,
+                                         description="WRONG_ANSWER verdicts for one part "
+                                                     "before its task fails")
     log_location: str = Field(default="//{node}/vespid/logs/{task}.log",
                               description="where a task's log lives, as task-info shows it")
+
+    @property
+    def results_path(self) -> Path:
+        return self.results_dir or self.state.parent / "vespid-results"
+
+    @property
+    def blobs_path(self) -> Path:
+        return self.blob_dir or self.state.parent / "vespid-blobs"
 
     @property
     def node_timeout(self) -> float:

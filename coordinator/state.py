@@ -42,6 +42,9 @@ class Task:
     # One entry per start: attempt, node, start, end, why it ended, lost (node lost under it),
     # and late results from that attempt that arrived after it was superseded.
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    virtual: bool = False  # stands for a Golem-style task: runs nowhere itself
+    resources: list[dict[str, str]] = field(default_factory=list)  # files to place: sha256, path
+    results: list[dict[str, Any]] = field(default_factory=list)  # files it produced
 
     @property
     def losses(self) -> int:
@@ -180,6 +183,13 @@ class State:
     roomier: set[str] | None = None
     reservation: Reservation | None = None
     needs_scheduling: bool = True
+    golem: dict[str, Any] = field(default_factory=dict)  # task_id -> golem.GolemTask
+    golem_attempts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    dirty_golem: set[str] = field(default_factory=set)
+    node_blobs: dict[str, set[str]] = field(default_factory=dict)  # sent to each node
+
+    def touch_golem(self, task_id: str) -> None:
+        self.dirty_golem.add(task_id)
 
     def add_task(self, task: Task) -> None:
         self.tasks[task.name] = task
@@ -239,7 +249,8 @@ class State:
         task.dispatched_at = now
         task.seen_on_node = False
         task.attempts.append({"attempt": task.attempt, "node": node.name, "start": now,
-                              "end": None, "why": None, "lost": False})
+                              "end": None, "why": None, "lost": False,
+                              "allocated": dict(allocated)})
         for repo in repos.values():
             self.holds[repo] = task.name
         self.dequeue(task)
@@ -273,7 +284,9 @@ class State:
         """A node that came back still runs the current attempt of a requeued task."""
         self.dequeue(task)
         task.status, task.node, task.seen_on_node = TaskStatus.WORKING, node.name, True
-        task.allocated = task.shape().need
+        # What that attempt was granted: its process may still use all of it.
+        granted = task.attempts[-1].get("allocated") if task.attempts else None
+        task.allocated = dict(granted) if granted else task.shape().need
         if task.attempts:
             task.attempts[-1].update(end=None, why=None, lost=False)
         node.reserve(task.allocated)

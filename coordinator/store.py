@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS golem (
+    task_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     exchange TEXT NOT NULL,
@@ -82,6 +86,14 @@ class Store:
             state.add_node(Node.from_record(json.loads(record)))
         for (record,) in self._db.execute("SELECT record FROM tasks ORDER BY seq"):
             state.add_task(Task.from_record(json.loads(record)))
+        from vespid.coordinator.golem import GolemTask
+
+        for (record,) in self._db.execute("SELECT record FROM golem"):
+            golem = GolemTask.from_record(json.loads(record))
+            state.golem[golem.task_id] = golem
+            for subtask in golem.subtasks.values():
+                for attempt in subtask.attempts:
+                    state.golem_attempts[attempt["task"]] = (golem.task_id, subtask.subtask_id)
         return state
 
     def flush(self, state: State) -> None:
@@ -97,8 +109,12 @@ class Store:
             "INSERT OR REPLACE INTO nodes(name, record) VALUES (?, ?)",
             [(n, json.dumps(state.nodes[n].to_record())) for n in state.dirty_nodes],
         )
+        self._db.executemany(
+            "INSERT OR REPLACE INTO golem(task_id, record) VALUES (?, ?)",
+            [(t, json.dumps(state.golem[t].to_record())) for t in state.dirty_golem])
         state.dirty_tasks.clear()
         state.dirty_nodes.clear()
+        state.dirty_golem.clear()
 
     def next_outbox_id(self) -> int:
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()

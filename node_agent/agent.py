@@ -18,9 +18,11 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
+from vespid.node_agent.files import collect_results, place_resources
 from vespid.node_agent.settings import NodeSettings
 from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared import PROTOCOL_VERSION, topology
+from vespid.shared.blobs import BlobChunk, BlobStore, chunk_messages
 from vespid.shared.errors import BrokerError, ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -52,6 +54,9 @@ class NodeAgent:
         self.supervisor = Supervisor(kill_grace=settings.kill_grace,
                                      memory_margin=settings.memory_margin)
         self.superseded: dict[str, TaskRun] = {}  # newer attempts waiting for the old to die
+        self.blobs = BlobStore(settings.work_dir / "blobs")
+        self.folders: dict[str, Path] = {}  # task -> working folder, for its results
+        self.produced: dict[str, list[dict[str, Any]]] = {}  # task -> result files
         self.unsent: list[Finished] = []
         self.results: OrderedDict[str, Finished] = OrderedDict()
         self.draining = False
@@ -145,6 +150,8 @@ class NodeAgent:
         elif isinstance(message, TaskKill):
             self.supervisor.kill(message.name, message.reason or "the coordinator asked",
                                  message.attempt)
+        elif isinstance(message, BlobChunk):
+            self._keep_chunk(message)
         elif isinstance(message, NodeDrain):
             self._drain("the coordinator asked (vespid drain)")
         elif isinstance(message, RepositoryClean):
@@ -172,6 +179,12 @@ class NodeAgent:
         failed = self._launch(run)
         if failed is not None:
             self._record(failed)
+
+    def _keep_chunk(self, chunk: BlobChunk) -> None:
+        try:
+            self.blobs.put_chunk(chunk)
+        except ProtocolError as exc:  # the task that needs it fails, saying so
+            self.log.error("file_rejected", sha256=chunk.sha256, reason=exc.message)
 
     def _clean(self, name: str) -> None:
         """Empty a released, non-persistent repository for its next holder."""
@@ -207,6 +220,9 @@ class NodeAgent:
                                  f"in {cwd}")
         else:
             raise ValueError("the task-run carries no script")
+        place_resources(self.blobs, run, cwd)
+        if "VESPID_GOLEM_TASK_ID" in run.environment:
+            self.folders[run.name] = cwd
         return Launch(script=script.resolve(), cwd=cwd, env=self._environment(run),
                       log_file=self.settings.log_dir / f"{run.name}.log")
 
@@ -241,6 +257,9 @@ class NodeAgent:
                 self._start(newer)
 
     def _record(self, result: Finished) -> None:
+        folder = self.folders.pop(result.name, None)
+        if folder is not None and result.success is Severity.OK:
+            self.produced[result.name] = collect_results(self.blobs, folder)
         self.results[result.name] = result
         while len(self.results) > REMEMBERED_RESULTS:
             self.results.popitem(last=False)
@@ -249,9 +268,16 @@ class NodeAgent:
     def _flush_results(self) -> None:
         while self.unsent and self._channel is not None:
             result = self.unsent[0]
+            files = self.produced.get(result.name, [])
+            for produced in files:  # the files first: the coordinator keeps them on arrival
+                for chunk in chunk_messages(self.blobs.read(produced["sha256"]),
+                                            produced["sha256"]):
+                    self._publish(chunk)
             self._publish({"command": "task-complete", "name": result.name,
                            "node": self.settings.name, "success": result.success.value,
-                           "attempt": result.attempt, "message": result.message})
+                           "attempt": result.attempt, "message": result.message,
+                           "results": files})
+            self.produced.pop(result.name, None)
             self.unsent.pop(0)
 
     def _send_node_set(self) -> None:

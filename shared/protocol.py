@@ -99,7 +99,8 @@ class TaskDefinition(_Message):
     repositories: dict[str, RepositoryRequest] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
     priority: int = 0
-    timeout: float | None = Field(default=None, gt=0, description="seconds of running time")
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                  description="seconds of running time")
     retries: int = Field(default=1, ge=0, le=100,
                          description="restarts after its node was lost under it")
     avoid_nodes: list[str] = Field(default_factory=list,
@@ -292,6 +293,7 @@ class TaskRun(_OpenMessage):
     attempt: int = 1
     timeout: float | None = None
     memory: float | None = None  # MB asked for: the node enforces it with a margin
+    resources: list[dict[str, str]] = Field(default_factory=list)  # sha256 -> path to place
 
 
 class RepositoryClean(_OpenMessage):
@@ -306,20 +308,22 @@ class TaskKill(_OpenMessage):
     reason: str | None = None
 
 
+from vespid.shared.blobs import BlobChunk  # noqa: E402 - blobs needs ProtocolError only
+
 InboundMessage = Annotated[
     TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskWait | TaskList | NodeList | NodeSet
-    | TaskComplete | NodeDrain | StateCheck,
+    | TaskComplete | NodeDrain | StateCheck | BlobChunk,
     Field(discriminator="command"),
 ]
-NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain,
+NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain | BlobChunk,
                         Field(discriminator="command")]
 
 _inbound = TypeAdapter[Any](InboundMessage)
 _node_inbound = TypeAdapter[Any](NodeMessage)
 INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
                     "task-list", "node-list", "node-set", "task-complete", "node-drain",
-                    "state-check")
-NODE_COMMANDS = ("task-run", "task-kill", "repository-clean", "node-drain")
+                    "state-check", "blob-chunk")
+NODE_COMMANDS = ("task-run", "task-kill", "repository-clean", "node-drain", "blob-chunk")
 
 
 def parse_body(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""Files through the broker: content-addressed, chunked, sha256-checked, cached by digest.
+
+A file travels as `blob-chunk` messages {sha256, index, count, size, data (base64)}; the
+receiver assembles the chunks and keeps the file only if its digest matches. Both the
+coordinator (resources in, results out) and each node (resources cached once per node,
+results kept until the requester has them) hold a BlobStore.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vespid.shared.errors import ProtocolError
+
+CHUNK_BYTES = 256 * 1024
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class BlobChunk(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Literal["blob-chunk"]
+    sha256: str = Field(pattern=DIGEST_PATTERN)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    size: int = Field(ge=0)
+    data: str
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def chunk_messages(data: bytes, sha: str | None = None) -> Iterator[dict[str, Any]]:
+    sha = sha or digest(data)
+    count = max(1, -(-len(data) // CHUNK_BYTES))
+    for index in range(count):
+        part = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
+        yield {"command": "blob-chunk", "sha256": sha, "index": index, "count": count,
+               "size": len(data), "data": base64.b64encode(part).decode("ascii")}
+
+
+class BlobStore:
+    def __init__(self, root: Path, max_bytes: int = 1 << 30) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        (root / "partial").mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        return self.root / sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def read(self, sha: str) -> bytes:
+        return self.path(sha).read_bytes()
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = digest(data)
+        if not self.has(sha):
+            self._write(sha, data)
+        return sha
+
+    def put_chunk(self, chunk: BlobChunk) -> bool:
+        """Keep one chunk; True once the whole blob is here and checked."""
+        if self.has(chunk.sha256):
+            return True
+        if chunk.size > self.max_bytes:
+            raise ProtocolError("too_large", f"a file of {chunk.size} bytes is over the limit of "
+                                f"{self.max_bytes} bytes for resources and results")
+        if chunk.index >= chunk.count:
+            raise ProtocolError("invalid_message", f"chunk {chunk.index} of {chunk.count}")
+        part_dir = self.root / "partial" / chunk.sha256
+        part_dir.mkdir(exist_ok=True)
+        (part_dir / str(chunk.index)).write_bytes(base64.b64decode(chunk.data, validate=True))
+        if len(os.listdir(part_dir)) < chunk.count:
+            return False
+        data = b"".join((part_dir / str(i)).read_bytes() for i in range(chunk.count))
+        for part in part_dir.iterdir():
+            part.unlink()
+        part_dir.rmdir()
+        if digest(data) != chunk.sha256 or len(data) != chunk.size:
+            raise ProtocolError("corrupt", f"the file sent as {chunk.sha256[:12]}… does not match "
+                                "its sha256 or size; send it again")
+        self._write(chunk.sha256, data)
+        return True
+
+    def _write(self, sha: str, data: bytes) -> None:
+        temporary = self.root / "partial" / f"{sha}.tmp"
+        temporary.write_bytes(data)
+        temporary.replace(self.path(sha))
