@@ -146,7 +146,8 @@ class Client:
         """Send one command to the coordinator and return its reply (raise on `error`)."""
         channel = self._ensure_channel()
         correlation_id = uuid.uuid4().hex
-        props = properties(str(message["command"]), app_id=APP_ID,
+        kind = str(message.get("command") or message.get("type"))  # either dialect
+        props = properties(kind, app_id=APP_ID,
                            reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
         try:
             publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
@@ -158,7 +159,7 @@ class Client:
         while correlation_id not in self._replies:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RequestTimeout(f"the coordinator did not answer {message['command']} "
+                raise RequestTimeout(f"the coordinator did not answer {kind} "
                                      f"within {timeout or self.timeout:g} s; is it running?")
             self._pump(min(left, 1.0))
         reply = self._replies.pop(correlation_id)

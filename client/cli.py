@@ -18,6 +18,7 @@ from typing import Any
 from vespid.shared.errors import (
     BrokerError,
     ConfigError,
+    GolemTaskFailed,
     RemoteError,
     RequestTimeout,
     TaskNotFound,
@@ -29,6 +30,7 @@ EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NOT_FOUND, EXIT_TIMEOUT
 EXIT_CODES: list[tuple[type[VespidError], int]] = [
     (ConfigError, EXIT_USAGE), (TaskNotFound, EXIT_NOT_FOUND), (WaitTimeout, EXIT_TIMEOUT),
     (RequestTimeout, EXIT_BROKER), (BrokerError, EXIT_BROKER), (RemoteError, EXIT_USAGE),
+    (GolemTaskFailed, EXIT_TASK_FAILED),
 ]
 
 
@@ -240,6 +242,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from vespid.client.golem_cli import add_commands as golem_commands
     from vespid.coordinator.main import add_arguments as coordinator_arguments
     from vespid.node_agent.main import add_arguments as node_arguments
 
@@ -249,16 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
                "4 no such task, 5 wait timed out.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--amqp-url", help="broker URL (default env VESPID_AMQP_URL, else "
+                                          "amqp://guest:guest@localhost:5672/%%2F)")
+        p.add_argument("--request-timeout", type=float, default=30.0,
+                       help="seconds to wait for the coordinator to answer (default 30)")
+        p.add_argument("--json", action="store_true", help="print raw JSON for scripts")
+
     def command(name: str, handler: Callable[[argparse.Namespace], int], text: str,
                 client: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(handler=handler)
         if client:
-            p.add_argument("--amqp-url", help="broker URL (default env VESPID_AMQP_URL, else "
-                                              "amqp://guest:guest@localhost:5672/%%2F)")
-            p.add_argument("--request-timeout", type=float, default=30.0,
-                           help="seconds to wait for the coordinator to answer (default 30)")
-            p.add_argument("--json", action="store_true", help="print raw JSON for scripts")
+            client_options(p)
         return p
 
     coordinator_arguments(command("coordinator", cmd_coordinator,
@@ -298,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("nodes", cmd_nodes, "list nodes with their capacity and state")
     p = command("drain", cmd_drain, "stop giving a node work; its agent exits when idle")
     p.add_argument("node")
+    golem_commands(sub, client_options)
     return parser
 
 

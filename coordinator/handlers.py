@@ -15,7 +15,7 @@ from vespid.coordinator.check import check_state
 from vespid.coordinator.engine import Context
 from vespid.coordinator.state import Node, Task
 from vespid.shared import PROTOCOL_VERSION
-from vespid.shared.blobs import BlobChunk
+from vespid.shared.blobs import BlobChunk, BlobGet, chunk_count, chunk_message
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -137,6 +137,15 @@ def handle_blob_chunk(ctx: Context, msg: BlobChunk) -> Reply:
         raise ProtocolError("internal", "this coordinator keeps no files")
     ctx.blobs.put_chunk(msg)
     return None
+
+
+def handle_blob_get(ctx: Context, msg: BlobGet) -> Reply:
+    if ctx.blobs is None or not ctx.blobs.has(msg.sha256):
+        raise ProtocolError("not_found", f"no file {msg.sha256[:12]}… is kept here")
+    data = ctx.blobs.read(msg.sha256)
+    if msg.index >= chunk_count(len(data)):
+        raise ProtocolError("not_found", f"that file has {chunk_count(len(data))} chunks")
+    return chunk_message(data, msg.sha256, msg.index)
 
 
 def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:
@@ -276,6 +285,7 @@ HANDLERS: dict[type, Handler] = {
     TaskList: handle_task_list,
     NodeList: handle_node_list,
     BlobChunk: handle_blob_chunk,
+    BlobGet: handle_blob_get,
     **golem.HANDLERS,
 }
 

@@ -34,6 +34,16 @@ class BlobChunk(BaseModel):
     data: str
 
 
+class BlobGet(BaseModel):
+    """Ask the coordinator for one chunk of a file it keeps (a result, say)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Literal["blob-get"]
+    sha256: str = Field(pattern=DIGEST_PATTERN)
+    index: int = Field(default=0, ge=0)
+
+
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -48,11 +58,19 @@ def file_digest(path: Path) -> str:
 
 def chunk_messages(data: bytes, sha: str | None = None) -> Iterator[dict[str, Any]]:
     sha = sha or digest(data)
-    count = max(1, -(-len(data) // CHUNK_BYTES))
-    for index in range(count):
-        part = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
-        yield {"command": "blob-chunk", "sha256": sha, "index": index, "count": count,
-               "size": len(data), "data": base64.b64encode(part).decode("ascii")}
+    for index in range(chunk_count(len(data))):
+        yield chunk_message(data, sha, index)
+
+
+def chunk_count(size: int) -> int:
+    return max(1, -(-size // CHUNK_BYTES))
+
+
+def chunk_message(data: bytes, sha: str, index: int) -> dict[str, Any]:
+    part = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
+    return {"command": "blob-chunk", "sha256": sha, "index": index,
+            "count": chunk_count(len(data)), "size": len(data),
+            "data": base64.b64encode(part).decode("ascii")}
 
 
 class BlobStore:

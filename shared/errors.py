@@ -59,3 +59,19 @@ class TaskNotFound(VespidError):
 
 class WaitTimeout(VespidError):
     """A task did not complete within the time the caller was willing to wait."""
+
+
+class GolemTaskFailed(VespidError):
+    """A Golem-style task ended without results: failed, timed out or aborted."""
+
+    def __init__(self, task_id: str, kind: str, reason: str | None) -> None:
+        super().__init__(f"task {task_id}: {kind}" + (f": {reason}" if reason else ""))
+        self.task_id, self.kind, self.reason = task_id, kind, reason
+
+
+class GolemTaskTimedOut(GolemTaskFailed):
+    """The task's timeout passed before every part had an accepted result."""
+
+
+class GolemTaskAborted(GolemTaskFailed):
+    """The requester aborted the task."""

@@ -308,11 +308,11 @@ class TaskKill(_OpenMessage):
     reason: str | None = None
 
 
-from vespid.shared.blobs import BlobChunk  # noqa: E402 - blobs needs ProtocolError only
+from vespid.shared.blobs import BlobChunk, BlobGet  # noqa: E402 - needs ProtocolError only
 
 InboundMessage = Annotated[
     TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskWait | TaskList | NodeList | NodeSet
-    | TaskComplete | NodeDrain | StateCheck | BlobChunk,
+    | TaskComplete | NodeDrain | StateCheck | BlobChunk | BlobGet,
     Field(discriminator="command"),
 ]
 NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain | BlobChunk,
@@ -322,7 +322,7 @@ _inbound = TypeAdapter[Any](InboundMessage)
 _node_inbound = TypeAdapter[Any](NodeMessage)
 INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
                     "task-list", "node-list", "node-set", "task-complete", "node-drain",
-                    "state-check", "blob-chunk")
+                    "state-check", "blob-chunk", "blob-get")
 NODE_COMMANDS = ("task-run", "task-kill", "repository-clean", "node-drain", "blob-chunk")
 
 

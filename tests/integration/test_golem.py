@@ -13,7 +13,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from tests.processes import VespidProcess
+from tests.processes import VespidProcess, cli
 from tests.raw import RawPeer
 from vespid.node_agent.executors import render_rows
 from vespid.shared import png
@@ -247,3 +247,36 @@ def test_a_verdict_other_than_verified_or_wrong_is_answered_and_not_acted_on(
 
     assert reply["acted"] is False and "not acted on" in reply["message"]
     assert requester.state(created["task_id"])["subtasks"][0]["state"] == "verifying"
+
+
+def test_the_cli_submits_a_render_downloads_and_stitches_it(
+        amqp_url: str, two_nodes: None, tmp_path: Path) -> None:
+    resource = tmp_path / "palette.txt"
+    resource.write_text("blue")
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"type": "CreateTask", "task": {
+        "type": "Fractal", "subtasks_count": 3, "resources": [str(resource)],
+        "options": {"resolution": [40, 30], "format": "PNG"}}}))
+
+    result = cli(amqp_url, "golem", "submit", str(task_file), "--out", str(tmp_path / "out"),
+                 "--timeout", "60")
+    task_id = result.stdout.split()[1]
+    status = cli(amqp_url, "golem", "status", task_id)
+
+    assert result.returncode == 0, result.stderr
+    image = tmp_path / "out" / "image.png"
+    assert png.decode(image.read_bytes()) == (40, render_rows(40, 30, 0, 30))
+    assert status.returncode == 0 and "finished  3/3 finished" in status.stdout
+
+
+def test_the_client_library_raises_a_timed_out_task_as_an_exception(
+        amqp_url: str, two_nodes: None) -> None:
+    from vespid.client.golem import GolemClient
+    from vespid.shared.errors import GolemTaskTimedOut
+
+    with GolemClient(amqp_url) as golem:
+        task = golem.create_task({"type": "Python", "timeout": "00:00:02",
+                                  "options": {"script": "import time; time.sleep(60)"}})
+        with pytest.raises(GolemTaskTimedOut, match="timeout"):
+            task.wait(timeout=30)
+        assert task.state()["status"] == "timeout"

@@ -1,0 +1,168 @@
+"""A natural Python API for the Golem-style dialect.
+
+    with GolemClient() as golem:
+        task = golem.create_task({"type": "Fractal", "subtasks_count": 4,
+                                  "options": {"resolution": [400, 300]}})
+        for event in task.events():          # TaskResults, VerificationRequired, ...
+            if event["type"] == "VerificationRequired":
+                task.verify(event["subtask_id"], VERIFIED)
+        paths = task.download("out/")        # results, checked against their sha256
+
+Resources are uploaded before CreateTask (chunked, sha256-checked); failure events are
+raised as GolemTaskFailed, GolemTaskTimedOut or GolemTaskAborted.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vespid.client.api import Client
+from vespid.shared import topology
+from vespid.shared.blobs import chunk_messages, digest, file_digest
+from vespid.shared.errors import (
+    ConfigError,
+    GolemTaskAborted,
+    GolemTaskFailed,
+    GolemTaskTimedOut,
+    WaitTimeout,
+)
+from vespid.shared.golem import SubtaskVerificationState
+from vespid.shared.protocol import encode, parse_body
+from vespid.shared.transport import guarded, properties, publish_confirmed
+
+VERIFIED = SubtaskVerificationState.VERIFIED
+WRONG_ANSWER = SubtaskVerificationState.WRONG_ANSWER
+FAILURES = {"TaskFailedEvent": GolemTaskFailed, "TaskTimeoutEvent": GolemTaskTimedOut,
+            "TaskAbortedEvent": GolemTaskAborted}
+
+
+@dataclass
+class GolemTask:
+    client: GolemClient
+    task_id: str
+    task: dict[str, Any]
+    queue: str
+    _pending: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, Any] | None = None
+
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Every event of this task until TaskResults; a failure event raises."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while self._pending:
+                event = self._pending.pop(0)
+                if event["type"] in FAILURES:
+                    raise FAILURES[event["type"]](self.task_id, event["type"],
+                                                  event.get("reason"))
+                yield event
+                if event["type"] == "TaskResults":
+                    self.results = event
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"task {self.task_id} gave no results within {timeout:g} s")
+            self.client._pump(1.0)
+
+    def wait(self, timeout: float | None = None, accept_all: bool = False) -> dict[str, Any]:
+        for event in self.events(timeout):
+            if event["type"] == "VerificationRequired" and accept_all:
+                self.verify(event["subtask_id"], VERIFIED)
+        assert self.results is not None
+        return self.results
+
+    def verify(self, subtask_id: str, verdict: int) -> dict[str, Any]:
+        return self.client.request({"type": "VerifyResults", "task_id": self.task_id,
+                                    "subtask_id": subtask_id, "verdict": int(verdict)})
+
+    def abort(self) -> None:
+        self.client.request({"type": "AbortTask", "task_id": self.task_id})
+
+    def state(self) -> dict[str, Any]:
+        return self.client.state(self.task_id)
+
+    def download(self, folder: Path | str) -> list[Path]:
+        """Fetch every result file into folder/<subtask index>/, checking each digest."""
+        if self.results is None:
+            raise ConfigError("no results yet: wait() for the task first")
+        return [self.client.fetch(f["sha256"], Path(folder) / str(f["index"]) / f["name"])
+                for f in self.results["files"]]
+
+
+class GolemClient(Client):
+    def create_task(self, task: dict[str, Any]) -> GolemTask:  # type: ignore[override]
+        digests = {source: self.upload(Path(source)) for source in task.get("resources", [])}
+        self._events_queue()  # listening before asking: no event can be missed
+        reply = self.request({"type": "CreateTask", "task": task, "resource_digests": digests})
+        return self._follow(reply)
+
+    def _follow(self, reply: dict[str, Any]) -> GolemTask:
+        handle = GolemTask(self, reply["task_id"], reply["task"], self._golem_queue)
+        handle._pending.extend(self._early.pop(handle.task_id, []))
+        self._golem_tasks[handle.task_id] = handle
+        return handle
+
+    def _events_queue(self) -> str:
+        if not hasattr(self, "_golem_queue"):
+            channel = self._ensure_channel()
+            self._golem_tasks: dict[str, GolemTask] = {}
+            self._early: dict[str, list[dict[str, Any]]] = {}  # events before the reply
+            self._golem_queue: str = guarded(lambda: channel.queue_declare(
+                "", exclusive=True, auto_delete=True)).method.queue
+            guarded(lambda: channel.queue_bind(self._golem_queue, topology.EVENTS_EXCHANGE,
+                                               "golem.#"))
+            guarded(lambda: channel.basic_consume(self._golem_queue, self._on_golem_event,
+                                                  auto_ack=True))
+        return self._golem_queue
+
+    def _on_golem_event(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
+        event = parse_body(body)
+        task_id = str(event.get("task_id"))
+        if event.get("type") == "TaskCreatedEvent":
+            return
+        handle = self._golem_tasks.get(task_id)
+        if handle is not None:
+            handle._pending.append(event)
+        else:
+            self._early.setdefault(task_id, []).append(event)
+
+    def upload(self, path: Path) -> str:
+        if not path.is_file():
+            raise ConfigError(f"resource file {path} does not exist")
+        channel = self._ensure_channel()
+        sha = file_digest(path)
+        for chunk in chunk_messages(path.read_bytes(), sha):
+            publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
+                              encode(chunk), properties("blob-chunk", app_id="vespid-client"))
+        return sha
+
+    def fetch(self, sha: str, target: Path) -> Path:
+        parts, index, count = [], 0, 1
+        while index < count:
+            reply = self.request({"command": "blob-get", "sha256": sha, "index": index})
+            parts.append(base64.b64decode(reply["data"]))
+            count, index = int(reply["count"]), index + 1
+        data = b"".join(parts)
+        if digest(data) != sha:
+            raise GolemTaskFailed(sha, "download", "a result file did not match its sha256")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return target
+
+    def state(self, task_id: str) -> dict[str, Any]:
+        return self.request({"type": "GetTaskState", "task_id": task_id})
+
+    def list_golem_tasks(self) -> list[dict[str, Any]]:
+        return list(self.request({"type": "ListTasks"})["tasks"])
+
+    def restart(self, task_id: str) -> GolemTask:
+        self._events_queue()
+        return self._follow(self.request({"type": "RestartTask", "task_id": task_id}))
+
+    def restart_subtasks(self, task_id: str, subtask_ids: list[str]) -> None:
+        self.request({"type": "RestartSubtasks", "task_id": task_id,
+                      "subtask_ids": subtask_ids})
+
