@@ -112,8 +112,10 @@ def _resources(ctx: Context, spec: GolemTaskSpec, digests: dict[str, str]
     for source in spec.resources:
         sha = digests.get(source) or _read_local(ctx, source)
         if ctx.blobs is None or not ctx.blobs.has(sha):
-            raise ProtocolError("missing_resource", f"resource {source!r} was never uploaded; "
-                                "the client library uploads resources before CreateTask")
+            raise ProtocolError("missing_resource", f"resource {source!r} was never uploaded, "
+                                "or was refused for being over the limit of "
+                                f"{ctx.settings.max_file_bytes} bytes; the client library "
+                                "uploads resources before CreateTask")
         destination = spec.resources_mapped.get(source, Path(source).name)
         placed.append({"sha256": sha, "path": destination})
     return placed

@@ -142,3 +142,15 @@ def test_explain_names_the_requirement_no_node_meets(coordinator: VespidProcess,
     reasons = raw.info("huge")["waiting_reason"]
 
     assert reasons == ["tiny: too small (memory needs 500000, has 1000)"]
+
+
+def test_higher_bids_start_first_and_a_node_takes_only_bids_above_its_minimum(
+        coordinator: VespidProcess, raw: RawPeer) -> None:
+    create(raw, "cheap", requirements={"bid": 0.5})
+    create(raw, "generous", requirements={"bid": 3})
+    RawNode(raw, "pricey", {"cores": 1, "memory": 1000, "min_bid": 1}).node_set([])
+
+    assert node_of(raw, "generous") == "pricey"
+    time.sleep(0.3)
+    assert raw.info("cheap")["status"] is None
+    assert any("bidding at least 1" in r for r in raw.info("cheap")["waiting_reason"])
