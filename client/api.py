@@ -31,6 +31,7 @@ from vespid.shared.transport import (
     guarded,
     properties,
     publish_confirmed,
+    user_of,
 )
 
 APP_ID = "vespid-client"
@@ -149,6 +150,7 @@ class Client:
         kind = str(message.get("command") or message.get("type"))  # either dialect
         props = properties(kind, app_id=APP_ID,
                            reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
+        props.user_id = user_of(self.url or "")  # who we are, as the broker checks it
         try:
             publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
                               encode(message), props)

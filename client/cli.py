@@ -242,6 +242,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from vespid.client.broker_setup import add_commands as broker_commands
     from vespid.client.golem_cli import add_commands as golem_commands
     from vespid.coordinator.main import add_arguments as coordinator_arguments
     from vespid.node_agent.main import add_arguments as node_arguments
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("drain", cmd_drain, "stop giving a node work; its agent exits when idle")
     p.add_argument("node")
     golem_commands(sub, client_options)
+    broker_commands(sub)
     return parser
 
 

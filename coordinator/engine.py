@@ -35,6 +35,12 @@ class Context:
     effects: Effects
     now: float
     blobs: BlobStore | None = None
+    sender: str | None = None  # the authenticated user of the message being handled
+
+    def may_control(self, owner: str | None) -> bool:
+        """Only a task's owner, or an admin, may cancel or verify it."""
+        return (owner is None or self.sender is None or self.sender == owner
+                or self.sender in self.settings.admins)
 
     def event(self, event: str, task: Task) -> None:
         self.effects.event(event, task.name, task_info(self.state, task))
@@ -87,7 +93,9 @@ def explain(state: State, task: Task) -> list[str]:
 
 
 def add_task(ctx: Context, definition: TaskDefinition) -> Task:
-    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now)
+    parent = ctx.state.tasks.get(definition.parent or "")
+    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
+                owner=parent.owner if parent is not None else ctx.sender)
     ctx.state.add_task(task)
     ctx.state.touch_task(task)
     ctx.event("created", task)
@@ -100,7 +108,7 @@ def add_virtual_task(ctx: Context, name: str, pretty: str) -> Task:
     definition = TaskDefinition(name=name, name_pretty=pretty, executable_pyscript="",
                                 retries=0)
     task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
-                status=TaskStatus.WORKING, time_start=ctx.now, virtual=True)
+                status=TaskStatus.WORKING, time_start=ctx.now, virtual=True, owner=ctx.sender)
     ctx.state.add_task(task)
     ctx.state.touch_task(task)
     ctx.event("created", task)

@@ -293,8 +293,16 @@ def _known(ctx: Context, task_id: str) -> GolemTask:
     return golem
 
 
+def _must_control(ctx: Context, golem: GolemTask) -> None:
+    owner = ctx.state.tasks[golem.parent].owner
+    if not ctx.may_control(owner):
+        raise ProtocolError("forbidden", f"task {golem.task_id} belongs to {owner}; only its "
+                            f"owner or an admin may do that, not {ctx.sender}")
+
+
 def handle_verify(ctx: Context, msg: VerifyResults) -> Reply:
     golem = _known(ctx, msg.task_id)
+    _must_control(ctx, golem)
     subtask = golem.subtasks.get(msg.subtask_id)
     if subtask is None:
         raise ProtocolError("not_found", f"task {msg.task_id} has no subtask {msg.subtask_id!r}")
@@ -328,6 +336,7 @@ def _verdict_reply(msg: VerifyResults, acted: bool, why: str | None) -> dict[str
 
 def handle_abort(ctx: Context, msg: AbortTask) -> Reply:
     golem = _known(ctx, msg.task_id)
+    _must_control(ctx, golem)
     if golem.status == ACTIVE:
         _close(ctx, golem, ABORTED, "aborted by the requester", Severity.TERMINATED)
         _event(ctx, "TaskAbortedEvent", golem.task_id, {"type": "TaskAbortedEvent",

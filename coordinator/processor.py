@@ -30,6 +30,7 @@ class Delivery:
     reply_to: str | None = None
     correlation_id: str | None = None
     tag: int = 0
+    user_id: str | None = None  # validated by RabbitMQ: who sent it
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Processor:
             self._handle(ctx, delivery)
 
     def _handle(self, ctx: Context, delivery: Delivery) -> None:
+        ctx.sender = delivery.user_id
         try:
             message = decode(delivery.body, self.settings.max_body_bytes)
             body = handlers.dispatch(ctx, message)

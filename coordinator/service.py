@@ -25,7 +25,13 @@ from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared import topology
 from vespid.shared.errors import BrokerError
 from vespid.shared.logs import get_logger
-from vespid.shared.transport import CONNECTION_ERRORS, close_quietly, connect, properties
+from vespid.shared.transport import (
+    CONNECTION_ERRORS,
+    close_quietly,
+    connect,
+    properties,
+    user_of,
+)
 
 log = get_logger(__name__)
 APP_ID = "vespid-coordinator"
@@ -39,6 +45,7 @@ class CoordinatorService:
         self.store = Store(settings.state)
         self.processor = Processor(self.store, settings, time.time())
         self._stopping = False
+        self._user = user_of(settings.amqp_url)
         self._connection: Any = None
         self._reset_link()
 
@@ -148,7 +155,7 @@ class CoordinatorService:
     # ---- consuming -------------------------------------------------------------------
     def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
         self._pending.append(Delivery(body, props.reply_to, props.correlation_id,
-                                      method.delivery_tag))
+                                      method.delivery_tag, props.user_id))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Runs after pika dispatched every frame it already read: a natural batch.
@@ -200,6 +207,8 @@ class CoordinatorService:
 
     def _send(self, exchange: str, key: str, body: bytes, props: Any, outbox_id: int | None,
               mandatory: bool) -> None:
+        # RabbitMQ checks user_id against the login: nodes trust only the coordinator's.
+        props.user_id = self._user
         self._channel.basic_publish(exchange, key, body, props, mandatory=mandatory)
         self._seq += 1
         self._in_flight[self._seq] = outbox_id

@@ -43,6 +43,7 @@ class Task:
     # and late results from that attempt that arrived after it was superseded.
     attempts: list[dict[str, Any]] = field(default_factory=list)
     virtual: bool = False  # stands for a Golem-style task: runs nowhere itself
+    owner: str | None = None  # the authenticated user who created its tree
     resources: list[dict[str, str]] = field(default_factory=list)  # files to place: sha256, path
     results: list[dict[str, Any]] = field(default_factory=list)  # files it produced
 
@@ -82,9 +83,20 @@ class Task:
             held["cores"] = held.get("cores", 0.0) - self.lent_cores
         return held
 
+    @property
+    def requirements(self) -> dict[str, Any]:
+        """What it asked for, with its owner's label set by the coordinator: a client cannot
+        claim another user's label to reach a workstation that runs only that user's tasks."""
+        asked = dict(self.definition.requirements)
+        if self.owner is None:
+            return asked
+        effective = {k: v for k, v in asked.items() if not k.startswith("usage_user_")}
+        effective[f"usage_user_{self.owner}"] = True
+        return effective
+
     def shape(self) -> Shape:
         d = self.definition
-        return Shape.of(d.requirements, d.repositories, d.environment, d.avoid_nodes)
+        return Shape.of(self.requirements, d.repositories, d.environment, d.avoid_nodes)
 
     def raise_severity(self, severity: Severity) -> bool:
         """Severity never goes down; True when it went up."""

@@ -12,6 +12,9 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
     body: dict[str, Any] = {"command": "task-info-response"}
     body.update(task.definition.model_dump(mode="json"))
     body["environment"] = task.environment
+    body["requirements"] = task.definition.model_dump(mode="json")["requirements"] | (
+        {f"usage_user_{task.owner}": True} if task.owner else {})
+    body["owner"] = task.owner
     body.update({
         "time-create": task.time_create,
         "time-start": task.time_start,

@@ -135,8 +135,9 @@ class NodeAgent:
             self._send_node_set()
 
     # ---- messages in -----------------------------------------------------------------
-    def _on_message(self, channel: Any, method: Any, _props: Any, body: bytes) -> None:
+    def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         try:
+            self._check_sender(props.user_id)
             message = decode_node_message(body)
         except ProtocolError as exc:
             self.log.error("node_message_rejected", error=exc.code, reason=exc.message)
@@ -159,6 +160,13 @@ class NodeAgent:
         # Acked once the process runs and is recorded: a task's lifetime is never bounded by
         # the broker's delivery-acknowledgement timeout.
         channel.basic_ack(method.delivery_tag)
+
+    def _check_sender(self, user_id: str | None) -> None:
+        """Only the coordinator may make this machine run code; RabbitMQ vouches for user_id."""
+        expected = self.settings.coordinator_user
+        if expected is not None and user_id != expected:
+            raise ProtocolError("forbidden", f"sent by {user_id or 'an unnamed user'}, not by "
+                                f"the coordinator ({expected}): not run")
 
     def _start(self, run: TaskRun) -> None:
         log = self.log.bind(task=run.name, attempt=run.attempt)

@@ -43,6 +43,10 @@ class NodeSettings(ProcessSettings):
     kill_grace: float = Field(default=10.0, ge=0,
                               description="seconds between SIGTERM and SIGKILL of a task")
     prefetch: int = Field(default=16, ge=1)
+    coordinator_user: str | None = Field(
+        default=None,
+        description="run only messages whose broker-checked user_id is this user (the "
+                    "coordinator's); unset: trust whatever reaches this node's queue")
     memory_margin: float = Field(
         default=1.5, ge=1.0,
         description="a task is killed (fatal) once its processes use more resident memory "

@@ -61,6 +61,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def user_of(url: str) -> str | None:
+    """The user a URL logs in as: what RabbitMQ accepts as `user_id` from that connection."""
+    from urllib.parse import unquote
+
+    username = urlsplit(url).username
+    return unquote(username) if username else None
+
+
 def connection_parameters(
     url: str,
     *,
