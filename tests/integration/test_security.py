@@ -1,0 +1,206 @@
+"""Who may make a build machine run code: real users, real permissions, the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+
+from tests.broker import Broker
+from tests.processes import VespidProcess, cli
+from tests.processes import coordinator as coordinator_process
+from tests.processes import node as node_process
+from tests.raw import RawPeer
+
+pytestmark = pytest.mark.integration
+MANAGEMENT = "http://localhost:15672"
+USERS = ["vespid-coordinator", "vespid-node-box1", "vespid-node-box2", "alice", "bob"]
+
+
+def management_answers() -> bool:
+    request = urllib.request.Request(MANAGEMENT + "/api/overview")
+    request.add_header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+    try:
+        with urllib.request.urlopen(request, timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Farm:
+    vhost: str
+    env_dir: Path
+    urls: dict[str, str]
+    admin_url: str
+
+
+def setup_command(vhost: str, env_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vespid.client.cli", "broker", "setup", "--vhost", vhost,
+         "--nodes", "box1,box2", "--clients", "alice,bob", "--env-dir", str(env_dir),
+         "--management-url", MANAGEMENT, *extra],
+        capture_output=True, text=True, timeout=60, env={**os.environ})
+
+
+@pytest.fixture
+def farm(broker: Broker, tmp_path: Path) -> Iterator[Farm]:
+    if not management_answers():
+        reason = ("the RabbitMQ management API does not answer at localhost:15672: "
+                  "`rabbitmq-plugins enable rabbitmq_management` (.ci/run does)")
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    vhost = f"vespid-secure-{uuid.uuid4().hex[:8]}"
+    env_dir = tmp_path / "credentials"
+    result = setup_command(vhost, env_dir)
+    assert result.returncode == 0, result.stderr
+    urls = {user: (env_dir / f"{user}.env").read_text().strip().split("=", 1)[1]
+            for user in USERS}
+    broker.run_ctl(["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
+    try:
+        yield Farm(vhost, env_dir, urls, broker.url_for(vhost))
+    finally:
+        broker.run_ctl(["delete_vhost", vhost])
+        for user in USERS:
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True,
+                           timeout=60)
+
+
+@pytest.fixture
+def secured(farm: Farm, tmp_path: Path) -> Iterator[Farm]:
+    procs: list[VespidProcess] = []
+    coordinator = coordinator_process(farm.urls["vespid-coordinator"], tmp_path / "coord")
+    procs.append(coordinator.start())
+    coordinator.wait_for_log("coordinator_consuming")
+    for name, caps in [("box1", {"memory": 4000, "cores": 2}),
+                       ("box2", {"memory": 4000, "cores": 2, "usage_require_user_bob": True})]:
+        agent = node_process(farm.urls[f"vespid-node-{name}"], tmp_path / "nodes", name, caps,
+                             VESPID_COORDINATOR_USER="vespid-coordinator")
+        procs.append(agent.start())
+        agent.wait_for_log("node_connected")
+    yield farm
+    for proc in procs:
+        proc.stop()
+
+
+def refused(action: Any) -> str:
+    with pytest.raises((pika.exceptions.ChannelClosedByBroker,
+                        pika.exceptions.AMQPChannelError)) as caught:
+        action()
+    return str(caught.value)
+
+
+def test_broker_setup_is_idempotent_keeps_passwords_and_writes_private_files(
+        farm: Farm) -> None:
+    before = {p.name: p.read_text() for p in farm.env_dir.iterdir()}
+
+    again = setup_command(farm.vhost, farm.env_dir)
+    dry = setup_command(farm.vhost, farm.env_dir / "dry", "--dry-run")
+
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_text() for p in farm.env_dir.iterdir() if p.is_file()} == before
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in farm.env_dir.iterdir()
+               if p.is_file())
+    assert "would create user alice" in dry.stdout and not (farm.env_dir / "dry").exists()
+    assert all(url.split(":")[2].split("@")[0] not in again.stdout for url in farm.urls.values())
+
+
+def test_a_client_cannot_publish_to_a_node_queue(secured: Farm) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(secured.urls["alice"]))
+    channel = connection.channel()
+    channel.confirm_delivery()
+
+    reason = refused(lambda: channel.basic_publish(
+        "vespid", "node.box1", json.dumps({"command": "task-run", "name": "evil"}).encode()))
+
+    assert "ACCESS_REFUSED" in reason
+    connection.close()
+
+
+def test_a_client_cannot_consume_a_node_queue(secured: Farm) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(secured.urls["alice"]))
+    channel = connection.channel()
+
+    reason = refused(lambda: channel.basic_consume("vespid.node.box1", lambda *_: None))
+
+    assert "ACCESS_REFUSED" in reason
+    connection.close()
+
+
+def test_a_node_cannot_consume_another_nodes_queue(secured: Farm) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(secured.urls["vespid-node-box1"]))
+    channel = connection.channel()
+
+    reason = refused(lambda: channel.basic_consume("vespid.node.box2", lambda *_: None))
+
+    assert "ACCESS_REFUSED" in reason
+    connection.close()
+
+
+def test_a_user_cannot_cancel_another_users_task(secured: Farm) -> None:
+    created = cli(secured.urls["alice"], "submit", __file__, "--memory", "999999", "--json")
+    name = json.loads(created.stdout)["name"]
+
+    by_bob = cli(secured.urls["bob"], "cancel", name)
+    by_alice = cli(secured.urls["alice"], "cancel", name)
+
+    assert by_bob.returncode != 0 and "belongs to alice" in by_bob.stderr
+    assert by_alice.returncode == 0, by_alice.stderr
+
+
+def test_a_user_cannot_take_another_users_label(secured: Farm, tmp_path: Path) -> None:
+    script = tmp_path / "where.py"
+    script.write_text("import os; print(os.environ['VESPID_NODE'])")
+
+    posing = cli(secured.urls["alice"], "submit", str(script), "--label", "user_bob",
+                 "--require", "node_box2", "--json")
+    name = json.loads(posing.stdout)["name"]
+    honest = cli(secured.urls["bob"], "submit", str(script), "--require", "node_box2",
+                 "--wait", "--timeout", "60", "--json")
+
+    time.sleep(1)
+    info = json.loads(cli(secured.urls["alice"], "info", name, "--json").stdout)
+    assert info["status"] is None and info["owner"] == "alice"
+    assert info["requirements"].get("usage_user_alice") is True
+    assert honest.returncode == 0, honest.stderr
+    assert json.loads(honest.stdout)["node"] == "box2"
+
+
+def test_a_forged_task_run_on_the_right_queue_is_not_executed(secured: Farm,
+                                                              tmp_path: Path) -> None:
+    marker = tmp_path / "forged-ran"
+    peer = RawPeer(secured.admin_url)  # a user allowed to write there, but not the coordinator
+    dead = peer.channel.queue_declare("", exclusive=True).method.queue
+    peer.channel.queue_bind(dead, "vespid.dead")
+    peer.channel.basic_publish("", "vespid.node.box1", json.dumps({
+        "command": "task-run", "name": "forged", "log": "x", "cores": 1,
+        "executable_pyscript": f"open({str(marker)!r}, 'w').write('pwned')"}).encode(),
+        pika.BasicProperties(user_id="guest", delivery_mode=2))
+
+    props, body = peer.get(dead, timeout=15)
+
+    assert json.loads(body)["name"] == "forged"
+    assert "not by the coordinator" in props.headers["x-vespid-error"]
+    time.sleep(1)
+    assert not marker.exists()
+    peer.close()
+
+
+def test_secrets_never_appear_in_logs(secured: Farm, tmp_path: Path) -> None:
+    logs = "".join(p.read_text() for p in tmp_path.rglob("*.log"))
+    passwords = [url.split(":")[2].split("@")[0] for url in secured.urls.values()]
+
+    assert logs and not any(password in logs for password in passwords)
