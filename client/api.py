@@ -119,8 +119,10 @@ class Client:
     def _ensure_channel(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             assert self.url is not None
-            self._connection = connect(connection_parameters(self.url, name=APP_ID),
-                                       give_up_after=self.timeout)
+            self._connection = connect(connection_parameters(
+                self.url, name=APP_ID, ca_file=os.environ.get("VESPID_TLS_CA_FILE"),
+                cert_file=os.environ.get("VESPID_TLS_CERT_FILE"),
+                key_file=os.environ.get("VESPID_TLS_KEY_FILE")), give_up_after=self.timeout)
             channel = guarded(self._connection.channel)
             guarded(channel.confirm_delivery)
             guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,

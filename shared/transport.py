@@ -23,6 +23,7 @@ from tenacity import (
     RetryCallState,
     retry,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_delay,
     wait_exponential,
 )
@@ -100,7 +101,9 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
     """A BlockingConnection, retried with backoff for up to `give_up_after` seconds."""
 
     @retry(
-        retry=retry_if_exception_type(CONNECTION_ERRORS),
+        # A certificate that does not verify will not verify on the next try either.
+        retry=retry_if_exception_type(CONNECTION_ERRORS)
+        & retry_if_not_exception_type(ssl.SSLCertVerificationError),
         wait=wait_exponential(multiplier=0.2, max=5),
         stop=stop_after_delay(give_up_after),
         before_sleep=_log_retry,
@@ -111,6 +114,11 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
 
     try:
         return attempt()
+    except ssl.SSLCertVerificationError as exc:
+        raise BrokerUnavailable(
+            f"the broker's TLS certificate at {params.host}:{params.port} does not verify "
+            f"({exc.verify_message}); set VESPID_TLS_CA_FILE to the CA that signed it"
+        ) from None
     except pika.exceptions.ProbableAuthenticationError as exc:
         raise BrokerUnavailable(
             f"RabbitMQ at {params.host}:{params.port} refused the credentials ({exc})"

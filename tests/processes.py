@@ -72,7 +72,10 @@ class VespidProcess:
 
 
 def base_env(url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
+    # Settings of the outer shell would leak into the processes under test; TLS files are
+    # how a test points them at its own CA.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("VESPID_") or k.startswith("VESPID_TLS_")}
     env.update(FAST)
     env["VESPID_AMQP_URL"] = url
     env.update(extra)
