@@ -205,6 +205,8 @@ def cancel_tree(ctx: Context, root: Task) -> None:
         task = ctx.state.tasks[name]
         if task.status is TaskStatus.IDLE:
             end_task(ctx, task, Severity.TERMINATED, "cancelled before it started")
+        elif task.virtual:
+            continue  # runs nowhere: its children are what is cancelled
         elif task.status is TaskStatus.WORKING and not task.cancel_requested:
             task.cancel_requested = True
             ctx.state.touch_task(task)

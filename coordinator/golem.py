@@ -110,7 +110,8 @@ def _resources(ctx: Context, spec: GolemTaskSpec, digests: dict[str, str]
                ) -> list[dict[str, str]]:
     placed = []
     for source in spec.resources:
-        sha = digests.get(source) or _read_local(ctx, source)
+        # Only uploaded files: naming a path never makes the coordinator read its own disk.
+        sha = digests.get(source, "")
         if ctx.blobs is None or not ctx.blobs.has(sha):
             raise ProtocolError("missing_resource", f"resource {source!r} was never uploaded, "
                                 "or was refused for being over the limit of "
@@ -119,15 +120,6 @@ def _resources(ctx: Context, spec: GolemTaskSpec, digests: dict[str, str]
         destination = spec.resources_mapped.get(source, Path(source).name)
         placed.append({"sha256": sha, "path": destination})
     return placed
-
-
-def _read_local(ctx: Context, source: str) -> str:
-    """A requester on the coordinator's own machine may name files without uploading."""
-    path = Path(source)
-    if ctx.blobs is None or not path.is_file():
-        raise ProtocolError("missing_resource", f"resource file {source!r} does not exist "
-                            "(and was not uploaded)")
-    return ctx.blobs.put_bytes(path.read_bytes())
 
 
 def _launch(ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
@@ -160,7 +152,7 @@ def on_task_started(ctx: Context, task: Task) -> None:
     if found is not None:
         golem, subtask = found
         subtask.state = "computing"
-        subtask.attempts[-1]["node"] = task.node
+        subtask.attempts[-1].update(node=task.node, state="computing")
         ctx.state.touch_golem(golem.task_id)
 
 
@@ -264,6 +256,7 @@ def _stop_attempt(ctx: Context, subtask: Subtask, state: str) -> None:
     if subtask.current is not None:
         task = ctx.state.tasks[subtask.current]
         subtask.current = None
+        subtask.attempts[-1].update(state="cancelled", end=ctx.now)
         engine.cancel_tree(ctx, task)
     if subtask.state != "finished":
         subtask.state = state

@@ -7,6 +7,7 @@ turns into an `error` reply or a dead-letter.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -122,6 +123,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         # Its node was declared lost, yet the attempt finished there: keep the result
         # rather than run the task twice.
         ctx.state.adopt(task, ctx.state.nodes[msg.node], ctx.now)
+        task.results = _results(msg)
         engine.end_task(ctx, task, msg.success, msg.message)
     else:
         _record_late(ctx, task, msg.attempt, f"task-complete {msg.success.value}", msg.node)
@@ -129,8 +131,16 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
 
 
 def _results(msg: TaskComplete) -> list[dict[str, Any]]:
+    """Result files a node reports; a name that could leave the results folder is dropped."""
     results = (msg.model_extra or {}).get("results") or []
-    return [r for r in results if isinstance(r, dict) and {"name", "sha256"} <= set(r)]
+    return [r for r in results if isinstance(r, dict) and {"name", "sha256"} <= set(r)
+            and _safe_name(r["name"]) and re.fullmatch(r"[0-9a-f]{64}", str(r["sha256"]))]
+
+
+def _safe_name(name: Any) -> bool:
+    parts = str(name).split("/")
+    return bool(name) and not str(name).startswith("/") and ".." not in parts \
+        and "\\" not in str(name)
 
 
 def handle_blob_chunk(ctx: Context, msg: BlobChunk) -> Reply:

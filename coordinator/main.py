@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between node heartbeats (default 5)")
     parser.add_argument("--missed-heartbeats", type=int,
                         help="a node silent this many intervals is lost (default 3)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (env VESPID_METRICS_PORT)")
     parser.add_argument("--check", action="store_true",
                         help="verify the running coordinator's state (resources held equal "
                              "running tasks' allocations, repository holds match live tasks) "
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = CoordinatorSettings.load(
         args.config, state=args.state, amqp_url=args.amqp_url,
-        heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats)
+        heartbeat_interval=args.heartbeat_interval, missed_heartbeats=args.missed_heartbeats,
+        metrics_port=args.metrics_port)
     logs.configure(settings.log_level, settings.json_logs)
     if args.check:
         return check(settings)

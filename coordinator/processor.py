@@ -48,6 +48,9 @@ class Processor:
         self.blobs = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._next_id = store.next_outbox_id()
         self._confirmed: list[int] = []
+        # Observers (metrics): called with the command handled, the error code rejected.
+        self.on_message: Callable[[str], None] = lambda _command: None
+        self.on_reject: Callable[[str], None] = lambda _code: None
         self._reload()
 
     def _reload(self) -> None:
@@ -135,6 +138,7 @@ class Processor:
         ctx.sender = delivery.user_id
         try:
             message = decode(delivery.body, self.settings.max_body_bytes)
+            self.on_message(str(getattr(message, "command", None) or message.type))
             body = handlers.dispatch(ctx, message)
         except ProtocolError as exc:
             self._reject(ctx, delivery, exc.code, exc.message)
@@ -146,6 +150,7 @@ class Processor:
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:
         log.warning("message_rejected", error=code, reason=sentence)
+        self.on_reject(code)
         if delivery.reply_to:
             ctx.effects.reply(delivery.reply_to, delivery.correlation_id,
                               error_reply(code, sentence))

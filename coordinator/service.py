@@ -44,6 +44,8 @@ class CoordinatorService:
         self.settings = settings
         self.store = Store(settings.state)
         self.processor = Processor(self.store, settings, time.time())
+        if settings.metrics_port is not None:
+            self._serve_metrics(settings.metrics_port)
         self._stopping = False
         self._user = user_of(settings.amqp_url)
         self._connection: Any = None
@@ -60,6 +62,15 @@ class CoordinatorService:
         self._resend: set[int] = set()
         self._returned: set[int] = set()
         self._close_reason: str | None = None
+
+    def _serve_metrics(self, port: int) -> None:
+        from vespid.coordinator import engine, metrics
+
+        metrics.serve(port)
+        engine.TICK_HOOKS.append(metrics.refresh)
+        self.processor.on_message = lambda command: metrics.MESSAGES.labels(command).inc()
+        self.processor.on_reject = lambda code: metrics.REJECTED.labels(code).inc()
+        log.info("metrics_serving", port=port)
 
     # ---- lifecycle -------------------------------------------------------------------
     def run(self) -> None:

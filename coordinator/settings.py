@@ -39,6 +39,8 @@ class CoordinatorSettings(ProcessSettings):
     golem_max_wrong_answers: int = Field(default=3, ge=1,
                                          description="WRONG_ANSWER verdicts for one part "
                                                      "before its task fails")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535,
+                                     description="serve Prometheus metrics on this port")
     admins: list[str] = Field(default_factory=list,
                               description="users who may cancel or verify anyone's tasks")
     log_location: str = Field(default="//{node}/vespid/logs/{task}.log",

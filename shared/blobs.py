@@ -105,17 +105,21 @@ class BlobStore:
             raise ProtocolError("invalid_message", f"chunk {chunk.index} of {chunk.count}")
         part_dir = self.root / "partial" / chunk.sha256
         part_dir.mkdir(exist_ok=True)
-        (part_dir / str(chunk.index)).write_bytes(base64.b64decode(chunk.data, validate=True))
+        try:
+            data = base64.b64decode(chunk.data, validate=True)
+        except ValueError:
+            raise ProtocolError("invalid_message", "blob-chunk data is not base64") from None
+        (part_dir / str(chunk.index)).write_bytes(data)
         if len(os.listdir(part_dir)) < chunk.count:
             return False
-        data = b"".join((part_dir / str(i)).read_bytes() for i in range(chunk.count))
+        whole = b"".join((part_dir / str(i)).read_bytes() for i in range(chunk.count))
         for part in part_dir.iterdir():
             part.unlink()
         part_dir.rmdir()
-        if digest(data) != chunk.sha256 or len(data) != chunk.size:
+        if digest(whole) != chunk.sha256 or len(whole) != chunk.size:
             raise ProtocolError("corrupt", f"the file sent as {chunk.sha256[:12]}… does not match "
                                 "its sha256 or size; send it again")
-        self._write(chunk.sha256, data)
+        self._write(chunk.sha256, whole)
         return True
 
     def _write(self, sha: str, data: bytes) -> None:

@@ -126,7 +126,8 @@ class CreateTask(_Golem):
     type: Literal["CreateTask"]
     task: GolemTaskSpec
     # Resources already uploaded by the requester: path as given -> sha256 of its content.
-    resource_digests: dict[str, str] = Field(default_factory=dict)
+    resource_digests: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=dict)
 
 
 class VerifyResults(_Golem):

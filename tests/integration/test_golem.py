@@ -154,23 +154,42 @@ def test_a_task_past_its_timeout_fails_with_an_event(two_nodes: None,
 
 
 def test_resources_of_a_few_megabytes_arrive_intact_in_mapped_subfolders(
-        two_nodes: None, requester: Requester, tmp_path: Path) -> None:
+        amqp_url: str, two_nodes: None, tmp_path: Path) -> None:
+    from vespid.client.golem import GolemClient
+
     data = bytes(range(256)) * (3 * 4096)  # 3 MB
     source = tmp_path / "model.bin"
     source.write_bytes(data)
     script = ("import hashlib, pathlib\n"
               "digest = hashlib.sha256(pathlib.Path('inputs/deep/model.bin').read_bytes())\n"
               "open('results/digest.txt', 'w').write(digest.hexdigest())\n")
-    created = requester.create(type="Python", subtasks_count=2, resources=[str(source)],
-                               resources_mapped={str(source): "inputs/deep/model.bin"},
-                               options={"script": script})
-
-    done = requester.wait_event("TaskResults", created["task_id"])
+    with GolemClient(amqp_url) as golem:  # uploads the file through the broker first
+        task = golem.create_task({"type": "Python", "subtasks_count": 2,
+                                  "resources": [str(source)],
+                                  "resources_mapped": {str(source): "inputs/deep/model.bin"},
+                                  "options": {"script": script}})
+        done = task.wait(timeout=60)
+        fetched = task.download(tmp_path / "out")
 
     import hashlib
 
     expected = hashlib.sha256(data).hexdigest()
     assert [Path(p).read_text() for p in done["results"]] == [expected, expected]
+    assert [p.read_text() for p in fetched] == [expected, expected]
+
+
+def test_a_resource_named_but_not_uploaded_is_refused_and_never_read_from_disk(
+        coordinator: VespidProcess, raw: RawPeer, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("coordinator-side file")
+
+    by_path = raw.request({"type": "CreateTask", "task": {"type": "Python",
+                                                          "resources": [str(secret)]}})
+    by_bad_digest = raw.request({"type": "CreateTask", "task": {"type": "Python",
+                                 "resources": ["x"]}, "resource_digests": {"x": "/etc/hostname"}})
+
+    assert by_path["error"] == "missing_resource"
+    assert by_bad_digest["error"] == "invalid_message"
 
 
 def test_restart_of_a_finished_task_and_of_one_subtask(two_nodes: None,
