@@ -50,12 +50,14 @@ def grants(nodes: list[str], clients: list[str]) -> list[Grant]:
     found = [Grant(COORDINATOR_USER, ".*", ".*", ".*", ".*")]
     for node in nodes:
         queue = re.escape(f"vespid.node.{node}")
-        found.append(Grant(node_user(node), f"^(vespid|{queue})$",
-                           f"^(vespid|{queue}|vespid\\.dead)$", f"^(vespid|{queue})$",
+        found.append(Grant(node_user(node), f"^(vespid|vespid\\.logs|{queue})$",
+                           f"^(vespid|vespid\\.logs|{queue}|vespid\\.dead)$",
+                           f"^(vespid|{queue})$",
                            "^coordinator$", f"^node\\.{re.escape(node)}$"))
     for client in clients:
-        found.append(Grant(client, "^amq\\.gen-.*$", "^(vespid|amq\\.gen-.*)$",
-                           "^(vespid\\.events|amq\\.gen-.*|amq\\.rabbitmq\\.reply-to)$",
+        found.append(Grant(client, "^amq\\.gen-.*$", "^(vespid|vespid\\.logs|amq\\.gen-.*)$",
+                           "^(vespid\\.events|vespid\\.logs|amq\\.gen-.*|"
+                           "amq\\.rabbitmq\\.reply-to)$",
                            "^coordinator$", "^$"))
     return found
 

@@ -19,6 +19,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from vespid.node_agent.files import collect_results, place_resources
+from vespid.node_agent.logstream import LogStreams
 from vespid.node_agent.settings import NodeSettings
 from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared import PROTOCOL_VERSION, topology
@@ -57,6 +58,7 @@ class NodeAgent:
         self.blobs = BlobStore(settings.work_dir / "blobs")
         self.folders: dict[str, Path] = {}  # task -> working folder, for its results
         self.produced: dict[str, list[dict[str, Any]]] = {}  # task -> result files
+        self.logs = LogStreams()
         self.unsent: list[Finished] = []
         self.results: OrderedDict[str, Finished] = OrderedDict()
         self.draining = False
@@ -118,6 +120,7 @@ class NodeAgent:
         self._channel = guarded(self._connection.channel)
         guarded(self._channel.confirm_delivery)
         guarded(lambda: topology.declare_node(self._channel, self.settings.name))
+        guarded(lambda: topology.declare_logs(self._channel))
         guarded(lambda: self._channel.basic_qos(prefetch_count=self.settings.prefetch))
         self._flush_results()
         self._send_node_set()
@@ -130,6 +133,7 @@ class NodeAgent:
     def _step(self) -> None:
         guarded(lambda: self._connection.process_data_events(time_limit=0.2))
         self._reap()
+        self._stream_logs()
         self._flush_results()
         if time.time() >= self._next_heartbeat:
             self._send_node_set()
@@ -212,6 +216,7 @@ class NodeAgent:
         except (OSError, ValueError) as exc:
             return Finished(run.name, run.attempt, Severity.FATAL,
                             f"could not prepare the task: {exc}")
+        self.logs.follow(run.name, launch.log_file)
         return self.supervisor.start(run, launch)
 
     def _plan(self, run: TaskRun) -> Launch:
@@ -264,7 +269,16 @@ class NodeAgent:
             if newer is not None:
                 self._start(newer)
 
+    def _stream_logs(self) -> None:
+        for body in self.logs.pending():
+            # Not mandatory: with no log server listening the local copy is the log.
+            publish_confirmed(self._channel, topology.LOGS_EXCHANGE,
+                              topology.log_key(str(body["task"])), encode(body),
+                              properties("log-chunk", app_id=APP_ID), mandatory=False)
+            self.logs.sent(body)
+
     def _record(self, result: Finished) -> None:
+        self.logs.finish(result.name)
         folder = self.folders.pop(result.name, None)
         if folder is not None and result.success is Severity.OK:
             self.produced[result.name] = collect_results(self.blobs, folder)

@@ -18,6 +18,9 @@ COORDINATOR_QUEUE = "vespid.coordinator"
 COORDINATOR_KEY = "coordinator"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 ERROR_HEADER = "x-vespid-error"
+LOGS_EXCHANGE = "vespid.logs"  # task output as it is written: key log.<task>
+LOG_SERVER_QUEUE = "vespid.logserver"
+LOG_REQUEST_KEY = "request"
 
 # A message redelivered this often (its handler killed the coordinator each time) is poison:
 # the broker dead-letters it instead of letting it stop all work.
@@ -85,6 +88,23 @@ def node_queue_spec(node: str) -> QueueSpec:
         {"x-queue-type": "quorum", "x-single-active-consumer": True},
         ((EXCHANGE, node_key(node)),),
     )
+
+
+def log_key(task: str) -> str:
+    return f"log.{task}"
+
+
+LOG_SERVER = QueueSpec(LOG_SERVER_QUEUE, {"x-queue-type": "quorum"},
+                       ((LOGS_EXCHANGE, "log.#"), (LOGS_EXCHANGE, LOG_REQUEST_KEY)))
+
+
+def declare_logs(channel: DeclaringChannel) -> None:
+    channel.exchange_declare(exchange=LOGS_EXCHANGE, exchange_type="topic", durable=True)
+
+
+def declare_log_server(channel: DeclaringChannel) -> None:
+    declare_logs(channel)
+    declare_queue(channel, LOG_SERVER)
 
 
 def event_key(event: str, task: str) -> str:
