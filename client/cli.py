@@ -243,6 +243,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from vespid.client.broker_setup import add_commands as broker_commands
+    from vespid.client.dashboard import add_commands as dashboard_commands
     from vespid.client.golem_cli import add_commands as golem_commands
     from vespid.client.logs import add_commands as log_commands
     from vespid.coordinator.main import add_arguments as coordinator_arguments
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     golem_commands(sub, client_options)
     broker_commands(sub)
     log_commands(sub, client_options)
+    dashboard_commands(sub)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""`vespid dashboard --port 8080`: a web page that follows the farm live.
+
+A separate process that is only a client: it learns everything over AMQP (node-list,
+task-list, task-info, the log server), never from the coordinator's files. The page gets a
+fresh snapshot every second through server-sent events. Each HTTP thread has its own AMQP
+connection: pika connections are not shared between threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote
+
+from vespid.client.api import Client
+from vespid.shared import logs as logging_setup
+from vespid.shared.errors import VespidError
+from vespid.shared.transport import DEFAULT_URL
+
+PAGE = resources.files("vespid.client").joinpath("dashboard.html").read_bytes()
+_local = threading.local()
+
+
+def _client(url: str) -> Client:
+    if getattr(_local, "client", None) is None:
+        _local.client = Client(url, timeout=10)
+    client: Client = _local.client
+    return client
+
+
+def snapshot(url: str) -> dict[str, Any]:
+    client = _client(url)
+    tasks = client.tasks(limit=500)
+    return {"nodes": client.nodes(), "tasks": tasks, "time": time.time()}
+
+
+def task_log(url: str, name: str) -> str:
+    from vespid.client.logs import LogReader
+
+    try:
+        reader = LogReader(url, timeout=2)
+        reply = reader.history(name, 0)
+        reader.connection.close()
+        return str(reply["data"]) if reply["known"] else "(no log kept for this task yet)"
+    except VespidError:
+        return "(no log server answers: start `vespid logserver --dir DIR`)"
+
+
+class Handler(BaseHTTPRequestHandler):
+    url = DEFAULT_URL
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # requests are not worth a log line each
+
+    def _send(self, body: bytes, kind: str, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        try:
+            self._route()
+        except VespidError as exc:
+            self._send(json.dumps({"error": str(exc)}).encode(), "application/json", 503)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _route(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/":
+            self._send(PAGE, "text/html; charset=utf-8")
+        elif path == "/api/snapshot":
+            self._send(json.dumps(snapshot(self.url)).encode(), "application/json")
+        elif path.startswith("/api/task/"):
+            info = _client(self.url).info(unquote(path.removeprefix("/api/task/")))
+            self._send(info.model_dump_json(by_alias=True).encode(), "application/json")
+        elif path.startswith("/api/log/"):
+            text = task_log(self.url, unquote(path.removeprefix("/api/log/")))
+            self._send(text.encode(), "text/plain; charset=utf-8")
+        elif path == "/events":
+            self._events()
+        else:
+            self._send(b"not found", "text/plain", 404)
+
+    def _events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        while True:
+            data = json.dumps(snapshot(self.url))
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+            time.sleep(1.0)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    logging_setup.configure("info")
+    Handler.url = args.amqp_url or os.environ.get("VESPID_AMQP_URL") or DEFAULT_URL
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    logging_setup.get_logger(__name__).info("dashboard_serving", host=args.host, port=args.port)
+    server.serve_forever()
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("dashboard", help="serve a live web page of nodes, tasks and logs",
+                       description=__doc__)
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default local)")
+    p.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
+    p.set_defaults(handler=cmd_dashboard)

@@ -1,0 +1,89 @@
+"""The dashboard in a real headless Chromium: it shows tasks and follows their state live."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.processes import VespidProcess, base_env
+from tests.raw import RawPeer
+
+pytestmark = pytest.mark.integration
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not (os.path.exists(CHROMIUM) and shutil.which("chromedriver")):
+        reason = "Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for_text(browser: Any, selector: str, expected: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = " | ".join(e.text for e in browser.find_elements("css selector", selector))
+        except Exception:  # noqa: BLE001 - the page redraws under us; read again
+            text = ""
+        if expected in text:
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"{expected!r} never appeared in {selector}: {text!r}")
+
+
+def test_the_page_shows_tasks_and_nodes_and_follows_a_task_to_completion(
+        amqp_url: str, tmp_path: Path, coordinator: VespidProcess,
+        start_node: Callable[..., VespidProcess], raw: RawPeer,
+        started: list[VespidProcess], browser: Any) -> None:
+    start_node("box1")
+    port = free_port()
+    dashboard = VespidProcess(["dashboard", "--port", str(port)], tmp_path / "dashboard.log",
+                              base_env(amqp_url), tmp_path).start()
+    started.append(dashboard)
+    dashboard.wait_for_log("dashboard_serving")
+    raw.request({"command": "task-create", "name": "slow-build", "name_pretty": "Slow build",
+                 "executable_pyscript": "import time; time.sleep(3)"})
+    raw.request({"command": "task-create", "name": "whale", "executable_pyscript": "pass",
+                 "requirements": {"memory": 999999}})
+
+    browser.get(f"http://127.0.0.1:{port}/")
+    working = wait_for_text(browser, "#tree div", "working Slow build")
+    nodes = wait_for_text(browser, "#nodes tbody", "box1")
+    done = wait_for_text(browser, "#tree div", "complete ok Slow build", timeout=30)
+    for row in browser.find_elements("css selector", "#tree div"):
+        if "whale" in row.text:
+            row.click()
+    detail = wait_for_text(browser, "#detail", "too small")
+
+    assert "idle whale" in working and "up" in nodes
+    assert "complete ok Slow build box1" in done
+    assert "memory needs 999999" in detail
