@@ -130,9 +130,9 @@ def render_nodes(nodes: list[dict[str, Any]]) -> str:
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    from vespid.client.tui import table
+
+    return table(rows)
 
 
 # ---- commands -----------------------------------------------------------------------------
@@ -189,7 +189,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        state = client.wait(args.name, args.timeout)
+        if args.json:
+            state = client.wait(args.name, args.timeout)
+        else:
+            from vespid.client.tui import wait_tree
+
+            state = wait_tree(client, args.name, args.timeout)
     _show(state.model_dump(by_alias=True), args.json, render_info)
     return EXIT_OK if state.ok else EXIT_TASK_FAILED
 
@@ -230,6 +235,32 @@ def cmd_drain(args: argparse.Namespace) -> int:
         client.drain(args.node)
     out(f"{args.node} is draining: it takes no new work and its agent exits once its tasks "
         "finished")
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from vespid.client.tui import top
+
+    with _client(args) as client:
+        top(client, render_nodes, render_tasks)
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    """A bash completion script for every command and option of this parser."""
+    parser = build_parser()
+    # argparse keeps its subcommands only in private fields; this reads, never changes them.
+    group = parser._subparsers._group_actions[0]  # type: ignore[union-attr]
+    commands: dict[str, argparse.ArgumentParser] = dict(group.choices)  # type: ignore[arg-type]
+    cases = []
+    for name, sub in commands.items():
+        options = " ".join(o for a in sub._actions for o in a.option_strings)
+        cases.append(f'        {name}) opts="{options}" ;;')
+    out("_vespid() {\n    local cur=${COMP_WORDS[COMP_CWORD]} opts\n"
+        "    if [ $COMP_CWORD -eq 1 ]; then\n"
+        f'        COMPREPLY=($(compgen -W "{" ".join(commands)}" -- "$cur")); return\n'
+        "    fi\n    case ${COMP_WORDS[1]} in\n" + "\n".join(cases) + "\n    esac\n"
+        '    COMPREPLY=($(compgen -W "$opts" -- "$cur"))\n}\ncomplete -F _vespid vespid')
     return EXIT_OK
 
 
@@ -305,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("explain", cmd_explain, "say why an idle task is not running")
     p.add_argument("name")
     command("nodes", cmd_nodes, "list nodes with their capacity and state")
+    command("top", cmd_top, "nodes and the newest tasks, live (Ctrl-C to leave)")
+    p = command("completion", cmd_completion,
+                "print bash completion: eval \"$(vespid completion)\"", False)
     p = command("drain", cmd_drain, "stop giving a node work; its agent exits when idle")
     p.add_argument("node")
     golem_commands(sub, client_options)

@@ -132,3 +132,24 @@ def test_cli_info_prints_a_task_readably_and_json_on_request(
     assert "Data build 1/40" in readable.stdout
     assert json.loads(as_json.stdout)["success"] == "ok"
     assert missing.returncode == 4 and "no task named 'no-such-task'" in missing.stderr
+
+
+def test_cli_wait_draws_the_tree_and_tables_stay_plain_in_a_pipe(
+        amqp_url: str, coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
+        raw: RawPeer) -> None:
+    start_node("box1", {"memory": 4000, "cores": 3})
+    parent = ("from vespid.client import Client\nwith Client() as v:\n"
+              "    kids = [v.create_task(f'k{i}', 'import time; time.sleep(0.5)') "
+              "for i in range(2)]\n    v.wait_all([k.name for k in kids], timeout=60)\n")
+    raw.request({"command": "task-create", "name": "waited", "executable_pyscript": parent})
+
+    waited = cli(amqp_url, "wait", "waited", "--timeout", "60")
+    nodes = cli(amqp_url, "nodes")
+    completion = cli(amqp_url, "completion")
+
+    assert waited.returncode == 0 and "complete / ok" in waited.stdout
+    assert "children   2" in waited.stdout
+    assert nodes.stdout.splitlines()[0].split() == ["NODE", "STATE", "CORES", "FREE",
+                                                    "MEMORY", "FREE", "TASKS", "VERSION"]
+    assert "\x1b[" not in nodes.stdout  # no colour codes in a pipe
+    assert "complete -F _vespid vespid" in completion.stdout
