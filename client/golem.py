@@ -33,7 +33,7 @@ from vespid.shared.errors import (
 )
 from vespid.shared.golem import SubtaskVerificationState
 from vespid.shared.protocol import encode, parse_body
-from vespid.shared.transport import guarded, properties, publish_confirmed
+from vespid.shared.transport import guarded, properties, publish_confirmed, user_of
 
 VERIFIED = SubtaskVerificationState.VERIFIED
 WRONG_ANSWER = SubtaskVerificationState.WRONG_ANSWER
@@ -136,7 +136,8 @@ class GolemClient(Client):
         sha = file_digest(path)
         for chunk in chunk_messages(path.read_bytes(), sha):
             publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
-                              encode(chunk), properties("blob-chunk", app_id="vespid-client"))
+                              encode(chunk), properties("blob-chunk", app_id="vespid-client",
+                                                        user_id=user_of(self.url or "")))
         return sha
 
     def fetch(self, sha: str, target: Path) -> Path:

@@ -137,6 +137,10 @@ class Processor:
     def _handle(self, ctx: Context, delivery: Delivery) -> None:
         ctx.sender = delivery.user_id
         try:
+            if self.settings.require_user_id and delivery.user_id is None:
+                raise ProtocolError("unauthenticated", "this coordinator requires the user_id "
+                                    "property (your broker login) on every message; the "
+                                    "project's client sets it")
             message = decode(delivery.body, self.settings.max_body_bytes)
             self.on_message(str(getattr(message, "command", None) or message.type))
             body = handlers.dispatch(ctx, message)

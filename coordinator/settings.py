@@ -41,6 +41,10 @@ class CoordinatorSettings(ProcessSettings):
                                                      "before its task fails")
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="serve Prometheus metrics on this port")
+    require_user_id: bool = Field(
+        default=False,
+        description="refuse requests that carry no user_id: with per-user credentials this "
+                    "stops a client from creating ownerless tasks with any label it likes")
     admins: list[str] = Field(default_factory=list,
                               description="users who may cancel or verify anyone's tasks")
     log_location: str = Field(default="//{node}/vespid/logs/{task}.log",

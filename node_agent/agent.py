@@ -41,6 +41,7 @@ from vespid.shared.transport import (
     guarded,
     properties,
     publish_confirmed,
+    user_of,
 )
 
 APP_ID = "vespid-node"
@@ -59,6 +60,7 @@ class NodeAgent:
         self.folders: dict[str, Path] = {}  # task -> working folder, for its results
         self.produced: dict[str, list[dict[str, Any]]] = {}  # task -> result files
         self.logs = LogStreams()
+        self.user = user_of(settings.amqp_url)
         self.unsent: list[Finished] = []
         self.results: OrderedDict[str, Finished] = OrderedDict()
         self.draining = False
@@ -319,7 +321,8 @@ class NodeAgent:
         if self._channel is None:
             raise BrokerError("not connected")
         publish_confirmed(self._channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
-                          encode(message), properties(str(message["command"]), app_id=APP_ID))
+                          encode(message), properties(str(message["command"]), app_id=APP_ID,
+                                                      user_id=self.user))
 
     def _publish_raw(self, exchange: str, key: str, body: bytes,
                      headers: dict[str, Any]) -> None:

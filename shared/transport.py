@@ -140,9 +140,12 @@ def properties(
     reply_to: str | None = None,
     correlation_id: str | None = None,
     headers: dict[str, Any] | None = None,
+    user_id: str | None = None,
 ) -> pika.BasicProperties:
-    """Every message carries type, app_id, message_id and timestamp, so the UI reads well."""
+    """Every message carries type, app_id, message_id and timestamp, so the UI reads well,
+    and the sender's login as user_id where it is known (the broker checks it)."""
     return pika.BasicProperties(
+        user_id=user_id,
         content_type=JSON,
         delivery_mode=2 if persistent else 1,
         type=command,

@@ -82,7 +82,8 @@ def farm(broker: Broker, tmp_path: Path) -> Iterator[Farm]:
 @pytest.fixture
 def secured(farm: Farm, tmp_path: Path) -> Iterator[Farm]:
     procs: list[VespidProcess] = []
-    coordinator = coordinator_process(farm.urls["vespid-coordinator"], tmp_path / "coord")
+    coordinator = coordinator_process(farm.urls["vespid-coordinator"], tmp_path / "coord",
+                                      VESPID_REQUIRE_USER_ID="true")
     procs.append(coordinator.start())
     coordinator.wait_for_log("coordinator_consuming")
     for name, caps in [("box1", {"memory": 4000, "cores": 2}),
@@ -204,3 +205,15 @@ def test_secrets_never_appear_in_logs(secured: Farm, tmp_path: Path) -> None:
     passwords = [url.split(":")[2].split("@")[0] for url in secured.urls.values()]
 
     assert logs and not any(password in logs for password in passwords)
+
+
+def test_a_request_without_user_id_is_refused_so_nobody_creates_ownerless_tasks(
+        secured: Farm) -> None:
+    peer = RawPeer(secured.urls["alice"])
+
+    reply = peer.request({"command": "task-create", "name": "anonymous",
+                          "executable_pyscript": "pass",
+                          "requirements": {"usage_user_bob": True}})
+
+    assert reply["error"] == "unauthenticated"
+    peer.close()
