@@ -24,6 +24,7 @@ from vespid.shared.errors import (
 )
 from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
 from vespid.shared.transport import (
+    CONNECTION_ERRORS,
     DEFAULT_URL,
     close_quietly,
     connect,
@@ -134,6 +135,20 @@ class Client:
         if props.correlation_id:
             self._replies[props.correlation_id] = parse_body(body)
 
+    def _diagnose(self) -> str:
+        """Why no answer came, as far as the broker can tell."""
+        try:
+            probe = self._connection.channel()
+            queue = probe.queue_declare(topology.COORDINATOR_QUEUE, passive=True).method
+            probe.close()
+        except CONNECTION_ERRORS:
+            return "is it running?"
+        if queue.consumer_count == 0:
+            return (f"no coordinator consumes {topology.COORDINATOR_QUEUE} on this vhost "
+                    f"({queue.message_count} messages wait there): start `vespid coordinator` "
+                    "or check VESPID_AMQP_URL")
+        return f"it is busy ({queue.message_count} messages queued before this one)"
+
     @staticmethod
     def _subscribe(channel: Any, keys: list[str]) -> str:
         queue: str = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
@@ -163,8 +178,8 @@ class Client:
         while correlation_id not in self._replies:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RequestTimeout(f"the coordinator did not answer {kind} "
-                                     f"within {timeout or self.timeout:g} s; is it running?")
+                raise RequestTimeout(f"the coordinator did not answer {kind} within "
+                                     f"{timeout or self.timeout:g} s; {self._diagnose()}")
             self._pump(min(left, 1.0))
         reply = self._replies.pop(correlation_id)
         if reply.get("command") == "error":

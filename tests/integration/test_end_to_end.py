@@ -153,3 +153,13 @@ def test_cli_wait_draws_the_tree_and_tables_stay_plain_in_a_pipe(
                                                     "MEMORY", "FREE", "TASKS", "VERSION"]
     assert "\x1b[" not in nodes.stdout  # no colour codes in a pipe
     assert "complete -F _vespid vespid" in completion.stdout
+
+
+def test_a_request_nobody_answers_says_that_no_coordinator_consumes_the_queue(
+        amqp_url: str, coordinator: VespidProcess) -> None:
+    coordinator.kill()
+
+    result = cli(amqp_url, "tasks", "--request-timeout", "2")
+
+    assert result.returncode == 3
+    assert "no coordinator consumes vespid.coordinator" in result.stderr
