@@ -21,6 +21,7 @@ from vespid.shared.errors import VespidError
 from vespid.shared.transport import DEFAULT_URL, connect, connection_parameters
 
 RUN_DIR = Path("demo-run")
+DEMO_VHOST = "vespid-demo"
 PARENT_SCRIPT = '''
 from vespid.client import Client, current_task
 
@@ -45,8 +46,38 @@ def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
                                 stdout=handle, stderr=subprocess.STDOUT)
 
 
+def private_vhost(url: str) -> str:
+    """A vhost of the demo's own when this machine's broker can make one (rabbitmqctl), so
+    the demo neither sees nor disturbs anything else on the broker."""
+    ctl = shutil.which("rabbitmqctl")
+    if "VESPID_AMQP_URL" in os.environ or ctl is None:
+        return url
+    for args in (["add_vhost", DEMO_VHOST], ["set_permissions", "-p", DEMO_VHOST, "guest",
+                                            ".*", ".*", ".*"]):
+        if subprocess.run([ctl, "-q", *args], capture_output=True, timeout=60).returncode:
+            return url
+    return url.rsplit("/", 1)[0] + "/" + DEMO_VHOST
+
+
+def drop_vhost(url: str) -> None:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl and url.endswith("/" + DEMO_VHOST):
+        subprocess.run([ctl, "-q", "delete_vhost", DEMO_VHOST], capture_output=True, timeout=60)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM drains; a second one ends what still runs; then no more waiting."""
+    for attempt in range(3):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if attempt < 2 else signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+
+
 def main() -> int:
-    url = os.environ.get("VESPID_AMQP_URL", DEFAULT_URL)
+    url = private_vhost(os.environ.get("VESPID_AMQP_URL", DEFAULT_URL))
     try:
         connect(connection_parameters(url, name="vespid-demo"), give_up_after=3).close()
     except VespidError as exc:
@@ -71,10 +102,8 @@ def main() -> int:
         say(f"The demo failed: {exc}")
         return 1
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop(procs)
+        drop_vhost(url)
 
 
 def wait_until_ready(url: str) -> None:
