@@ -19,10 +19,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
 from vespid.node_agent.logstream import chunk_bytes
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
-from vespid.shared.errors import ConfigError, RequestTimeout, TaskNotFound
+from vespid.shared.errors import BrokerError, ConfigError, RequestTimeout, TaskNotFound
 from vespid.shared.protocol import encode, parse_body
 from vespid.shared.transport import (
     DEFAULT_URL,
@@ -48,11 +50,19 @@ class LogServer:
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
+                                wait=wait_exponential(multiplier=0.2, max=5),
+                                before_sleep=lambda s: self.log.warning(
+                                    "broker_lost_reconnecting", attempt=s.attempt_number)):
+            with attempt:
+                self._session()
+
+    def _session(self) -> None:
         connection = connect(connection_parameters(self.url, name=APP_ID))
         channel = guarded(connection.channel)
-        topology.declare_log_server(channel)
-        channel.basic_qos(prefetch_count=200)
-        channel.basic_consume(topology.LOG_SERVER_QUEUE, self._on_message)
+        guarded(lambda: topology.declare_log_server(channel))
+        guarded(lambda: channel.basic_qos(prefetch_count=200))
+        guarded(lambda: channel.basic_consume(topology.LOG_SERVER_QUEUE, self._on_message))
         self.log.info("logserver_started", folder=str(self.folder))
         try:
             while not self.stopping:

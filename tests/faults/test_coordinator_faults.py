@@ -6,12 +6,13 @@ import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
 
-from tests.processes import VespidProcess, cli
+from tests.processes import VespidProcess, base_env, cli
 from tests.raw import RawPeer
 
 pytestmark = pytest.mark.integration
@@ -93,7 +94,13 @@ def broker_restart() -> Iterator[Callable[[], None]]:
 
 def test_work_finishes_across_a_broker_restart_and_no_output_is_lost(
         amqp_url: str, coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
-        raw: RawPeer, broker_restart: Callable[[], None]) -> None:
+        raw: RawPeer, broker_restart: Callable[[], None], tmp_path: Path,
+        started: list[VespidProcess]) -> None:
+    central = tmp_path / "central-logs"
+    logserver = VespidProcess(["logserver", "--dir", str(central)], tmp_path / "logserver.log",
+                              base_env(amqp_url), tmp_path).start()
+    started.append(logserver)
+    logserver.wait_for_log("logserver_started")
     agent = start_node("box1", {"memory": 4000, "cores": 2})
     talker = ("import time\nfor i in range(60):\n    print(f'line {i}', flush=True)\n"
               "    time.sleep(0.1)\n")
@@ -108,9 +115,14 @@ def test_work_finishes_across_a_broker_restart_and_no_output_is_lost(
     done = wait_all_complete(amqp_url, 11, timeout=120)
 
     assert len(done) == 11 and {t["success"] for t in done} == {"ok"}
+    expected = [f"line {i}" for i in range(60)]
     log = next((agent.log_path.parent / "work" / "logs").glob("talker.log")).read_text()
-    assert [line for line in log.splitlines() if line.startswith("line")] == [
-        f"line {i}" for i in range(60)]
+    assert [line for line in log.splitlines() if line.startswith("line")] == expected
+    # The lines written while the broker was away reach the central copy too, in order.
+    deadline = time.monotonic() + 30
+    while not (central / ".complete" / "talker").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (central / "talker.log").read_text().splitlines() == expected
 
 
 def test_a_poison_message_is_dead_lettered_by_the_delivery_limit_not_redelivered_forever(
