@@ -96,7 +96,14 @@ class Task:
 
     def shape(self) -> Shape:
         d = self.definition
-        return Shape.of(self.requirements, d.repositories, d.environment, d.avoid_nodes)
+        repositories: dict[str, Any] = dict(d.repositories)
+        environment = dict(d.environment)
+        if self.holds and self.status is TaskStatus.IDLE:
+            # Started again while it still holds these: claim nothing, run next to them.
+            for key, repo in self.holds.items():
+                repositories[key] = {"local": True}
+                environment[f"repo_{key}"] = repo
+        return Shape.of(self.requirements, repositories, environment, d.avoid_nodes)
 
     def raise_severity(self, severity: Severity) -> bool:
         """Severity never goes down; True when it went up."""
@@ -255,7 +262,7 @@ class State:
         task.status = TaskStatus.WORKING
         task.node = node.name
         task.allocated = allocated
-        task.holds = dict(repos)
+        task.holds = {**task.holds, **repos}  # kept holds of an earlier attempt, new claims
         task.attempt += 1
         task.time_start = now
         task.dispatched_at = now
@@ -284,11 +291,14 @@ class State:
         task.status = TaskStatus.IDLE
         task.node, task.allocated, task.lent_cores = None, {}, 0.0
         task.dispatched_at, task.seen_on_node, task.message = None, False, why
-        for repo in self.release_repositories(task):
-            host = self.repository_host(repo)
-            if host is not None:
-                self.node_gained_room(host.name)
-        task.holds = {}
+        # Its repositories stay held while any of its descendants may still use them; the new
+        # attempt then runs next to them (Task.shape) instead of claiming others.
+        if all(self.tasks[d].status is TaskStatus.COMPLETE for d in self.descendants(task.name)):
+            for repo in self.release_repositories(task):
+                host = self.repository_host(repo)
+                if host is not None:
+                    self.node_gained_room(host.name)
+            task.holds = {}
         self.enqueue(task)
         self.touch_task(task)
 

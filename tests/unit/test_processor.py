@@ -696,3 +696,33 @@ def test_a_handler_crash_leaves_no_half_applied_change_behind(
     monkeypatch.undo()
     assert info(proc, "t1")["status"] == "invalid"
 
+
+
+# --- repositories across a lost node ------------------------------------------------------------
+
+
+def test_a_requeued_task_keeps_its_repository_while_its_children_run_and_restarts_next_to_it(
+        proc: Processor) -> None:
+    repo = "//n1/vespid/ws"
+    with_repo = {**node_set("n1"), "repositories": {repo: {"type": "ws"}}}
+    send(proc, with_repo, T0)
+    send(proc, task_create("parent", requirements={"cores": 1},
+                           repositories={"env": {"request": "ws", "local": True}}), T0)
+    send(proc, node_set("n2"), T0)
+    send(proc, task_create("child", parent="parent", requirements={"cores": 1},
+                           environment={"repo_env": repo},
+                           repositories={"env": {"local": True}}), T0)
+    send(proc, {**with_repo, "activetasks": ["parent", "child"]}, T0 + 1)
+    send(proc, task_create("rival", requirements={"cores": 1}, priority=5,
+                           repositories={"env": {"request": "ws", "local": True}}), T0 + 1)
+
+    send(proc, {**with_repo, "activetasks": ["child"]}, T0 + 2)  # parent vanished from n1
+    rival = info(proc, "rival", T0 + 2)
+    outcome = send(proc, with_repo, T0 + 3)  # a node-set that lets the parent start again
+
+    assert rival["status"] is None  # the repository is still held by the parent's tree
+    runs = [body for key, body in to_nodes(outcome) if body["command"] == "task-run"]
+    restarted = info(proc, "parent", T0 + 3)
+    assert restarted["status"] == "working" and restarted["holds"] == {"env": repo}
+    assert restarted["path"] == repo and restarted["attempt"] == 2
+    assert all(body["name"] != "rival" for body in runs)
