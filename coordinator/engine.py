@@ -36,6 +36,7 @@ class Context:
     now: float
     blobs: BlobStore | None = None
     sender: str | None = None  # the authenticated user of the message being handled
+    message_id: str | None = None  # its message_id property, when the sender set one
 
     def may_control(self, owner: str | None) -> bool:
         """Only a task's owner, or an admin, may cancel or verify it."""

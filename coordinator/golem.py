@@ -69,6 +69,7 @@ class GolemTask:
     status: str = ACTIVE
     reason: str | None = None
     results: list[str] = field(default_factory=list)
+    request_id: str | None = None  # message_id of the CreateTask that made it
 
     @property
     def model(self) -> GolemTaskSpec:
@@ -88,12 +89,19 @@ class GolemTask:
 
 # ---- creating ----------------------------------------------------------------------------
 def handle_create(ctx: Context, msg: CreateTask) -> Reply:
+    # A CreateTask delivered again (the coordinator died before acking it) is the same
+    # request: answer with the task it already made instead of making a second one.
+    if ctx.message_id:
+        for existing in ctx.state.golem.values():
+            if existing.request_id == ctx.message_id:
+                return {"type": "TaskCreatedEvent", "task_id": existing.task_id,
+                        "task": existing.spec}
     spec = msg.task
     resources = _resources(ctx, spec, msg.resource_digests)
     task_id = str(uuid.uuid1())
     parent = engine.add_virtual_task(ctx, f"golem-{task_id}", spec.task_name)
     golem = GolemTask(task_id, spec.as_given(), ctx.now, ctx.now + spec.seconds, parent.name,
-                      resources, {})
+                      resources, {}, request_id=ctx.message_id)
     for index in range(spec.subtasks_count):
         subtask = Subtask(str(uuid.uuid1()), index)
         golem.subtasks[subtask.subtask_id] = subtask

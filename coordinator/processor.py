@@ -31,6 +31,7 @@ class Delivery:
     correlation_id: str | None = None
     tag: int = 0
     user_id: str | None = None  # validated by RabbitMQ: who sent it
+    message_id: str | None = None  # the sender's id of this message: a redelivery repeats it
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Processor:
             self._handle(ctx, delivery)
 
     def _handle(self, ctx: Context, delivery: Delivery) -> None:
-        ctx.sender = delivery.user_id
+        ctx.sender, ctx.message_id = delivery.user_id, delivery.message_id
         try:
             if self.settings.require_user_id and delivery.user_id is None:
                 raise ProtocolError("unauthenticated", "this coordinator requires the user_id "

@@ -166,7 +166,7 @@ class CoordinatorService:
     # ---- consuming -------------------------------------------------------------------
     def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
         self._pending.append(Delivery(body, props.reply_to, props.correlation_id,
-                                      method.delivery_tag, props.user_id))
+                                      method.delivery_tag, props.user_id, props.message_id))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Runs after pika dispatched every frame it already read: a natural batch.

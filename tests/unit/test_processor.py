@@ -726,3 +726,15 @@ def test_a_requeued_task_keeps_its_repository_while_its_children_run_and_restart
     assert restarted["status"] == "working" and restarted["holds"] == {"env": repo}
     assert restarted["path"] == repo and restarted["attempt"] == 2
     assert all(body["name"] != "rival" for body in runs)
+
+
+def test_a_create_task_delivered_twice_makes_one_golem_task(proc: Processor) -> None:
+    body = json.dumps({"type": "CreateTask", "task": {"type": "Python",
+                                                      "options": {"script": "pass"}}}).encode()
+    first = proc.process([Delivery(body, "client", "c1", message_id="m-1")], T0)
+    again = proc.process([Delivery(body, "client", "c1", message_id="m-1")], T0 + 1)
+    other = proc.process([Delivery(body, "client", "c2", message_id="m-2")], T0 + 2)
+
+    ids = [o.replies[0].body["task_id"] for o in (first, again, other)]
+    assert ids[0] == ids[1] != ids[2]
+    assert len(proc.state.golem) == 2
