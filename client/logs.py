@@ -19,12 +19,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
-
 from vespid.node_agent.logstream import chunk_bytes
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
-from vespid.shared.errors import BrokerError, ConfigError, RequestTimeout, TaskNotFound
+from vespid.shared.errors import ConfigError, RequestTimeout, TaskNotFound
 from vespid.shared.protocol import encode, parse_body
 from vespid.shared.transport import (
     DEFAULT_URL,
@@ -32,6 +30,7 @@ from vespid.shared.transport import (
     connect,
     connection_parameters,
     guarded,
+    keep_reconnecting,
     properties,
 )
 
@@ -50,12 +49,7 @@ class LogServer:
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
-        for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
-                                wait=wait_exponential(multiplier=0.2, max=5),
-                                before_sleep=lambda s: self.log.warning(
-                                    "broker_lost_reconnecting", attempt=s.attempt_number)):
-            with attempt:
-                self._session()
+        keep_reconnecting(self._session, self.log)
 
     def _session(self) -> None:
         connection = connect(connection_parameters(self.url, name=APP_ID))

@@ -218,7 +218,6 @@ def _attempt_of(info: Any) -> int | None:
 def _offer_terms(node: Node) -> tuple[Any, ...]:
     """What a node-set can change about where tasks fit (a heartbeat usually changes none)."""
     return (node.capabilities, node.repositories, node.alive, node.draining, node.protocol)
-    return None
 
 
 def _refresh_node(node: Node, msg: NodeSet, now: float) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.spec import Basic
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
 
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
@@ -29,6 +28,7 @@ from vespid.shared.transport import (
     CONNECTION_ERRORS,
     close_quietly,
     connect,
+    keep_reconnecting,
     properties,
     user_of,
 )
@@ -78,18 +78,9 @@ class CoordinatorService:
         signal.signal(signal.SIGINT, self._on_signal)
         log.info("coordinator_started", state=str(self.settings.state),
                  tasks=len(self.processor.state.tasks), nodes=len(self.processor.state.nodes))
-        for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
-                                wait=wait_exponential(multiplier=0.2, max=5),
-                                before_sleep=self._log_reconnect):
-            with attempt:
-                if not self._stopping:
-                    self._run_connection()
+        keep_reconnecting(self._run_connection, log)
         self.store.close()
         log.info("coordinator_stopped")
-
-    def _log_reconnect(self, state: Any) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        log.warning("broker_lost_reconnecting", attempt=state.attempt_number, error=str(error))
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("coordinator_stopping", signal=signal.Signals(signum).name)
@@ -104,6 +95,8 @@ class CoordinatorService:
             self._connection.ioloop.stop()
 
     def _run_connection(self) -> None:
+        if self._stopping:
+            return
         self._declare_topology()
         self._reset_link()
         params = self.settings.broker_parameters(APP_ID)

@@ -16,8 +16,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, wait_exponential
-
 from vespid.node_agent.files import collect_results, place_resources
 from vespid.node_agent.logstream import LogStreams
 from vespid.node_agent.settings import NodeSettings
@@ -39,6 +37,7 @@ from vespid.shared.transport import (
     close_quietly,
     connect,
     guarded,
+    keep_reconnecting,
     properties,
     publish_confirmed,
     user_of,
@@ -78,12 +77,7 @@ class NodeAgent:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.log.info("node_started", capabilities=self.settings.capabilities,
                       repositories=sorted(self.settings.repositories))
-        for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
-                                wait=wait_exponential(multiplier=0.2, max=5),
-                                before_sleep=lambda s: self.log.warning(
-                                    "broker_lost_reconnecting", attempt=s.attempt_number)):
-            with attempt:
-                self._session()
+        keep_reconnecting(self._session, self.log)
         self.log.info("node_stopped")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -21,6 +21,7 @@ from pika.adapters.utils.connection_workflow import (
 )
 from tenacity import (
     RetryCallState,
+    Retrying,
     retry,
     retry_if_exception_type,
     retry_if_not_exception_type,
@@ -91,10 +92,15 @@ def connection_parameters(
     return params
 
 
-def _log_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    log.warning("broker_unreachable_retrying", attempt=state.attempt_number,
-                error=str(error) or type(error).__name__)
+def retry_logger(logger: Any, event: str) -> Callable[[RetryCallState], None]:
+    """A tenacity `before_sleep` that logs each retry as one event with its error."""
+
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning(event, attempt=state.attempt_number,
+                       error=str(error) or type(error).__name__)
+
+    return log_retry
 
 
 def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
@@ -106,7 +112,7 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
         & retry_if_not_exception_type(ssl.SSLCertVerificationError),
         wait=wait_exponential(multiplier=0.2, max=5),
         stop=stop_after_delay(give_up_after),
-        before_sleep=_log_retry,
+        before_sleep=retry_logger(log, "broker_unreachable_retrying"),
         reraise=True,
     )
     def attempt() -> Any:
@@ -130,6 +136,16 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
             "`rabbitmq-server -detached` or `docker compose up rabbitmq`, or point "
             "VESPID_AMQP_URL at yours."
         ) from None
+
+
+def keep_reconnecting(session: Callable[[], None], logger: Any) -> None:
+    """Run a broker session again, with backoff, every time the broker goes away; return
+    once a session ends on its own. The one reconnect loop of every long-running process."""
+    for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
+                            wait=wait_exponential(multiplier=0.2, max=5),
+                            before_sleep=retry_logger(logger, "broker_lost_reconnecting")):
+        with attempt:
+            session()
 
 
 def properties(
