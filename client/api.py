@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import re
 import time
@@ -11,11 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+)
 
 from vespid.client import current_task
 from vespid.shared import topology
 from vespid.shared.errors import (
     BrokerError,
+    NoCoordinator,
     PublishFailed,
     RemoteError,
     RequestTimeout,
@@ -36,7 +44,10 @@ from vespid.shared.transport import (
 )
 
 APP_ID = "vespid-client"
+PROBE_AFTER = 1.0  # seconds without a reply before checking that a coordinator still listens
+CREATE_TRIES = 3  # a keyed create is safe to send again after a timeout
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
+FAILED = ("error", "fatal", "terminated")
 
 
 class TaskState(BaseModel):
@@ -65,27 +76,63 @@ class TaskState(BaseModel):
     def complete(self) -> bool:
         return self.status == "complete"
 
+    tree_success: str | None = None
+    tree_complete: bool | None = None
+    tree_failures: list[dict[str, Any]] = Field(default_factory=list)
+    tree_failures_total: int = 0
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
     @property
     def ok(self) -> bool:
         return self.complete and self.success == "ok"
+
+    @property
+    def tree_failed(self) -> bool:
+        """Something in its tree (itself included) ended error, fatal or terminated."""
+        return (self.tree_success or self.success) in FAILED
+
+    @property
+    def tree_done(self) -> bool:
+        """Complete, with every descendant complete too (a coordinator before v1.1 does not
+        say: then the task alone decides)."""
+        return self.complete and self.tree_complete is not False
 
 
 @dataclass
 class TaskHandle:
     client: Client
     name: str
+    existing: bool = False  # the create matched a task made before (same key): re-attached
 
     def info(self) -> TaskState:
         return self.client.info(self.name)
 
-    def wait(self, timeout: float | None = None) -> TaskState:
-        return self.client.wait(self.name, timeout)
+    def wait(self, timeout: float | None = None, *, whole_tree: bool = True) -> TaskState:
+        return self.client.wait(self.name, timeout, whole_tree=whole_tree)
 
     def cancel(self) -> None:
         self.client.cancel(self.name)
 
     def __str__(self) -> str:
         return self.name
+
+
+def is_node_pin(flag: str) -> bool:
+    """A flag that ties a task to particular nodes by name: not inherited by default."""
+    return flag.startswith(("usage_require_node_", "usage_prefer_node_"))
+
+
+_created: dict[tuple[str, str], int] = {}  # (parent, pretty name) -> creates so far
+
+
+def child_key(parent: str, label: str) -> str:
+    """`<pretty name>#<n>`: the n-th child of that name this process made under `parent`;
+    the same again when the parent's script runs again and creates the same children."""
+    count = _created.get((parent, label), 0) + 1
+    _created[(parent, label)] = count
+    if len(label) > 180:  # keys are at most 200 characters; keep long names distinct
+        label = hashlib.sha256(label.encode()).hexdigest()
+    return f"{label}#{count}"
 
 
 def unique_name(name: str) -> str:
@@ -102,6 +149,7 @@ class Client:
     _channel: Any = field(default=None, init=False, repr=False)
     _replies: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
     _parent_info: TaskState | None = field(default=None, init=False, repr=False)
+    _coordinator_seen: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url or os.environ.get("VESPID_AMQP_URL") or DEFAULT_URL
@@ -129,24 +177,49 @@ class Client:
             guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,
                                                   auto_ack=True))
             self._channel = channel
+            self._coordinator_seen = False
         return self._channel
 
     def _on_reply(self, _channel: Any, _method: Any, props: Any, body: bytes) -> None:
         if props.correlation_id:
             self._replies[props.correlation_id] = parse_body(body)
 
+    def _coordinator_queue(self) -> Any:
+        """The coordinator queue's declare-ok (consumers, messages), or None if it does not
+        exist. A channel of its own: a passive declare of a missing queue closes it."""
+        try:
+            probe = self._connection.channel()
+        except CONNECTION_ERRORS as exc:
+            raise BrokerError(f"lost the broker: {exc!r}") from None
+        try:
+            return probe.queue_declare(topology.COORDINATOR_QUEUE, passive=True).method
+        except CONNECTION_ERRORS:
+            return None
+        finally:
+            if probe.is_open:
+                guarded(probe.close)
+
+    def _require_coordinator(self) -> None:
+        """Fail at once, with what to do, when nothing could answer a request."""
+        queue = self._coordinator_queue()
+        if queue is None:
+            raise NoCoordinator(f"no coordinator has run on this vhost "
+                                f"({topology.COORDINATOR_QUEUE} does not exist): start "
+                                "`vespid coordinator` or check VESPID_AMQP_URL")
+        if queue.consumer_count == 0:
+            raise NoCoordinator(f"no coordinator consumes {topology.COORDINATOR_QUEUE} on this "
+                                f"vhost ({queue.message_count} messages wait there): start "
+                                "`vespid coordinator` or check VESPID_AMQP_URL")
+        self._coordinator_seen = True
+
     def _diagnose(self) -> str:
         """Why no answer came, as far as the broker can tell."""
         try:
-            probe = self._connection.channel()
-            queue = probe.queue_declare(topology.COORDINATOR_QUEUE, passive=True).method
-            probe.close()
-        except CONNECTION_ERRORS:
+            queue = self._coordinator_queue()
+        except BrokerError:
             return "is it running?"
-        if queue.consumer_count == 0:
-            return (f"no coordinator consumes {topology.COORDINATOR_QUEUE} on this vhost "
-                    f"({queue.message_count} messages wait there): start `vespid coordinator` "
-                    "or check VESPID_AMQP_URL")
+        if queue is None or queue.consumer_count == 0:
+            return "no coordinator consumes its queue on this vhost any more"
         return f"it is busy ({queue.message_count} messages queued before this one)"
 
     @staticmethod
@@ -161,26 +234,37 @@ class Client:
 
     # ---- requests --------------------------------------------------------------------
     def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one command to the coordinator and return its reply (raise on `error`)."""
+        """Send one command to the coordinator and return its reply (raise on `error`).
+
+        The request expires when we stop waiting for it: a request nobody answered in time
+        is dropped by the broker, never acted on later (so retrying it is safe)."""
         channel = self._ensure_channel()
+        if not self._coordinator_seen:
+            self._require_coordinator()
+        wait_for = timeout or self.timeout
         correlation_id = uuid.uuid4().hex
         kind = str(message.get("command") or message.get("type"))  # either dialect
         props = properties(kind, app_id=APP_ID,
                            reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
         props.user_id = user_of(self.url or "")  # who we are, as the broker checks it
+        props.expiration = str(max(1, round(wait_for * 1000)))
         try:
             publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
                               encode(message), props)
         except PublishFailed:
-            raise BrokerError("the coordinator's queue does not exist: start it with "
-                              "`vespid coordinator`") from None
-        deadline = time.monotonic() + (timeout or self.timeout)
+            raise NoCoordinator("the coordinator's queue does not exist: start it with "
+                                "`vespid coordinator`") from None
+        start = time.monotonic()
+        deadline, next_probe = start + wait_for, start + PROBE_AFTER
         while correlation_id not in self._replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= deadline:
                 raise RequestTimeout(f"the coordinator did not answer {kind} within "
-                                     f"{timeout or self.timeout:g} s; {self._diagnose()}")
-            self._pump(min(left, 1.0))
+                                     f"{wait_for:g} s; {self._diagnose()}")
+            if now >= next_probe:  # a coordinator that went away is not waited for
+                self._require_coordinator()
+                next_probe = now + PROBE_AFTER
+            self._pump(min(deadline, next_probe) - now)
         reply = self._replies.pop(correlation_id)
         if reply.get("command") == "error":
             raise RemoteError(str(reply.get("error")), str(reply.get("message")))
@@ -201,35 +285,58 @@ class Client:
         unique: bool = True,
         timeout: float | None = None,
         retries: int = 1,
+        key: str | None = None,
+        inherit_node_pin: bool = False,
     ) -> TaskHandle:
         """Create a task. Inside a task, the new one is its child and inherits its usage_
-        flags and environment, unless `parent` names another task."""
+        flags and environment (not a pin to the parent's node unless `inherit_node_pin`),
+        unless `parent` names another task.
+
+        Every create carries a `key`, so it happens once however often it is sent. A task's
+        own children are keyed by their pretty name and how many of that name it created
+        before: a parent started again after its node was lost re-attaches to the children
+        its earlier attempt made (the handle says `existing`), instead of making them twice.
+        Pass `key` to choose the identity yourself."""
         requirements = dict(requirements or {})
         environment = dict(environment or {})
+        own_child = parent is None and current_task() is not None
         parent = parent or current_task()
         if parent is not None:
-            self._inherit(parent, requirements, environment)
+            self._inherit(parent, requirements, environment, inherit_node_pin)
         elif not any(k.startswith("usage_user_") for k in requirements):
             requirements[f"usage_user_{_UNSAFE.sub('_', getpass.getuser())}"] = True
         full_name = unique_name(name) if unique else name
         if not re.fullmatch(TASK_NAME_PATTERN, full_name):
             raise ValueError(f"task name {full_name!r} must match {TASK_NAME_PATTERN}")
+        if key is None:
+            key = (child_key(parent, name_pretty or name) if own_child and parent
+                   else uuid.uuid4().hex)
         message = {
             "command": "task-create", "name": full_name, "name_pretty": name_pretty or name,
             "parent": parent, "executable_pyscript": script, "executable_pyfile": pyfile,
             "requirements": requirements, "repositories": repositories or {},
             "environment": environment, "priority": priority, "timeout": timeout,
-            "retries": retries,
+            "retries": retries, "key": key,
         }
-        self.request(message)
-        return TaskHandle(self, full_name)
+        reply = self._create(message)
+        return TaskHandle(self, str(reply.get("name") or full_name),
+                          existing=bool(reply.get("existing")))
+
+    def _create(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a keyed task-create; a timeout is retried, since the key makes it once."""
+        for attempt in Retrying(retry=retry_if_exception_type(RequestTimeout)
+                                & retry_if_not_exception_type(NoCoordinator),
+                                stop=stop_after_attempt(CREATE_TRIES), reraise=True):
+            with attempt:
+                return self.request(message)
+        raise AssertionError("unreachable: Retrying reraises")  # pragma: no cover
 
     def _inherit(self, parent: str, requirements: dict[str, Any],
-                 environment: dict[str, str]) -> None:
+                 environment: dict[str, str], node_pin: bool) -> None:
         if self._parent_info is None or self._parent_info.name != parent:
             self._parent_info = self.info(parent)
         for key, value in self._parent_info.requirements.items():
-            if key.startswith("usage_"):
+            if key.startswith("usage_") and (node_pin or not is_node_pin(key)):
                 requirements.setdefault(key, value)
         for key, value in self._parent_info.environment.items():
             environment.setdefault(key, value)
@@ -270,21 +377,30 @@ class Client:
         return list(self.request({"command": "node-list"})["nodes"])
 
     # ---- waiting ---------------------------------------------------------------------
-    def wait(self, name: str, timeout: float | None = None) -> TaskState:
-        """Block until the task completes; events, not polling. Raise WaitTimeout."""
-        return self.wait_all([name], timeout)[name]
+    def wait(self, name: str, timeout: float | None = None, *,
+             whole_tree: bool = True) -> TaskState:
+        """Block until the task completes (with `whole_tree`, and every descendant too);
+        events, not polling. The result carries the tree's outcome (`tree_success`,
+        `tree_failed`, and the failed descendants). Raise WaitTimeout."""
+        return self.wait_all([name], timeout, whole_tree=whole_tree)[name]
 
-    def wait_all(self, names: list[str], timeout: float | None = None) -> dict[str, TaskState]:
+    def wait_all(self, names: list[str], timeout: float | None = None, *,
+                 whole_tree: bool = True) -> dict[str, TaskState]:
         channel = self._ensure_channel()
         done: dict[str, TaskState] = {}
 
+        def finished(state: TaskState) -> bool:
+            return state.tree_done if whole_tree else state.complete
+
         def on_event(_ch: Any, _method: Any, _props: Any, body: bytes) -> None:
             state = TaskState.model_validate(parse_body(body))
-            if state.complete and state.name in names:
+            if state.name in names and finished(state):
                 done[state.name] = state
 
-        # Subscribe first, then ask: a completion between the two cannot be missed.
-        keys = [topology.event_key("completed", name) for name in names]
+        # Subscribe first, then ask: a completion between the two cannot be missed. A tree
+        # finishing after its root is announced as an `updated` event of the root.
+        keys = [topology.event_key(event, name) for name in names
+                for event in ("completed", "updated")]
         queue = guarded(lambda: self._subscribe(channel, keys))
         tag = guarded(lambda: channel.basic_consume(queue, on_event, auto_ack=True))
         # A task that waits for others lends its cores to them meanwhile.
@@ -294,7 +410,7 @@ class Client:
         try:
             for name in names:
                 state = self.info(name)
-                if state.complete:
+                if finished(state):
                     done.setdefault(name, state)
             deadline = None if timeout is None else time.monotonic() + timeout
             while len(done) < len(names):
@@ -310,4 +426,6 @@ class Client:
                 guarded(lambda: channel.queue_delete(queue))
             if waiter is not None:
                 self.request({"command": "task-wait", "name": waiter, "waiting": False})
-        return done
+        # Events carry no list of failures: ask for it where there is one to show.
+        return {name: self.info(name) if state.tree_failed and not state.tree_failures
+                else state for name, state in done.items()}

@@ -1,8 +1,8 @@
 """The `vespid` command: every subcommand in one table, on top of the client library.
 
-Exit codes scripts can rely on: 0 success (a waited task ended ok), 1 a task ended
-warning/error/fatal/terminated, 2 bad usage or settings, 3 broker or coordinator unreachable,
-4 no such task, 5 timed out waiting.
+Exit codes scripts can rely on: 0 success (a waited task and its tree ended ok or warning),
+1 something in the waited tree ended error/fatal/terminated, 2 bad usage or settings,
+3 broker or coordinator unreachable, 4 no such task, 5 timed out waiting.
 """
 
 from __future__ import annotations
@@ -70,27 +70,67 @@ def render_info(info: dict[str, Any]) -> str:
         lines.append(f"  {'requires':<10} " + ", ".join(
             f"{k}={v}" for k, v in sorted(info["requirements"].items())))
     if info.get("tree_success") and info.get("children"):
-        lines.append(f"  {'tree':<10} {info['tree_success']} (worst in its tree)")
+        still = "" if info.get("tree_complete", True) else ", some still running"
+        lines.append(f"  {'tree':<10} {info['tree_success']} (worst in its tree{still})")
+    failures = info.get("tree_failures") or []
+    if failures:
+        total = info.get("tree_failures_total") or len(failures)
+        lines.append(f"  {'failed':<10} {total} in its tree")
+        lines += [f"    {f['name_pretty'] or f['name']}: {f['success']}"
+                  + (f" ({f['message']})" if f.get("message") else "") + f"  {f['name']}"
+                  for f in failures]
+        if total > len(failures):
+            lines.append(f"    … and {total - len(failures)} more")
     if info.get("holds"):
         lines.append(f"  {'holds':<10} " + ", ".join(
             f"{k}={v}" for k, v in sorted(info["holds"].items())))
     for reason in info.get("waiting_reason") or []:
         lines.append(f"  {'waiting':<10} {reason}")
+    lines += render_attempts(info.get("attempts") or [])
     children = info.get("children") or []
     lines.append(f"  {'children':<10} {len(children)}")
     lines += [f"    {child}" for child in children]
     return "\n".join(lines)
 
 
+def render_attempts(attempts: list[dict[str, Any]]) -> list[str]:
+    """One line per start of the task: where, when, how it ended (lost, late reports)."""
+    if not attempts:
+        return []
+    lines = [f"  {'attempts':<10} {len(attempts)}"]
+    for a in attempts:
+        ended = "running" if a.get("end") is None else (
+            f"until {_when(a['end'])} ({_duration(a['end'] - a['start'])})")
+        how = "" if a.get("end") is None else (
+            ": LOST, " if a.get("lost") else ": ") + str(a.get("why") or "")
+        late = f"; late reports: {', '.join(a['late'])}" if a.get("late") else ""
+        lines.append(f"    #{a['attempt']} on {a['node']} from {_when(a['start'])} "
+                     f"{ended}{how}{late}")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def tree_verdict(task: dict[str, Any]) -> str:
+    """What a row says of how it went: its own severity, or for a task with children the
+    worst in its tree when that is worse (a root is only as good as its tree)."""
+    own, tree = task.get("success"), task.get("tree_success")
+    if task.get("children") and tree and tree != own:
+        return f"{tree} (tree)" if own else f"{tree} so far"
+    return own or "-"
+
+
 def render_tasks(tasks: list[dict[str, Any]]) -> str:
     rows = [("NAME", "STATUS", "SUCCESS", "NODE", "CREATED")]
-    rows += [(t["name"], t["status"] or "idle", t["success"] or "-", t["node"] or "-",
+    rows += [(t["name"], t["status"] or "idle", tree_verdict(t), t["node"] or "-",
               _when(t["time-create"])) for t in tasks]
     return _table(rows) if tasks else "no tasks"
 
 
 def render_tree(tasks: list[dict[str, Any]]) -> str:
-    """Tasks as an indented tree, oldest root first."""
+    """Tasks as indented trees: newest tree first, children in the order they were made."""
     names = {t["name"] for t in tasks}
     kids: dict[str | None, list[dict[str, Any]]] = {}
     for task in sorted(tasks, key=lambda t: t["time-create"] or 0):
@@ -101,7 +141,8 @@ def render_tree(tasks: list[dict[str, Any]]) -> str:
     def draw(task: dict[str, Any], prefix: str, last: bool, root: bool) -> None:
         joint = "" if root else ("└─ " if last else "├─ ")
         status = task["status"] or "idle"
-        verdict = f" {task['success']}" if task["success"] else ""
+        verdict = tree_verdict(task)
+        verdict = "" if verdict == "-" else f" {verdict}"
         where = f" on {task['node']}" if task["node"] else ""
         label = task["name_pretty"] or task["name"]
         lines.append(f"{prefix}{joint}{label}  [{status}{verdict}{where}]  {task['name']}")
@@ -109,8 +150,12 @@ def render_tree(tasks: list[dict[str, Any]]) -> str:
         inner = prefix + ("" if root else ("   " if last else "│  "))
         for i, child in enumerate(children):
             draw(child, inner, i == len(children) - 1, False)
+        hidden = (task.get("children") or 0) - len(children)
+        if hidden > 0:
+            lines.append(f"{inner}   … {hidden} more not shown (vespid tasks --parent "
+                         f"{task['name']})")
 
-    for root in kids.get(None, []):
+    for root in reversed(kids.get(None, [])):
         draw(root, "", True, True)
     return "\n".join(lines) if lines else "no tasks"
 
@@ -118,8 +163,9 @@ def render_tree(tasks: list[dict[str, Any]]) -> str:
 def render_nodes(nodes: list[dict[str, Any]]) -> str:
     rows = [("NODE", "STATE", "CORES FREE", "MEMORY FREE", "TASKS", "VERSION")]
     for n in nodes:
-        state = "ok" if n["accepting"] else ("lost" if not n["alive"] else
-                                             "draining" if n["draining"] else "refused")
+        state = "ok" if n["accepting"] else (
+            "gone" if n.get("left") else "lost" if not n["alive"] else
+            "draining" if n["draining"] else "refused")
         caps, free = n["capabilities"], n["free"]
         rows.append((n["name"], state, f"{free.get('cores', 0):g}/{caps.get('cores', 0):g}",
                      f"{free.get('memory', 0):g}/{caps.get('memory', 0):g} MB",
@@ -168,9 +214,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not args.wait:
             out(json.dumps({"name": task.name}) if args.json else task.name)
             return EXIT_OK
-        state = task.wait(args.timeout)
-        _show(state.model_dump(by_alias=True), args.json, render_info)
+        state = task.wait(args.timeout, whole_tree=not args.root_only)
+        return _outcome(state, args)
+
+
+def _outcome(state: Any, args: argparse.Namespace) -> int:
+    """Show a waited task and turn it into the exit code: the worst in its tree decides,
+    or with --root-only the task alone."""
+    _show(state.model_dump(by_alias=True), args.json, render_info)
+    if args.root_only:
         return EXIT_OK if state.ok else EXIT_TASK_FAILED
+    if state.tree_failed:
+        failed = ", ".join(f["name_pretty"] or f["name"] for f in state.tree_failures[:5])
+        total = state.tree_failures_total
+        sys.stderr.write(f"vespid: {state.name} tree ended {state.tree_success}"
+                         + (f": {total} failed ({failed}{', …' if total > 5 else ''})"
+                            if total else "") + "\n")
+        return EXIT_TASK_FAILED
+    if "warning" in (state.success, state.tree_success):
+        sys.stderr.write(f"vespid: {state.name} ended with warnings (exit 0); "
+                         f"`vespid info {state.name}` shows them\n")
+    return EXIT_OK
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -190,13 +254,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.json:
-            state = client.wait(args.name, args.timeout)
+            state = client.wait(args.name, args.timeout, whole_tree=not args.root_only)
         else:
             from vespid.client.tui import wait_tree
 
-            state = wait_tree(client, args.name, args.timeout)
-    _show(state.model_dump(by_alias=True), args.json, render_info)
-    return EXIT_OK if state.ok else EXIT_TASK_FAILED
+            state = wait_tree(client, args.name, args.timeout, whole_tree=not args.root_only)
+    return _outcome(state, args)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -210,8 +273,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     with _client(args) as client:
         tasks = client.tasks(status=args.status, parent=args.parent, limit=args.limit)
+        if args.tree:
+            tasks += _ancestors(client, tasks)
     _show(tasks, args.json, render_tree if args.tree else render_tasks)
     return EXIT_OK
+
+
+def _ancestors(client: Any, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parents, grandparents, … of the listed tasks that the list left out, so every
+    tree is drawn from its root."""
+    known = {t["name"] for t in tasks}
+    wanted = [t["parent"] for t in tasks if t["parent"] and t["parent"] not in known]
+    found: list[dict[str, Any]] = []
+    while wanted:
+        name = wanted.pop()
+        if name in known:
+            continue
+        info = client.info(name).model_dump(by_alias=True)
+        info["children"] = len(info.get("children") or [])
+        known.add(name)
+        found.append(info)
+        if info.get("parent") and info["parent"] not in known:
+            wanted.append(info["parent"])
+    return found
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -282,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vespid", description="Vespid: a distributed task system for build farms.",
-        epilog="Exit codes: 0 ok, 1 task not ok, 2 usage, 3 broker/coordinator unreachable, "
-               "4 no such task, 5 wait timed out.")
+        epilog="Exit codes: 0 ok, 1 a waited task or its tree failed, 2 usage, "
+               "3 broker/coordinator unreachable, 4 no such task, 5 wait timed out.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_options(p: argparse.ArgumentParser) -> None:
@@ -319,20 +403,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kill the task after N seconds of running (ends terminated)")
     p.add_argument("--retries", type=int, default=1,
                    help="restarts elsewhere if its node is lost under it (default 1)")
-    p.add_argument("--wait", action="store_true", help="wait and exit non-zero unless ok")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the task and all its descendants; exit 1 if any of them "
+                        "ended error, fatal or terminated")
     p.add_argument("--timeout", type=float, help="with --wait: give up after N seconds")
-    p = command("info", cmd_info, "show a task's state")
+    root_only_help = ("judge the task alone, not its tree: wait for it only and exit 0 "
+                      "only if it ended ok (the meaning before trees counted)")
+    p.add_argument("--root-only", action="store_true", help=root_only_help)
+    p = command("info", cmd_info, "show a task's state, its attempts and its tree's failures")
     p.add_argument("name")
-    p = command("wait", cmd_wait, "wait for a task to complete; exit non-zero unless ok")
+    p = command("wait", cmd_wait,
+                "wait for a task and all its descendants to complete; exit 1 if any of them "
+                "ended error, fatal or terminated (warnings are printed, exit 0)")
     p.add_argument("name")
     p.add_argument("--timeout", type=float, help="give up after N seconds (exit 5)")
+    p.add_argument("--root-only", action="store_true", help=root_only_help)
     p = command("cancel", cmd_cancel, "cancel a task and all its descendants")
     p.add_argument("name")
-    p = command("tasks", cmd_tasks, "list tasks, newest first")
+    p = command("tasks", cmd_tasks, "list tasks, newest first (with --tree: whole trees, "
+                                    "newest tree first)")
     p.add_argument("--status", choices=["idle", "working", "complete"])
     p.add_argument("--parent", help="only children of this task")
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    p.add_argument("--tree", action="store_true", help="draw parents and children as a tree")
+    p.add_argument("--tree", action="store_true",
+                   help="draw the listed tasks inside their trees, from each root (fetches "
+                        "the ancestors the list left out); roots show their tree's worst")
     p = command("explain", cmd_explain, "say why an idle task is not running")
     p.add_argument("name")
     command("nodes", cmd_nodes, "list nodes with their capacity and state")

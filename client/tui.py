@@ -52,8 +52,9 @@ def top(client: Any, render_nodes: Any, render_tasks: Any, interval: float = 1.0
             return
 
 
-def wait_tree(client: Any, root: str, timeout: float | None) -> Any:
-    """Wait for a task, with a bar over its whole tree: n of m done, failures so far."""
+def wait_tree(client: Any, root: str, timeout: float | None, whole_tree: bool = True) -> Any:
+    """Wait for a task (and its tree), with a bar over the whole tree: n of m done,
+    failures so far."""
     from vespid.shared.errors import WaitTimeout
 
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -71,7 +72,8 @@ def wait_tree(client: Any, root: str, timeout: float | None) -> Any:
             if left is not None and left <= 0:
                 raise WaitTimeout(f"{root} not complete after {timeout:g} s")
             try:  # woken by the root's completion event, or each second to redraw the bar
-                return client.wait(root, timeout=min(1.0, left) if left else 1.0)
+                return client.wait(root, timeout=min(1.0, left) if left else 1.0,
+                                   whole_tree=whole_tree)
             except WaitTimeout:
                 continue
 

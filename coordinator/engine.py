@@ -48,6 +48,8 @@ class Context:
 
 
 def why_not_accepting(node: Node) -> str | None:
+    if node.left:
+        return "gone: its agent drained or stopped, and exited cleanly"
     if not node.alive:
         return "lost: no node-set within the heartbeat timeout"
     if node.draining:
@@ -167,10 +169,12 @@ def end_task(ctx: Context, task: Task, severity: Severity, message: str | None =
     """Mark a task complete with at least `severity`; a no-op for a complete task."""
     if task.status is TaskStatus.COMPLETE:
         return
-    ctx.state.finish(task, severity, ctx.now, message)
+    closed_trees = ctx.state.finish(task, severity, ctx.now, message)
     ctx.event("completed", task)
     log.info("task_completed", task=task.name, node=task.node, success=task.success,
              reason=message)
+    for ancestor in closed_trees:  # their tree's outcome is final now: tell who waits on it
+        ctx.event("updated", ancestor)
     release_finished_trees(ctx, task)
     for hook in END_HOOKS:
         hook(ctx, task)
@@ -265,12 +269,23 @@ def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) ->
             _unexpected(ctx, node, name, attempt)
 
 
+def node_left(ctx: Context, node: Node) -> None:
+    """The agent said it exits (drained, or stopped): the node is gone, not lost. Anything
+    it still ran is lost with it and starts again elsewhere."""
+    for name in sorted(node.running):
+        lost_under(ctx, ctx.state.tasks[name], f"node {node.name}'s agent exited while the "
+                                               "task ran")
+    node.alive, node.left = False, True
+    ctx.state.touch_node(node)
+    ctx.state.node_gained_room(node.name)
+    log.info("node_left", node=node.name)
+
+
 def _unexpected(ctx: Context, node: Node, name: str, attempt: int | None) -> None:
-    """A node runs something we do not believe it runs: adopt it if it is the task's
-    current attempt and the task waits for a new one; otherwise it must die."""
+    """A node runs something we do not believe it runs: adopt it if it is the attempt that
+    this very node was given and the task waits for a new one; otherwise it must die."""
     task = ctx.state.tasks.get(name)
-    current = task is not None and attempt is not None and attempt == task.attempt
-    if task is not None and current and task.status is TaskStatus.IDLE:
+    if task is not None and _may_adopt(task, node, attempt):
         ctx.state.adopt(task, node, ctx.now)
         ctx.event("updated", task)
         log.info("task_adopted", task=name, node=node.name, attempt=attempt)
@@ -279,3 +294,11 @@ def _unexpected(ctx: Context, node: Node, name: str, attempt: int | None) -> Non
     ctx.effects.to_node(node.name, {"command": "task-kill", "name": name, "attempt": attempt,
                                     "reason": "the coordinator does not run this attempt of "
                                               "the task on this node"})
+
+
+def _may_adopt(task: Task, node: Node, attempt: int | None) -> bool:
+    """Only the node that ran the task's last attempt may take it back, and only that
+    attempt: any other node was never given it, whatever it claims."""
+    last = task.attempts[-1] if task.attempts else None
+    return (task.status is TaskStatus.IDLE and last is not None and last["node"] == node.name
+            and attempt is not None and attempt == task.attempt == last["attempt"])

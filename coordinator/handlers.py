@@ -28,11 +28,13 @@ from vespid.shared.protocol import (
     TaskCancel,
     TaskComplete,
     TaskCreate,
+    TaskDefinition,
     TaskInfo,
     TaskList,
     TaskStatus,
     TaskUpdate,
     TaskWait,
+    existing_reply,
 )
 
 log = get_logger(__name__)
@@ -41,6 +43,12 @@ Reply = dict[str, Any] | None
 
 def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
     definition = msg.definition()
+    same_key = _keyed_match(ctx, definition)
+    if same_key is not None:
+        # A parent started again, or a client retrying: re-attach, make nothing new.
+        log.info("task_create_matched_key", task=same_key, key=definition.key,
+                 parent=definition.parent)
+        return existing_reply(same_key)
     existing = ctx.state.tasks.get(definition.name)
     if existing is not None:
         if existing.definition != definition:
@@ -54,13 +62,21 @@ def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
     return None
 
 
+def _keyed_match(ctx: Context, definition: TaskDefinition) -> str | None:
+    if definition.key is None:
+        return None
+    if definition.parent is not None:
+        return ctx.state.keys.get(("child", definition.parent, definition.key))
+    return ctx.state.keys.get(("root", ctx.sender or "", definition.key))
+
+
 def handle_task_info(ctx: Context, msg: TaskInfo) -> Reply:
     task = ctx.state.tasks.get(msg.name)
     if task is None:
         return views.unknown_task(msg.name)
     body = views.task_info(ctx.state, task)
     # Computed on request only: events carry the plain task-info.
-    body["tree_success"] = views.tree_success(ctx.state, task)
+    body.update(views.tree_failures(ctx.state, task))
     body["waiting_reason"] = (engine.explain(ctx.state, task)
                               if task.status is TaskStatus.IDLE else None)
     return body
@@ -98,7 +114,7 @@ def handle_task_update(ctx: Context, msg: TaskUpdate) -> Reply:
         _record_late(ctx, task, msg.attempt, f"task-update {msg.success.value}", msg.node)
         return None
     # `ok` is only ever the verdict of a completed task, never a running one's claim.
-    raised = msg.success is not Severity.OK and task.raise_severity(msg.success)
+    raised = msg.success is not Severity.OK and ctx.state.raise_severity(task, msg.success)
     if msg.message:
         task.message = msg.message
     if raised or msg.message:
@@ -207,6 +223,8 @@ def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
         ctx.state.node_gained_room(node.name)
     engine.reconcile_node(ctx, node, {name: _attempt_of(info)
                                       for name, info in msg.activetasks.items()})
+    if msg.leaving:
+        engine.node_left(ctx, node)
     return None
 
 
@@ -233,7 +251,7 @@ def _refresh_node(node: Node, msg: NodeSet, now: float) -> None:
     node.draining = msg.draining or (node.draining and same_agent)
     node.started = msg.started
     node.last_seen = now
-    node.alive = True
+    node.alive, node.left = True, False
     node.version = msg.version
     node.protocol = msg.protocol
 

@@ -18,6 +18,8 @@ from sortedcontainers import SortedList
 from vespid.coordinator.matcher import NOT_CONSUMED, Labels, QueueKey, Reservation, Shape
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
+TaskIdentity = tuple[str, str, str]  # ("child", parent, key) or ("root", owner, key)
+
 
 @dataclass
 class Task:
@@ -58,6 +60,17 @@ class Task:
     @property
     def name(self) -> str:
         return self.definition.name
+
+    @property
+    def identity(self) -> TaskIdentity | None:
+        """What a keyed task-create is matched against: (parent, key) for a child, (owner,
+        key) for a root; None without a key."""
+        key = self.definition.key
+        if key is None:
+            return None
+        if self.parent is not None:
+            return ("child", self.parent, key)
+        return ("root", self.owner or "", key)
 
     @property
     def parent(self) -> str | None:
@@ -142,6 +155,7 @@ class Node:
     last_seen: float
     alive: bool = True
     draining: bool = False
+    left: bool = False  # its agent said it was exiting (drained or stopped): gone, not lost
     version: str | None = None
     protocol: int | None = None
     started: float | None = None
@@ -206,6 +220,12 @@ class State:
     golem_attempts: dict[str, tuple[str, str]] = field(default_factory=dict)
     dirty_golem: set[str] = field(default_factory=set)
     node_blobs: dict[str, set[str]] = field(default_factory=dict)  # sent to each node
+    keys: dict[TaskIdentity, str] = field(default_factory=dict)  # keyed creates -> task
+    # Per task, over itself and all its descendants: the worst severity so far, and how many
+    # are not complete. Kept up to date on every change so list views and events carry a
+    # tree's outcome without walking the tree.
+    tree_worst: dict[str, Severity] = field(default_factory=dict)
+    tree_open: dict[str, int] = field(default_factory=dict)
 
     def touch_golem(self, task_id: str) -> None:
         self.dirty_golem.add(task_id)
@@ -215,6 +235,13 @@ class State:
         self.next_seq = max(self.next_seq, task.seq + 1)
         if task.parent is not None:
             self.children.setdefault(task.parent, []).append(task.name)
+        if task.identity is not None:
+            self.keys.setdefault(task.identity, task.name)
+        if task.status is not TaskStatus.COMPLETE:
+            for name in self._tree_of(task):
+                self.tree_open[name] = self.tree_open.get(name, 0) + 1
+        if task.success is not None:
+            self._spread_severity(task, task.success)
         for repo in task.holds.values():
             self.holds[repo] = task.name
         if task.status is TaskStatus.IDLE:
@@ -290,7 +317,7 @@ class State:
         task.close_attempt(now, why, lost=True)
         task.status = TaskStatus.IDLE
         task.node, task.allocated, task.lent_cores = None, {}, 0.0
-        task.dispatched_at, task.seen_on_node, task.message = None, False, why
+        task.dispatched_at, task.seen_on_node = None, False
         # Its repositories stay held while any of its descendants may still use them; the new
         # attempt then runs next to them (Task.shape) instead of claiming others.
         if all(self.tasks[d].status is TaskStatus.COMPLETE for d in self.descendants(task.name)):
@@ -315,17 +342,50 @@ class State:
         node.running.add(task.name)
         self.touch_task(task)
 
-    def finish(self, task: Task, severity: Severity, now: float, message: str | None) -> None:
+    def finish(self, task: Task, severity: Severity, now: float,
+               message: str | None) -> list[Task]:
+        """Complete the task; returns the complete ancestors whose whole tree it completed."""
         self._leave_node(task)
         task.close_attempt(now, message or severity.value)
         task.status = TaskStatus.COMPLETE
         task.lent_cores = 0.0
-        task.raise_severity(severity)
+        self.raise_severity(task, severity)
         task.time_finish = now
         if message:
             task.message = message
         self.dequeue(task)
         self.touch_task(task)
+        closed = []
+        for name in self._tree_of(task):
+            left = self.tree_open.get(name, 1) - 1
+            if left > 0:
+                self.tree_open[name] = left
+                continue
+            self.tree_open.pop(name, None)
+            if name != task.name and self.tasks[name].status is TaskStatus.COMPLETE:
+                closed.append(self.tasks[name])
+        return closed
+
+    def raise_severity(self, task: Task, severity: Severity) -> bool:
+        """Severity never goes down; True when the task's own went up."""
+        raised = task.raise_severity(severity)
+        if raised:
+            self._spread_severity(task, severity)
+        return raised
+
+    def _spread_severity(self, task: Task, severity: Severity) -> None:
+        for name in self._tree_of(task):
+            worst = severity.worst(self.tree_worst.get(name))
+            if worst == self.tree_worst.get(name):
+                return  # every ancestor above is at least this bad already
+            self.tree_worst[name] = worst
+
+    def tree_complete(self, task: Task) -> bool:
+        return self.tree_open.get(task.name, 0) == 0
+
+    def _tree_of(self, task: Task) -> list[str]:
+        """The task and every ancestor: the trees it belongs to."""
+        return [task.name, *(a.name for a in self.ancestors(task))]
 
     def release_repositories(self, task: Task) -> list[str]:
         released = [repo for repo in task.holds.values() if self.holds.get(repo) == task.name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vespid.coordinator.state import Node, State, Task
-from vespid.shared.protocol import TaskStatus
+from vespid.shared.protocol import Severity, TaskStatus
 
 
 def task_info(state: State, task: Task) -> dict[str, Any]:
@@ -31,18 +31,32 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
         "holds": task.holds,
         "attempts": task.attempts,
         "lent_cores": task.lent_cores or None,
+        **tree_outcome(state, task),
     })
     return body
 
 
-def tree_success(state: State, task: Task) -> str | None:
-    """The worst severity in the task's tree: what a build's root should show."""
-    worst = task.success
-    for name in state.descendants(task.name):
-        child = state.tasks[name].success
-        if child is not None:
-            worst = child.worst(worst)
-    return worst.value if worst else None
+def tree_outcome(state: State, task: Task) -> dict[str, Any]:
+    """The worst severity in the task's tree (itself and all descendants, so far), and
+    whether every task in it is complete: together, what a build's root should show."""
+    worst = state.tree_worst.get(task.name)
+    return {"tree_success": worst.value if worst else None,
+            "tree_complete": state.tree_complete(task)}
+
+
+FAILURES_SHOWN = 20
+
+
+def tree_failures(state: State, task: Task) -> dict[str, Any]:
+    """The descendants that ended error or worse, oldest first (the first FAILURES_SHOWN)."""
+    tree = (state.tasks[name] for name in state.descendants(task.name))
+    failed = [t for t in tree if t.success is not None and t.success.rank >= Severity.ERROR.rank]
+    failed.sort(key=lambda t: t.seq)
+    return {"tree_failures": [{"name": t.name, "name_pretty": t.definition.name_pretty,
+                               "success": t.success.value if t.success else None,
+                               "message": t.message, "node": t.node}
+                              for t in failed[:FAILURES_SHOWN]],
+            "tree_failures_total": len(failed)}
 
 
 def unknown_task(name: str) -> dict[str, Any]:
@@ -64,6 +78,7 @@ def task_summary(state: State, task: Task) -> dict[str, Any]:
         "time-start": task.time_start,
         "time-finish": task.time_finish,
         "children": len(state.children.get(task.name, ())),
+        **tree_outcome(state, task),
     }
 
 
@@ -72,6 +87,7 @@ def node_summary(node: Node, accepting: bool, why_not: str | None) -> dict[str, 
         "name": node.name,
         "alive": node.alive,
         "draining": node.draining,
+        "left": node.left,
         "accepting": accepting,
         "why_not_accepting": why_not,
         "version": node.version,

@@ -103,7 +103,7 @@ class NodeAgent:
             self._open()
             while not self._finished():
                 self._step()
-            self._send_node_set()
+            self._send_node_set(leaving=True)  # gone on purpose: not to be taken for lost
         finally:
             close_quietly(self._connection)
             self._connection = self._channel = self._consumer_tag = None
@@ -298,7 +298,7 @@ class NodeAgent:
             self.produced.pop(result.name, None)
             self.unsent.pop(0)
 
-    def _send_node_set(self) -> None:
+    def _send_node_set(self, leaving: bool = False) -> None:
         s = self.settings
         self._publish({
             "command": "node-set", "name": s.name, "capabilities": s.capabilities,
@@ -307,7 +307,7 @@ class NodeAgent:
             "activetasks": {name: {"attempt": r.run.attempt, "pid": r.process.pid}
                             for name, r in self.supervisor.running.items()},
             "draining": self.draining, "version": VERSION, "protocol": PROTOCOL_VERSION,
-            "started": self.started,
+            "started": self.started, "leaving": leaving,
         })
         self._next_heartbeat = time.time() + s.heartbeat_interval
 

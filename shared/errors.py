@@ -53,6 +53,10 @@ class RequestTimeout(VespidError):
     """The coordinator did not answer in time (is it running?)."""
 
 
+class NoCoordinator(RequestTimeout):
+    """Nothing consumes the coordinator's queue on this vhost: no request can be answered."""
+
+
 class TaskNotFound(VespidError):
     """The coordinator knows no task of that name."""
 

@@ -105,6 +105,9 @@ class TaskDefinition(_Message):
                          description="restarts after its node was lost under it")
     avoid_nodes: list[str] = Field(default_factory=list,
                                    description="nodes to use only when no other can serve")
+    key: str | None = Field(default=None, min_length=1, max_length=200,
+                            description="identity for idempotent creation: a child is "
+                                        "(parent, key), a root (owner, key)")
 
     @field_validator("requirements", "repositories", "environment", mode="before")
     @classmethod
@@ -246,6 +249,7 @@ class NodeSet(_OpenMessage):
     repositories: dict[str, NodeRepository] = Field(default_factory=dict)
     activetasks: dict[str, Any] = Field(default_factory=dict)
     draining: bool = False
+    leaving: bool = False  # the agent's last word before it exits: gone, not lost
     version: str | None = None
     protocol: int | None = None
     started: float | None = None  # when this agent process started: a restart is a new one
@@ -395,6 +399,11 @@ def encode(payload: BaseModel | dict[str, Any]) -> bytes:
 
 def ack_reply(name: str | None) -> dict[str, Any]:
     return {"command": "ack", "name": name}
+
+
+def existing_reply(name: str) -> dict[str, Any]:
+    """A keyed task-create that matched a task already made: nothing new was created."""
+    return {"command": "ack", "name": name, "existing": True}
 
 
 def error_reply(code: str, message: str) -> dict[str, Any]:

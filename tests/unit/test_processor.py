@@ -459,8 +459,11 @@ def test_cancelling_an_idle_parent_also_ends_its_idle_children_terminated(
     outcome = send(proc, {"command": "task-cancel", "name": "parent"}, T0 + 1, reply_to="c")
 
     assert outcome.replies[0].body == {"command": "ack", "name": "parent"}
+    # Parent and child completed before their descendants: each is announced again
+    # (`updated`) once its whole tree is complete.
     assert sorted(event_keys(outcome)) == ["task.completed.child", "task.completed.grandchild",
-                                           "task.completed.parent"]
+                                           "task.completed.parent", "task.updated.child",
+                                           "task.updated.parent"]
     for name in ("parent", "child", "grandchild"):
         reply = info(proc, name, T0 + 1)
         assert (reply["status"], reply["success"]) == ("complete", "terminated")
