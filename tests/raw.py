@@ -93,11 +93,13 @@ class RawNode:
         channel.basic_consume(self.queue, lambda _c, _m, _p, body: self.inbox.append(body),
                               auto_ack=True)
 
-    def node_set(self, active: list[str]) -> None:
+    def node_set(self, active: list[str] | dict[str, int]) -> None:
+        """Report what runs here: names, or names with the attempt of each."""
+        tasks = {n: {"attempt": a} for n, a in active.items()} if isinstance(active, dict) \
+            else {n: {} for n in active}
         self.peer.send({"command": "node-set", "name": self.name,
                         "capabilities": self.capabilities,
-                        "repositories": self.repositories,
-                        "activetasks": {n: {} for n in active}})
+                        "repositories": self.repositories, "activetasks": tasks})
 
     def next_message(self, timeout: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
