@@ -74,11 +74,16 @@ def test_the_page_shows_tasks_and_nodes_and_follows_a_task_to_completion(
                  "executable_pyscript": "import time; time.sleep(3)"})
     raw.request({"command": "task-create", "name": "whale", "executable_pyscript": "pass",
                  "requirements": {"memory": 999999}})
+    raw.request({"command": "task-create", "name": "nightly", "name_pretty": "Nightly",
+                 "executable_pyscript": "from vespid.client import Client\n"
+                 "with Client() as c: c.create_task('bad', 'raise SystemExit(3)').wait(60)"})
 
     browser.get(f"http://127.0.0.1:{port}/")
     working = wait_for_text(browser, "#tree div", "working Slow build")
     nodes = wait_for_text(browser, "#nodes tbody", "box1")
     done = wait_for_text(browser, "#tree div", "complete ok Slow build", timeout=30)
+    # The root ended ok itself, but its child failed: the list shows the tree's outcome.
+    wait_for_text(browser, "#tree div", "complete fatal (tree) Nightly", timeout=30)
     for row in browser.find_elements("css selector", "#tree div"):
         if "whale" in row.text:
             row.click()

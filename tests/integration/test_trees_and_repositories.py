@@ -151,7 +151,7 @@ def test_the_root_shows_the_worst_severity_of_its_tree_and_the_cli_draws_it(
 
     assert (info["success"], info["tree_success"]) == ("ok", "fatal")
     lines = drawn.stdout.splitlines()
-    assert lines[0].startswith("Nightly  [complete ok on box1]")
+    assert lines[0].startswith("Nightly  [complete fatal (tree) on box1]")  # its tree's worst
     children = sorted(line.split("  [")[0][3:] for line in lines[1:])
     assert children == ["Bad part", "Good part"]
     assert lines[-1].startswith("└─ ")
