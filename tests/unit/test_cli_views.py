@@ -8,8 +8,14 @@ from typing import Any
 import pytest
 
 from vespid.client.api import TaskState, child_key, is_node_pin
-from vespid.client.cli import EXIT_OK, EXIT_TASK_FAILED, _ancestors, _outcome, render_info, \
-    render_tree
+from vespid.client.cli import (
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    _ancestors,
+    _outcome,
+    render_info,
+    render_tree,
+)
 
 
 def summary(name: str, parent: str | None, created: float, children: int = 0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,6 @@ def settings(tmp_path: Path) -> CoordinatorSettings:
     return CoordinatorSettings(state=tmp_path / "s.db", heartbeat_interval=HEARTBEAT,
                                missed_heartbeats=MISSED, dispatch_grace=GRACE,
                                max_body_bytes=1024 * 1024)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(tmp_path / "s.db")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def proc(store: Store, tmp_path: Path) -> Processor:
-    return Processor(store, settings(tmp_path), now=T0)
 
 
 def deliver(message: dict[str, Any] | bytes, reply_to: str | None = None) -> Delivery:

@@ -4,11 +4,8 @@ outcome kept up to date, adoption only by the node that ran the attempt, nodes t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.unit.test_processor import (
     T0,
@@ -22,18 +19,6 @@ from tests.unit.test_processor import (
 )
 from vespid.coordinator.processor import Delivery, Processor
 from vespid.coordinator.store import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(tmp_path / "s.db")
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def proc(store: Store, tmp_path: Path) -> Processor:
-    return Processor(store, settings(tmp_path), now=T0)
 
 
 def create(proc: Processor, name: str, now: float = T0, user: str | None = None,
