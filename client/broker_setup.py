@@ -2,7 +2,8 @@
 
 Through RabbitMQ's management HTTP API, idempotently: running it again changes nothing
 (passwords already written to an env file are kept). Each role gets its own user, with
-the permissions of docs/security.md: the coordinator everything; a node `vespid`, its own
+the permissions of docs/security.md: the coordinator everything; the log server
+(`vespid-logserver`) its own queue, `vespid.logs` and `vespid.dead`; a node `vespid`, its own
 queue and `vespid.dead`, publishing only key `coordinator`; a client its own server-named
 queues and `vespid.events`, publishing only key `coordinator`.
 
@@ -30,6 +31,7 @@ from urllib.parse import quote
 from vespid.shared.errors import BrokerError, ConfigError
 
 COORDINATOR_USER = "vespid-coordinator"
+LOGSERVER_USER = "vespid-logserver"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,12 @@ def node_user(node: str) -> str:
 
 
 def grants(nodes: list[str], clients: list[str]) -> list[Grant]:
-    found = [Grant(COORDINATOR_USER, ".*", ".*", ".*", ".*")]
+    found = [Grant(COORDINATOR_USER, ".*", ".*", ".*", ".*"),
+             # The log server: its own queue and vespid.logs, dead-letters to vespid.dead,
+             # replies to log-get through the default exchange; nothing on `vespid`.
+             Grant(LOGSERVER_USER, "^(vespid\\.logs|vespid\\.logserver|vespid\\.dead)$",
+                   "^(vespid\\.logserver|vespid\\.dead|amq\\.default)$",
+                   "^(vespid\\.logs|vespid\\.logserver)$", "^$", "^$")]
     for node in nodes:
         queue = re.escape(f"vespid.node.{node}")
         found.append(Grant(node_user(node), f"^(vespid|vespid\\.logs|{queue})$",

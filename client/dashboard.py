@@ -16,7 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from vespid.client.api import Client
 from vespid.shared import logs as logging_setup
@@ -40,14 +40,15 @@ def snapshot(url: str) -> dict[str, Any]:
     return {"nodes": client.nodes(), "tasks": tasks, "time": time.time()}
 
 
-def task_log(url: str, name: str) -> str:
+def task_log(url: str, name: str, attempt: int | None) -> str:
+    """The start of one attempt's log (the latest when `attempt` is None)."""
     from vespid.client.logs import LogReader
 
     try:
         reader = LogReader(url, timeout=2)
-        reply = reader.history(name, 0)
+        reply = reader.history(name, attempt, 0)
         reader.connection.close()
-        return str(reply["data"]) if reply["known"] else "(no log kept for this task yet)"
+        return str(reply["data"]) if reply["known"] else "(no log kept for this attempt yet)"
     except VespidError:
         return "(no log server answers: start `vespid logserver --dir DIR`)"
 
@@ -83,7 +84,9 @@ class Handler(BaseHTTPRequestHandler):
             info = _client(self.url).info(unquote(path.removeprefix("/api/task/")))
             self._send(info.model_dump_json(by_alias=True).encode(), "application/json")
         elif path.startswith("/api/log/"):
-            text = task_log(self.url, unquote(path.removeprefix("/api/log/")))
+            attempt = parse_qs(urlsplit(self.path).query).get("attempt", [""])[0]
+            text = task_log(self.url, unquote(path.removeprefix("/api/log/")),
+                            int(attempt) if attempt.isdigit() else None)
             self._send(text.encode(), "text/plain; charset=utf-8")
         elif path == "/events":
             self._events()

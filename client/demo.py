@@ -135,7 +135,7 @@ def run_tree(url: str) -> int:
             info = vespid.info(child)
             say(f"  {info.name_pretty or child:<20} {info.success:<8} on {info.node}")
     logs = (RUN_DIR / "node" / "logs").resolve()
-    say(f"\ntask logs:        {logs}/<task>.log")
+    say(f"\ntask logs:        {logs}/<task>/attempt-<n>.log")
     say(f"coordinator log:  {(RUN_DIR / 'coordinator.log').resolve()}")
     say(f"node agent log:   {(RUN_DIR / 'node.log').resolve()}")
     return 0 if state.ok else 1

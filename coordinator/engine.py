@@ -122,7 +122,8 @@ def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]
                repos: dict[str, str]) -> None:
     ctx.state.start(task, node, allocated, repos, ctx.now)
     task.path = _path(task)
-    task.log = ctx.settings.log_location.format(node=node.name, task=task.name)
+    task.log = ctx.settings.log_location.format(node=node.name, task=task.name,
+                                                attempt=task.attempt)
     sent = ctx.state.node_blobs.setdefault(node.name, set())
     for resource in task.resources:  # each file once per node: the node caches it
         if resource["sha256"] not in sent:

@@ -47,7 +47,7 @@ class CoordinatorSettings(ProcessSettings):
                     "stops a client from creating ownerless tasks with any label it likes")
     admins: list[str] = Field(default_factory=list,
                               description="users who may cancel or verify anyone's tasks")
-    log_location: str = Field(default="//{node}/vespid/logs/{task}.log",
+    log_location: str = Field(default="//{node}/vespid/logs/{task}/attempt-{attempt}.log",
                               description="where a task's log lives, as task-info shows it")
 
     @property

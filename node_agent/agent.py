@@ -16,8 +16,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from vespid.node_agent import containment, retention
 from vespid.node_agent.files import collect_results, place_resources
-from vespid.node_agent.logstream import LogStreams
+from vespid.node_agent.logstream import LogStreams, attempt_log, note
 from vespid.node_agent.settings import NodeSettings
 from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared import PROTOCOL_VERSION, topology
@@ -34,6 +35,7 @@ from vespid.shared.protocol import (
     encode,
 )
 from vespid.shared.transport import (
+    CONNECTION_ERRORS,
     close_quietly,
     connect,
     guarded,
@@ -46,19 +48,24 @@ from vespid.shared.transport import (
 APP_ID = "vespid-node"
 VERSION = "0.1.0"
 REMEMBERED_RESULTS = 10_000
+CLEANUP_SECONDS = 30.0
 
 
 class NodeAgent:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.log = get_logger(__name__, node=settings.name)
+        self.containment = containment.detect(settings.name, settings.containment)
         self.supervisor = Supervisor(kill_grace=settings.kill_grace,
-                                     memory_margin=settings.memory_margin)
+                                     memory_margin=settings.memory_margin,
+                                     containment=self.containment)
         self.superseded: dict[str, TaskRun] = {}  # newer attempts waiting for the old to die
         self.blobs = BlobStore(settings.work_dir / "blobs")
         self.folders: dict[str, Path] = {}  # task -> working folder, for its results
         self.produced: dict[str, list[dict[str, Any]]] = {}  # task -> result files
-        self.logs = LogStreams()
+        self.logs = LogStreams(settings.log_dir, settings.name)
+        self.logserver_present = False  # a log server's queue takes what we stream
+        self._next_cleanup = 0.0
         self.user = user_of(settings.amqp_url)
         self.unsent: list[Finished] = []
         self.results: OrderedDict[str, Finished] = OrderedDict()
@@ -77,7 +84,19 @@ class NodeAgent:
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.log.info("node_started", capabilities=self.settings.capabilities,
                       repositories=sorted(self.settings.repositories))
+        # Said once: what ending a task reaches on this machine, and what it does not.
+        log_containment = self.log.info if self.containment.contains_detached \
+            else self.log.warning
+        log_containment("task_containment", kind=self.containment.kind,
+                        detail=containment.describe(self.containment))
+        ended = self.containment.sweep()
+        if ended:
+            self.log.warning("stale_task_processes_ended", processes=ended)
+        resumed = self.logs.resume_unshipped(set())
+        if resumed:
+            self.log.info("earlier_attempt_logs_to_ship", attempts=resumed)
         keep_reconnecting(self._session, self.log)
+        self.containment.release()
         self.log.info("node_stopped")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -117,6 +136,7 @@ class NodeAgent:
         guarded(self._channel.confirm_delivery)
         guarded(lambda: topology.declare_node(self._channel, self.settings.name))
         guarded(lambda: topology.declare_logs(self._channel))
+        self.logserver_present = self._logserver_listens()
         guarded(lambda: self._channel.basic_qos(prefetch_count=self.settings.prefetch))
         self._flush_results()
         self._send_node_set()
@@ -133,6 +153,8 @@ class NodeAgent:
         self._flush_results()
         if time.time() >= self._next_heartbeat:
             self._send_node_set()
+        if time.time() >= self._next_cleanup:
+            self._clean_finished()
 
     # ---- messages in -----------------------------------------------------------------
     def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
@@ -160,6 +182,35 @@ class NodeAgent:
         # Acked once the process runs and is recorded: a task's lifetime is never bounded by
         # the broker's delivery-acknowledgement timeout.
         channel.basic_ack(method.delivery_tag)
+
+    def _logserver_listens(self) -> bool:
+        """Whether a log server's queue exists on this vhost (then what we stream is kept
+        there even while the log server itself is down)."""
+        probe = guarded(self._connection.channel)
+        try:
+            probe.queue_declare(topology.LOG_SERVER_QUEUE, passive=True)
+        except CONNECTION_ERRORS:
+            return False
+        if probe.is_open:
+            guarded(probe.close)
+        return True
+
+    def _clean_finished(self) -> None:
+        # Often enough for a short retention to be kept to, never more than twice a second;
+        # a retention of 0 is kept as each task's log ends (`_stream_logs`).
+        s = self.settings
+        kept = [t for t in (s.retain_after_shipped, s.retain_unshipped_ok,
+                            s.retain_unshipped_failed) if t > 0]
+        self._next_cleanup = time.time() + min(CLEANUP_SECONDS, max(0.5, min(kept) / 2)) \
+            if kept else time.time() + CLEANUP_SECONDS
+        self._remove_due()
+
+    def _remove_due(self, only: str | None = None) -> None:
+        running = {(name, r.run.attempt) for name, r in self.supervisor.running.items()}
+        removed = retention.clean(self.settings, running | set(self.logs.streams), time.time(),
+                                  only)
+        if removed:
+            self.log.info("finished_task_files_removed", tasks=removed)
 
     def _check_sender(self, user_id: str | None) -> None:
         """Only the coordinator may make this machine run code; RabbitMQ vouches for user_id."""
@@ -212,7 +263,6 @@ class NodeAgent:
         except (OSError, ValueError) as exc:
             return Finished(run.name, run.attempt, Severity.FATAL,
                             f"could not prepare the task: {exc}")
-        self.logs.follow(run.name, launch.log_file)
         return self.supervisor.start(run, launch)
 
     def _plan(self, run: TaskRun) -> Launch:
@@ -233,7 +283,7 @@ class NodeAgent:
         if "VESPID_GOLEM_TASK_ID" in run.environment:
             self.folders[run.name] = cwd
         return Launch(script=script.resolve(), cwd=cwd, env=self._environment(run),
-                      log_file=self.settings.log_dir / f"{run.name}.log")
+                      log_file=self.logs.follow(run.name, run.attempt))
 
     def _working_dir(self, run: TaskRun) -> Path:
         repository = self.settings.repositories.get(run.path or "")
@@ -271,10 +321,15 @@ class NodeAgent:
             publish_confirmed(self._channel, topology.LOGS_EXCHANGE,
                               topology.log_key(str(body["task"])), encode(body),
                               properties("log-chunk", app_id=APP_ID), mandatory=False)
-            self.logs.sent(body)
+            self.logs.sent(body, delivered=self.logserver_present)
+            if body.get("eof"):
+                self._remove_due(only=str(body["task"]))
 
     def _record(self, result: Finished) -> None:
-        self.logs.finish(result.name)
+        self.logs.finish(result.name, result.attempt)
+        log_file = attempt_log(self.settings.log_dir, result.name, result.attempt)
+        if log_file.exists():  # what retention decides on, kept beside the log
+            note(log_file, ended=time.time(), success=result.success.value)
         folder = self.folders.pop(result.name, None)
         if folder is not None and result.success is Severity.OK:
             self.produced[result.name] = collect_results(self.blobs, folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -49,8 +49,23 @@ class NodeSettings(ProcessSettings):
                     "coordinator's); unset: trust whatever reaches this node's queue")
     memory_margin: float = Field(
         default=1.5, ge=1.0,
-        description="a task is killed (fatal) once its processes use more resident memory "
-                    "than it asked for times this")
+        description="a task is killed (fatal) once its processes use more memory than it "
+                    "asked for times this (the kernel's limit in its cgroup, else polled)")
+    containment: Literal["auto", "cgroup-v2", "cgroup-v1", "process-group"] = Field(
+        default="auto",
+        description="how a task's processes are kept together: auto takes the best the "
+                    "machine allows (a cgroup per attempt), else the process group alone")
+    retain_after_shipped: float = Field(
+        default=3600.0, ge=0,
+        description="seconds a finished task's scratch folder, script and local log stay "
+                    "after its log reached the log server")
+    retain_unshipped_ok: float = Field(
+        default=0.0, ge=0,
+        description="with no log server: seconds the files of a task that ended ok stay")
+    retain_unshipped_failed: float = Field(
+        default=7 * 86400.0, ge=0,
+        description="with no log server: seconds the files of a task that did not end ok "
+                    "stay (the local log is then the only copy)")
 
     @field_validator("capabilities")
     @classmethod

@@ -1,12 +1,14 @@
 """Starting, watching and killing task processes. No broker code here.
 
-Each task runs with the agent's own Python in its own process group, so a kill reaches
-everything it spawned. If the agent dies, even by SIGKILL, the kernel sends the task the
-parent-death signal; a small bootstrap that runs before the script turns it into SIGKILL
-for the whole group, so no grandchild (a compiler, a test runner) is left orphaned.
-Its stdout and stderr go to the task's log file. Running time (`timeout`) and memory
-(the resident memory of the whole group, polled, against what the task asked for times a
-margin) are enforced here.
+Each attempt runs with the agent's own Python in its own process group and, where the
+machine allows, its own cgroup (containment.py), so ending it ends everything it spawned,
+even processes that called setsid or double-forked. If the agent dies, even by SIGKILL, the
+kernel sends the task the parent-death signal; a small bootstrap that runs before the script
+turns it into SIGKILL for the whole cgroup (else the whole group), so no grandchild (a
+compiler, a test runner, a build daemon) is left orphaned. Its stdout and stderr go to the
+attempt's log file. Running time (`timeout`) and memory (what the task asked for times a
+margin: the kernel's limit in the cgroup, else the polled resident memory of the group) are
+enforced here.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vespid.node_agent.containment import Cell, Containment, NoCell, ProcessGroupOnly
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import Severity, TaskRun
 
@@ -28,12 +32,34 @@ log = get_logger(__name__)
 PR_SET_PDEATHSIG = 1
 DEATH_SIGNAL = signal.SIGUSR2
 MEMORY_POLL_SECONDS = 0.5
-# Runs as `python -c BOOTSTRAP script`: the script sees itself as __main__ with its own
-# folder first on sys.path, as `python script` would give it.
+# Runs as `python -c BOOTSTRAP CELL script`: the script sees itself as __main__ with its own
+# folder first on sys.path, as `python script` would give it. CELL says how to end the whole
+# cgroup when the agent dies: `kill:<cgroup.kill>`, `procs:<cgroup.procs>`, or `-` (none).
 BOOTSTRAP = (
     "import os, runpy, signal, sys\n"
-    "signal.signal(signal.SIGUSR2, lambda *_: os.killpg(0, signal.SIGKILL))\n"
-    "sys.argv = sys.argv[1:]\n"
+    "cell = sys.argv[1]\n"
+    "def end(*_):\n"
+    "    if cell.startswith('kill:'):\n"
+    "        try:\n"
+    "            open(cell[5:], 'w').write('1')\n"
+    "        except OSError:\n"
+    "            pass\n"
+    "    for _ in range(50 if cell.startswith('procs:') else 0):\n"
+    "        try:\n"
+    "            pids = [int(p) for p in open(cell[6:]).read().split()]\n"
+    "        except (OSError, ValueError):\n"
+    "            break\n"
+    "        others = [p for p in pids if p != os.getpid()]\n"
+    "        if not others:\n"
+    "            break\n"
+    "        for pid in others:\n"
+    "            try:\n"
+    "                os.kill(pid, signal.SIGKILL)\n"
+    "            except OSError:\n"
+    "                pass\n"
+    "    os.killpg(0, signal.SIGKILL)\n"
+    "signal.signal(signal.SIGUSR2, end)\n"
+    "sys.argv = sys.argv[2:]\n"
     "sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n"
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"
 )
@@ -44,7 +70,8 @@ class Running:
     run: TaskRun
     process: subprocess.Popen[bytes]
     started: float
-    memory_limit_mb: float | None = None
+    cell: Cell
+    memory_limit_mb: float | None = None  # polled (no kernel limit)
     kill_reason: str | None = None
     kill_severity: Severity = Severity.TERMINATED
     kill_deadline: float | None = None
@@ -69,11 +96,24 @@ class Launch:
     log_file: Path
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to signal it when the agent
-    # dies, however it dies; the bootstrap then kills the whole group.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL)
+def _child_setup(join_files: list[Path]) -> Callable[[], None]:
+    """What runs in the child between fork and exec: join the attempt's cgroup before the
+    script can start anything, and ask the kernel to signal it when the agent dies, however
+    it dies (the bootstrap then ends the whole cgroup, or group)."""
+    def setup() -> None:
+        for procs in join_files:
+            with open(procs, "w") as handle:
+                handle.write("0")
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL)
+
+    return setup
+
+
+def _cell_spec(cell: Cell) -> str:
+    if cell.kill_file is not None:
+        return f"kill:{cell.kill_file}"
+    return f"procs:{cell.procs_file}" if cell.procs_file is not None else "-"
 
 
 def group_rss_mb(pgid: int) -> float:
@@ -96,26 +136,32 @@ def group_rss_mb(pgid: int) -> float:
 class Supervisor:
     kill_grace: float
     memory_margin: float = 1.5
+    containment: Containment = field(default_factory=ProcessGroupOnly)
     running: dict[str, Running] = field(default_factory=dict)
 
     def start(self, run: TaskRun, launch: Launch) -> Finished | None:
         """Start a task; a task that cannot start is returned as finished (fatal)."""
+        limit = run.memory * self.memory_margin if run.memory else None
+        cell: Cell = NoCell()
         try:
+            cell = self.containment.cell(f"{run.name}-a{run.attempt}", limit)
             launch.log_file.parent.mkdir(parents=True, exist_ok=True)
             with launch.log_file.open("ab") as log_handle:
                 process = subprocess.Popen(
-                    [sys.executable, "-c", BOOTSTRAP, str(launch.script)], cwd=launch.cwd,
-                    env=launch.env,
+                    [sys.executable, "-c", BOOTSTRAP, _cell_spec(cell), str(launch.script)],
+                    cwd=launch.cwd, env=launch.env,
                     stdin=subprocess.DEVNULL, stdout=log_handle, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
+                    start_new_session=True, preexec_fn=_child_setup(cell.join_files),
                 )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
+            cell.remove()
             message = f"could not start the task: {exc}"
             log.error("task_start_failed", task=run.name, error=str(exc))
             return Finished(run.name, run.attempt, Severity.FATAL, message)
-        limit = run.memory * self.memory_margin if run.memory else None
-        self.running[run.name] = Running(run, process, time.time(), limit)
-        log.info("task_process_started", task=run.name, pid=process.pid, attempt=run.attempt)
+        polled = None if cell.memory_limit_mb() is not None else limit
+        self.running[run.name] = Running(run, process, time.time(), cell, polled)
+        log.info("task_process_started", task=run.name, pid=process.pid, attempt=run.attempt,
+                 contained=self.containment.kind)
         return None
 
     def kill(self, name: str, reason: str, attempt: int | None = None,
@@ -147,15 +193,19 @@ class Supervisor:
                 self._enforce(name, entry, now)
                 continue
             del self.running[name]
-            # The group may still hold processes the script left behind: end them too.
+            # The group, and the cell, may still hold processes the script left behind
+            # (a daemon it detached): end them too.
             self._signal(entry, signal.SIGKILL)
+            entry.cell.kill()
             finished.append(self._outcome(entry, code))
+            entry.cell.remove()
         return finished
 
     def _enforce(self, name: str, entry: Running, now: float) -> None:
         if entry.kill_deadline is not None:
             if now > entry.kill_deadline:
                 self._signal(entry, signal.SIGKILL)
+                entry.cell.kill()
             return
         timeout = entry.run.timeout
         if timeout is not None and now - entry.started > timeout:
@@ -170,7 +220,13 @@ class Supervisor:
 
     def _outcome(self, entry: Running, code: int) -> Finished:
         run = entry.run
-        if entry.kill_reason is not None:
+        kernel_limit = entry.cell.memory_limit_mb()
+        if entry.kill_reason is None and kernel_limit is not None and entry.cell.oom_kills():
+            result = Finished(run.name, run.attempt, Severity.FATAL,
+                              f"killed by the kernel: it went over its memory limit of "
+                              f"{kernel_limit:.0f} MB (the {run.memory:g} MB it asked for "
+                              f"times the node's margin of {self.memory_margin:g})")
+        elif entry.kill_reason is not None:
             result = Finished(run.name, run.attempt, entry.kill_severity,
                               f"killed: {entry.kill_reason}")
         elif code == 0:

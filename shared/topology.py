@@ -94,7 +94,11 @@ def log_key(task: str) -> str:
     return f"log.{task}"
 
 
-LOG_SERVER = QueueSpec(LOG_SERVER_QUEUE, {"x-queue-type": "quorum"},
+# A chunk that kills the log server each time it is delivered is dead-lettered, not retried
+# forever (the log server rejects what it can judge bad itself, with the reason).
+LOG_SERVER = QueueSpec(LOG_SERVER_QUEUE, {"x-queue-type": "quorum",
+                                          "x-delivery-limit": COORDINATOR_DELIVERY_LIMIT,
+                                          "x-dead-letter-exchange": DEAD_EXCHANGE},
                        ((LOGS_EXCHANGE, "log.#"), (LOGS_EXCHANGE, LOG_REQUEST_KEY)))
 
 
@@ -104,6 +108,8 @@ def declare_logs(channel: DeclaringChannel) -> None:
 
 def declare_log_server(channel: DeclaringChannel) -> None:
     declare_logs(channel)
+    dead = EXCHANGES[2]  # where it dead-letters what it cannot keep
+    channel.exchange_declare(exchange=dead.name, exchange_type=dead.kind, durable=True)
     declare_queue(channel, LOG_SERVER)
 
 

@@ -203,6 +203,14 @@ def guarded(action: Callable[[], T]) -> T:
         raise BrokerError(f"lost the broker: {exc!r}") from None
 
 
+def refusal(exc: BaseException) -> tuple[int, str] | None:
+    """(reply code, text) when the broker closed a channel on purpose (403 access refused,
+    404 no such exchange or queue, 406 precondition failed); None for a lost link."""
+    if isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        return exc.reply_code, str(exc.reply_text)
+    return None
+
+
 def close_quietly(connection: Any) -> None:
     try:
         if connection is not None and connection.is_open:

@@ -45,9 +45,10 @@ def coordinator(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> 
 def start_node(amqp_url: str, tmp_path: Path, started: list[VespidProcess]
                ) -> Callable[..., VespidProcess]:
     def start(name: str = "box1", capabilities: dict[str, Any] | None = None,
-              repositories: dict[str, dict[str, Any]] | None = None) -> VespidProcess:
+              repositories: dict[str, dict[str, Any]] | None = None,
+              **env: str) -> VespidProcess:
         proc = processes.node(amqp_url, tmp_path / "nodes", name, capabilities,
-                              repositories).start()
+                              repositories, **env).start()
         started.append(proc)
         proc.wait_for_log("node_connected")
         return proc
@@ -60,3 +61,14 @@ def raw(amqp_url: str) -> Iterator[RawPeer]:
     peer = RawPeer(amqp_url)
     yield peer
     peer.close()
+
+
+@pytest.fixture
+def logserver(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> Path:
+    """A running `vespid logserver`; returns the folder it keeps logs in."""
+    folder = tmp_path / "central-logs"
+    proc = VespidProcess(["logserver", "--dir", str(folder)], tmp_path / "logserver.log",
+                         processes.base_env(amqp_url), tmp_path).start()
+    started.append(proc)
+    proc.wait_for_log("logserver_started")
+    return folder

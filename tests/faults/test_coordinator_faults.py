@@ -116,13 +116,15 @@ def test_work_finishes_across_a_broker_restart_and_no_output_is_lost(
 
     assert len(done) == 11 and {t["success"] for t in done} == {"ok"}
     expected = [f"line {i}" for i in range(60)]
-    log = next((agent.log_path.parent / "work" / "logs").glob("talker.log")).read_text()
+    log = (agent.log_path.parent / "work" / "logs" / "talker" / "attempt-1.log").read_text()
     assert [line for line in log.splitlines() if line.startswith("line")] == expected
     # The lines written while the broker was away reach the central copy too, in order.
     deadline = time.monotonic() + 30
-    while not (central / ".complete" / "talker").exists() and time.monotonic() < deadline:
+    while not (central / "talker" / "attempt-1.json").exists() or '"complete": true' not in \
+            (central / "talker" / "attempt-1.json").read_text():
+        assert time.monotonic() < deadline, "the log server never got the end of the log"
         time.sleep(0.2)
-    assert (central / "talker.log").read_text().splitlines() == expected
+    assert (central / "talker" / "attempt-1.log").read_text().splitlines() == expected
 
 
 def test_a_poison_message_is_dead_lettered_by_the_delivery_limit_not_redelivered_forever(

@@ -130,20 +130,34 @@ def test_a_task_over_its_timeout_is_killed_and_ends_terminated_saying_why(
     assert info["time-finish"] - info["time-start"] < 10
 
 
+@pytest.mark.parametrize("containment", ["auto", "process-group"])
 def test_a_task_over_its_memory_is_killed_and_ends_fatal_saying_why(
         coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
-        raw: RawPeer) -> None:
-    start_node("box1", {"memory": 8000, "cores": 2})
+        raw: RawPeer, containment: str) -> None:
+    agent = start_node("box1", {"memory": 8000, "cores": 2}, VESPID_CONTAINMENT=containment)
     raw.request({"command": "task-create", "name": "hog", "requirements": {"memory": 100},
                  "executable_pyscript":
                  "import time\nblocks = []\nfor _ in range(100):\n"
-                 "    blocks.append(bytearray(20 * 1024 * 1024))\n    time.sleep(0.05)\n"
+                 "    blocks.append(b'x' * (20 * 1024 * 1024))\n    time.sleep(0.05)\n"
                  "time.sleep(30)\n"})
 
     info = raw.wait_for("hog", lambda i: i["status"] == "complete", timeout=30)
 
     assert info["success"] == "fatal"
-    assert "more than the 100 MB it asked for" in info["message"]
+    if kernel_memory_limit(agent):  # a cgroup per task: the kernel's limit ended it
+        assert info["message"].startswith("killed by the kernel: it went over its memory "
+                                          "limit of 150 MB (the 100 MB it asked for"), info
+    else:
+        assert "more than the 100 MB it asked for" in info["message"]
+    if containment == "process-group":
+        assert not kernel_memory_limit(agent)
+
+
+def kernel_memory_limit(agent: VespidProcess) -> bool:
+    """What the agent said at start of the containment this machine gave it."""
+    said = next(json.loads(line) for line in agent.log().splitlines()
+                if '"task_containment"' in line)
+    return "the kernel enforces" in said["detail"]
 
 
 def test_cancelling_a_parent_cancels_its_whole_tree(

@@ -34,7 +34,7 @@ def test_a_task_submitted_through_the_cli_runs_on_a_node_and_completes_ok(
     info = raw.info(reported["name"])
     assert (info["status"], info["success"], info["node"]) == ("complete", "ok", "box1")
     assert info["time-create"] <= info["time-start"] <= info["time-finish"]
-    assert info["log"].endswith(f"{reported['name']}.log")
+    assert info["log"].endswith(f"{reported['name']}/attempt-1.log")
 
 
 def test_a_parent_creates_two_children_and_waits_for_them(

@@ -10,20 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.processes import VespidProcess, base_env, cli
-from tests.processes import VespidProcess as Proc
 from tests.raw import RawPeer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def logserver(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> Path:
-    folder = tmp_path / "central-logs"
-    proc = Proc(["logserver", "--dir", str(folder)], tmp_path / "logserver.log",
-                base_env(amqp_url), tmp_path).start()
-    started.append(proc)
-    proc.wait_for_log("logserver_started")
-    return folder
 
 
 def test_a_followed_log_prints_every_line_live_and_the_server_keeps_the_same_file(
@@ -42,11 +31,11 @@ def test_a_followed_log_prints_every_line_live_and_the_server_keeps_the_same_fil
     later = cli(amqp_url, "logs", "chatty")
 
     expected = "".join(f"step {i}\n" for i in range(30))
-    local = (agent.log_path.parent / "work" / "logs" / "chatty.log").read_text()
+    local = (agent.log_path.parent / "work" / "logs" / "chatty" / "attempt-1.log").read_text()
     assert follower.returncode == 0, follower.stderr
     assert follower.stdout == expected
     assert later.stdout == expected and local == expected
-    assert (logserver / "chatty.log").read_text() == expected
+    assert (logserver / "chatty" / "attempt-1.log").read_text() == expected
 
 
 def test_logs_without_a_log_server_says_how_to_start_one(

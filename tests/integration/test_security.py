@@ -26,7 +26,8 @@ from tests.raw import RawPeer
 
 pytestmark = pytest.mark.integration
 MANAGEMENT = "http://localhost:15672"
-USERS = ["vespid-coordinator", "vespid-node-box1", "vespid-node-box2", "alice", "bob"]
+USERS = ["vespid-coordinator", "vespid-logserver", "vespid-node-box1", "vespid-node-box2",
+         "alice", "bob"]
 
 
 def management_answers() -> bool:
@@ -198,6 +199,36 @@ def test_a_forged_task_run_on_the_right_queue_is_not_executed(secured: Farm,
     time.sleep(1)
     assert not marker.exists()
     peer.close()
+
+
+def test_the_log_server_runs_as_its_own_user_keeps_logs_and_can_do_nothing_else(
+        secured: Farm, tmp_path: Path) -> None:
+    folder = tmp_path / "central"
+    server = VespidProcess(["logserver", "--dir", str(folder)], tmp_path / "logserver.log",
+                           {**os.environ, "VESPID_AMQP_URL": secured.urls["vespid-logserver"]},
+                           tmp_path).start()
+    try:
+        server.wait_for_log("logserver_started")
+        script = tmp_path / "hello.py"
+        script.write_text("print('hello from a secured farm')")
+        submitted = cli(secured.urls["alice"], "submit", str(script), "--wait", "--json")
+        name = json.loads(submitted.stdout)["name"]
+        deadline = time.monotonic() + 20
+        while not (folder / name / "attempt-1.log").exists():
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.1)
+        shown = cli(secured.urls["alice"], "logs", name)
+        peer = pika.BlockingConnection(pika.URLParameters(secured.urls["vespid-logserver"]))
+        channel = peer.channel()
+        channel.confirm_delivery()
+        why = refused(lambda: channel.basic_publish("vespid", "node.box1", b"{}"))
+        peer.close()
+    finally:
+        server.stop()
+
+    assert submitted.returncode == 0, submitted.stderr
+    assert shown.stdout == "hello from a secured farm\n", shown.stderr
+    assert "ACCESS_REFUSED" in why
 
 
 def test_secrets_never_appear_in_logs(secured: Farm, tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def test_a_task_created_after_a_node_joined_is_sent_to_that_node_as_a_task_run(
     assert run.attempt == 1
     assert run.environment == {"A": "1"}
     assert run.executable_pyscript == "print('hi')"
-    assert run.log == "//n1/vespid/logs/t1.log"
+    assert run.log == "//n1/vespid/logs/t1/attempt-1.log"
     assert event_keys(outcome) == ["task.created.t1", "task.started.t1"]
     assert [e.id for e in store.pending_outbox()] == [e.id for e in outcome.outbox]
 
