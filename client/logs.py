@@ -116,7 +116,7 @@ class LogServer:
         connection = connect(connection_parameters(self.url, name=APP_ID))
         channel = guarded(connection.channel)
         guarded(channel.confirm_delivery)
-        guarded(lambda: topology.declare_log_server(channel))
+        self._declare(channel)
         guarded(lambda: channel.basic_qos(prefetch_count=200))
         guarded(lambda: channel.basic_consume(topology.LOG_SERVER_QUEUE, self._on_message))
         self.log.info("logserver_started", folder=str(self.folder))
@@ -125,6 +125,20 @@ class LogServer:
                 guarded(lambda: connection.process_data_events(time_limit=0.5))
         finally:
             close_quietly(connection)
+
+    def _declare(self, channel: Any) -> None:
+        try:
+            topology.declare_log_server(channel)
+        except CONNECTION_ERRORS as exc:
+            refused = refusal(exc)
+            if refused is not None and refused[0] == 406:  # retrying cannot help
+                raise ConfigError(
+                    f"{topology.LOG_SERVER_QUEUE} exists with other arguments (an older "
+                    f"Vespid made it without a delivery limit): {refused[1]}. Delete it with "
+                    f"`rabbitmqctl delete_queue {topology.LOG_SERVER_QUEUE} -p <vhost>` (it "
+                    "holds only chunks not yet written; the nodes' local files keep them) "
+                    "and start the log server again") from None
+            raise BrokerError(f"lost the broker: {exc!r}") from None
 
     def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         try:
