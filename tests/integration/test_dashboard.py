@@ -88,7 +88,12 @@ def test_the_page_shows_tasks_and_nodes_and_follows_a_task_to_completion(
         if "whale" in row.text:
             row.click()
     detail = wait_for_text(browser, "#detail", "too small")
+    for row in browser.find_elements("css selector", "#tree div"):
+        if "Slow build" in row.text:
+            row.click()
+    attempts = wait_for_text(browser, "#detail", "log of attempt 1")  # each attempt's log
 
     assert "idle whale" in working and "up" in nodes
     assert "complete ok Slow build box1" in done
     assert "memory needs 999999" in detail
+    assert "#1" in attempts and "box1" in attempts
