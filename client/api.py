@@ -22,28 +22,30 @@ from tenacity import (
 from vespid.client import current_task
 from vespid.shared import topology
 from vespid.shared.errors import (
-    BrokerError,
     NoCoordinator,
     PublishFailed,
     RemoteError,
     RequestTimeout,
     TaskNotFound,
+    VespidError,
     WaitTimeout,
 )
 from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
 from vespid.shared.transport import (
-    CONNECTION_ERRORS,
     DEFAULT_URL,
     close_quietly,
     connect,
     connection_parameters,
+    consumers,
     guarded,
     properties,
     publish_confirmed,
+    require_consumer,
     user_of,
 )
 
 APP_ID = "vespid-client"
+CONNECT_SECONDS = 5.0  # a client retries a refused connection this long, then says why
 PROBE_AFTER = 1.0  # seconds without a reply before checking that a coordinator still listens
 CREATE_TRIES = 3  # a keyed create is safe to send again after a timeout
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
@@ -171,7 +173,8 @@ class Client:
             self._connection = connect(connection_parameters(
                 self.url, name=APP_ID, ca_file=os.environ.get("VESPID_TLS_CA_FILE"),
                 cert_file=os.environ.get("VESPID_TLS_CERT_FILE"),
-                key_file=os.environ.get("VESPID_TLS_KEY_FILE")), give_up_after=self.timeout)
+                key_file=os.environ.get("VESPID_TLS_KEY_FILE")),
+                give_up_after=min(self.timeout, CONNECT_SECONDS), quiet=True)
             channel = guarded(self._connection.channel)
             guarded(channel.confirm_delivery)
             guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,
@@ -184,43 +187,21 @@ class Client:
         if props.correlation_id:
             self._replies[props.correlation_id] = parse_body(body)
 
-    def _coordinator_queue(self) -> Any:
-        """The coordinator queue's declare-ok (consumers, messages), or None if it does not
-        exist. A channel of its own: a passive declare of a missing queue closes it."""
-        try:
-            probe = self._connection.channel()
-        except CONNECTION_ERRORS as exc:
-            raise BrokerError(f"lost the broker: {exc!r}") from None
-        try:
-            return probe.queue_declare(topology.COORDINATOR_QUEUE, passive=True).method
-        except CONNECTION_ERRORS:
-            return None
-        finally:
-            if probe.is_open:
-                guarded(probe.close)
-
     def _require_coordinator(self) -> None:
         """Fail at once, with what to do, when nothing could answer a request."""
-        queue = self._coordinator_queue()
-        if queue is None:
-            raise NoCoordinator(f"no coordinator has run on this vhost "
-                                f"({topology.COORDINATOR_QUEUE} does not exist): start "
-                                "`vespid coordinator` or check VESPID_AMQP_URL")
-        if queue.consumer_count == 0:
-            raise NoCoordinator(f"no coordinator consumes {topology.COORDINATOR_QUEUE} on this "
-                                f"vhost ({queue.message_count} messages wait there): start "
-                                "`vespid coordinator` or check VESPID_AMQP_URL")
+        require_consumer(self._connection, topology.COORDINATOR_QUEUE, "coordinator",
+                         "start `vespid coordinator` or check VESPID_AMQP_URL", NoCoordinator)
         self._coordinator_seen = True
 
     def _diagnose(self) -> str:
         """Why no answer came, as far as the broker can tell."""
         try:
-            queue = self._coordinator_queue()
-        except BrokerError:
+            queue = consumers(self._connection, topology.COORDINATOR_QUEUE)
+        except VespidError:
             return "is it running?"
-        if queue is None or queue.consumer_count == 0:
+        if queue is None or queue[0] == 0:
             return "no coordinator consumes its queue on this vhost any more"
-        return f"it is busy ({queue.message_count} messages queued before this one)"
+        return f"it is busy ({queue[1]} messages queued before this one)"
 
     @staticmethod
     def _subscribe(channel: Any, keys: list[str]) -> str:

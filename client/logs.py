@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vespid.client.api import CONNECT_SECONDS
 from vespid.node_agent.logstream import chunk_bytes
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
@@ -40,11 +41,13 @@ from vespid.shared.transport import (
     close_quietly,
     connect,
     connection_parameters,
+    declared,
     guarded,
     keep_reconnecting,
     properties,
     publish_confirmed,
     refusal,
+    require_consumer,
 )
 
 T = TypeVar("T")
@@ -127,18 +130,10 @@ class LogServer:
             close_quietly(connection)
 
     def _declare(self, channel: Any) -> None:
-        try:
-            topology.declare_log_server(channel)
-        except CONNECTION_ERRORS as exc:
-            refused = refusal(exc)
-            if refused is not None and refused[0] == 406:  # retrying cannot help
-                raise ConfigError(
-                    f"{topology.LOG_SERVER_QUEUE} exists with other arguments (an older "
-                    f"Vespid made it without a delivery limit): {refused[1]}. Delete it with "
-                    f"`rabbitmqctl delete_queue {topology.LOG_SERVER_QUEUE} -p <vhost>` (it "
-                    "holds only chunks not yet written; the nodes' local files keep them) "
-                    "and start the log server again") from None
-            raise BrokerError(f"lost the broker: {exc!r}") from None
+        # An older Vespid declared vespid.logserver without a delivery limit: deleting it
+        # loses only chunks not yet written, which the nodes' local files keep.
+        declared(lambda: topology.declare_log_server(channel),
+                 f"declaring the log server's queue {topology.LOG_SERVER_QUEUE}")
 
     def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         try:
@@ -230,7 +225,11 @@ class LogReader:
     agent has run on the vhost."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        self.connection = connect(connection_parameters(url, name="vespid-logs"))
+        self.connection = connect(connection_parameters(url, name="vespid-logs"),
+                                  give_up_after=min(timeout, CONNECT_SECONDS), quiet=True)
+        # Nobody would answer a log-get: say so now, not after the timeout.
+        require_consumer(self.connection, topology.LOG_SERVER_QUEUE, "log server",
+                         NO_LOG_SERVER)
         self.channel = guarded(self.connection.channel)
         self.timeout = timeout
         self.replies: dict[str, dict[str, Any]] = {}

@@ -17,6 +17,7 @@ from vespid.coordinator.state import Node, State, Task
 from vespid.coordinator.views import task_info
 from vespid.shared import PROTOCOL_VERSION
 from vespid.shared.blobs import BlobStore
+from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
@@ -39,9 +40,21 @@ class Context:
     message_id: str | None = None  # its message_id property, when the sender set one
 
     def may_control(self, owner: str | None) -> bool:
-        """Only a task's owner, or an admin, may cancel or verify it."""
-        return (owner is None or self.sender is None or self.sender == owner
-                or self.sender in self.settings.admins)
+        """Only a task's owner, or an admin, may cancel, abort or verify it. A message
+        without user_id proves no identity, so it controls only tasks nobody owns."""
+        if owner is None:
+            return True
+        return self.sender is not None and (self.sender == owner
+                                            or self.sender in self.settings.admins)
+
+    def require_control(self, owner: str | None, what: str) -> None:
+        """Refuse (`forbidden`, with what to do) unless the sender may control `what`."""
+        if self.may_control(owner):
+            return
+        who = self.sender or ("a sender without user_id (set the user_id property to your "
+                              "broker login, as the project's client does)")
+        raise ProtocolError("forbidden", f"{what} belongs to {owner}; only its owner or an "
+                            f"admin may do that, not {who}")
 
     def event(self, event: str, task: Task) -> None:
         self.effects.event(event, task.name, task_info(self.state, task))

@@ -295,10 +295,7 @@ def _known(ctx: Context, task_id: str) -> GolemTask:
 
 
 def _must_control(ctx: Context, golem: GolemTask) -> None:
-    owner = ctx.state.tasks[golem.parent].owner
-    if not ctx.may_control(owner):
-        raise ProtocolError("forbidden", f"task {golem.task_id} belongs to {owner}; only its "
-                            f"owner or an admin may do that, not {ctx.sender}")
+    ctx.require_control(ctx.state.tasks[golem.parent].owner, f"task {golem.task_id}")
 
 
 def handle_verify(ctx: Context, msg: VerifyResults) -> Reply:

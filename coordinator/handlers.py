@@ -103,7 +103,7 @@ def handle_task_wait(ctx: Context, msg: TaskWait) -> Reply:
 
 def handle_task_cancel(ctx: Context, msg: TaskCancel) -> Reply:
     task = _known_task(ctx, msg.name)
-    _must_control(ctx, task.owner, f"task {task.name}")
+    ctx.require_control(task.owner, f"task {task.name}")
     engine.cancel_tree(ctx, task)
     return None
 
@@ -290,12 +290,6 @@ def handle_node_list(ctx: Context, msg: NodeList) -> Reply:
         why_not = engine.why_not_accepting(node)
         nodes.append(views.node_summary(node, why_not is None, why_not))
     return {"command": "node-list-response", "nodes": nodes}
-
-
-def _must_control(ctx: Context, owner: str | None, what: str) -> None:
-    if not ctx.may_control(owner):
-        raise ProtocolError("forbidden", f"{what} belongs to {owner}; only its owner or an "
-                            f"admin may do that, not {ctx.sender}")
 
 
 def _known_task(ctx: Context, name: str) -> Task:

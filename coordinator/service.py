@@ -12,6 +12,7 @@ import heapq
 import signal
 import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 import pika
@@ -25,9 +26,9 @@ from vespid.shared import topology
 from vespid.shared.errors import BrokerError
 from vespid.shared.logs import get_logger
 from vespid.shared.transport import (
-    CONNECTION_ERRORS,
     close_quietly,
     connect,
+    declared,
     keep_reconnecting,
     properties,
     user_of,
@@ -111,12 +112,12 @@ class CoordinatorService:
         connection = connect(self.settings.broker_parameters(APP_ID + "-setup"),
                              give_up_after=10)
         try:
-            channel = connection.channel()
-            topology.declare_coordinator(channel)
+            channel = declared(connection.channel, "opening a channel")
+            declared(lambda: topology.declare_coordinator(channel),
+                     "declaring the coordinator's exchanges and queues")
             for node in self.processor.state.nodes:
-                topology.declare_node(channel, node)
-        except CONNECTION_ERRORS as exc:
-            raise BrokerError(f"declaring the topology failed: {exc!r}") from None
+                declared(partial(topology.declare_node, channel, node),
+                         f"declaring the queue of node {node}")
         finally:
             close_quietly(connection)
 

@@ -12,8 +12,10 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
     body: dict[str, Any] = {"command": "task-info-response"}
     body.update(task.definition.model_dump(mode="json"))
     body["environment"] = task.environment
-    body["requirements"] = task.definition.model_dump(mode="json")["requirements"] | (
-        {f"usage_user_{task.owner}": True} if task.owner else {})
+    # The effective requirements: a usage_user_ label the creator claimed is replaced by
+    # its owner's, as the matcher sees it (unbounded cores_max as null, as always).
+    asked = task.definition.model_dump(mode="json")["requirements"]
+    body["requirements"] = {k: asked.get(k, v) for k, v in task.requirements.items()}
     body["owner"] = task.owner
     body.update({
         "time-create": task.time_create,

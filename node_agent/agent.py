@@ -38,6 +38,7 @@ from vespid.shared.transport import (
     CONNECTION_ERRORS,
     close_quietly,
     connect,
+    declared,
     guarded,
     keep_reconnecting,
     properties,
@@ -118,6 +119,8 @@ class NodeAgent:
         return self.draining and not self.supervisor.running and not self.unsent
 
     def _session(self) -> None:
+        if self._finished() or self.stop_now:
+            return  # asked to stop while the broker was away, with nothing left to report
         try:
             self._open()
             while not self._finished():
@@ -131,10 +134,12 @@ class NodeAgent:
 
     def _open(self) -> None:
         self._connection = connect(self.settings.broker_parameters(
-            f"{APP_ID}-{self.settings.name}", heartbeat=30))
+            f"{APP_ID}-{self.settings.name}", heartbeat=30),
+            stop_when=lambda: self._finished() or self.stop_now)
         self._channel = guarded(self._connection.channel)
         guarded(self._channel.confirm_delivery)
-        guarded(lambda: topology.declare_node(self._channel, self.settings.name))
+        declared(lambda: topology.declare_node(self._channel, self.settings.name),
+                 f"declaring this node's queue {topology.node_queue(self.settings.name)}")
         guarded(lambda: topology.declare_logs(self._channel))
         self.logserver_present = self._logserver_listens()
         guarded(lambda: self._channel.basic_qos(prefetch_count=self.settings.prefetch))

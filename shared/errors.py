@@ -23,6 +23,11 @@ class BrokerUnavailable(BrokerError):
     """No broker answers at the configured URL."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """The broker cannot be used as configured (a certificate that does not verify):
+    retrying cannot help, so even long-running processes stop."""
+
+
 class PublishFailed(BrokerError):
     """The broker refused (nacked) or could not route a message we required to be stored."""
 
@@ -53,7 +58,11 @@ class RequestTimeout(VespidError):
     """The coordinator did not answer in time (is it running?)."""
 
 
-class NoCoordinator(RequestTimeout):
+class NobodyAnswers(RequestTimeout):
+    """Nothing consumes the queue whose consumer would answer: found before waiting."""
+
+
+class NoCoordinator(NobodyAnswers):
     """Nothing consumes the coordinator's queue on this vhost: no request can be answered."""
 
 

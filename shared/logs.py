@@ -37,4 +37,6 @@ def configure(level: str = "info", json_output: bool | None = None) -> None:
 
 
 def get_logger(name: str, **bound: Any) -> Any:
-    return structlog.get_logger(name).bind(**bound)
+    # Lazy: a module-level logger made at import takes the configuration set at start
+    # (binding here would freeze the default console one, and mix it into JSON logs).
+    return structlog.get_logger(name, **bound)

@@ -23,13 +23,24 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry,
+    retry_if_exception,
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
+    stop_any,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
-from vespid.shared.errors import BrokerError, BrokerUnavailable, PublishFailed
+from vespid.shared.errors import (
+    BrokerError,
+    BrokerRefused,
+    BrokerUnavailable,
+    ConfigError,
+    NobodyAnswers,
+    PublishFailed,
+    VespidError,
+)
 from vespid.shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -80,7 +91,13 @@ def connection_parameters(
     cert_file: str | None = None,
     key_file: str | None = None,
 ) -> pika.URLParameters:
-    params = pika.URLParameters(url)
+    try:
+        params = pika.URLParameters(url)
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{_shown(url)!r} is not an AMQP URL ({exc or type(exc).__name__}): write it as "
+            "amqp://user:password@host:5672/vhost (amqps:// for TLS) in VESPID_AMQP_URL or "
+            "--amqp-url") from None
     params.heartbeat = heartbeat
     params.blocked_connection_timeout = 300
     params.client_properties = {"connection_name": name, "product": "vespid"}
@@ -92,27 +109,85 @@ def connection_parameters(
     return params
 
 
-def retry_logger(logger: Any, event: str) -> Callable[[RetryCallState], None]:
-    """A tenacity `before_sleep` that logs each retry as one event with its error."""
+def _shown(url: str) -> str:
+    try:
+        return redact(url)
+    except ValueError:
+        return "<an unreadable URL>"
+
+
+def reason(exc: BaseException) -> str:
+    """A readable cause: pika's connection errors often have empty text and the real one
+    (`ConnectionRefusedError(111, ...)`) inside their arguments."""
+    return str(exc) or "; ".join(str(a) for a in exc.args if str(a)) or type(exc).__name__
+
+
+def retry_logger(logger: Any, event: str, once: bool = False) -> Callable[[RetryCallState], None]:
+    """A tenacity `before_sleep` that logs each retry as one event with its error (with
+    `once`, only the first: a command someone waits for says it once, not ten times)."""
 
     def log_retry(state: RetryCallState) -> None:
+        if once and state.attempt_number > 1:
+            return
         error = state.outcome.exception() if state.outcome else None
         logger.warning(event, attempt=state.attempt_number,
-                       error=str(error) or type(error).__name__)
+                       error=reason(error) if error else None)
 
     return log_retry
 
 
-def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
-    """A BlockingConnection, retried with backoff for up to `give_up_after` seconds."""
+def permanent(exc: BaseException, params: pika.URLParameters) -> VespidError | None:
+    """The error to end with when retrying cannot help (kombu's "irrecoverable"): the broker
+    answered and said no. None for a transient error (refused, reset, timed out, shut down)."""
+    where = f"RabbitMQ at {params.host}:{params.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return BrokerRefused(
+            f"the broker's TLS certificate at {params.host}:{params.port} does not verify "
+            f"({exc.verify_message}); set VESPID_TLS_CA_FILE to the CA that signed it")
+    code = _close_code(exc)
+    login_refused = (pika.exceptions.ProbableAuthenticationError,
+                     pika.exceptions.AuthenticationError)
+    if isinstance(exc, login_refused) or code == 403:
+        return ConfigError(
+            f"{where} refused the login of user {params.credentials.username!r} "
+            "(ACCESS_REFUSED): the user or password in VESPID_AMQP_URL is wrong")
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) or code == 530:
+        return ConfigError(
+            f"{where} has no vhost {params.virtual_host!r} that user "
+            f"{params.credentials.username!r} may use ({reason(exc)}): create it "
+            "(`vespid broker setup --vhost NAME`, or `rabbitmqctl add_vhost NAME` and "
+            "`set_permissions`) or fix the vhost in VESPID_AMQP_URL")
+    return None
+
+
+def _close_code(exc: BaseException) -> int | None:
+    for error in (exc, *exc.args):
+        if isinstance(error, pika.exceptions.ConnectionClosedByBroker):
+            return int(error.reply_code)
+    return None
+
+
+class _StopWhen(stop_base):
+    def __init__(self, predicate: Callable[[], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.predicate()
+
+
+def connect(params: pika.URLParameters, *, give_up_after: float = 60.0,
+            quiet: bool = False, stop_when: Callable[[], bool] = lambda: False) -> Any:
+    """A BlockingConnection, retried with backoff for up to `give_up_after` seconds while
+    the error is transient; a permanent one (wrong password, no such vhost, a certificate
+    that does not verify) ends it at once with a sentence. `quiet`: say the retrying once;
+    `stop_when`: give up early (a process asked to stop while the broker is away)."""
 
     @retry(
-        # A certificate that does not verify will not verify on the next try either.
-        retry=retry_if_exception_type(CONNECTION_ERRORS)
-        & retry_if_not_exception_type(ssl.SSLCertVerificationError),
+        retry=retry_if_exception(lambda e: isinstance(e, CONNECTION_ERRORS)
+                                 and permanent(e, params) is None),
         wait=wait_exponential(multiplier=0.2, max=5),
-        stop=stop_after_delay(give_up_after),
-        before_sleep=retry_logger(log, "broker_unreachable_retrying"),
+        stop=stop_any(stop_after_delay(give_up_after), _StopWhen(stop_when)),
+        before_sleep=retry_logger(log, "broker_unreachable_retrying", once=quiet),
         reraise=True,
     )
     def attempt() -> Any:
@@ -120,28 +195,80 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0) -> Any:
 
     try:
         return attempt()
-    except ssl.SSLCertVerificationError as exc:
-        raise BrokerUnavailable(
-            f"the broker's TLS certificate at {params.host}:{params.port} does not verify "
-            f"({exc.verify_message}); set VESPID_TLS_CA_FILE to the CA that signed it"
-        ) from None
-    except pika.exceptions.ProbableAuthenticationError as exc:
-        raise BrokerUnavailable(
-            f"RabbitMQ at {params.host}:{params.port} refused the credentials ({exc})"
-        ) from None
     except CONNECTION_ERRORS as exc:
+        final = permanent(exc, params)
+        if final is not None:
+            raise final from None
         raise BrokerUnavailable(
-            f"no RabbitMQ broker answers at {params.host}:{params.port} "
-            f"(vhost {params.virtual_host!r}): {exc or type(exc).__name__}. Start one with "
-            "`rabbitmq-server -detached` or `docker compose up rabbitmq`, or point "
-            "VESPID_AMQP_URL at yours."
+            f"no RabbitMQ broker answers at {params.host}:{params.port} ({reason(exc)}, "
+            f"for {give_up_after:g} s). Start one with `rabbitmq-server -detached` or "
+            "`docker compose up rabbitmq`, or point VESPID_AMQP_URL at yours."
         ) from None
+
+
+def refused(exc: BaseException, doing: str) -> VespidError:
+    """What a channel error means, as the error to raise: the broker refusing on purpose
+    (403, 406) is a setting to fix, never worth retrying; anything else is a lost link."""
+    refused_by = refusal(exc)
+    if refused_by is None:
+        return BrokerError(f"lost the broker while {doing}: {reason(exc)}")
+    code, text = refused_by
+    if code == 406:
+        return ConfigError(
+            f"{doing}: the broker refused ({text}). It exists with other arguments than this "
+            "version declares (an older Vespid or another program made it): delete it "
+            "(`rabbitmqctl delete_queue NAME -p VHOST`) or use a vhost of its own")
+    if code == 403:
+        return ConfigError(f"{doing}: the broker refused ({text}): this user lacks the "
+                           "permission; `vespid broker setup` grants what each role needs")
+    return BrokerError(f"{doing}: the broker refused ({text})")
+
+
+def declared(action: Callable[[], T], doing: str) -> T:
+    """Run a declaration; a refusal ends the process with a sentence, a lost link retries."""
+    try:
+        return action()
+    except CONNECTION_ERRORS as exc:
+        raise refused(exc, doing) from None
+
+
+def require_consumer(connection: Any, queue: str, who: str, fix: str,
+                     error: type[NobodyAnswers] = NobodyAnswers) -> None:
+    """Fail at once, saying what to do, when nothing consumes the queue that would answer."""
+    found = consumers(connection, queue)
+    if found is None:
+        raise error(f"no {who} has run on this vhost ({queue} does not exist): {fix}")
+    if found[0] == 0:
+        raise error(f"no {who} consumes {queue} on this vhost ({found[1]} messages wait "
+                    f"there): {fix}")
+
+
+def consumers(connection: Any, queue: str) -> tuple[int, int] | None:
+    """(consumers, messages) of a queue, or None when it does not exist: how a client tells
+    "nobody will answer" before waiting. A channel of its own, since a passive declare of a
+    missing queue closes it."""
+    try:
+        probe = connection.channel()
+    except CONNECTION_ERRORS as exc:
+        raise BrokerError(f"lost the broker: {reason(exc)}") from None
+    try:
+        found = probe.queue_declare(queue, passive=True).method
+    except CONNECTION_ERRORS as exc:
+        refused_by = refusal(exc)
+        if refused_by is not None and refused_by[0] == 404:
+            return None
+        raise refused(exc, f"asking about {queue}") from None
+    finally:
+        if probe.is_open:
+            guarded(probe.close)
+    return int(found.consumer_count), int(found.message_count)
 
 
 def keep_reconnecting(session: Callable[[], None], logger: Any) -> None:
     """Run a broker session again, with backoff, every time the broker goes away; return
     once a session ends on its own. The one reconnect loop of every long-running process."""
-    for attempt in Retrying(retry=retry_if_exception_type(BrokerError),
+    for attempt in Retrying(retry=retry_if_exception_type(BrokerError)
+                            & retry_if_not_exception_type(BrokerRefused),
                             wait=wait_exponential(multiplier=0.2, max=5),
                             before_sleep=retry_logger(logger, "broker_lost_reconnecting")):
         with attempt:
