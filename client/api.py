@@ -45,7 +45,7 @@ from vespid.shared.transport import (
 )
 
 APP_ID = "vespid-client"
-CONNECT_SECONDS = 5.0  # a client retries a refused connection this long, then says why
+CONNECT_SECONDS = 3.0  # a client retries a refused connection this long, then says why
 PROBE_AFTER = 1.0  # seconds without a reply before checking that a coordinator still listens
 CREATE_TRIES = 3  # a keyed create is safe to send again after a timeout
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")

@@ -30,9 +30,6 @@ from urllib.parse import quote
 
 from vespid.shared.errors import BrokerError, ConfigError
 
-COORDINATOR_USER = "vespid-coordinator"
-LOGSERVER_USER = "vespid-logserver"
-
 
 @dataclass(frozen=True)
 class Grant:
@@ -44,25 +41,32 @@ class Grant:
     topic_read: str = ".*"
 
 
-def node_user(node: str) -> str:
-    return f"vespid-node-{node}"
+def coordinator_user(farm: str) -> str:
+    return f"{farm}-coordinator"
 
 
-def grants(nodes: list[str], clients: list[str]) -> list[Grant]:
-    found = [Grant(COORDINATOR_USER, ".*", ".*", ".*", ".*"),
+def node_user(farm: str, node: str) -> str:
+    return f"{farm}-node-{node}"
+
+
+def grants(farm: str, nodes: list[str], clients: list[str]) -> list[Grant]:
+    """Every user of a farm, named `<farm>-<role>`, so several farms share one broker."""
+    found = [Grant(coordinator_user(farm), ".*", ".*", ".*", ".*"),
              # The log server: its own queue and vespid.logs, dead-letters to vespid.dead,
              # replies to log-get through the default exchange; nothing on `vespid`.
-             Grant(LOGSERVER_USER, "^(vespid\\.logs|vespid\\.logserver|vespid\\.dead)$",
+             Grant(f"{farm}-logserver",
+                   "^(vespid\\.logs|vespid\\.logserver|vespid\\.dead)$",
                    "^(vespid\\.logserver|vespid\\.dead|amq\\.default)$",
                    "^(vespid\\.logs|vespid\\.logserver)$", "^$", "^$")]
     for node in nodes:
         queue = re.escape(f"vespid.node.{node}")
-        found.append(Grant(node_user(node), f"^(vespid|vespid\\.logs|{queue})$",
+        found.append(Grant(node_user(farm, node), f"^(vespid|vespid\\.logs|{queue})$",
                            f"^(vespid|vespid\\.logs|{queue}|vespid\\.dead)$",
                            f"^(vespid|{queue})$",
                            "^coordinator$", f"^node\\.{re.escape(node)}$"))
     for client in clients:
-        found.append(Grant(client, "^amq\\.gen-.*$", "^(vespid|vespid\\.logs|amq\\.gen-.*)$",
+        found.append(Grant(f"{farm}-{client}", "^amq\\.gen-.*$",
+                           "^(vespid|vespid\\.logs|amq\\.gen-.*)$",
                            "^(vespid\\.events|vespid\\.logs|amq\\.gen-.*|"
                            "amq\\.rabbitmq\\.reply-to)$",
                            "^coordinator$", "^$"))
@@ -74,6 +78,21 @@ class Management:
         self.url, self.dry_run = url.rstrip("/"), dry_run
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self.headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+
+    def get(self, path: str) -> Any:
+        """The JSON at `path`, or None when it does not exist."""
+        request = urllib.request.Request(self.url + path, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise BrokerError(f"the management API refused to read {path}: {exc.code}") \
+                from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise BrokerError(f"no RabbitMQ management API at {self.url} ({exc}); enable it "
+                              "with `rabbitmq-plugins enable rabbitmq_management`") from None
 
     def put(self, path: str, body: dict[str, Any], what: str) -> None:
         sys.stdout.write(f"{'would ' if self.dry_run else ''}{what}\n")
@@ -103,13 +122,27 @@ def password_for(user: str, env_file: Path) -> str:
     return secrets.token_urlsafe(24)
 
 
+def farm_of(vhost: str) -> str:
+    """The default farm name: the vhost's, as far as it makes a user name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", vhost) or "vespid"
+
+
 def setup(args: argparse.Namespace) -> int:
     admin_password = os.environ.get("VESPID_BROKER_ADMIN_PASSWORD", "guest")
     api = Management(args.management_url, args.admin_user, admin_password, args.dry_run)
     vhost = quote(args.vhost, safe="")
+    farm = args.farm or farm_of(args.vhost)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", farm):
+        raise ConfigError(f"farm name {farm!r}: use letters, digits, '_', '.', '-' (1-60)")
     env_dir = Path(args.env_dir)
+    users = grants(farm, _names(args.nodes), _names(args.clients))
+    for grant in users:  # before changing anything: never take over another farm's user
+        _must_be_ours(api, grant.user, args.vhost)
     api.put(f"/api/vhosts/{vhost}", {}, f"create vhost {args.vhost}")
-    for grant in grants(_names(args.nodes), _names(args.clients)):
+    settings = {coordinator_user(farm): {"VESPID_REQUIRE_USER_ID": "true"}}
+    settings.update({node_user(farm, n): {"VESPID_COORDINATOR_USER": coordinator_user(farm)}
+                     for n in _names(args.nodes)})
+    for grant in users:
         env_file = env_dir / f"{grant.user}.env"
         password = password_for(grant.user, env_file)
         api.put(f"/api/users/{quote(grant.user)}", {"password": password, "tags": ""},
@@ -122,9 +155,23 @@ def setup(args: argparse.Namespace) -> int:
                 {"exchange": "vespid", "write": grant.topic_write, "read": grant.topic_read},
                 f"let {grant.user} publish to exchange vespid with keys {grant.topic_write!r}")
         if not args.dry_run:
-            _write_env(env_file, grant.user, password, args.amqp_host, vhost)
+            _write_env(env_file, grant.user, password, args.amqp_host, vhost,
+                       settings.get(grant.user, {}))
             sys.stdout.write(f"wrote {env_file} (mode 0600)\n")
     return 0
+
+
+def _must_be_ours(api: Management, user: str, vhost: str) -> None:
+    """A user with permissions on another vhost belongs to another farm: re-passwording it
+    would lock that farm out."""
+    if api.get(f"/api/users/{quote(user)}") is None:
+        return
+    elsewhere = sorted({p["vhost"] for p in api.get(f"/api/users/{quote(user)}/permissions")
+                        or [] if p["vhost"] != vhost})
+    if elsewhere:
+        raise ConfigError(f"user {user} already belongs to another farm (vhost "
+                          f"{', '.join(elsewhere)}); changing its password would lock that "
+                          "farm out: give this farm another name with --farm")
 
 
 def _names(text: str | None) -> list[str]:
@@ -135,12 +182,14 @@ def _names(text: str | None) -> list[str]:
     return names
 
 
-def _write_env(path: Path, user: str, password: str, host: str, vhost: str) -> None:
+def _write_env(path: Path, user: str, password: str, host: str, vhost: str,
+               settings: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(f"VESPID_AMQP_URL=amqp://{quote(user)}:{quote(password, safe='')}@{host}/"
                      f"{vhost}\n")
+        handle.writelines(f"{key}={value}\n" for key, value in settings.items())
     os.chmod(path, 0o600)
 
 
@@ -155,6 +204,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--admin-user", default="guest",
                    help="an administrator (password from VESPID_BROKER_ADMIN_PASSWORD)")
     p.add_argument("--vhost", default="vespid", help="the farm's vhost (default vespid)")
+    p.add_argument("--farm", help="prefix of every user it makes, `<farm>-coordinator`, "
+                                  "`<farm>-node-<n>`, `<farm>-<client>`, so several farms "
+                                  "share one broker (default: the vhost's name)")
     p.add_argument("--nodes", help="node names, comma-separated: one user each")
     p.add_argument("--clients", help="client user names, comma-separated")
     p.add_argument("--amqp-host", default="localhost:5672",

@@ -443,8 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = ("coordinator", "node", "logserver", "dashboard")  # they set up their own logs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in SERVICES:  # a command's own warnings: readable, on stderr
+        from vespid.shared.logs import configure
+
+        configure("warning", json_output=False)
     try:
         code: int = args.handler(args)
         return code

@@ -119,7 +119,7 @@ def _shown(url: str) -> str:
 def reason(exc: BaseException) -> str:
     """A readable cause: pika's connection errors often have empty text and the real one
     (`ConnectionRefusedError(111, ...)`) inside their arguments."""
-    return str(exc) or "; ".join(str(a) for a in exc.args if str(a)) or type(exc).__name__
+    return str(exc) or "; ".join(str(a) or repr(a) for a in exc.args) or type(exc).__name__
 
 
 def retry_logger(logger: Any, event: str, once: bool = False) -> Callable[[RetryCallState], None]:

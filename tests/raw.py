@@ -38,8 +38,9 @@ class RawPeer:
         self.channel.basic_publish(EXCHANGE, key, data, properties)
         return correlation_id
 
-    def request(self, body: bytes | dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
-        correlation_id = self.send(body, reply=True)
+    def request(self, body: bytes | dict[str, Any], timeout: float = 15.0,
+                props: dict[str, Any] | None = None) -> dict[str, Any]:
+        correlation_id = self.send(body, reply=True, props=props)
         assert correlation_id is not None
         deadline = time.monotonic() + timeout
         while correlation_id not in self.replies:
