@@ -25,6 +25,7 @@ from vespid.shared.errors import (
     VespidError,
     WaitTimeout,
 )
+from vespid.shared.text import amount
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(6)
 EXIT_CODES: list[tuple[type[VespidError], int]] = [
@@ -65,7 +66,7 @@ def render_info(info: dict[str, Any]) -> str:
         lines.append(f"  {label:<10} {_when(info.get(key))}")
     if info.get("allocated"):
         lines.append(f"  {'allocated':<10} " + ", ".join(
-            f"{k}={v:g}" for k, v in sorted(info["allocated"].items())))
+            f"{k}={amount(v)}" for k, v in sorted(info["allocated"].items())))
     if info.get("requirements"):
         lines.append(f"  {'requires':<10} " + ", ".join(
             f"{k}={v}" for k, v in sorted(info["requirements"].items())))
@@ -167,8 +168,9 @@ def render_nodes(nodes: list[dict[str, Any]]) -> str:
             "gone" if n.get("left") else "lost" if not n["alive"] else
             "draining" if n["draining"] else "refused")
         caps, free = n["capabilities"], n["free"]
-        rows.append((n["name"], state, f"{free.get('cores', 0):g}/{caps.get('cores', 0):g}",
-                     f"{free.get('memory', 0):g}/{caps.get('memory', 0):g} MB",
+        rows.append((n["name"], state,
+                     f"{amount(free.get('cores', 0))}/{amount(caps.get('cores', 0))}",
+                     f"{amount(free.get('memory', 0))}/{amount(caps.get('memory', 0))} MB",
                      str(len(n["activetasks"])), n["version"] or "-"))
     text = _table(rows) if nodes else "no nodes have registered"
     why = [f"  {n['name']}: {n['why_not_accepting']}" for n in nodes if n["why_not_accepting"]]
@@ -264,9 +266,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        client.info(args.name)
+        state = client.info(args.name)
+        if state.tree_done:
+            out(f"{args.name} is already complete ({state.success}), and so is its tree: "
+                "nothing to cancel")
+            return EXIT_OK
         client.cancel(args.name)
-    out(f"cancelled {args.name} and its descendants")
+    out(f"cancelled {args.name}" + (" and its descendants" if state.children else "")
+        + (" (it had already completed itself)" if state.complete else ""))
     return EXIT_OK
 
 
@@ -366,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vespid", description="Vespid: a distributed task system for build farms.",
-        epilog="Exit codes: 0 ok, 1 a waited task or its tree failed, 2 usage, "
+        epilog="--amqp-url and --request-timeout may also come before COMMAND. "
+               "Exit codes: 0 ok, 1 a waited task or its tree failed, 2 usage, "
                "3 broker/coordinator unreachable, 4 no such task, 5 wait timed out.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -446,8 +454,29 @@ def build_parser() -> argparse.ArgumentParser:
 SERVICES = ("coordinator", "node", "logserver", "dashboard")  # they set up their own logs
 
 
+GLOBAL_OPTIONS = ("--amqp-url", "--request-timeout")  # also accepted before the command
+
+
+def _options_after_command(argv: list[str]) -> list[str]:
+    """`vespid --amqp-url X tasks` means `vespid tasks --amqp-url X`: every client command
+    takes these, so people put them first as they would with git or docker."""
+    front: list[str] = []
+    moved: list[str] = []
+    rest = list(argv)
+    while rest and rest[0].startswith("-"):
+        option = rest.pop(0)
+        if option.split("=", 1)[0] not in GLOBAL_OPTIONS:
+            front.append(option)
+            continue
+        moved.append(option)
+        if "=" not in option and rest:
+            moved.append(rest.pop(0))
+    return front + rest[:1] + moved + rest[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_options_after_command(
+        sys.argv[1:] if argv is None else argv))
     if args.command not in SERVICES:  # a command's own warnings: readable, on stderr
         from vespid.shared.logs import configure
 

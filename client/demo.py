@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -21,7 +22,9 @@ from vespid.shared.errors import VespidError
 from vespid.shared.transport import DEFAULT_URL, connect, connection_parameters
 
 RUN_DIR = Path("demo-run")
-DEMO_VHOST = "vespid-demo"
+# A vhost per run: two people running the demo on one broker never share one, and each
+# removes only its own.
+DEMO_VHOST = f"vespid-demo-{uuid.uuid4().hex[:8]}"
 PARENT_SCRIPT = '''
 from vespid.client import Client, current_task
 

@@ -135,8 +135,7 @@ def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]
                repos: dict[str, str]) -> None:
     ctx.state.start(task, node, allocated, repos, ctx.now)
     task.path = _path(task)
-    task.log = ctx.settings.log_location.format(node=node.name, task=task.name,
-                                                attempt=task.attempt)
+    task.log = _log_location(ctx.settings.log_location, node, task)
     sent = ctx.state.node_blobs.setdefault(node.name, set())
     for resource in task.resources:  # each file once per node: the node caches it
         if resource["sha256"] not in sent:
@@ -148,6 +147,15 @@ def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]
     ctx.event("started", task)
     log.info("task_started", task=task.name, node=node.name, attempt=task.attempt,
              allocated=allocated)
+
+
+def _log_location(template: str | None, node: Node, task: Task) -> str:
+    """Where this attempt's output is, on its node: the operator's template, else the real
+    path the agent reported, else (a node that does not say) a network-style name."""
+    if template is not None:
+        return template.format(node=node.name, task=task.name, attempt=task.attempt)
+    folder = f"{node.name}:{node.log_dir}" if node.log_dir else f"//{node.name}/vespid/logs"
+    return f"{folder}/{task.name}/attempt-{task.attempt}.log"
 
 
 def _path(task: Task) -> str | None:

@@ -253,6 +253,7 @@ def _refresh_node(node: Node, msg: NodeSet, now: float) -> None:
     node.last_seen = now
     node.alive, node.left = True, False
     node.version = msg.version
+    node.log_dir = msg.log_dir
     node.protocol = msg.protocol
 
 

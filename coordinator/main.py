@@ -10,6 +10,7 @@ from typing import Any
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.shared import logs
 from vespid.shared.errors import ConfigError
+from vespid.shared.text import count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +60,8 @@ def check(settings: CoordinatorSettings) -> int:
         report = _check_file(settings)
         where = f"the state file {settings.state} (no coordinator answered)"
     problems = report["problems"]
-    sys.stdout.write(f"checked {where}: {report['tasks']} tasks, {report['nodes']} nodes, "
-                     f"{report['waiting']} waiting\n")
+    sys.stdout.write(f"checked {where}: {count(report['tasks'], 'task')}, "
+                     f"{count(report['nodes'], 'node')}, {report['waiting']} waiting\n")
     sys.stdout.write("consistent\n" if not problems else
                      "".join(f"PROBLEM: {p}\n" for p in problems))
     return 0 if not problems else 1

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vespid.shared.text import amount
+
 REQUIRE = "usage_require_"
 PREFER = "usage_prefer_"
 LABEL = "usage_"
@@ -327,8 +329,8 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
             continue
         allocated = allocate(shape, node)
         repos = _claim(shape, node, accepting, run.pool)
-        for resource, amount in allocated.items():
-            node.free[resource] = node.free.get(resource, 0.0) - amount
+        for resource, granted in allocated.items():
+            node.free[resource] = node.free.get(resource, 0.0) - granted
         assignments.append(Assignment(key[-1], node.name, allocated, repos))
         tasks = queue[shape]
         if index + 1 < len(tasks):
@@ -363,8 +365,8 @@ def _why_not(shape: Shape, node: NodeOffer) -> str | None:
     if missing:
         return f"{node.name}: lacks label(s) {', '.join(sorted(missing))}"
     if shape.bid < node.min_bid:
-        return (f"{node.name}: takes only tasks bidding at least {node.min_bid:g} "
-                f"(bid {shape.bid:g})")
+        return (f"{node.name}: takes only tasks bidding at least {amount(node.min_bid)} "
+                f"(bid {amount(shape.bid)})")
     unmet = node.labels.required - shape.labels.carried
     if unmet:
         return f"{node.name}: runs only tasks labelled {', '.join(sorted(unmet))}"
@@ -386,4 +388,5 @@ def _why_not(shape: Shape, node: NodeOffer) -> str | None:
 
 
 def _amounts(need: Mapping[str, float], have: Mapping[str, float], keys: list[str]) -> str:
-    return ", ".join(f"{k} needs {need[k]:g}, has {have.get(k, 0.0):g}" for k in keys)
+    return ", ".join(f"{k} needs {amount(need[k])}, has {amount(have.get(k, 0.0))}"
+                     for k in keys)

@@ -47,8 +47,11 @@ class CoordinatorSettings(ProcessSettings):
                     "stops a client from creating ownerless tasks with any label it likes")
     admins: list[str] = Field(default_factory=list,
                               description="users who may cancel or verify anyone's tasks")
-    log_location: str = Field(default="//{node}/vespid/logs/{task}/attempt-{attempt}.log",
-                              description="where a task's log lives, as task-info shows it")
+    log_location: str | None = Field(
+        default=None,
+        description="where a task's log lives, as task-info shows it: a template with "
+                    "{node}, {task}, {attempt}; default: <node>:<the log folder its agent "
+                    "reports>/<task>/attempt-<n>.log, a real path on that machine")
 
     @property
     def results_path(self) -> Path:

@@ -156,6 +156,7 @@ class Node:
     alive: bool = True
     draining: bool = False
     left: bool = False  # its agent said it was exiting (drained or stopped): gone, not lost
+    log_dir: str | None = None  # where its agent keeps task logs, as it reports
     version: str | None = None
     protocol: int | None = None
     started: float | None = None

@@ -368,6 +368,7 @@ class NodeAgent:
                             for name, r in self.supervisor.running.items()},
             "draining": self.draining, "version": VERSION, "protocol": PROTOCOL_VERSION,
             "started": self.started, "leaving": leaving,
+            "log_dir": str(s.log_dir.resolve()),
         })
         self._next_heartbeat = time.time() + s.heartbeat_interval
 

@@ -12,7 +12,7 @@ from vespid.shared import logs
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path,
                         help="TOML file: name, capabilities, repositories, amqp_url "
-                             "(see docs/node.example.toml)")
+                             "(see docs/examples/node.server.toml)")
     parser.add_argument("--name", help="node name (default: the host name)")
     parser.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
     parser.add_argument("--work-dir", type=Path,

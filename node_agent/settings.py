@@ -1,4 +1,4 @@
-"""The node agent's settings: a TOML file (see docs/node.example.toml), `VESPID_*` env, flags."""
+"""The node agent's settings: a TOML file (docs/examples/node.*.toml), `VESPID_*`, flags."""
 
 from __future__ import annotations
 

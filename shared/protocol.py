@@ -250,6 +250,7 @@ class NodeSet(_OpenMessage):
     activetasks: dict[str, Any] = Field(default_factory=dict)
     draining: bool = False
     leaving: bool = False  # the agent's last word before it exits: gone, not lost
+    log_dir: str | None = None  # where on the node its agent keeps task logs
     version: str | None = None
     protocol: int | None = None
     started: float | None = None  # when this agent process started: a restart is a new one
