@@ -151,7 +151,10 @@ def permanent(exc: BaseException, params: pika.URLParameters) -> VespidError | N
         return ConfigError(
             f"{where} refused the login of user {params.credentials.username!r} "
             "(ACCESS_REFUSED): the user or password in VESPID_AMQP_URL is wrong")
-    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) or code == 530:
+    denied = isinstance(exc, pika.exceptions.ProbableAccessDeniedError) or code == 530
+    # "vhost x is down" (its process crashed, or a cluster node is still starting it) can
+    # come back by itself; a vhost that does not exist, or no permission on it, cannot.
+    if denied and "is down" not in reason(exc):
         return ConfigError(
             f"{where} has no vhost {params.virtual_host!r} that user "
             f"{params.credentials.username!r} may use ({reason(exc)}): create it "
