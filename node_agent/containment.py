@@ -146,6 +146,17 @@ def _wait_empty(procs: Path, seconds: float = 5.0) -> bool:
     return True
 
 
+def _oom_kills(counters: Path) -> int:
+    """The `oom_kill` counter of a memory.oom_control (v1) or memory.events (v2) file."""
+    try:
+        for line in counters.read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
 def _rmdir(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         for child in sorted(path.iterdir(), reverse=True):
@@ -228,15 +239,7 @@ class V1Cell:
 
     def oom_kills(self) -> int:
         control = self.dirs.get("memory")
-        if control is None:
-            return 0
-        try:
-            for line in (control / "memory.oom_control").read_text().splitlines():
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-        except (OSError, ValueError):
-            return 0
-        return 0
+        return 0 if control is None else _oom_kills(control / "memory.oom_control")
 
     def memory_limit_mb(self) -> float | None:
         control = self.dirs.get("memory")
@@ -354,13 +357,7 @@ class V2Cell:
         _wait_empty(self.path / "cgroup.procs")
 
     def oom_kills(self) -> int:
-        try:
-            for line in (self.path / "memory.events").read_text().splitlines():
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
-        except (OSError, ValueError):
-            return 0
-        return 0
+        return _oom_kills(self.path / "memory.events")
 
     def memory_limit_mb(self) -> float | None:
         try:
