@@ -196,6 +196,7 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0,
     def attempt() -> Any:
         return pika.BlockingConnection(params)
 
+    started = time.monotonic()
     try:
         return attempt()
     except CONNECTION_ERRORS as exc:
@@ -203,8 +204,9 @@ def connect(params: pika.URLParameters, *, give_up_after: float = 60.0,
         if final is not None:
             raise final from None
         raise BrokerUnavailable(
-            f"no RabbitMQ broker answers at {params.host}:{params.port} ({reason(exc)}, "
-            f"for {give_up_after:g} s). Start one with `rabbitmq-server -detached` or "
+            f"no RabbitMQ broker answers at {params.host}:{params.port} ({reason(exc)}; "
+            f"tried for {time.monotonic() - started:.0f} s). Start one with "
+            "`rabbitmq-server -detached` or "
             "`docker compose up rabbitmq`, or point VESPID_AMQP_URL at yours."
         ) from None
 
