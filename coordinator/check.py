@@ -1,8 +1,9 @@
 """Consistency of the coordinator's state: what `vespid coordinator --check` verifies.
 
-The coordinator keeps each node's used resources and the repository holds up to date
-incrementally, as tasks start, wait, finish and move; these checks recompute both from the
-tasks themselves, so any drift (a leak, a double release) shows as a sentence.
+The coordinator keeps each node's used resources, the repository holds, each tree's outcome
+and the index of keyed creates up to date incrementally, as tasks start, wait, finish and
+move; these checks recompute them from the tasks themselves, so any drift (a leak, a double
+release, a tree counted wrong) shows as a sentence.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from vespid.shared.protocol import TaskStatus
 
 
 def check_state(state: State) -> list[str]:
-    return [*_resources(state), *_repositories(state), *_tasks(state)]
+    return [*_resources(state), *_repositories(state), *_tasks(state), *_trees(state),
+            *_keys(state)]
 
 
 def _resources(state: State) -> list[str]:
@@ -64,4 +66,31 @@ def _tasks(state: State) -> list[str]:
         if task.status is TaskStatus.WORKING and task.node not in state.nodes \
                 and not task.virtual:
             problems.append(f"task {task.name}: working on unknown node {task.node}")
+    return problems
+
+
+def _trees(state: State) -> list[str]:
+    problems = []
+    for task in state.tasks.values():
+        tree = [task, *(state.tasks[name] for name in state.descendants(task.name))]
+        open_count = sum(1 for t in tree if t.status is not TaskStatus.COMPLETE)
+        worst = None
+        for member in tree:
+            if member.success is not None:
+                worst = member.success.worst(worst)
+        if state.tree_open.get(task.name, 0) != open_count:
+            problems.append(f"task {task.name}: {state.tree_open.get(task.name, 0)} open in "
+                            f"its tree counted, {open_count} found")
+        if state.tree_worst.get(task.name) != worst:
+            problems.append(f"task {task.name}: tree severity {state.tree_worst.get(task.name)}"
+                            f" kept, {worst} found")
+    return problems
+
+
+def _keys(state: State) -> list[str]:
+    problems = []
+    for identity, name in state.keys.items():
+        task = state.tasks.get(name)
+        if task is None or task.identity != identity:
+            problems.append(f"key {identity}: points at {name}, which does not carry it")
     return problems

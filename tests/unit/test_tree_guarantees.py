@@ -216,3 +216,23 @@ def test_a_node_whose_agent_says_it_leaves_is_gone_not_lost(proc: Processor) -> 
     (node,) = nodes["nodes"]
     assert (node["alive"], node["left"], node["accepting"]) == (False, True, False)
     assert node["why_not_accepting"].startswith("gone")
+
+
+def test_the_state_check_recomputes_trees_and_keys_and_reports_drift(proc: Processor) -> None:
+    from vespid.coordinator.check import check_state
+    from vespid.shared.protocol import Severity
+
+    send(proc, node_set(cores=8, memory=8000))
+    create(proc, "root", requirements={"cores": 1}, key="r")
+    create(proc, "kid", parent="root", requirements={"cores": 1}, key="k")
+    complete(proc, "kid", "error")
+    assert check_state(proc.state) == []
+
+    proc.state.tree_open["root"] = 5
+    proc.state.tree_worst["root"] = Severity.OK
+    proc.state.keys[("child", "root", "k")] = "root"
+
+    problems = check_state(proc.state)
+    assert any("root: 5 open" in p for p in problems)
+    assert any("tree severity ok kept, error found" in p for p in problems)
+    assert any("points at root" in p for p in problems)
