@@ -7,7 +7,7 @@ the handlers and the periodic sweep share it and unit tests drive it directly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vespid.coordinator import matcher
@@ -23,10 +23,39 @@ from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
 log = get_logger(__name__)
 Hook = Callable[["Context", Task], None]
-# Dialects built on top of plain tasks (the Golem-style one) follow their tasks here.
-START_HOOKS: list[Hook] = []
-END_HOOKS: list[Hook] = []
-TICK_HOOKS: list[Callable[[Context], None]] = []
+TickHook = Callable[["Context"], None]
+
+
+@dataclass
+class Hooks:
+    """What extensions (the Golem-style dialect, metrics) follow, per processor: tasks that
+    start and end, and the periodic tick. A hook that fails is logged and counted and the
+    others go on, as dramatiq's middleware is: an extension never stops the scheduler."""
+
+    on_start: list[Hook] = field(default_factory=list)
+    on_end: list[Hook] = field(default_factory=list)
+    on_tick: list[TickHook] = field(default_factory=list)
+    failures: int = 0
+
+    def started(self, ctx: Context, task: Task) -> None:
+        for hook in self.on_start:
+            self._isolated(hook, ctx, task)
+
+    def ended(self, ctx: Context, task: Task) -> None:
+        for hook in self.on_end:
+            self._isolated(hook, ctx, task)
+
+    def ticked(self, ctx: Context) -> None:
+        for hook in self.on_tick:
+            self._isolated(hook, ctx)
+
+    def _isolated(self, hook: Callable[..., None], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            self.failures += 1
+            log.exception("extension_hook_failed", hook=getattr(hook, "__qualname__", hook),
+                          failures=self.failures)
 
 
 @dataclass
@@ -38,6 +67,7 @@ class Context:
     blobs: BlobStore | None = None
     sender: str | None = None  # the authenticated user of the message being handled
     message_id: str | None = None  # its message_id property, when the sender set one
+    hooks: Hooks = field(default_factory=Hooks)
 
     def may_control(self, owner: str | None) -> bool:
         """Only a task's owner, or an admin, may cancel, abort or verify it. A message
@@ -141,8 +171,7 @@ def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float]
         if resource["sha256"] not in sent:
             sent.add(resource["sha256"])
             ctx.effects.blobs.append((node.name, resource["sha256"]))
-    for hook in START_HOOKS:
-        hook(ctx, task)
+    ctx.hooks.started(ctx, task)
     ctx.effects.to_node(node.name, task_run(task))
     ctx.event("started", task)
     log.info("task_started", task=task.name, node=node.name, attempt=task.attempt,
@@ -198,8 +227,7 @@ def end_task(ctx: Context, task: Task, severity: Severity, message: str | None =
     for ancestor in closed_trees:  # their tree's outcome is final now: tell who waits on it
         ctx.event("updated", ancestor)
     release_finished_trees(ctx, task)
-    for hook in END_HOOKS:
-        hook(ctx, task)
+    ctx.hooks.ended(ctx, task)
 
 
 def release_finished_trees(ctx: Context, task: Task) -> None:

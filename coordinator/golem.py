@@ -404,7 +404,11 @@ HANDLERS: dict[type, Callable[[Context, Any], Reply]] = {
     RestartTask: handle_restart, RestartSubtasks: handle_restart_subtasks,
     ListTasks: handle_list, GetTaskState: handle_state,
 }
-engine.END_HOOKS.append(on_task_ended)
-engine.START_HOOKS.append(on_task_started)
-engine.TICK_HOOKS.append(sweep)
+
+
+def register(hooks: engine.Hooks) -> None:
+    """Follow the plain tasks that stand for Golem-style subtasks."""
+    hooks.on_end.append(on_task_ended)
+    hooks.on_start.append(on_task_started)
+    hooks.on_tick.append(sweep)
 _ = TaskStatus

@@ -16,7 +16,7 @@ from vespid.coordinator.check import check_state
 from vespid.coordinator.engine import Context
 from vespid.coordinator.state import Node, Task
 from vespid.shared import PROTOCOL_VERSION
-from vespid.shared.blobs import BlobChunk, BlobGet, chunk_count, chunk_message
+from vespid.shared.blobs import BlobChunk, BlobGet
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -169,10 +169,10 @@ def handle_blob_chunk(ctx: Context, msg: BlobChunk) -> Reply:
 def handle_blob_get(ctx: Context, msg: BlobGet) -> Reply:
     if ctx.blobs is None or not ctx.blobs.has(msg.sha256):
         raise ProtocolError("not_found", f"no file {msg.sha256[:12]}… is kept here")
-    data = ctx.blobs.read(msg.sha256)
-    if msg.index >= chunk_count(len(data)):
-        raise ProtocolError("not_found", f"that file has {chunk_count(len(data))} chunks")
-    return chunk_message(data, msg.sha256, msg.index)
+    chunk = ctx.blobs.read_chunk(msg.sha256, msg.index)
+    if chunk is None:
+        raise ProtocolError("not_found", f"that file has {ctx.blobs.chunks(msg.sha256)} chunks")
+    return chunk
 
 
 def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:

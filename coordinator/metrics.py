@@ -61,5 +61,7 @@ def refresh(ctx: Context) -> None:
         NODES.labels(name).set(states.get(name, 0))
 
 
-engine.START_HOOKS.append(task_started)
-engine.END_HOOKS.append(task_ended)
+def register(hooks: engine.Hooks) -> None:
+    hooks.on_start.append(task_started)
+    hooks.on_end.append(task_ended)
+    hooks.on_tick.append(refresh)

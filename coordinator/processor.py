@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vespid.coordinator import engine, handlers
+from vespid.coordinator import engine, golem, handlers
 from vespid.coordinator.effects import Effects, Reply
 from vespid.coordinator.engine import Context
 from vespid.coordinator.settings import CoordinatorSettings
@@ -22,6 +22,13 @@ from vespid.shared.logs import get_logger
 from vespid.shared.protocol import ack_reply, decode, error_reply
 
 log = get_logger(__name__)
+
+
+def default_hooks() -> engine.Hooks:
+    """The extensions every coordinator runs: the Golem-style dialect."""
+    hooks = engine.Hooks()
+    golem.register(hooks)
+    return hooks
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,11 @@ class Outcome:
 
 
 class Processor:
-    def __init__(self, store: Store, settings: CoordinatorSettings, now: float) -> None:
+    def __init__(self, store: Store, settings: CoordinatorSettings, now: float,
+                 hooks: engine.Hooks | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.hooks = hooks if hooks is not None else default_hooks()
         self._started = now
         self.blobs = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._next_id = store.next_outbox_id()
@@ -85,8 +94,7 @@ class Processor:
     @staticmethod
     def _sweep(ctx: Context) -> None:
         engine.sweep_nodes(ctx)
-        for hook in engine.TICK_HOOKS:
-            hook(ctx)
+        ctx.hooks.ticked(ctx)
 
     def _one_by_one(self, batch: Sequence[Delivery], now: float) -> Outcome:
         total = Outcome()
@@ -108,7 +116,7 @@ class Processor:
             lambda ctx: self._reject(ctx, delivery, "internal", reason), now)
 
     def _in_transaction(self, work: Callable[[Context], None], now: float) -> Outcome:
-        ctx = Context(self.state, self.settings, Effects(), now, self.blobs)
+        ctx = Context(self.state, self.settings, Effects(), now, self.blobs, hooks=self.hooks)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:

@@ -65,10 +65,10 @@ class CoordinatorService:
         self._close_reason: str | None = None
 
     def _serve_metrics(self, port: int) -> None:
-        from vespid.coordinator import engine, metrics
+        from vespid.coordinator import metrics
 
         metrics.serve(port)
-        engine.TICK_HOOKS.append(metrics.refresh)
+        metrics.register(self.processor.hooks)
         self.processor.on_message = lambda command: metrics.MESSAGES.labels(command).inc()
         self.processor.on_reject = lambda code: metrics.REJECTED.labels(code).inc()
         log.info("metrics_serving", port=port)

@@ -67,9 +67,14 @@ def chunk_count(size: int) -> int:
 
 
 def chunk_message(data: bytes, sha: str, index: int) -> dict[str, Any]:
-    part = data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES]
+    return part_message(data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES], sha, index,
+                        len(data))
+
+
+def part_message(part: bytes, sha: str, index: int, size: int) -> dict[str, Any]:
+    """The blob-chunk of one part of a file of `size` bytes."""
     return {"command": "blob-chunk", "sha256": sha, "index": index,
-            "count": chunk_count(len(data)), "size": len(data),
+            "count": chunk_count(size), "size": size,
             "data": base64.b64encode(part).decode("ascii")}
 
 
@@ -87,6 +92,20 @@ class BlobStore:
 
     def read(self, sha: str) -> bytes:
         return self.path(sha).read_bytes()
+
+    def chunks(self, sha: str) -> int:
+        return chunk_count(self.path(sha).stat().st_size)
+
+    def read_chunk(self, sha: str, index: int) -> dict[str, Any] | None:
+        """One chunk as a blob-chunk message, reading only that part of the file (a 256 MB
+        result fetched chunk by chunk is read once, not once per chunk); None past the end."""
+        path = self.path(sha)
+        size = path.stat().st_size
+        if index >= chunk_count(size):
+            return None
+        with path.open("rb") as handle:
+            handle.seek(index * CHUNK_BYTES)
+            return part_message(handle.read(CHUNK_BYTES), sha, index, size)
 
     def put_bytes(self, data: bytes) -> str:
         sha = digest(data)
