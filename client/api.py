@@ -31,11 +31,10 @@ from vespid.shared.errors import (
     WaitTimeout,
 )
 from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
+from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
-    DEFAULT_URL,
     close_quietly,
     connect,
-    connection_parameters,
     consumers,
     guarded,
     properties,
@@ -152,9 +151,12 @@ class Client:
     _replies: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
     _parent_info: TaskState | None = field(default=None, init=False, repr=False)
     _coordinator_seen: bool = field(default=False, init=False, repr=False)
+    settings: ClientSettings = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.url = self.url or os.environ.get("VESPID_AMQP_URL") or DEFAULT_URL
+        # flags > VESPID_* env > defaults, TLS files included, as every process reads them
+        self.settings = client_settings(self.url)
+        self.url = self.settings.amqp_url
 
     # ---- connection ------------------------------------------------------------------
     def __enter__(self) -> Client:
@@ -170,11 +172,9 @@ class Client:
     def _ensure_channel(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             assert self.url is not None
-            self._connection = connect(connection_parameters(
-                self.url, name=APP_ID, ca_file=os.environ.get("VESPID_TLS_CA_FILE"),
-                cert_file=os.environ.get("VESPID_TLS_CERT_FILE"),
-                key_file=os.environ.get("VESPID_TLS_KEY_FILE")),
-                give_up_after=min(self.timeout, CONNECT_SECONDS), quiet=True)
+            self._connection = connect(self.settings.broker_parameters(APP_ID),
+                                       give_up_after=min(self.timeout, CONNECT_SECONDS),
+                                       quiet=True)
             channel = guarded(self._connection.channel)
             guarded(channel.confirm_delivery)
             guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,

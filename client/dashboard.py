@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from vespid.client.api import Client
 from vespid.shared import logs as logging_setup
 from vespid.shared.errors import VespidError
+from vespid.shared.settings import client_settings
 from vespid.shared.transport import DEFAULT_URL
 
 PAGE = resources.files("vespid.client").joinpath("dashboard.html").read_bytes()
@@ -34,6 +34,14 @@ def _client(url: str) -> Client:
     return client
 
 
+def _close_client() -> None:
+    """Each request runs in a thread of its own: its connection ends with it, not later."""
+    client = getattr(_local, "client", None)
+    if client is not None:
+        client.close()
+        _local.client = None
+
+
 def snapshot(url: str) -> dict[str, Any]:
     client = _client(url)
     tasks = client.tasks(limit=500)
@@ -45,7 +53,7 @@ def task_log(url: str, name: str, attempt: int | None) -> str:
     from vespid.client.logs import LogReader
 
     try:
-        reader = LogReader(url, timeout=2)
+        reader = LogReader(client_settings(url), timeout=2)
         reply = reader.history(name, attempt, 0)
         reader.connection.close()
         return str(reply["data"]) if reply["known"] else "(no log kept for this attempt yet)"
@@ -73,6 +81,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(json.dumps({"error": str(exc)}).encode(), "application/json", 503)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            _close_client()
 
     def _route(self) -> None:
         path = self.path.split("?")[0]
@@ -106,8 +116,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    logging_setup.configure("info")
-    Handler.url = args.amqp_url or os.environ.get("VESPID_AMQP_URL") or DEFAULT_URL
+    settings = client_settings(args.amqp_url)
+    logging_setup.configure(settings.log_level, settings.json_logs)
+    logging_setup.get_logger(__name__).info("settings", **settings.redacted())
+    Handler.url = settings.amqp_url
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     logging_setup.get_logger(__name__).info("dashboard_serving", host=args.host, port=args.port)

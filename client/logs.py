@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import sys
@@ -35,12 +34,11 @@ from vespid.shared.errors import (
     TaskNotFound,
 )
 from vespid.shared.protocol import encode, parse_body
+from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
     CONNECTION_ERRORS,
-    DEFAULT_URL,
     close_quietly,
     connect,
-    connection_parameters,
     declared,
     guarded,
     keep_reconnecting,
@@ -104,8 +102,8 @@ def _chunk_fields(message: dict[str, Any]) -> tuple[int, int, bytes]:
 
 
 class LogServer:
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
+    def __init__(self, folder: Path, settings: ClientSettings) -> None:
+        self.folder, self.settings = folder, settings
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = logging_setup.get_logger(__name__)
         self.stopping = False
@@ -116,7 +114,7 @@ class LogServer:
         keep_reconnecting(self._session, self.log)
 
     def _session(self) -> None:
-        connection = connect(connection_parameters(self.url, name=APP_ID))
+        connection = connect(self.settings.broker_parameters(APP_ID))
         channel = guarded(connection.channel)
         guarded(channel.confirm_delivery)
         self._declare(channel)
@@ -224,8 +222,8 @@ class LogReader:
     It declares nothing (a client may not): the exchange exists once a log server or a node
     agent has run on the vhost."""
 
-    def __init__(self, url: str, timeout: float) -> None:
-        self.connection = connect(connection_parameters(url, name="vespid-logs"),
+    def __init__(self, settings: ClientSettings, timeout: float) -> None:
+        self.connection = connect(settings.broker_parameters("vespid-logs"),
                                   give_up_after=min(timeout, CONNECT_SECONDS), quiet=True)
         # Nobody would answer a log-get: say so now, not after the timeout.
         require_consumer(self.connection, topology.LOG_SERVER_QUEUE, "log server",
@@ -332,9 +330,10 @@ def _note(text: str) -> None:
 
 
 def cmd_logserver(args: argparse.Namespace) -> int:
-    logging_setup.configure("info")
-    LogServer(Path(args.dir), args.amqp_url or os.environ.get("VESPID_AMQP_URL")
-              or DEFAULT_URL).run()
+    settings = client_settings(args.amqp_url)
+    logging_setup.configure(settings.log_level, settings.json_logs)
+    logging_setup.get_logger(__name__).info("settings", **settings.redacted())
+    LogServer(Path(args.dir), settings).run()
     return 0
 
 
@@ -343,8 +342,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.name!r} is not a task name")
     if args.attempt is not None and args.attempt < 1:
         raise ConfigError("--attempt counts from 1")
-    url = args.amqp_url or os.environ.get("VESPID_AMQP_URL") or DEFAULT_URL
-    LogReader(url, args.request_timeout).print_log(
+    LogReader(client_settings(args.amqp_url), args.request_timeout).print_log(
         args.name, follow=args.follow, attempt=args.attempt, every=args.all)
     return 0
 

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vespid.shared import topology
-from vespid.shared.protocol import encode
+from vespid.shared.blobs import BlobChunk
+from vespid.shared.protocol import NodeDrain, RepositoryClean, TaskKill, TaskRun, encode
+
+# Everything the coordinator sends a node is one of these models, never a dict.
+NodeMessage = TaskRun | TaskKill | RepositoryClean | NodeDrain | BlobChunk
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,18 @@ class Effects:
     def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
         self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
 
-    def to_node(self, node: str, message: dict[str, Any]) -> None:
+    def to_node(self, node: str, message: NodeMessage) -> None:
         self.outgoing.append(Outgoing(topology.EXCHANGE, topology.node_key(node),
-                                      str(message["command"]), encode(message)))
+                                      message.command, encode(message)))
 
-    def to_node_first(self, node: str, message: dict[str, Any]) -> None:
+    def to_node_first(self, node: str, message: NodeMessage) -> None:
         """Sent ahead of everything else of this batch (files a task-run will need)."""
         self.outgoing.insert(0, Outgoing(topology.EXCHANGE, topology.node_key(node),
-                                         str(message["command"]), encode(message)))
+                                         message.command, encode(message)))
+
+    def kill(self, node: str, task: str, attempt: int | None, reason: str) -> None:
+        self.to_node(node, TaskKill(command="task-kill", name=task, attempt=attempt,
+                                    reason=reason))
 
     def event(self, event: str, task: str, body: dict[str, Any]) -> None:
         self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, topology.event_key(event, task),

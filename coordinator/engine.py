@@ -19,7 +19,13 @@ from vespid.shared import PROTOCOL_VERSION
 from vespid.shared.blobs import BlobStore
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
-from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
+from vespid.shared.protocol import (
+    RepositoryClean,
+    Severity,
+    TaskDefinition,
+    TaskRun,
+    TaskStatus,
+)
 
 log = get_logger(__name__)
 Hook = Callable[["Context", Task], None]
@@ -196,31 +202,24 @@ def _path(task: Task) -> str | None:
     return next(iter([*env, *local, *task.holds.values(), *shape.pinned]), None)
 
 
-def task_run(task: Task) -> dict[str, Any]:
+def task_run(task: Task) -> TaskRun:
     definition = task.definition
-    environment = task.environment
-    return {
-        "command": "task-run",
-        "name": task.name,
-        "executable_pyscript": definition.executable_pyscript,
-        "executable_pyfile": definition.executable_pyfile,
-        "path": task.path,
-        "log": task.log,
-        "cores": task.allocated.get("cores", 1.0),
-        "allocated": task.allocated,
-        "environment": environment,
-        "attempt": task.attempt,
-        "timeout": definition.timeout,
-        "memory": task.allocated.get("memory") or None,
-        "resources": task.resources,
-    }
+    return TaskRun(
+        command="task-run", name=task.name,
+        executable_pyscript=definition.executable_pyscript,
+        executable_pyfile=definition.executable_pyfile,
+        path=task.path, log=task.log or "", cores=task.allocated.get("cores", 1.0),
+        allocated=task.allocated, environment=task.environment, attempt=task.attempt,
+        timeout=definition.timeout, memory=task.allocated.get("memory") or None,
+        resources=task.resources)
 
 
-def end_task(ctx: Context, task: Task, severity: Severity, message: str | None = None) -> None:
+def end_task(ctx: Context, task: Task, severity: Severity, message: str | None = None,
+             cause: str | None = None) -> None:
     """Mark a task complete with at least `severity`; a no-op for a complete task."""
     if task.status is TaskStatus.COMPLETE:
         return
-    closed_trees = ctx.state.finish(task, severity, ctx.now, message)
+    closed_trees = ctx.state.finish(task, severity, ctx.now, message, cause)
     ctx.event("completed", task)
     log.info("task_completed", task=task.name, node=task.node, success=task.success,
              reason=message)
@@ -251,7 +250,8 @@ def release_repository(ctx: Context, repo: str, holder: Task) -> None:
         return
     ctx.state.node_gained_room(host.name)
     if not host.repositories[repo].get("persist"):
-        ctx.effects.to_node(host.name, {"command": "repository-clean", "repository": repo})
+        ctx.effects.to_node(host.name, RepositoryClean(command="repository-clean",
+                                                       repository=repo))
 
 
 def cancel_tree(ctx: Context, root: Task) -> None:
@@ -266,8 +266,7 @@ def cancel_tree(ctx: Context, root: Task) -> None:
             task.cancel_requested = True
             ctx.state.touch_task(task)
             assert task.node is not None
-            ctx.effects.to_node(task.node, {"command": "task-kill", "name": task.name,
-                                            "attempt": task.attempt, "reason": "cancelled"})
+            ctx.effects.kill(task.node, task.name, task.attempt, "cancelled")
 
 
 def sweep_nodes(ctx: Context) -> None:
@@ -341,9 +340,8 @@ def _unexpected(ctx: Context, node: Node, name: str, attempt: int | None) -> Non
         log.info("task_adopted", task=name, node=node.name, attempt=attempt)
         return
     log.warning("stray_task_killed", node=node.name, task=name, attempt=attempt)
-    ctx.effects.to_node(node.name, {"command": "task-kill", "name": name, "attempt": attempt,
-                                    "reason": "the coordinator does not run this attempt of "
-                                              "the task on this node"})
+    ctx.effects.kill(node.name, name, attempt,
+                     "the coordinator does not run this attempt of the task on this node")
 
 
 def _may_adopt(task: Task, node: Node, attempt: int | None) -> bool:

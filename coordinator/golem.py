@@ -16,6 +16,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,34 @@ from vespid.shared.logs import get_logger
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
 log = get_logger(__name__)
-ACTIVE, FINISHED, FAILED, ABORTED, TIMEOUT = "computing", "finished", "failed", "aborted", \
-    "timeout"
+
+
+class Status(StrEnum):
+    """A Golem-style task's status, as the wire spells it."""
+
+    ACTIVE = "computing"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    TIMEOUT = "timeout"
+
+
+class Part(StrEnum):
+    """A subtask's state, and each of its attempts' (the wire's strings, never typed by hand)."""
+
+    WAITING = "waiting"
+    STARTING = "starting"
+    COMPUTING = "computing"
+    VERIFYING = "verifying"
+    FINISHED = "finished"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+ACTIVE, FINISHED, FAILED, ABORTED, TIMEOUT = (Status.ACTIVE, Status.FINISHED, Status.FAILED,
+                                              Status.ABORTED, Status.TIMEOUT)
 EXECUTOR = "from vespid.node_agent.executors import main\nmain({spec!r})\n"
 Reply = dict[str, Any] | None
 
@@ -48,7 +75,7 @@ Reply = dict[str, Any] | None
 class Subtask:
     subtask_id: str
     index: int
-    state: str = "waiting"
+    state: str = Part.WAITING
     current: str | None = None  # the Vespid task of the live attempt
     attempts: list[dict[str, Any]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -148,8 +175,8 @@ def _launch(ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
     task = engine.add_task(ctx, definition)
     task.resources = golem.resources
     ctx.state.golem_attempts[name] = (golem.task_id, subtask.subtask_id)
-    subtask.current, subtask.state = name, "starting"
-    subtask.attempts.append({"task": name, "node": None, "state": "starting",
+    subtask.current, subtask.state = name, Part.STARTING
+    subtask.attempts.append({"task": name, "node": None, "state": Part.STARTING,
                              "start": ctx.now, "end": None})
     ctx.state.touch_golem(golem.task_id)
 
@@ -159,8 +186,8 @@ def on_task_started(ctx: Context, task: Task) -> None:
     found = _attempt_of(ctx, task)
     if found is not None:
         golem, subtask = found
-        subtask.state = "computing"
-        subtask.attempts[-1].update(node=task.node, state="computing")
+        subtask.state = Part.COMPUTING
+        subtask.attempts[-1].update(node=task.node, state=Part.COMPUTING)
         ctx.state.touch_golem(golem.task_id)
 
 
@@ -173,14 +200,16 @@ def on_task_ended(ctx: Context, task: Task) -> None:
     record.update(end=ctx.now, node=task.node or record["node"])
     subtask.current = None
     if golem.status != ACTIVE:
-        record["state"] = "cancelled"
+        record["state"] = Part.CANCELLED
     elif task.success is Severity.OK:
-        record["state"] = "finished"
+        record["state"] = Part.FINISHED
         subtask.results = task.results
         _computed(ctx, golem, subtask)
     else:
-        timed_out = "timeout" in (task.message or "")
-        record["state"] = "timeout" if timed_out else "failure"
+        # What the node said the attempt ended of, never a guess from its message (a node
+        # named timeout-box would otherwise make every failure there a timeout).
+        timed_out = task.last_cause == "timeout"
+        record["state"] = Part.TIMEOUT if timed_out else Part.FAILURE
         subtask.state = record["state"]
         subtask.failures += 1
         _retry_elsewhere(ctx, golem, subtask, task.node,
@@ -199,7 +228,7 @@ def _attempt_of(ctx: Context, task: Task) -> tuple[GolemTask, Subtask] | None:
 
 def _computed(ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
     if golem.model.external:
-        subtask.state = "verifying"
+        subtask.state = Part.VERIFYING
         _event(ctx, "VerificationRequired", golem.task_id, {
             "type": "VerificationRequired", "task_id": golem.task_id,
             "subtask_id": subtask.subtask_id, "task": golem.spec,
@@ -209,8 +238,8 @@ def _computed(ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
 
 
 def _accept(ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
-    subtask.state = "finished"
-    if all(s.state == "finished" for s in golem.subtasks.values()):
+    subtask.state = Part.FINISHED
+    if all(s.state == Part.FINISHED for s in golem.subtasks.values()):
         golem.results = [p for s in sorted(golem.subtasks.values(), key=lambda s: s.index)
                          for p in _materialise(ctx, golem, s)]
         _close(ctx, golem, FINISHED, None, Severity.OK)
@@ -254,7 +283,7 @@ def _close(ctx: Context, golem: GolemTask, status: str, reason: str | None,
            severity: Severity) -> None:
     golem.status, golem.reason = status, reason
     for subtask in golem.subtasks.values():
-        _stop_attempt(ctx, subtask, "cancelled" if status == ABORTED else status)
+        _stop_attempt(ctx, subtask, Part.CANCELLED if status == ABORTED else Part(status))
     engine.end_task(ctx, ctx.state.tasks[golem.parent], severity, reason)
     ctx.state.touch_golem(golem.task_id)
     log.info("golem_task_closed", task=golem.task_id, status=status, reason=reason)
@@ -264,9 +293,9 @@ def _stop_attempt(ctx: Context, subtask: Subtask, state: str) -> None:
     if subtask.current is not None:
         task = ctx.state.tasks[subtask.current]
         subtask.current = None
-        subtask.attempts[-1].update(state="cancelled", end=ctx.now)
+        subtask.attempts[-1].update(state=Part.CANCELLED, end=ctx.now)
         engine.cancel_tree(ctx, task)
-    if subtask.state != "finished":
+    if subtask.state != Part.FINISHED:
         subtask.state = state
 
 
@@ -308,14 +337,14 @@ def handle_verify(ctx: Context, msg: VerifyResults) -> Reply:
     if verdict not in (SubtaskVerificationState.VERIFIED, SubtaskVerificationState.WRONG_ANSWER):
         return _verdict_reply(msg, False, f"verdict {verdict} is answered but not acted on: only "
                                           "VERIFIED (3) and WRONG_ANSWER (4) are")
-    if subtask.state != "verifying" or golem.status != ACTIVE:
+    if subtask.state != Part.VERIFYING or golem.status != ACTIVE:
         return _verdict_reply(msg, False, f"subtask is {subtask.state}, not waiting for a "
                                           "verdict")
     if verdict == SubtaskVerificationState.VERIFIED:
         _accept(ctx, golem, subtask)
     else:
         subtask.wrong_answers += 1
-        subtask.state = "failure"
+        subtask.state = Part.FAILURE
         node = subtask.attempts[-1]["node"] if subtask.attempts else None
         if subtask.wrong_answers >= ctx.settings.golem_max_wrong_answers:
             _fail(ctx, golem, f"part {subtask.index} was judged WRONG_ANSWER "

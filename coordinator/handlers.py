@@ -132,7 +132,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         task.results = _results(msg)
         # A task cancelled while it ran ends terminated, whatever its process made of the kill.
         success = Severity.TERMINATED if task.cancel_requested else msg.success
-        engine.end_task(ctx, task, success, msg.message)
+        engine.end_task(ctx, task, success, msg.message, msg.cause)
     elif _repeat_of_last(task, msg.node, msg.attempt):
         log.info("repeated_complete_ignored", task=task.name, node=msg.node)
     elif _requeued_from(task, msg.node, msg.attempt) and msg.node in ctx.state.nodes:
@@ -140,7 +140,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         # rather than run the task twice.
         ctx.state.adopt(task, ctx.state.nodes[msg.node], ctx.now)
         task.results = _results(msg)
-        engine.end_task(ctx, task, msg.success, msg.message)
+        engine.end_task(ctx, task, msg.success, msg.message, msg.cause)
     else:
         _record_late(ctx, task, msg.attempt, f"task-complete {msg.success.value}", msg.node)
     return None
@@ -148,7 +148,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
 
 def _results(msg: TaskComplete) -> list[dict[str, Any]]:
     """Result files a node reports; a name that could leave the results folder is dropped."""
-    results = (msg.model_extra or {}).get("results") or []
+    results = msg.results if isinstance(msg.results, list) else []
     return [r for r in results if isinstance(r, dict) and {"name", "sha256"} <= set(r)
             and _safe_name(r["name"]) and re.fullmatch(r"[0-9a-f]{64}", str(r["sha256"]))]
 
@@ -172,7 +172,7 @@ def handle_blob_get(ctx: Context, msg: BlobGet) -> Reply:
     chunk = ctx.blobs.read_chunk(msg.sha256, msg.index)
     if chunk is None:
         raise ProtocolError("not_found", f"that file has {ctx.blobs.chunks(msg.sha256)} chunks")
-    return chunk
+    return chunk.model_dump()
 
 
 def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:
@@ -203,8 +203,7 @@ def _record_late(ctx: Context, task: Task, attempt: int | None, what: str,
             record.setdefault("late", []).append(what)
             ctx.state.touch_task(task)
     if node is not None and node in ctx.state.nodes and attempt is not None:
-        ctx.effects.to_node(node, {"command": "task-kill", "name": task.name,
-                                   "attempt": attempt, "reason": "a newer attempt replaced it"})
+        ctx.effects.kill(node, task.name, attempt, "a newer attempt replaced it")
 
 
 def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
@@ -263,7 +262,7 @@ def handle_node_drain(ctx: Context, msg: NodeDrain) -> Reply:
         raise ProtocolError("not_found", f"no node named {msg.name!r}; `vespid nodes` lists them")
     node.draining = True
     ctx.state.touch_node(node)
-    ctx.effects.to_node(node.name, {"command": "node-drain", "name": node.name})
+    ctx.effects.to_node(node.name, NodeDrain(command="node-drain", name=node.name))
     log.info("node_drain_requested", node=node.name, running=sorted(node.running))
     return None
 

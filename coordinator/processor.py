@@ -18,8 +18,9 @@ from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared.blobs import BlobStore, chunk_messages
 from vespid.shared.errors import ProtocolError
+from vespid.shared.inbound import decode
 from vespid.shared.logs import get_logger
-from vespid.shared.protocol import ack_reply, decode, error_reply
+from vespid.shared.protocol import ack_reply, error_reply
 
 log = get_logger(__name__)
 

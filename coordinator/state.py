@@ -53,9 +53,15 @@ class Task:
     def losses(self) -> int:
         return sum(1 for a in self.attempts if a.get("lost"))
 
-    def close_attempt(self, now: float, why: str, lost: bool = False) -> None:
+    def close_attempt(self, now: float, why: str, lost: bool = False,
+                      cause: str | None = None) -> None:
         if self.attempts and self.attempts[-1]["end"] is None:
-            self.attempts[-1].update(end=now, why=why, lost=lost)
+            self.attempts[-1].update(end=now, why=why, lost=lost, cause=cause)
+
+    @property
+    def last_cause(self) -> str | None:
+        """Why its last attempt ended, as its node said (task-complete `cause`)."""
+        return self.attempts[-1].get("cause") if self.attempts else None
 
     @property
     def name(self) -> str:
@@ -344,10 +350,10 @@ class State:
         self.touch_task(task)
 
     def finish(self, task: Task, severity: Severity, now: float,
-               message: str | None) -> list[Task]:
+               message: str | None, cause: str | None = None) -> list[Task]:
         """Complete the task; returns the complete ancestors whose whole tree it completed."""
         self._leave_node(task)
-        task.close_attempt(now, message or severity.value)
+        task.close_attempt(now, message or severity.value, cause=cause)
         task.status = TaskStatus.COMPLETE
         task.lent_cores = 0.0
         self.raise_severity(task, severity)

@@ -27,8 +27,11 @@ from vespid.shared.errors import BrokerError, ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
     NodeDrain,
+    NodeRepository,
+    NodeSet,
     RepositoryClean,
     Severity,
+    TaskComplete,
     TaskKill,
     TaskRun,
     decode_node_message,
@@ -267,7 +270,7 @@ class NodeAgent:
             launch = self._plan(run)
         except (OSError, ValueError) as exc:
             return Finished(run.name, run.attempt, Severity.FATAL,
-                            f"could not prepare the task: {exc}")
+                            f"could not prepare the task: {exc}", "start")
         return self.supervisor.start(run, launch)
 
     def _plan(self, run: TaskRun) -> Launch:
@@ -351,32 +354,30 @@ class NodeAgent:
                 for chunk in chunk_messages(self.blobs.read(produced["sha256"]),
                                             produced["sha256"]):
                     self._publish(chunk)
-            self._publish({"command": "task-complete", "name": result.name,
-                           "node": self.settings.name, "success": result.success.value,
-                           "attempt": result.attempt, "message": result.message,
-                           "results": files})
+            self._publish(TaskComplete(
+                command="task-complete", name=result.name, node=self.settings.name,
+                success=result.success, attempt=result.attempt, message=result.message,
+                cause=result.cause, results=files))
             self.produced.pop(result.name, None)
             self.unsent.pop(0)
 
     def _send_node_set(self, leaving: bool = False) -> None:
         s = self.settings
-        self._publish({
-            "command": "node-set", "name": s.name, "capabilities": s.capabilities,
-            "repositories": {k: {"type": r.type, "persist": r.persist}
-                             for k, r in s.repositories.items()},
-            "activetasks": {name: {"attempt": r.run.attempt, "pid": r.process.pid}
-                            for name, r in self.supervisor.running.items()},
-            "draining": self.draining, "version": VERSION, "protocol": PROTOCOL_VERSION,
-            "started": self.started, "leaving": leaving,
-            "log_dir": str(s.log_dir.resolve()),
-        })
+        self._publish(NodeSet(
+            command="node-set", name=s.name, capabilities=s.capabilities,
+            repositories={k: NodeRepository(type=r.type, persist=r.persist)
+                          for k, r in s.repositories.items()},
+            activetasks={name: {"attempt": r.run.attempt, "pid": r.process.pid}
+                         for name, r in self.supervisor.running.items()},
+            draining=self.draining, leaving=leaving, log_dir=str(s.log_dir.resolve()),
+            version=VERSION, protocol=PROTOCOL_VERSION, started=self.started))
         self._next_heartbeat = time.time() + s.heartbeat_interval
 
-    def _publish(self, message: dict[str, Any]) -> None:
+    def _publish(self, message: NodeSet | TaskComplete | BlobChunk) -> None:
         if self._channel is None:
             raise BrokerError("not connected")
         publish_confirmed(self._channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
-                          encode(message), properties(str(message["command"]), app_id=APP_ID,
+                          encode(message), properties(message.command, app_id=APP_ID,
                                                       user_id=self.user))
 
     def _publish_raw(self, exchange: str, key: str, body: bytes,

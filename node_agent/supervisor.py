@@ -73,6 +73,7 @@ class Running:
     cell: Cell
     memory_limit_mb: float | None = None  # polled (no kernel limit)
     kill_reason: str | None = None
+    kill_cause: str = "killed"
     kill_severity: Severity = Severity.TERMINATED
     kill_deadline: float | None = None
     next_memory_check: float = 0.0
@@ -84,6 +85,9 @@ class Finished:
     attempt: int
     success: Severity
     message: str | None
+    # Why it ended, as a word a program can test (task-complete `cause`): None (ran to its
+    # end), "exit", "signal", "timeout", "memory", "killed", "start".
+    cause: str | None = None
 
 
 @dataclass
@@ -157,7 +161,7 @@ class Supervisor:
             cell.remove()
             message = f"could not start the task: {exc}"
             log.error("task_start_failed", task=run.name, error=str(exc))
-            return Finished(run.name, run.attempt, Severity.FATAL, message)
+            return Finished(run.name, run.attempt, Severity.FATAL, message, "start")
         polled = None if cell.memory_limit_mb() is not None else limit
         self.running[run.name] = Running(run, process, time.time(), cell, polled)
         log.info("task_process_started", task=run.name, pid=process.pid, attempt=run.attempt,
@@ -165,13 +169,14 @@ class Supervisor:
         return None
 
     def kill(self, name: str, reason: str, attempt: int | None = None,
-             severity: Severity = Severity.TERMINATED) -> None:
+             severity: Severity = Severity.TERMINATED, cause: str = "killed") -> None:
         entry = self.running.get(name)
         if entry is None or entry.kill_reason is not None:
             return
         if attempt is not None and entry.run.attempt > attempt:
             return  # meant for an older attempt than the one running here
         entry.kill_reason = reason
+        entry.kill_cause = cause
         entry.kill_severity = severity
         # A task over its memory goes at once: a grace period is time to take the machine.
         over_memory = severity is Severity.FATAL
@@ -209,14 +214,15 @@ class Supervisor:
             return
         timeout = entry.run.timeout
         if timeout is not None and now - entry.started > timeout:
-            self.kill(name, f"it ran longer than its timeout of {timeout:g} s")
+            self.kill(name, f"it ran longer than its timeout of {timeout:g} s", cause="timeout")
         elif entry.memory_limit_mb is not None and now >= entry.next_memory_check:
             entry.next_memory_check = now + MEMORY_POLL_SECONDS
             used = group_rss_mb(entry.process.pid)
             if used > entry.memory_limit_mb:
                 self.kill(name, f"it used {used:.0f} MB, more than the {entry.run.memory:g} MB "
                                 f"it asked for times the node's margin of "
-                                f"{self.memory_margin:g}", severity=Severity.FATAL)
+                                f"{self.memory_margin:g}", severity=Severity.FATAL,
+                          cause="memory")
 
     def _outcome(self, entry: Running, code: int) -> Finished:
         run = entry.run
@@ -225,18 +231,19 @@ class Supervisor:
             result = Finished(run.name, run.attempt, Severity.FATAL,
                               f"killed by the kernel: it went over its memory limit of "
                               f"{kernel_limit:.0f} MB (the {run.memory:g} MB it asked for "
-                              f"times the node's margin of {self.memory_margin:g})")
+                              f"times the node's margin of {self.memory_margin:g})", "memory")
         elif entry.kill_reason is not None:
             result = Finished(run.name, run.attempt, entry.kill_severity,
-                              f"killed: {entry.kill_reason}")
+                              f"killed: {entry.kill_reason}", entry.kill_cause)
         elif code == 0:
             result = Finished(run.name, run.attempt, Severity.OK, None)
         elif code < 0:
             result = Finished(run.name, run.attempt, Severity.TERMINATED,
-                              f"the process died of signal {signal.Signals(-code).name}")
+                              f"the process died of signal {signal.Signals(-code).name}",
+                              "signal")
         else:
             result = Finished(run.name, run.attempt, Severity.FATAL,
-                              f"the script exited with status {code}")
+                              f"the script exited with status {code}", "exit")
         log.info("task_process_exited", task=run.name, code=code, success=result.success.value,
                  seconds=round(time.time() - entry.started, 3))
         return result

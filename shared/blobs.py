@@ -13,7 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,7 +56,7 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def chunk_messages(data: bytes, sha: str | None = None) -> Iterator[dict[str, Any]]:
+def chunk_messages(data: bytes, sha: str | None = None) -> Iterator[BlobChunk]:
     sha = sha or digest(data)
     for index in range(chunk_count(len(data))):
         yield chunk_message(data, sha, index)
@@ -66,16 +66,17 @@ def chunk_count(size: int) -> int:
     return max(1, -(-size // CHUNK_BYTES))
 
 
-def chunk_message(data: bytes, sha: str, index: int) -> dict[str, Any]:
+def chunk_message(data: bytes, sha: str, index: int) -> BlobChunk:
     return part_message(data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES], sha, index,
                         len(data))
 
 
-def part_message(part: bytes, sha: str, index: int, size: int) -> dict[str, Any]:
-    """The blob-chunk of one part of a file of `size` bytes."""
-    return {"command": "blob-chunk", "sha256": sha, "index": index,
-            "count": chunk_count(size), "size": size,
-            "data": base64.b64encode(part).decode("ascii")}
+def part_message(part: bytes, sha: str, index: int, size: int) -> BlobChunk:
+    """The blob-chunk of one part of a file of `size` bytes (built, not validated: we made
+    every field ourselves)."""
+    return BlobChunk.model_construct(command="blob-chunk", sha256=sha, index=index,
+                                     count=chunk_count(size), size=size,
+                                     data=base64.b64encode(part).decode("ascii"))
 
 
 class BlobStore:
@@ -96,7 +97,7 @@ class BlobStore:
     def chunks(self, sha: str) -> int:
         return chunk_count(self.path(sha).stat().st_size)
 
-    def read_chunk(self, sha: str, index: int) -> dict[str, Any] | None:
+    def read_chunk(self, sha: str, index: int) -> BlobChunk | None:
         """One chunk as a blob-chunk message, reading only that part of the file (a 256 MB
         result fetched chunk by chunk is read once, not once per chunk); None past the end."""
         path = self.path(sha)

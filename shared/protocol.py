@@ -283,6 +283,12 @@ class TaskComplete(_OpenMessage):
     success: Severity
     attempt: int | None = None
     message: str | None = None
+    # Why it ended, for programs: exit, signal, timeout, memory, killed, start; null: it ran
+    # to its end (or the node does not say).
+    cause: str | None = None
+    # Result files ({name, sha256}) sent ahead as blob-chunks; anything malformed in it is
+    # dropped by the coordinator, never a reason to lose the completion.
+    results: Any = None
 
 
 class TaskRun(_OpenMessage):
@@ -349,9 +355,10 @@ def parse_body(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str
     return data
 
 
-def decode(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
-    """Decode a message sent to the coordinator; raise ProtocolError on anything invalid."""
-    return _validate(_inbound, parse_body(body, max_bytes), INBOUND_COMMANDS)
+def decode_command(data: dict[str, Any]) -> Any:
+    """A parsed body of the command dialect to its model; ProtocolError on anything invalid.
+    (vespid.shared.inbound.decode takes both dialects.)"""
+    return _validate(_inbound, data, INBOUND_COMMANDS)
 
 
 def decode_node_message(body: bytes) -> Any:
@@ -361,10 +368,6 @@ def decode_node_message(body: bytes) -> Any:
 def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str, ...]) -> Any:
     command = data.get("command")
     if command is None:
-        if "type" in data and adapter is _inbound:
-            from vespid.shared.golem import decode_golem
-
-            return decode_golem(data)
         raise ProtocolError("invalid_message", "the message has no 'command' field; "
                             f"expected one of: {', '.join(known)}")
     if command not in known:

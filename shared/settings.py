@@ -96,3 +96,12 @@ def _check_toml(path: Path) -> None:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+class ClientSettings(ProcessSettings):
+    """The settings of everything that talks to the farm as a client (the library, the CLI,
+    the log server and the dashboard): the same sources and TLS files as every process."""
+
+
+def client_settings(amqp_url: str | None = None) -> ClientSettings:
+    return ClientSettings.load(amqp_url=amqp_url)

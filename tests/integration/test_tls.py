@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import cli, coordinator, node
+from tests.processes import VespidProcess, base_env, cli, coordinator, node
 
 pytestmark = pytest.mark.integration
 NODE_NAME = "vespidtls@localhost"
@@ -86,13 +87,24 @@ def test_a_task_runs_end_to_end_over_tls(tls_broker: tuple[str, Path], tmp_path:
     monkeypatch.setenv("VESPID_TLS_CA_FILE", str(ca_file))
     procs = [coordinator(url, tmp_path / "coord").start()]
     procs.append(node(url, tmp_path / "nodes", "tlsbox").start())
+    central = tmp_path / "central"
+    procs.append(VespidProcess(["logserver", "--dir", str(central)], tmp_path / "logserver.log",
+                               base_env(url), tmp_path).start())
     script = tmp_path / "hello.py"
     script.write_text("from vespid.client import Client, current_task\n"
                       "with Client() as v:\n"
-                      "    assert v.info(current_task()).node == 'tlsbox'\n")
+                      "    assert v.info(current_task()).node == 'tlsbox'\n"
+                      "print('hello over TLS')\n")
     try:
         procs[0].wait_for_log("coordinator_consuming", timeout=30)
-        result = cli(url, "submit", str(script), "--wait", "--timeout", "60")
+        procs[2].wait_for_log("logserver_started", timeout=30)
+        result = cli(url, "submit", str(script), "--wait", "--timeout", "60", "--json")
+        name = json.loads(result.stdout)["name"]
+        deadline = time.monotonic() + 30
+        while not (central / name / "attempt-1.log").exists():
+            assert time.monotonic() < deadline, procs[2].log()[-2000:]
+            time.sleep(0.1)
+        logged = cli(url, "logs", name)  # the reader over amqps, as every client
         monkeypatch.delenv("VESPID_TLS_CA_FILE")
         refused = cli(url, "tasks")
     finally:
@@ -100,6 +112,7 @@ def test_a_task_runs_end_to_end_over_tls(tls_broker: tuple[str, Path], tmp_path:
             proc.stop()
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "complete / ok" in result.stdout
+    assert json.loads(result.stdout)["success"] == "ok"
+    assert logged.stdout == "hello over TLS\n", logged.stderr
     assert refused.returncode == 3 and "does not verify" in refused.stderr
 

@@ -12,6 +12,7 @@ from vespid.client.logs import LogServer
 from vespid.node_agent import retention
 from vespid.node_agent.logstream import LogStreams, attempt_log, note, read_record
 from vespid.shared.errors import ProtocolError
+from vespid.shared.settings import ClientSettings
 
 NOW = 1_000_000.0
 
@@ -94,7 +95,7 @@ def store(server: LogServer, **chunk: Any) -> None:
 
 
 def test_the_log_server_keeps_each_attempt_in_its_own_file(tmp_path: Path) -> None:
-    server = LogServer(tmp_path, "amqp://unused")
+    server = LogServer(tmp_path, ClientSettings(amqp_url="amqp://unused"))
     store(server, attempt=2, node="A", offset=0, data="two\n")
     store(server, attempt=1, node="B", offset=0, data="one\n")
     store(server, attempt=1, node="B", offset=4, data="more\n", eof=True)
@@ -114,7 +115,7 @@ def test_the_log_server_keeps_each_attempt_in_its_own_file(tmp_path: Path) -> No
 ])
 def test_the_log_server_refuses_a_malformed_chunk_saying_why(
         tmp_path: Path, chunk: dict[str, Any]) -> None:
-    server = LogServer(tmp_path, "amqp://unused")
+    server = LogServer(tmp_path, ClientSettings(amqp_url="amqp://unused"))
 
     with pytest.raises(ProtocolError) as refused:
         store(server, **chunk)

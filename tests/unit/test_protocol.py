@@ -1,4 +1,5 @@
-"""vespid.shared.protocol: what decode() accepts, what it refuses and how it says so."""
+"""What the coordinator's decoder (vespid.shared.inbound, over shared/protocol.py) accepts,
+what it refuses and how it says so."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from vespid.shared.errors import ProtocolError
+from vespid.shared.inbound import decode
 from vespid.shared.protocol import (
     NodeList,
     NodeSet,
@@ -19,7 +21,6 @@ from vespid.shared.protocol import (
     TaskInfo,
     TaskList,
     TaskUpdate,
-    decode,
     encode,
 )
 

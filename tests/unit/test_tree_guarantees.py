@@ -257,3 +257,29 @@ def test_a_failing_extension_hook_is_counted_and_everything_else_goes_on(
     assert info(proc, "t", T0 + 7)["success"] == "ok"  # ended, committed, answered
     assert hooks.failures == 2
     assert broken not in other.hooks.on_end  # hooks belong to their processor
+
+
+def golem_part_ended(proc: Processor, node: str, cause: str | None, message: str) -> str:
+    """A one-part Golem-style task whose part ran on `node` and ended as the node said."""
+    send(proc, node_set(node))
+    reply = send(proc, {"type": "CreateTask", "task": {
+        "type": "Python", "options": {"script": "pass"}}}, T0 + 1, reply_to="c")
+    task_id = reply.replies[0].body["task_id"]
+    (run,) = [body for _key, body in to_nodes(send(proc, node_set(node), T0 + 2))
+              if body["command"] == "task-run"] or [
+        body for _key, body in to_nodes(reply) if body["command"] == "task-run"]
+    send(proc, {"command": "task-complete", "name": run["name"], "node": node,
+                "success": "fatal", "attempt": run["attempt"], "message": message,
+                **({"cause": cause} if cause else {})}, T0 + 3)
+    state = send(proc, {"type": "GetTaskState", "task_id": task_id}, T0 + 4, reply_to="c")
+    return str(state.replies[0].body["subtasks"][0]["attempts"][0]["state"])
+
+
+def test_a_golem_part_timed_out_only_when_its_node_says_so(proc: Processor) -> None:
+    assert golem_part_ended(proc, "timeout-box", "exit",
+                            "the script exited with status 1 on timeout-box") == "failure"
+
+
+def test_a_golem_part_that_ran_past_its_timeout_is_a_timeout(proc: Processor) -> None:
+    assert golem_part_ended(proc, "n1", "timeout",
+                            "killed: it ran longer than its timeout of 3 s") == "timeout"
