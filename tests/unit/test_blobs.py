@@ -16,6 +16,6 @@ def test_each_chunk_is_read_alone_and_they_add_up_to_the_file(tmp_path: Path) ->
     chunks = [store.read_chunk(sha, index) for index in range(store.chunks(sha))]
 
     assert store.chunks(sha) == 3
-    assert all(c is not None and c["count"] == 3 and c["size"] == len(data) for c in chunks)
-    assert b"".join(base64.b64decode(c["data"]) for c in chunks if c) == data
+    assert all(c is not None and c.count == 3 and c.size == len(data) for c in chunks)
+    assert b"".join(base64.b64decode(c.data) for c in chunks if c) == data
     assert store.read_chunk(sha, 3) is None
