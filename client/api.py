@@ -30,7 +30,7 @@ from vespid.shared.errors import (
     VespidError,
     WaitTimeout,
 )
-from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
+from vespid.shared.protocol import TASK_NAME_PATTERN, Severity, encode, parse_body
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
     close_quietly,
@@ -48,7 +48,6 @@ CONNECT_SECONDS = 3.0  # a client retries a refused connection this long, then s
 PROBE_AFTER = 1.0  # seconds without a reply before checking that a coordinator still listens
 CREATE_TRIES = 3  # a keyed create is safe to send again after a timeout
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
-FAILED = ("error", "fatal", "terminated")
 
 
 class TaskState(BaseModel):
@@ -90,7 +89,8 @@ class TaskState(BaseModel):
     @property
     def tree_failed(self) -> bool:
         """Something in its tree (itself included) ended error, fatal or terminated."""
-        return (self.tree_success or self.success) in FAILED
+        verdict = self.tree_success or self.success
+        return verdict is not None and Severity(verdict).failed
 
     @property
     def tree_done(self) -> bool:

@@ -56,6 +56,7 @@ def wait_tree(client: Any, root: str, timeout: float | None, whole_tree: bool = 
     """Wait for a task (and its tree), with a bar over the whole tree: n of m done,
     failures so far."""
     from vespid.shared.errors import WaitTimeout
+    from vespid.shared.protocol import Severity
 
     deadline = None if timeout is None else time.monotonic() + timeout
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -66,7 +67,7 @@ def wait_tree(client: Any, root: str, timeout: float | None, whole_tree: bool = 
         while True:
             tree = _tree(client, root)
             done = [t for t in tree if t["status"] == "complete"]
-            failed = sum(1 for t in done if t["success"] not in ("ok", "warning"))
+            failed = sum(1 for t in done if Severity(t["success"]).failed)
             progress.update(bar, total=len(tree), completed=len(done), failed=failed)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:

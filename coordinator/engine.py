@@ -349,4 +349,4 @@ def _may_adopt(task: Task, node: Node, attempt: int | None) -> bool:
     attempt: any other node was never given it, whatever it claims."""
     last = task.attempts[-1] if task.attempts else None
     return (task.status is TaskStatus.IDLE and last is not None and last["node"] == node.name
-            and attempt is not None and attempt == task.attempt == last["attempt"])
+            and attempt is not None and attempt == last["attempt"])

@@ -65,8 +65,6 @@ class Part(StrEnum):
     FAILED = "failed"
 
 
-ACTIVE, FINISHED, FAILED, ABORTED, TIMEOUT = (Status.ACTIVE, Status.FINISHED, Status.FAILED,
-                                              Status.ABORTED, Status.TIMEOUT)
 EXECUTOR = "from vespid.node_agent.executors import main\nmain({spec!r})\n"
 Reply = dict[str, Any] | None
 
@@ -93,7 +91,7 @@ class GolemTask:
     parent: str
     resources: list[dict[str, str]]  # [{sha256, path}] as placed in the working folder
     subtasks: dict[str, Subtask]
-    status: str = ACTIVE
+    status: str = Status.ACTIVE
     reason: str | None = None
     results: list[str] = field(default_factory=list)
     request_id: str | None = None  # message_id of the CreateTask that made it
@@ -199,7 +197,7 @@ def on_task_ended(ctx: Context, task: Task) -> None:
     record = subtask.attempts[-1]
     record.update(end=ctx.now, node=task.node or record["node"])
     subtask.current = None
-    if golem.status != ACTIVE:
+    if golem.status != Status.ACTIVE:
         record["state"] = Part.CANCELLED
     elif task.success is Severity.OK:
         record["state"] = Part.FINISHED
@@ -242,7 +240,7 @@ def _accept(ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
     if all(s.state == Part.FINISHED for s in golem.subtasks.values()):
         golem.results = [p for s in sorted(golem.subtasks.values(), key=lambda s: s.index)
                          for p in _materialise(ctx, golem, s)]
-        _close(ctx, golem, FINISHED, None, Severity.OK)
+        _close(ctx, golem, Status.FINISHED, None, Severity.OK)
         _event(ctx, "TaskResults", golem.task_id, {
             "type": "TaskResults", "task_id": golem.task_id, "task": golem.spec,
             "results": golem.results, "files": _files(golem)})
@@ -283,7 +281,7 @@ def _close(ctx: Context, golem: GolemTask, status: str, reason: str | None,
            severity: Severity) -> None:
     golem.status, golem.reason = status, reason
     for subtask in golem.subtasks.values():
-        _stop_attempt(ctx, subtask, Part.CANCELLED if status == ABORTED else Part(status))
+        _stop_attempt(ctx, subtask, Part.CANCELLED if status == Status.ABORTED else Part(status))
     engine.end_task(ctx, ctx.state.tasks[golem.parent], severity, reason)
     ctx.state.touch_golem(golem.task_id)
     log.info("golem_task_closed", task=golem.task_id, status=status, reason=reason)
@@ -300,7 +298,7 @@ def _stop_attempt(ctx: Context, subtask: Subtask, state: str) -> None:
 
 
 def _fail(ctx: Context, golem: GolemTask, reason: str) -> None:
-    _close(ctx, golem, FAILED, reason, Severity.FATAL)
+    _close(ctx, golem, Status.FAILED, reason, Severity.FATAL)
     _event(ctx, "TaskFailedEvent", golem.task_id, {"type": "TaskFailedEvent",
                                                    "task_id": golem.task_id, "reason": reason})
 
@@ -308,9 +306,9 @@ def _fail(ctx: Context, golem: GolemTask, reason: str) -> None:
 def sweep(ctx: Context) -> None:
     """A task past its deadline ends timeout: unfinished parts too, with an event."""
     for golem in list(ctx.state.golem.values()):
-        if golem.status == ACTIVE and ctx.now >= golem.deadline:
+        if golem.status == Status.ACTIVE and ctx.now >= golem.deadline:
             reason = f"the task's timeout of {golem.spec['timeout']} passed"
-            _close(ctx, golem, TIMEOUT, reason, Severity.TERMINATED)
+            _close(ctx, golem, Status.TIMEOUT, reason, Severity.TERMINATED)
             _event(ctx, "TaskTimeoutEvent", golem.task_id, {
                 "type": "TaskTimeoutEvent", "task_id": golem.task_id, "reason": reason})
 
@@ -337,7 +335,7 @@ def handle_verify(ctx: Context, msg: VerifyResults) -> Reply:
     if verdict not in (SubtaskVerificationState.VERIFIED, SubtaskVerificationState.WRONG_ANSWER):
         return _verdict_reply(msg, False, f"verdict {verdict} is answered but not acted on: only "
                                           "VERIFIED (3) and WRONG_ANSWER (4) are")
-    if subtask.state != Part.VERIFYING or golem.status != ACTIVE:
+    if subtask.state != Part.VERIFYING or golem.status != Status.ACTIVE:
         return _verdict_reply(msg, False, f"subtask is {subtask.state}, not waiting for a "
                                           "verdict")
     if verdict == SubtaskVerificationState.VERIFIED:
@@ -364,8 +362,8 @@ def _verdict_reply(msg: VerifyResults, acted: bool, why: str | None) -> dict[str
 def handle_abort(ctx: Context, msg: AbortTask) -> Reply:
     golem = _known(ctx, msg.task_id)
     _must_control(ctx, golem)
-    if golem.status == ACTIVE:
-        _close(ctx, golem, ABORTED, "aborted by the requester", Severity.TERMINATED)
+    if golem.status == Status.ACTIVE:
+        _close(ctx, golem, Status.ABORTED, "aborted by the requester", Severity.TERMINATED)
         _event(ctx, "TaskAbortedEvent", golem.task_id, {"type": "TaskAbortedEvent",
                                                         "task_id": golem.task_id})
     return {"type": "TaskAborted", "task_id": golem.task_id, "status": golem.status}
@@ -385,11 +383,11 @@ def handle_restart_subtasks(ctx: Context, msg: RestartSubtasks) -> Reply:
     unknown = [s for s in msg.subtask_ids if s not in golem.subtasks]
     if unknown:
         raise ProtocolError("not_found", f"task {msg.task_id} has no subtask {unknown[0]!r}")
-    if golem.status not in (ACTIVE, FINISHED):
+    if golem.status not in (Status.ACTIVE, Status.FINISHED):
         raise ProtocolError("conflict", f"task {msg.task_id} is {golem.status}; restart the "
                             "whole task instead")
-    if golem.status == FINISHED:
-        golem.status = ACTIVE
+    if golem.status == Status.FINISHED:
+        golem.status = Status.ACTIVE
         golem.deadline = ctx.now + golem.model.seconds
         parent = engine.add_virtual_task(ctx, f"golem-{golem.task_id}-r{len(golem.results)}"
                                          f"-{int(ctx.now)}", golem.model.task_name)

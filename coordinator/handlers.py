@@ -14,7 +14,7 @@ from typing import Any
 from vespid.coordinator import engine, golem, views
 from vespid.coordinator.check import check_state
 from vespid.coordinator.engine import Context
-from vespid.coordinator.state import Node, Task
+from vespid.coordinator.state import Node, Task, identity
 from vespid.shared import PROTOCOL_VERSION
 from vespid.shared.blobs import BlobChunk, BlobGet
 from vespid.shared.errors import ProtocolError
@@ -63,11 +63,9 @@ def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
 
 
 def _keyed_match(ctx: Context, definition: TaskDefinition) -> str | None:
-    if definition.key is None:
-        return None
-    if definition.parent is not None:
-        return ctx.state.keys.get(("child", definition.parent, definition.key))
-    return ctx.state.keys.get(("root", ctx.sender or "", definition.key))
+    # A root's owner is its sender (engine.add_task), so this is the identity it would get.
+    wanted = identity(definition.parent, ctx.sender, definition.key)
+    return None if wanted is None else ctx.state.keys.get(wanted)
 
 
 def handle_task_info(ctx: Context, msg: TaskInfo) -> Reply:

@@ -21,6 +21,14 @@ from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 TaskIdentity = tuple[str, str, str]  # ("child", parent, key) or ("root", owner, key)
 
 
+def identity(parent: str | None, owner: str | None, key: str | None) -> TaskIdentity | None:
+    """What a keyed task-create is matched against: (parent, key) for a child, (owner, key)
+    for a root; None without a key."""
+    if key is None:
+        return None
+    return ("child", parent, key) if parent is not None else ("root", owner or "", key)
+
+
 @dataclass
 class Task:
     definition: TaskDefinition
@@ -69,14 +77,7 @@ class Task:
 
     @property
     def identity(self) -> TaskIdentity | None:
-        """What a keyed task-create is matched against: (parent, key) for a child, (owner,
-        key) for a root; None without a key."""
-        key = self.definition.key
-        if key is None:
-            return None
-        if self.parent is not None:
-            return ("child", self.parent, key)
-        return ("root", self.owner or "", key)
+        return identity(self.parent, self.owner, self.definition.key)
 
     @property
     def parent(self) -> str | None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from vespid.coordinator.state import Node, State, Task
-from vespid.shared.protocol import Severity, TaskStatus
+from vespid.shared.protocol import TaskStatus
 
 
 def task_info(state: State, task: Task) -> dict[str, Any]:
     body: dict[str, Any] = {"command": "task-info-response"}
-    body.update(task.definition.model_dump(mode="json"))
+    definition = task.definition.model_dump(mode="json")
+    body.update(definition)
     body["environment"] = task.environment
     # The effective requirements: a usage_user_ label the creator claimed is replaced by
     # its owner's, as the matcher sees it (unbounded cores_max as null, as always).
-    asked = task.definition.model_dump(mode="json")["requirements"]
+    asked = definition["requirements"]
     body["requirements"] = {k: asked.get(k, v) for k, v in task.requirements.items()}
     body["owner"] = task.owner
     body.update({
@@ -52,7 +53,7 @@ FAILURES_SHOWN = 20
 def tree_failures(state: State, task: Task) -> dict[str, Any]:
     """The descendants that ended error or worse, oldest first (the first FAILURES_SHOWN)."""
     tree = (state.tasks[name] for name in state.descendants(task.name))
-    failed = [t for t in tree if t.success is not None and t.success.rank >= Severity.ERROR.rank]
+    failed = [t for t in tree if t.success is not None and t.success.failed]
     failed.sort(key=lambda t: t.seq)
     return {"tree_failures": [{"name": t.name, "name_pretty": t.definition.name_pretty,
                                "success": t.success.value if t.success else None,

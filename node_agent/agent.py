@@ -38,9 +38,9 @@ from vespid.shared.protocol import (
     encode,
 )
 from vespid.shared.transport import (
-    CONNECTION_ERRORS,
     close_quietly,
     connect,
+    consumers,
     declared,
     guarded,
     keep_reconnecting,
@@ -194,14 +194,7 @@ class NodeAgent:
     def _logserver_listens(self) -> bool:
         """Whether a log server's queue exists on this vhost (then what we stream is kept
         there even while the log server itself is down)."""
-        probe = guarded(self._connection.channel)
-        try:
-            probe.queue_declare(topology.LOG_SERVER_QUEUE, passive=True)
-        except CONNECTION_ERRORS:
-            return False
-        if probe.is_open:
-            guarded(probe.close)
-        return True
+        return consumers(self._connection, topology.LOG_SERVER_QUEUE) is not None
 
     def _clean_finished(self) -> None:
         # Often enough for a short retention to be kept to, never more than twice a second;

@@ -46,6 +46,11 @@ class Severity(StrEnum):
     def rank(self) -> int:
         return _SEVERITY_ORDER.index(self)
 
+    @property
+    def failed(self) -> bool:
+        """error, fatal or terminated: what fails a build (ok and warning do not)."""
+        return self.rank >= Severity.ERROR.rank
+
     def worst(self, other: Severity | None) -> Severity:
         if other is None or self.rank >= other.rank:
             return self

@@ -252,10 +252,7 @@ def consumers(connection: Any, queue: str) -> tuple[int, int] | None:
     """(consumers, messages) of a queue, or None when it does not exist: how a client tells
     "nobody will answer" before waiting. A channel of its own, since a passive declare of a
     missing queue closes it."""
-    try:
-        probe = connection.channel()
-    except CONNECTION_ERRORS as exc:
-        raise BrokerError(f"lost the broker: {reason(exc)}") from None
+    probe = guarded(connection.channel)
     try:
         found = probe.queue_declare(queue, passive=True).method
     except CONNECTION_ERRORS as exc:
