@@ -160,6 +160,9 @@ class NodeAgent:
         self._stream_logs()
         self._flush_results()
         if time.time() >= self._next_heartbeat:
+            # A log server started after this agent connected is seen within a heartbeat,
+            # so what ends from then on counts as shipped and is kept for retain_after_shipped.
+            self.logserver_present = self._logserver_listens()
             self._send_node_set()
         if time.time() >= self._next_cleanup:
             self._clean_finished()

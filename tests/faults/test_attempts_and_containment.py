@@ -233,3 +233,28 @@ def test_without_a_log_server_an_ok_tasks_files_go_at_once_and_a_failed_ones_sta
         time.sleep(0.1)
     assert (work / "logs" / "broken" / "attempt-1.log").exists()
     assert (work / "scripts" / "broken.py").exists()
+
+
+def test_a_log_server_started_after_the_agent_is_seen_and_its_logs_are_kept(
+        amqp_url: str, coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
+        raw: RawPeer, tmp_path: Path, started: list[VespidProcess]) -> None:
+    from tests.processes import base_env
+
+    start_node("box1")  # connects while there is no log server
+    folder = tmp_path / "late-central"
+    server = VespidProcess(["logserver", "--dir", str(folder)], tmp_path / "late.log",
+                           base_env(amqp_url), tmp_path).start()
+    started.append(server)
+    server.wait_for_log("logserver_started")
+    time.sleep(1.5)  # a few heartbeats of the test agent (0.5 s)
+    raw.request({"command": "task-create", "name": "after", "executable_pyscript":
+                 "print('kept')"})
+    raw.wait_for("after", lambda i: i["status"] == "complete")
+
+    assert central(folder, "after", 1) == ["kept"]
+    local = tmp_path / "nodes" / "box1" / "work" / "logs" / "after" / "attempt-1.json"
+    deadline = time.monotonic() + 10
+    while not local.exists() or '"shipped": null' in local.read_text():
+        assert time.monotonic() < deadline, "the end of the log was never counted as shipped"
+        time.sleep(0.1)
+    assert json.loads(local.read_text())["logserver"] is True  # kept for the retention
