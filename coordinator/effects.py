@@ -7,15 +7,15 @@ publishes them, and acks the batch only once the broker confirmed everything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vespid.shared import topology
-from vespid.shared.blobs import BlobChunk
 from vespid.shared.protocol import NodeDrain, RepositoryClean, TaskKill, TaskRun, encode
 
 # Everything the coordinator sends a node is one of these models, never a dict.
-NodeMessage = TaskRun | TaskKill | RepositoryClean | NodeDrain | BlobChunk
+NodeMessage = TaskRun | TaskKill | RepositoryClean | NodeDrain
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,32 @@ class Outgoing:
     headers: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class FileSend:
+    """Send the kept file `sha256` to `node`. Recorded in the outbox as one small row; the
+    service streams the file chunk by chunk from disk after the commit, never through the
+    transaction or all at once in memory."""
+
+    node: str
+    sha256: str
+
+
 @dataclass
 class Effects:
     replies: list[Reply] = field(default_factory=list)
     outgoing: list[Outgoing] = field(default_factory=list)
     new_nodes: list[str] = field(default_factory=list)
-    blobs: list[tuple[str, str]] = field(default_factory=list)  # (node, sha256) to send
+    files: list[FileSend] = field(default_factory=list)
+    # Local disk work a decision implies (placing result files, say): run once the batch
+    # committed, outside the transaction; each is idempotent, so a retry may repeat it.
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
-    def golem_event(self, kind: str, task_id: str, body: dict[str, Any]) -> None:
-        self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, f"golem.{kind}.{task_id}", kind,
+    def send_file(self, node: str, sha256: str) -> None:
+        self.files.append(FileSend(node, sha256))
+
+    def announce(self, routing_key: str, kind: str, body: dict[str, Any]) -> None:
+        """An event of an extension's own on the events exchange (it picks the key)."""
+        self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, routing_key, kind,
                                       encode(body)))
 
     def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
@@ -52,11 +69,6 @@ class Effects:
     def to_node(self, node: str, message: NodeMessage) -> None:
         self.outgoing.append(Outgoing(topology.EXCHANGE, topology.node_key(node),
                                       message.command, encode(message)))
-
-    def to_node_first(self, node: str, message: NodeMessage) -> None:
-        """Sent ahead of everything else of this batch (files a task-run will need)."""
-        self.outgoing.insert(0, Outgoing(topology.EXCHANGE, topology.node_key(node),
-                                         message.command, encode(message)))
 
     def kill(self, node: str, task: str, attempt: int | None, reason: str) -> None:
         self.to_node(node, TaskKill(command="task-kill", name=task, attempt=attempt,

@@ -6,17 +6,15 @@ the handlers and the periodic sweep share it and unit tests drive it directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from vespid.coordinator import matcher
 from vespid.coordinator.effects import Effects
+from vespid.coordinator.extension import Extensions
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.state import Node, State, Task
 from vespid.coordinator.views import task_info
 from vespid.shared import PROTOCOL_VERSION
-from vespid.shared.blobs import BlobStore
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -28,40 +26,6 @@ from vespid.shared.protocol import (
 )
 
 log = get_logger(__name__)
-Hook = Callable[["Context", Task], None]
-TickHook = Callable[["Context"], None]
-
-
-@dataclass
-class Hooks:
-    """What extensions (the Golem-style dialect, metrics) follow, per processor: tasks that
-    start and end, and the periodic tick. A hook that fails is logged and counted and the
-    others go on, as dramatiq's middleware is: an extension never stops the scheduler."""
-
-    on_start: list[Hook] = field(default_factory=list)
-    on_end: list[Hook] = field(default_factory=list)
-    on_tick: list[TickHook] = field(default_factory=list)
-    failures: int = 0
-
-    def started(self, ctx: Context, task: Task) -> None:
-        for hook in self.on_start:
-            self._isolated(hook, ctx, task)
-
-    def ended(self, ctx: Context, task: Task) -> None:
-        for hook in self.on_end:
-            self._isolated(hook, ctx, task)
-
-    def ticked(self, ctx: Context) -> None:
-        for hook in self.on_tick:
-            self._isolated(hook, ctx)
-
-    def _isolated(self, hook: Callable[..., None], *args: Any) -> None:
-        try:
-            hook(*args)
-        except Exception:
-            self.failures += 1
-            log.exception("extension_hook_failed", hook=getattr(hook, "__qualname__", hook),
-                          failures=self.failures)
 
 
 @dataclass
@@ -70,10 +34,9 @@ class Context:
     settings: CoordinatorSettings
     effects: Effects
     now: float
-    blobs: BlobStore | None = None
     sender: str | None = None  # the authenticated user of the message being handled
     message_id: str | None = None  # its message_id property, when the sender set one
-    hooks: Hooks = field(default_factory=Hooks)
+    extensions: Extensions = field(default_factory=lambda: Extensions(()))
 
     def may_control(self, owner: str | None) -> bool:
         """Only a task's owner, or an admin, may cancel, abort or verify it. A message
@@ -148,8 +111,7 @@ def add_task(ctx: Context, definition: TaskDefinition) -> Task:
     parent = ctx.state.tasks.get(definition.parent or "")
     task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
                 owner=parent.owner if parent is not None else ctx.sender)
-    ctx.state.add_task(task)
-    ctx.state.touch_task(task)
+    ctx.state.create(task)
     ctx.event("created", task)
     log.info("task_created", task=task.name, parent=task.parent)
     return task
@@ -161,23 +123,17 @@ def add_virtual_task(ctx: Context, name: str, pretty: str) -> Task:
                                 retries=0)
     task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
                 status=TaskStatus.WORKING, time_start=ctx.now, virtual=True, owner=ctx.sender)
-    ctx.state.add_task(task)
-    ctx.state.touch_task(task)
+    ctx.state.create(task)
     ctx.event("created", task)
     return task
 
 
 def start_task(ctx: Context, task: Task, node: Node, allocated: dict[str, float],
                repos: dict[str, str]) -> None:
-    ctx.state.start(task, node, allocated, repos, ctx.now)
-    task.path = _path(task)
-    task.log = _log_location(ctx.settings.log_location, node, task)
-    sent = ctx.state.node_blobs.setdefault(node.name, set())
-    for resource in task.resources:  # each file once per node: the node caches it
-        if resource["sha256"] not in sent:
-            sent.add(resource["sha256"])
-            ctx.effects.blobs.append((node.name, resource["sha256"]))
-    ctx.hooks.started(ctx, task)
+    template = ctx.settings.log_location
+    ctx.state.start(task, node, allocated, repos, ctx.now,
+                    lambda t, n: (_path(t), _log_location(template, n, t)))
+    ctx.extensions.started(ctx, task)
     ctx.effects.to_node(node.name, task_run(task))
     ctx.event("started", task)
     log.info("task_started", task=task.name, node=node.name, attempt=task.attempt,
@@ -226,7 +182,7 @@ def end_task(ctx: Context, task: Task, severity: Severity, message: str | None =
     for ancestor in closed_trees:  # their tree's outcome is final now: tell who waits on it
         ctx.event("updated", ancestor)
     release_finished_trees(ctx, task)
-    ctx.hooks.ended(ctx, task)
+    ctx.extensions.ended(ctx, task)
 
 
 def release_finished_trees(ctx: Context, task: Task) -> None:
@@ -263,8 +219,7 @@ def cancel_tree(ctx: Context, root: Task) -> None:
         elif task.virtual:
             continue  # runs nowhere: its children are what is cancelled
         elif task.status is TaskStatus.WORKING and not task.cancel_requested:
-            task.cancel_requested = True
-            ctx.state.touch_task(task)
+            ctx.state.request_cancel(task)
             assert task.node is not None
             ctx.effects.kill(task.node, task.name, task.attempt, "cancelled")
 
@@ -278,8 +233,7 @@ def sweep_nodes(ctx: Context) -> None:
 
 
 def lose_node(ctx: Context, node: Node) -> None:
-    node.alive = False
-    ctx.state.touch_node(node)
+    ctx.state.lose(node)
     log.warning("node_lost", node=node.name, silent_for=round(ctx.now - node.last_seen, 1),
                 tasks=sorted(node.running))
     for name in sorted(node.running):
@@ -304,9 +258,7 @@ def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) ->
     for name in sorted(node.running):
         task = ctx.state.tasks[name]
         if name in reported:
-            if not task.seen_on_node:
-                task.seen_on_node = True
-                ctx.state.touch_task(task)
+            ctx.state.seen_on_node(task)
             continue
         # A task-run may still be on its way: only a task the node once reported, or one
         # sent long enough ago, is really gone (task-complete travels before node-set).
@@ -324,9 +276,7 @@ def node_left(ctx: Context, node: Node) -> None:
     for name in sorted(node.running):
         lost_under(ctx, ctx.state.tasks[name], f"node {node.name}'s agent exited while the "
                                                "task ran")
-    node.alive, node.left = False, True
-    ctx.state.touch_node(node)
-    ctx.state.node_gained_room(node.name)
+    ctx.state.node_left(node)
     log.info("node_left", node=node.name)
 
 
@@ -347,6 +297,6 @@ def _unexpected(ctx: Context, node: Node, name: str, attempt: int | None) -> Non
 def _may_adopt(task: Task, node: Node, attempt: int | None) -> bool:
     """Only the node that ran the task's last attempt may take it back, and only that
     attempt: any other node was never given it, whatever it claims."""
-    last = task.attempts[-1] if task.attempts else None
-    return (task.status is TaskStatus.IDLE and last is not None and last["node"] == node.name
-            and attempt is not None and attempt == last["attempt"])
+    last = task.last_attempt
+    return (task.status is TaskStatus.IDLE and last is not None and last.node == node.name
+            and attempt is not None and attempt == last.attempt)

@@ -8,15 +8,14 @@ turns into an `error` reply or a dead-letter.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
-from vespid.coordinator import engine, golem, views
+from vespid.coordinator import engine, views
 from vespid.coordinator.check import check_state
 from vespid.coordinator.engine import Context
+from vespid.coordinator.extension import Handler, Reply
 from vespid.coordinator.state import Node, Task, identity
 from vespid.shared import PROTOCOL_VERSION
-from vespid.shared.blobs import BlobChunk, BlobGet
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -38,7 +37,6 @@ from vespid.shared.protocol import (
 )
 
 log = get_logger(__name__)
-Reply = dict[str, Any] | None
 
 
 def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
@@ -85,17 +83,10 @@ def handle_task_wait(ctx: Context, msg: TaskWait) -> Reply:
     node = ctx.state.nodes.get(task.node or "")
     if task.status is not TaskStatus.WORKING or node is None:
         return None
-    cores = task.allocated.get("cores", 0.0)
-    if msg.waiting and not task.lent_cores:
-        task.lent_cores = cores
-        node.release({"cores": cores})
-        ctx.state.node_gained_room(node.name)
-    elif not msg.waiting and task.lent_cores:
-        # Taken back even if that over-commits the node for a while: the parent's own
-        # work is small next to its children's, and refusing would deadlock it.
-        node.reserve({"cores": task.lent_cores})
-        task.lent_cores = 0.0
-    ctx.state.touch_task(task)
+    if msg.waiting:
+        ctx.state.lend_cores(task, node)
+    else:
+        ctx.state.take_back_cores(task, node)
     return None
 
 
@@ -114,9 +105,8 @@ def handle_task_update(ctx: Context, msg: TaskUpdate) -> Reply:
     # `ok` is only ever the verdict of a completed task, never a running one's claim.
     raised = msg.success is not Severity.OK and ctx.state.raise_severity(task, msg.success)
     if msg.message:
-        task.message = msg.message
+        ctx.state.note(task, msg.message)
     if raised or msg.message:
-        ctx.state.touch_task(task)
         ctx.event("updated", task)
     return None
 
@@ -127,7 +117,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         log.info("unknown_task_complete_ignored", task=msg.name, node=msg.node)
         return None
     if _is_current(task, msg.node, msg.attempt):
-        task.results = _results(msg)
+        ctx.state.set_results(task, _results(msg))
         # A task cancelled while it ran ends terminated, whatever its process made of the kill.
         success = Severity.TERMINATED if task.cancel_requested else msg.success
         engine.end_task(ctx, task, success, msg.message, msg.cause)
@@ -137,7 +127,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         # Its node was declared lost, yet the attempt finished there: keep the result
         # rather than run the task twice.
         ctx.state.adopt(task, ctx.state.nodes[msg.node], ctx.now)
-        task.results = _results(msg)
+        ctx.state.set_results(task, _results(msg))
         engine.end_task(ctx, task, msg.success, msg.message, msg.cause)
     else:
         _record_late(ctx, task, msg.attempt, f"task-complete {msg.success.value}", msg.node)
@@ -157,22 +147,6 @@ def _safe_name(name: Any) -> bool:
         and "\\" not in str(name)
 
 
-def handle_blob_chunk(ctx: Context, msg: BlobChunk) -> Reply:
-    if ctx.blobs is None:
-        raise ProtocolError("internal", "this coordinator keeps no files")
-    ctx.blobs.put_chunk(msg)
-    return None
-
-
-def handle_blob_get(ctx: Context, msg: BlobGet) -> Reply:
-    if ctx.blobs is None or not ctx.blobs.has(msg.sha256):
-        raise ProtocolError("not_found", f"no file {msg.sha256[:12]}… is kept here")
-    chunk = ctx.blobs.read_chunk(msg.sha256, msg.index)
-    if chunk is None:
-        raise ProtocolError("not_found", f"that file has {ctx.blobs.chunks(msg.sha256)} chunks")
-    return chunk.model_dump()
-
-
 def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:
     return (task.status is TaskStatus.WORKING and node in (None, task.node)
             and attempt in (None, task.attempt))
@@ -180,14 +154,14 @@ def _is_current(task: Task, node: str | None, attempt: int | None) -> bool:
 
 def _repeat_of_last(task: Task, node: str, attempt: int | None) -> bool:
     """The same report again (at-least-once delivery): it changes nothing."""
-    last = task.attempts[-1] if task.attempts else None
-    return (task.status is TaskStatus.COMPLETE and last is not None and last["node"] == node
-            and attempt in (None, last["attempt"]))
+    last = task.last_attempt
+    return (task.status is TaskStatus.COMPLETE and last is not None and last.node == node
+            and attempt in (None, last.attempt))
 
 
 def _requeued_from(task: Task, node: str, attempt: int | None) -> bool:
-    last = task.attempts[-1] if task.attempts else None
-    return (task.status is TaskStatus.IDLE and last is not None and last["node"] == node
+    last = task.last_attempt
+    return (task.status is TaskStatus.IDLE and last is not None and last.node == node
             and attempt == task.attempt)
 
 
@@ -196,10 +170,7 @@ def _record_late(ctx: Context, task: Task, attempt: int | None, what: str,
     """A report from an attempt that is no longer current is kept, and changes nothing."""
     log.warning("stale_report_ignored", task=task.name, attempt=attempt, node=node,
                 current=task.attempt, report=what)
-    for record in task.attempts:
-        if record["attempt"] == attempt:
-            record.setdefault("late", []).append(what)
-            ctx.state.touch_task(task)
+    ctx.state.record_late(task, attempt, what)
     if node is not None and node in ctx.state.nodes and attempt is not None:
         ctx.effects.kill(node, task.name, attempt, "a newer attempt replaced it")
 
@@ -208,16 +179,12 @@ def handle_node_set(ctx: Context, msg: NodeSet) -> Reply:
     node = ctx.state.nodes.get(msg.name)
     if node is None:
         node = Node(name=msg.name, capabilities={}, repositories={}, last_seen=ctx.now)
-        ctx.state.add_node(node)
+        ctx.state.join(node)
         ctx.effects.new_nodes.append(msg.name)
         log.info("node_joined", node=msg.name, version=msg.version)
     if not node.alive:
         log.info("node_returned", node=msg.name)
-    before = _offer_terms(node)
-    _refresh_node(node, msg, ctx.now)
-    ctx.state.touch_node(node)
-    if _offer_terms(node) != before:
-        ctx.state.node_gained_room(node.name)
+    _refresh_node(ctx, node, msg)
     engine.reconcile_node(ctx, node, {name: _attempt_of(info)
                                       for name, info in msg.activetasks.items()})
     if msg.leaving:
@@ -230,36 +197,26 @@ def _attempt_of(info: Any) -> int | None:
     return attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None
 
 
-def _offer_terms(node: Node) -> tuple[Any, ...]:
-    """What a node-set can change about where tasks fit (a heartbeat usually changes none)."""
-    return (node.capabilities, node.repositories, node.alive, node.draining, node.protocol)
-
-
-def _refresh_node(node: Node, msg: NodeSet, now: float) -> None:
+def _refresh_node(ctx: Context, node: Node, msg: NodeSet) -> None:
     if msg.protocol is not None and msg.protocol != PROTOCOL_VERSION and \
             node.protocol != msg.protocol:
         log.error("node_protocol_mismatch", node=node.name, protocol=msg.protocol,
                   supported=PROTOCOL_VERSION)
-    node.capabilities = dict(msg.capabilities)
-    node.repositories = {k: v.model_dump() for k, v in msg.repositories.items()}
     # A drain asked for with `vespid drain` lasts until this agent says so itself or a new
     # agent process (a restart, say after an upgrade) takes the node's name.
     same_agent = node.alive and (msg.started is None or msg.started == node.started)
-    node.draining = msg.draining or (node.draining and same_agent)
-    node.started = msg.started
-    node.last_seen = now
-    node.alive, node.left = True, False
-    node.version = msg.version
-    node.log_dir = msg.log_dir
-    node.protocol = msg.protocol
+    ctx.state.heard_from(
+        node, capabilities=dict(msg.capabilities),
+        repositories={k: v.model_dump() for k, v in msg.repositories.items()},
+        draining=msg.draining or (node.draining and same_agent), started=msg.started,
+        version=msg.version, log_dir=msg.log_dir, protocol=msg.protocol, now=ctx.now)
 
 
 def handle_node_drain(ctx: Context, msg: NodeDrain) -> Reply:
     node = ctx.state.nodes.get(msg.name)
     if node is None:
         raise ProtocolError("not_found", f"no node named {msg.name!r}; `vespid nodes` lists them")
-    node.draining = True
-    ctx.state.touch_node(node)
+    ctx.state.drain(node)
     ctx.effects.to_node(node.name, NodeDrain(command="node-drain", name=node.name))
     log.info("node_drain_requested", node=node.name, running=sorted(node.running))
     return None
@@ -297,7 +254,6 @@ def _known_task(ctx: Context, name: str) -> Task:
     return task
 
 
-Handler = Callable[[Context, Any], Reply]
 HANDLERS: dict[type, Handler] = {
     TaskCreate: handle_task_create,
     TaskInfo: handle_task_info,
@@ -310,11 +266,4 @@ HANDLERS: dict[type, Handler] = {
     NodeSet: handle_node_set,
     TaskList: handle_task_list,
     NodeList: handle_node_list,
-    BlobChunk: handle_blob_chunk,
-    BlobGet: handle_blob_get,
-    **golem.HANDLERS,
 }
-
-
-def dispatch(ctx: Context, message: Any) -> Reply:
-    return HANDLERS[type(message)](ctx, message)

@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vespid.coordinator import engine, golem, handlers
+from vespid.coordinator import engine, handlers
 from vespid.coordinator.effects import Effects, Reply
 from vespid.coordinator.engine import Context
+from vespid.coordinator.extension import Extension, Extensions
+from vespid.coordinator.extensions import default_extensions
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
-from vespid.shared.blobs import BlobStore, chunk_messages
+from vespid.shared import topology
 from vespid.shared.errors import ProtocolError
 from vespid.shared.inbound import decode
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import ack_reply, error_reply
 
 log = get_logger(__name__)
-
-
-def default_hooks() -> engine.Hooks:
-    """The extensions every coordinator runs: the Golem-style dialect."""
-    hooks = engine.Hooks()
-    golem.register(hooks)
-    return hooks
 
 
 @dataclass(frozen=True)
@@ -51,31 +46,21 @@ class Outcome:
 
 class Processor:
     def __init__(self, store: Store, settings: CoordinatorSettings, now: float,
-                 hooks: engine.Hooks | None = None) -> None:
+                 extensions: Sequence[Extension] | None = None) -> None:
         self.store = store
         self.settings = settings
-        self.hooks = hooks if hooks is not None else default_hooks()
+        self.extensions = Extensions(default_extensions(settings) if extensions is None
+                                     else extensions)
+        self.dispatch_table = self.extensions.handlers(handlers.HANDLERS)
         self._started = now
-        self.blobs = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._next_id = store.next_outbox_id()
         self._confirmed: list[int] = []
-        # Observers (metrics): called with the command handled, the error code rejected.
-        self.on_message: Callable[[str], None] = lambda _command: None
-        self.on_reject: Callable[[str], None] = lambda _code: None
         self._reload()
 
     def _reload(self) -> None:
         self.state = self.store.load_state()
-        self._forgive_downtime(self._started)
-
-    def _forgive_downtime(self, now: float) -> None:
-        # While the coordinator was down nobody heard the nodes: give every node and every
-        # task in flight a full timeout from now before calling it lost.
-        for node in self.state.nodes.values():
-            node.last_seen = max(node.last_seen, now)
-        for task in self.state.tasks.values():
-            if task.dispatched_at is not None and not task.seen_on_node:
-                task.dispatched_at = max(task.dispatched_at, now)
+        self.extensions.load(self.store, self.state)
+        self.state.forgive_downtime(self._started)
 
     def confirmed(self, outbox_ids: Sequence[int]) -> None:
         self._confirmed.extend(outbox_ids)
@@ -95,7 +80,7 @@ class Processor:
     @staticmethod
     def _sweep(ctx: Context) -> None:
         engine.sweep_nodes(ctx)
-        ctx.hooks.ticked(ctx)
+        ctx.extensions.tick(ctx)
 
     def _one_by_one(self, batch: Sequence[Delivery], now: float) -> Outcome:
         total = Outcome()
@@ -117,26 +102,38 @@ class Processor:
             lambda ctx: self._reject(ctx, delivery, "internal", reason), now)
 
     def _in_transaction(self, work: Callable[[Context], None], now: float) -> Outcome:
-        ctx = Context(self.state, self.settings, Effects(), now, self.blobs, hooks=self.hooks)
+        ctx = Context(self.state, self.settings, Effects(), now, extensions=self.extensions)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:
                 engine.schedule(ctx)
             self.store.flush(self.state)
+            self.extensions.flush(self.store)
             entries = self._entries(ctx.effects)
             self.store.add_outbox(entries)
             self.store.delete_outbox(self._confirmed)
         self._confirmed = []
+        for work_after in ctx.effects.after_commit:
+            self._after_commit(work_after)
         return Outcome(ctx.effects.replies, entries, ctx.effects.new_nodes)
 
+    @staticmethod
+    def _after_commit(work: Callable[[], None]) -> None:
+        # The decision stands whatever happens here: a failure is logged, never undone.
+        try:
+            work()
+        except Exception:
+            log.exception("after_commit_failed", work=getattr(work, "__qualname__", work))
+
     def _entries(self, effects: Effects) -> list[OutboxEntry]:
+        # Files first: a node must have them before the task-run that needs them.
+        files = [OutboxEntry(0, topology.EXCHANGE, topology.node_key(f.node), "blob-chunk",
+                             b"", file=f.sha256) for f in effects.files]
+        messages = [OutboxEntry(0, out.exchange, out.routing_key, out.command, out.body,
+                                out.headers) for out in effects.outgoing]
         entries = []
-        for node, sha in reversed(effects.blobs):  # ahead of the task-runs that need them
-            for chunk in reversed(list(chunk_messages(self.blobs.read(sha), sha))):
-                effects.to_node_first(node, chunk)
-        for out in effects.outgoing:
-            entries.append(OutboxEntry(self._next_id, out.exchange, out.routing_key,
-                                       out.command, out.body, out.headers))
+        for entry in [*files, *messages]:
+            entries.append(replace(entry, id=self._next_id))
             self._next_id += 1
         return entries
 
@@ -152,8 +149,8 @@ class Processor:
                                     "property (your broker login) on every message; the "
                                     "project's client sets it")
             message = decode(delivery.body, self.settings.max_body_bytes)
-            self.on_message(str(getattr(message, "command", None) or message.type))
-            body = handlers.dispatch(ctx, message)
+            self.extensions.handled(str(getattr(message, "command", None) or message.type))
+            body = self.dispatch_table[type(message)](ctx, message)
         except ProtocolError as exc:
             self._reject(ctx, delivery, exc.code, exc.message)
             return
@@ -164,7 +161,7 @@ class Processor:
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:
         log.warning("message_rejected", error=code, reason=sentence)
-        self.on_reject(code)
+        self.extensions.rejected(code)
         if delivery.reply_to:
             ctx.effects.reply(delivery.reply_to, delivery.correlation_id,
                               error_reply(code, sentence))

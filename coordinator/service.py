@@ -12,6 +12,7 @@ import heapq
 import signal
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,12 +20,16 @@ import pika
 import pika.exceptions
 from pika.spec import Basic
 
+from vespid.coordinator.extension import Extension
+from vespid.coordinator.extensions import default_extensions
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared import topology
+from vespid.shared.blobs import BlobStore
 from vespid.shared.errors import BrokerError
 from vespid.shared.logs import get_logger
+from vespid.shared.protocol import encode
 from vespid.shared.transport import (
     close_quietly,
     connect,
@@ -38,15 +43,26 @@ log = get_logger(__name__)
 APP_ID = "vespid-coordinator"
 TICK_SECONDS = 1.0
 OUTBOX_MESSAGE_ID = "vespid-out-{}"
+# File chunks (256 KB each) published and not yet confirmed, at most: a large file streams
+# from disk at the broker's pace instead of piling up in pika's buffer.
+FILE_WINDOW_CHUNKS = 16
+
+
+@dataclass
+class FileStream:
+    """A file being sent to a node, chunk by chunk, for one outbox row."""
+
+    entry: OutboxEntry
+    total: int
+    next: int = 0
 
 
 class CoordinatorService:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self.store = Store(settings.state)
-        self.processor = Processor(self.store, settings, time.time())
-        if settings.metrics_port is not None:
-            self._serve_metrics(settings.metrics_port)
+        self.processor = Processor(self.store, settings, time.time(), self._extensions())
+        self.files = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._stopping = False
         self._user = user_of(settings.amqp_url)
         self._connection: Any = None
@@ -63,15 +79,25 @@ class CoordinatorService:
         self._resend: set[int] = set()
         self._returned: set[int] = set()
         self._close_reason: str | None = None
+        # Files on their way: streams in order, and per routing key what must wait behind
+        # a file (the task-run that needs it, say), so a node gets the file first.
+        self._streams: deque[FileStream] = deque()
+        self._held: dict[str, deque[OutboxEntry]] = {}
+        self._chunk_seqs: set[int] = set()  # publish seqs of file chunks in flight
+        self._file_parts: dict[int, int] = {}  # outbox id -> its chunks not yet confirmed
+        self._sending: set[int] = set()  # outbox ids whose chunks are not all published
+        self._failed_files: set[int] = set()
 
-    def _serve_metrics(self, port: int) -> None:
-        from vespid.coordinator import metrics
+    def _extensions(self) -> list[Extension]:
+        extensions = default_extensions(self.settings)
+        if self.settings.metrics_port is not None:
+            from vespid.coordinator.extensions.metrics import Metrics
 
-        metrics.serve(port)
-        metrics.register(self.processor.hooks)
-        self.processor.on_message = lambda command: metrics.MESSAGES.labels(command).inc()
-        self.processor.on_reject = lambda code: metrics.REJECTED.labels(code).inc()
-        log.info("metrics_serving", port=port)
+            metrics = Metrics(self.settings.metrics_port)
+            metrics.serve()
+            extensions.append(metrics)
+            log.info("metrics_serving", port=metrics.port)
+        return extensions
 
     # ---- lifecycle -------------------------------------------------------------------
     def run(self) -> None:
@@ -202,13 +228,74 @@ class CoordinatorService:
                                   correlation_id=reply.correlation_id), None, mandatory=False)
         for entry in outcome.outbox:
             self._send_entry(entry)
+        self._pump_files()
 
     def _send_entry(self, entry: OutboxEntry) -> None:
+        key = entry.routing_key
+        if key in self._held:
+            self._held[key].append(entry)  # behind a file still on its way there
+        elif entry.file is not None:
+            self._held[key] = deque()
+            self._sending.add(entry.id)
+            self._streams.append(FileStream(entry, self._chunks_of(entry.file)))
+        else:
+            self._send(entry.exchange, key, entry.body, self._entry_properties(entry),
+                       entry.id, mandatory=entry.exchange != topology.EVENTS_EXCHANGE)
+
+    @staticmethod
+    def _entry_properties(entry: OutboxEntry) -> Any:
         props = properties(entry.command, app_id=APP_ID, headers=entry.headers)
         props.message_id = OUTBOX_MESSAGE_ID.format(entry.id)
-        # Events may have no listener at all; everything else must reach a queue.
-        mandatory = entry.exchange != topology.EVENTS_EXCHANGE
-        self._send(entry.exchange, entry.routing_key, entry.body, props, entry.id, mandatory)
+        return props
+
+    def _chunks_of(self, sha: str) -> int:
+        if self.files.has(sha):
+            return self.files.chunks(sha)
+        log.error("file_to_send_missing", sha256=sha,
+                  folder=str(self.settings.blobs_path))
+        return 0
+
+    def _pump_files(self) -> None:
+        """Publish file chunks while the window allows; a file fully published lets what
+        waited behind it go."""
+        while self._streams:
+            stream = self._streams[0]
+            if stream.next < stream.total:
+                if len(self._chunk_seqs) >= FILE_WINDOW_CHUNKS:
+                    return
+                self._send_chunk(stream)
+                continue
+            self._streams.popleft()
+            self._sending.discard(stream.entry.id)
+            self._file_settled(stream.entry.id)
+            for entry in self._held.pop(stream.entry.routing_key):
+                self._send_entry(entry)
+
+    def _send_chunk(self, stream: FileStream) -> None:
+        entry = stream.entry
+        assert entry.file is not None
+        chunk = self.files.read_chunk(entry.file, stream.next)
+        if chunk is None:  # the file shrank under us: send what there is, and stop
+            stream.total = stream.next
+            return
+        self._send(entry.exchange, entry.routing_key, encode(chunk),
+                   self._entry_properties(entry), entry.id, mandatory=True)
+        self._chunk_seqs.add(self._seq)
+        self._file_parts[entry.id] = self._file_parts.get(entry.id, 0) + 1
+        stream.next += 1
+
+    def _file_settled(self, outbox_id: int) -> None:
+        """Once every chunk of a file is published and confirmed, its row is done (or, if
+        any chunk was refused, the whole file is sent again)."""
+        if outbox_id in self._sending or self._file_parts.get(outbox_id, 0) > 0:
+            return
+        self._file_parts.pop(outbox_id, None)
+        if outbox_id in self._failed_files:
+            self._failed_files.discard(outbox_id)
+            self._returned.discard(outbox_id)
+            self._resend.add(outbox_id)
+        else:
+            self.processor.confirmed([outbox_id])
 
     def _send(self, exchange: str, key: str, body: bytes, props: Any, outbox_id: int | None,
               mandatory: bool) -> None:
@@ -234,15 +321,26 @@ class CoordinatorService:
         done: list[int] = []
         for seq in seqs:
             outbox_id = self._in_flight.pop(seq, None)
-            if outbox_id is None:
+            if seq in self._chunk_seqs:
+                self._chunk_seqs.discard(seq)
+                if outbox_id is not None:
+                    self._chunk_confirmed(outbox_id, acked)
+            elif outbox_id is None:
                 continue
-            if acked and outbox_id not in self._returned:
+            elif acked and outbox_id not in self._returned:
                 done.append(outbox_id)
             else:
                 self._returned.discard(outbox_id)
                 self._resend.add(outbox_id)
         self.processor.confirmed(done)
         self._ack_settled()
+        self._pump_files()
+
+    def _chunk_confirmed(self, outbox_id: int, acked: bool) -> None:
+        self._file_parts[outbox_id] -= 1
+        if not acked or outbox_id in self._returned:
+            self._failed_files.add(outbox_id)
+        self._file_settled(outbox_id)
 
     def _ack_settled(self) -> None:
         while self._in_flight_heap and self._in_flight_heap[0] not in self._in_flight:

@@ -1,7 +1,8 @@
 """The coordinator's scheduling state in memory: tasks, nodes, the queue and repositories.
 
-The store persists it; handlers change it only through these classes, which mark what
-changed so the store writes just that at the end of each batch. The waiting queue is
+The store persists it. Handlers and the engine change it only through State's methods,
+each of which marks what it changed, so the store writes just that at the end of each
+batch and no caller can forget to. The waiting queue is
 indexed by shape (what decides where a task may run), each shape's tasks kept sorted by
 priority then age, so scheduling never scans every queued task.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -27,6 +29,34 @@ def identity(parent: str | None, owner: str | None, key: str | None) -> TaskIden
     if key is None:
         return None
     return ("child", parent, key) if parent is not None else ("root", owner or "", key)
+
+
+@dataclass
+class Attempt:
+    """One start of a task: where, when, and how it ended."""
+
+    attempt: int
+    node: str
+    start: float
+    end: float | None = None
+    why: str | None = None  # why it ended, as a sentence
+    lost: bool = False  # its node was lost under it (or its agent exited)
+    cause: str | None = None  # what its node said it ended of (task-complete `cause`)
+    allocated: dict[str, float] = field(default_factory=dict)
+    late: list[str] = field(default_factory=list)  # reports that came after it was replaced
+
+    def close(self, now: float, why: str, lost: bool, cause: str | None) -> None:
+        self.end, self.why, self.lost, self.cause = now, why, lost, cause
+
+    def reopen(self) -> None:
+        self.end, self.why, self.lost = None, None, False
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Attempt:
+        return cls(**record)
 
 
 @dataclass
@@ -49,27 +79,30 @@ class Task:
     cancel_requested: bool = False
     holds: dict[str, str] = field(default_factory=dict)  # request key -> repository
     lent_cores: float = 0.0  # cores given back while it waits for its children
-    # One entry per start: attempt, node, start, end, why it ended, lost (node lost under it),
-    # and late results from that attempt that arrived after it was superseded.
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    virtual: bool = False  # stands for a Golem-style task: runs nowhere itself
+    attempts: list[Attempt] = field(default_factory=list)
+    virtual: bool = False  # runs nowhere itself: it stands for the work of its children
     owner: str | None = None  # the authenticated user who created its tree
     resources: list[dict[str, str]] = field(default_factory=list)  # files to place: sha256, path
     results: list[dict[str, Any]] = field(default_factory=list)  # files it produced
 
     @property
     def losses(self) -> int:
-        return sum(1 for a in self.attempts if a.get("lost"))
+        return sum(1 for a in self.attempts if a.lost)
+
+    @property
+    def last_attempt(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
 
     def close_attempt(self, now: float, why: str, lost: bool = False,
                       cause: str | None = None) -> None:
-        if self.attempts and self.attempts[-1]["end"] is None:
-            self.attempts[-1].update(end=now, why=why, lost=lost, cause=cause)
+        last = self.last_attempt
+        if last is not None and last.end is None:
+            last.close(now, why, lost, cause)
 
     @property
     def last_cause(self) -> str | None:
         """Why its last attempt ended, as its node said (task-complete `cause`)."""
-        return self.attempts[-1].get("cause") if self.attempts else None
+        return self.last_attempt.cause if self.last_attempt else None
 
     @property
     def name(self) -> str:
@@ -133,8 +166,9 @@ class Task:
         return changed
 
     def to_record(self) -> dict[str, Any]:
-        record = {k: v for k, v in self.__dict__.items() if k != "definition"}
+        record = {k: v for k, v in self.__dict__.items() if k not in ("definition", "attempts")}
         record["definition"] = self.definition.model_dump(mode="json")
+        record["attempts"] = [a.to_record() for a in self.attempts]
         record["status"] = self.status.value
         record["success"] = self.success.value if self.success else None
         return record
@@ -143,6 +177,7 @@ class Task:
     def from_record(cls, record: dict[str, Any]) -> Task:
         data = dict(record)
         data["definition"] = TaskDefinition.model_validate(data["definition"])
+        data["attempts"] = [Attempt.from_record(a) for a in data.get("attempts", [])]
         data["status"] = TaskStatus(data["status"])
         data["success"] = Severity(data["success"]) if data["success"] else None
         return cls(**data)
@@ -185,6 +220,10 @@ class Node:
                 if not k.startswith("usage_") and not isinstance(v, bool)
                 and k not in NOT_CONSUMED}
 
+    def offer_terms(self) -> tuple[Any, ...]:
+        """What decides where tasks fit, of what a node-set says."""
+        return (self.capabilities, self.repositories, self.alive, self.draining, self.protocol)
+
     def free_resources(self) -> dict[str, float]:
         return {k: total - self.used.get(k, 0.0) for k, total in self.resources().items()}
 
@@ -224,19 +263,12 @@ class State:
     roomier: set[str] | None = None
     reservation: Reservation | None = None
     needs_scheduling: bool = True
-    golem: dict[str, Any] = field(default_factory=dict)  # task_id -> golem.GolemTask
-    golem_attempts: dict[str, tuple[str, str]] = field(default_factory=dict)
-    dirty_golem: set[str] = field(default_factory=set)
-    node_blobs: dict[str, set[str]] = field(default_factory=dict)  # sent to each node
     keys: dict[TaskIdentity, str] = field(default_factory=dict)  # keyed creates -> task
     # Per task, over itself and all its descendants: the worst severity so far, and how many
     # are not complete. Kept up to date on every change so list views and events carry a
     # tree's outcome without walking the tree.
     tree_worst: dict[str, Severity] = field(default_factory=dict)
     tree_open: dict[str, int] = field(default_factory=dict)
-
-    def touch_golem(self, task_id: str) -> None:
-        self.dirty_golem.add(task_id)
 
     def add_task(self, task: Task) -> None:
         self.tasks[task.name] = task
@@ -281,11 +313,105 @@ class State:
     def add_node(self, node: Node) -> None:
         self.nodes[node.name] = node
 
-    def touch_task(self, task: Task) -> None:
+    def create(self, task: Task) -> None:
+        """A new task (add_task is also how the store loads one, which changes nothing)."""
+        self.add_task(task)
+        self._changed(task)
+
+    def join(self, node: Node) -> None:
+        self.add_node(node)
+        self._changed_node(node)
+
+    def _changed(self, task: Task) -> None:
         self.dirty_tasks.add(task.name)
 
-    def touch_node(self, node: Node) -> None:
+    def _changed_node(self, node: Node) -> None:
         self.dirty_nodes.add(node.name)
+
+    def forgive_downtime(self, now: float) -> None:
+        """While the coordinator was down nobody heard the nodes: give every node and every
+        task in flight a full timeout from `now` before calling it lost. In memory only."""
+        for node in self.nodes.values():
+            node.last_seen = max(node.last_seen, now)
+        for task in self.tasks.values():
+            if task.dispatched_at is not None and not task.seen_on_node:
+                task.dispatched_at = max(task.dispatched_at, now)
+
+    # ---- what nodes say ------------------------------------------------------------------
+    def heard_from(self, node: Node, *, capabilities: dict[str, Any],
+                   repositories: dict[str, dict[str, Any]], draining: bool,
+                   started: float | None, version: str | None, log_dir: str | None,
+                   protocol: int | None, now: float) -> None:
+        """A node-set: the node is alive and offers this now. Room is re-offered only when
+        something that decides where tasks fit changed (a heartbeat usually changes none)."""
+        before = node.offer_terms()
+        node.capabilities, node.repositories = capabilities, repositories
+        node.draining, node.started, node.last_seen = draining, started, now
+        node.alive, node.left = True, False
+        node.version, node.log_dir, node.protocol = version, log_dir, protocol
+        self._changed_node(node)
+        if node.offer_terms() != before:
+            self.node_gained_room(node.name)
+
+    def drain(self, node: Node) -> None:
+        node.draining = True
+        self._changed_node(node)
+
+    def lose(self, node: Node) -> None:
+        node.alive = False
+        self._changed_node(node)
+
+    def node_left(self, node: Node) -> None:
+        node.alive, node.left = False, True
+        self._changed_node(node)
+        self.node_gained_room(node.name)
+
+    def seen_on_node(self, task: Task) -> None:
+        if not task.seen_on_node:
+            task.seen_on_node = True
+            self._changed(task)
+
+    # ---- what tasks say and ask ----------------------------------------------------------
+    def note(self, task: Task, message: str) -> None:
+        task.message = message
+        self._changed(task)
+
+    def set_results(self, task: Task, results: list[dict[str, Any]]) -> None:
+        task.results = results
+        self._changed(task)
+
+    def set_resources(self, task: Task, resources: list[dict[str, str]]) -> None:
+        task.resources = resources
+        self._changed(task)
+
+    def request_cancel(self, task: Task) -> None:
+        task.cancel_requested = True
+        self._changed(task)
+
+    def record_late(self, task: Task, attempt: int | None, what: str) -> None:
+        """A report from an attempt that was replaced: kept on that attempt, nothing else."""
+        for record in task.attempts:
+            if record.attempt == attempt:
+                record.late.append(what)
+                self._changed(task)
+
+    def lend_cores(self, task: Task, node: Node) -> None:
+        """A parent waits for its children: its cores go back to its node meanwhile."""
+        if task.lent_cores:
+            return
+        task.lent_cores = task.allocated.get("cores", 0.0)
+        node.release({"cores": task.lent_cores})
+        self.node_gained_room(node.name)
+        self._changed(task)
+
+    def take_back_cores(self, task: Task, node: Node) -> None:
+        # Taken back even if that over-commits the node for a while: the parent's own
+        # work is small next to its children's, and refusing would deadlock it.
+        if not task.lent_cores:
+            return
+        node.reserve({"cores": task.lent_cores})
+        task.lent_cores = 0.0
+        self._changed(task)
 
     def node_gained_room(self, name: str) -> None:
         if self.roomier is not None:
@@ -293,7 +419,10 @@ class State:
         self.needs_scheduling = True
 
     def start(self, task: Task, node: Node, allocated: dict[str, float],
-              repos: dict[str, str], now: float) -> None:
+              repos: dict[str, str], now: float,
+              locate: Callable[[Task, Node], tuple[str | None, str]]) -> None:
+        """Give the task to the node as a new attempt; `locate` says where it works and
+        where its log goes once it holds its repositories."""
         task.status = TaskStatus.WORKING
         task.node = node.name
         task.allocated = allocated
@@ -302,15 +431,14 @@ class State:
         task.time_start = now
         task.dispatched_at = now
         task.seen_on_node = False
-        task.attempts.append({"attempt": task.attempt, "node": node.name, "start": now,
-                              "end": None, "why": None, "lost": False,
-                              "allocated": dict(allocated)})
+        task.attempts.append(Attempt(task.attempt, node.name, now, allocated=dict(allocated)))
         for repo in repos.values():
             self.holds[repo] = task.name
         self.dequeue(task)
         node.reserve(allocated)
         node.running.add(task.name)
-        self.touch_task(task)
+        task.path, task.log = locate(task, node)
+        self._changed(task)
 
     def _leave_node(self, task: Task) -> None:
         if task.status is TaskStatus.WORKING and task.node in self.nodes:
@@ -335,20 +463,20 @@ class State:
                     self.node_gained_room(host.name)
             task.holds = {}
         self.enqueue(task)
-        self.touch_task(task)
+        self._changed(task)
 
     def adopt(self, task: Task, node: Node, now: float) -> None:
         """A node that came back still runs the current attempt of a requeued task."""
         self.dequeue(task)
         task.status, task.node, task.seen_on_node = TaskStatus.WORKING, node.name, True
         # What that attempt was granted: its process may still use all of it.
-        granted = task.attempts[-1].get("allocated") if task.attempts else None
-        task.allocated = dict(granted) if granted else task.shape().need
-        if task.attempts:
-            task.attempts[-1].update(end=None, why=None, lost=False)
+        last = task.last_attempt
+        task.allocated = dict(last.allocated) if last and last.allocated else task.shape().need
+        if last is not None:
+            last.reopen()
         node.reserve(task.allocated)
         node.running.add(task.name)
-        self.touch_task(task)
+        self._changed(task)
 
     def finish(self, task: Task, severity: Severity, now: float,
                message: str | None, cause: str | None = None) -> list[Task]:
@@ -362,7 +490,7 @@ class State:
         if message:
             task.message = message
         self.dequeue(task)
-        self.touch_task(task)
+        self._changed(task)
         closed = []
         for name in self._tree_of(task):
             left = self.tree_open.get(name, 1) - 1
@@ -379,6 +507,7 @@ class State:
         raised = task.raise_severity(severity)
         if raised:
             self._spread_severity(task, severity)
+            self._changed(task)
         return raised
 
     def _spread_severity(self, task: Task, severity: Severity) -> None:

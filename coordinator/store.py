@@ -9,6 +9,7 @@ is lost, and receivers treat a repeat as a no-op.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,19 +32,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS golem (
-    task_id TEXT PRIMARY KEY,
-    record TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     exchange TEXT NOT NULL,
     routing_key TEXT NOT NULL,
     command TEXT NOT NULL,
     body BLOB NOT NULL,
-    headers TEXT
+    headers TEXT,
+    file TEXT
 );
 """
+# An extension's table: one JSON record per key (a Golem-style task, say).
+EXTENSION_TABLE = "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, record TEXT NOT NULL)"
+TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class OutboxEntry:
     command: str
     body: bytes
     headers: dict[str, Any] | None = None
+    file: str | None = None  # a kept file (sha256) to stream to routing_key, not `body`
 
 
 class Store:
@@ -66,6 +68,13 @@ class Store:
         # against here; FULL would add an fsync per batch for power loss.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        # A state file written before files were streamed has an outbox without `file`.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "file" not in columns:
+            self._db.execute("ALTER TABLE outbox ADD COLUMN file TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -86,15 +95,19 @@ class Store:
             state.add_node(Node.from_record(json.loads(record)))
         for (record,) in self._db.execute("SELECT record FROM tasks ORDER BY seq"):
             state.add_task(Task.from_record(json.loads(record)))
-        from vespid.coordinator.golem import GolemTask
-
-        for (record,) in self._db.execute("SELECT record FROM golem"):
-            golem = GolemTask.from_record(json.loads(record))
-            state.golem[golem.task_id] = golem
-            for subtask in golem.subtasks.values():
-                for attempt in subtask.attempts:
-                    state.golem_attempts[attempt["task"]] = (golem.task_id, subtask.subtask_id)
         return state
+
+    def records(self, table: str) -> list[dict[str, Any]]:
+        """Every record of an extension's table (made on first use)."""
+        self._db.execute(EXTENSION_TABLE.format(table=_table(table)))
+        return [json.loads(r) for (r,) in self._db.execute(f"SELECT record FROM {table}")]
+
+    def put_records(self, table: str, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Write (key, record) rows of an extension's table; call inside a transaction."""
+        self._db.execute(EXTENSION_TABLE.format(table=_table(table)))
+        # Positional: a table made before extensions named its key column differently.
+        self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)",
+                             [(key, json.dumps(record)) for key, record in records])
 
     def flush(self, state: State) -> None:
         """Write what changed in `state`; call inside a transaction."""
@@ -109,12 +122,8 @@ class Store:
             "INSERT OR REPLACE INTO nodes(name, record) VALUES (?, ?)",
             [(n, json.dumps(state.nodes[n].to_record())) for n in state.dirty_nodes],
         )
-        self._db.executemany(
-            "INSERT OR REPLACE INTO golem(task_id, record) VALUES (?, ?)",
-            [(t, json.dumps(state.golem[t].to_record())) for t in state.dirty_golem])
         state.dirty_tasks.clear()
         state.dirty_nodes.clear()
-        state.dirty_golem.clear()
 
     def next_outbox_id(self) -> int:
         row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
@@ -122,11 +131,11 @@ class Store:
 
     def add_outbox(self, entries: Iterable[OutboxEntry]) -> None:
         self._db.executemany(
-            "INSERT INTO outbox(id, exchange, routing_key, command, body, headers) "
-            "VALUES (?,?,?,?,?,?)",
+            "INSERT INTO outbox(id, exchange, routing_key, command, body, headers, file) "
+            "VALUES (?,?,?,?,?,?,?)",
             [
                 (e.id, e.exchange, e.routing_key, e.command, e.body,
-                 json.dumps(e.headers) if e.headers else None)
+                 json.dumps(e.headers) if e.headers else None, e.file)
                 for e in entries
             ],
         )
@@ -136,9 +145,16 @@ class Store:
 
     def pending_outbox(self) -> list[OutboxEntry]:
         rows = self._db.execute(
-            "SELECT id, exchange, routing_key, command, body, headers FROM outbox ORDER BY id"
-        )
+            "SELECT id, exchange, routing_key, command, body, headers, file FROM outbox "
+            "ORDER BY id")
         return [
-            OutboxEntry(r[0], r[1], r[2], r[3], bytes(r[4]), json.loads(r[5]) if r[5] else None)
+            OutboxEntry(r[0], r[1], r[2], r[3], bytes(r[4]), json.loads(r[5]) if r[5] else None,
+                        r[6])
             for r in rows
         ]
+
+
+def _table(name: str) -> str:
+    if not TABLE_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a table name")
+    return name

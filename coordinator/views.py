@@ -32,7 +32,7 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
         "attempt": task.attempt,
         "message": task.message,
         "holds": task.holds,
-        "attempts": task.attempts,
+        "attempts": [a.to_record() for a in task.attempts],
         "lent_cores": task.lent_cores or None,
         **tree_outcome(state, task),
     })

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from vespid.coordinator import handlers
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
@@ -571,7 +570,7 @@ def test_a_crashed_batch_after_a_restart_does_not_make_nodes_look_lost(
     reopened = Store(tmp_path / "s.db")
     try:
         again = Processor(reopened, settings(tmp_path), now=restart)
-        monkeypatch.setitem(handlers.HANDLERS, TaskInfo, explode)
+        monkeypatch.setitem(again.dispatch_table, TaskInfo, explode)
         again.process([deliver({"command": "task-info", "name": "t1"})], restart)
         monkeypatch.undo()
         outcome = again.tick(restart + 1)
@@ -648,7 +647,7 @@ def test_a_handler_crash_on_one_message_does_not_lose_the_others_in_its_batch(
         raise RuntimeError("boom")
 
     send(proc, node_set(cores=8))
-    monkeypatch.setitem(handlers.HANDLERS, TaskInfo, explode)
+    monkeypatch.setitem(proc.dispatch_table, TaskInfo, explode)
 
     outcome = proc.process([
         deliver(task_create("a"), reply_to="c"),
@@ -677,8 +676,8 @@ def test_a_handler_crash_leaves_no_half_applied_change_behind(
         original(ctx, msg)
         raise RuntimeError("after the change")
 
-    original = handlers.HANDLERS[TaskCreate]
-    monkeypatch.setitem(handlers.HANDLERS, TaskCreate, create_then_explode)
+    original = proc.dispatch_table[TaskCreate]
+    monkeypatch.setitem(proc.dispatch_table, TaskCreate, create_then_explode)
 
     outcome = send(proc, task_create())
 
@@ -727,4 +726,6 @@ def test_a_create_task_delivered_twice_makes_one_golem_task(proc: Processor) -> 
 
     ids = [o.replies[0].body["task_id"] for o in (first, again, other)]
     assert ids[0] == ids[1] != ids[2]
-    assert len(proc.state.golem) == 2
+    from vespid.coordinator.extensions.golem import Golem
+
+    assert len(proc.extensions.find(Golem).tasks) == 2

@@ -240,23 +240,28 @@ def test_the_state_check_recomputes_trees_and_keys_and_reports_drift(proc: Proce
 
 def test_a_failing_extension_hook_is_counted_and_everything_else_goes_on(
         store: Store, tmp_path: Path) -> None:
-    from vespid.coordinator import engine
+    from vespid.coordinator.extension import Extension
 
-    def broken(*_args: object) -> None:
-        raise RuntimeError("an extension with a bug")
+    class Broken(Extension):
+        def ended(self, ctx: object, task: object) -> None:
+            raise RuntimeError("an extension with a bug")
 
-    hooks = engine.Hooks(on_end=[broken], on_tick=[broken])
-    proc = Processor(store, settings(tmp_path), now=T0, hooks=hooks)
+        def tick(self, ctx: object) -> None:
+            raise RuntimeError("an extension with a bug")
+
+    broken = Broken()
+    proc = Processor(store, settings(tmp_path), now=T0, extensions=[broken])
     other = Processor(store, settings(tmp_path), now=T0)
     send(proc, node_set(cores=8, memory=8000))
     create(proc, "t", requirements={"cores": 1})
 
     complete(proc, "t")
     proc.tick(T0 + 6)
+    proc.tick(T0 + 7)
 
     assert info(proc, "t", T0 + 7)["success"] == "ok"  # ended, committed, answered
-    assert hooks.failures == 2
-    assert broken not in other.hooks.on_end  # hooks belong to their processor
+    assert proc.extensions.failures == 3
+    assert broken not in other.extensions.members  # extensions belong to their processor
 
 
 def golem_part_ended(proc: Processor, node: str, cause: str | None, message: str) -> str:

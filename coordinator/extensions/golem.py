@@ -1,0 +1,500 @@
+"""The Golem-style dialect mapped onto Vespid tasks.
+
+A CreateTask becomes one Vespid parent (virtual: it runs nowhere, it stands for the whole
+task in task-info and trees) and, per subtask index, one Vespid child task per attempt.
+A failed, timed-out or rejected attempt is handed out again under the same index, on
+another node while others can serve; the task finishes once every index has an accepted
+result. Golem's pains are designed out: every index is handed out at once, a computed
+result is kept (blob store) the moment it arrives, verification is bounded by a count and
+the task's deadline, and CreateTask answers its own errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from vespid.coordinator import engine
+from vespid.coordinator.engine import Context
+from vespid.coordinator.extension import Extension, Handler, Reply
+from vespid.coordinator.settings import CoordinatorSettings
+from vespid.coordinator.state import State, Task
+from vespid.coordinator.store import Store
+from vespid.shared.blobs import BlobStore
+from vespid.shared.errors import ProtocolError
+from vespid.shared.golem import (
+    AbortTask,
+    CreateTask,
+    GetTaskState,
+    GolemTaskSpec,
+    ListTasks,
+    RestartSubtasks,
+    RestartTask,
+    SubtaskVerificationState,
+    VerifyResults,
+)
+from vespid.shared.logs import get_logger
+from vespid.shared.protocol import Severity, TaskDefinition
+
+log = get_logger(__name__)
+
+
+class Status(StrEnum):
+    """A Golem-style task's status, as the wire spells it."""
+
+    ACTIVE = "computing"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    TIMEOUT = "timeout"
+
+
+class Part(StrEnum):
+    """A subtask's state, and each of its attempts' (the wire's strings, never typed by hand)."""
+
+    WAITING = "waiting"
+    STARTING = "starting"
+    COMPUTING = "computing"
+    VERIFYING = "verifying"
+    FINISHED = "finished"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+    RESTARTED = "restarted"
+
+
+EXECUTOR = "from vespid.node_agent.executors import main\nmain({spec!r})\n"
+TABLE = "golem"  # one record per Golem-style task (the name state files already use)
+
+
+@dataclass
+class SubtaskAttempt:
+    """One Vespid task run for a subtask index."""
+
+    task: str
+    node: str | None
+    state: Part
+    start: float
+    end: float | None = None
+
+
+@dataclass
+class Subtask:
+    subtask_id: str
+    index: int
+    state: Part = Part.WAITING
+    current: str | None = None  # the Vespid task of the live attempt
+    attempts: list[SubtaskAttempt] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    wrong_answers: int = 0
+    failures: int = 0
+    avoid: list[str] = field(default_factory=list)
+
+    @property
+    def last_node(self) -> str | None:
+        return self.attempts[-1].node if self.attempts else None
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Subtask:
+        data = dict(record)
+        data["state"] = Part(data["state"])
+        data["attempts"] = [SubtaskAttempt(**{**a, "state": Part(a["state"])})
+                            for a in data["attempts"]]
+        return cls(**data)
+
+
+@dataclass
+class GolemTask:
+    task_id: str
+    spec: dict[str, Any]
+    created: float
+    deadline: float
+    parent: str
+    resources: list[dict[str, str]]  # [{sha256, path}] as placed in the working folder
+    subtasks: dict[str, Subtask]
+    status: Status = Status.ACTIVE
+    reason: str | None = None
+    results: list[str] = field(default_factory=list)
+    request_id: str | None = None  # message_id of the CreateTask that made it
+
+    @property
+    def model(self) -> GolemTaskSpec:
+        return GolemTaskSpec.model_validate(self.spec)
+
+    def by_index(self) -> list[Subtask]:
+        return sorted(self.subtasks.values(), key=lambda s: s.index)
+
+    def to_record(self) -> dict[str, Any]:
+        record = {k: v for k, v in self.__dict__.items() if k != "subtasks"}
+        record["subtasks"] = {k: v.to_record() for k, v in self.subtasks.items()}
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> GolemTask:
+        data = dict(record)
+        data["status"] = Status(data["status"])
+        data["subtasks"] = {k: Subtask.from_record(v) for k, v in data["subtasks"].items()}
+        return cls(**data)
+
+
+class Golem(Extension):
+    """The dialect's slice of state (its tasks, and which Vespid task is which attempt),
+    its handlers, and the hooks that follow the plain tasks standing for its subtasks."""
+
+    name = "golem"
+
+    def __init__(self, settings: CoordinatorSettings, files: BlobStore) -> None:
+        self.settings = settings
+        self.files = files
+        self.tasks: dict[str, GolemTask] = {}
+        self.attempts: dict[str, tuple[str, str]] = {}  # Vespid task -> (task_id, subtask_id)
+        self.dirty: set[str] = set()
+
+    def handlers(self) -> Mapping[type, Handler]:
+        return {CreateTask: self.handle_create, VerifyResults: self.handle_verify,
+                AbortTask: self.handle_abort, RestartTask: self.handle_restart,
+                RestartSubtasks: self.handle_restart_subtasks, ListTasks: self.handle_list,
+                GetTaskState: self.handle_state}
+
+    # ---- persistence -----------------------------------------------------------------
+    def load(self, store: Store, state: State) -> None:
+        self.tasks, self.attempts, self.dirty = {}, {}, set()
+        for record in store.records(TABLE):
+            golem = GolemTask.from_record(record)
+            self.tasks[golem.task_id] = golem
+            for subtask in golem.subtasks.values():
+                for attempt in subtask.attempts:
+                    self.attempts[attempt.task] = (golem.task_id, subtask.subtask_id)
+            # Result files are placed after the commit that accepted them; a coordinator
+            # stopped in between places them now.
+            self._place_results(golem, [s for s in golem.subtasks.values()
+                                        if s.state in (Part.VERIFYING, Part.FINISHED)],
+                                missing_only=True)
+
+    def flush(self, store: Store) -> None:
+        store.put_records(TABLE, [(t, self.tasks[t].to_record()) for t in sorted(self.dirty)])
+        self.dirty.clear()
+
+    def _changed(self, golem: GolemTask) -> None:
+        self.dirty.add(golem.task_id)
+
+    # ---- creating --------------------------------------------------------------------
+    def handle_create(self, ctx: Context, msg: CreateTask) -> Reply:
+        # A CreateTask delivered again (the coordinator died before acking it) is the same
+        # request: answer with the task it already made instead of making a second one.
+        if ctx.message_id:
+            for existing in self.tasks.values():
+                if existing.request_id == ctx.message_id:
+                    return {"type": "TaskCreatedEvent", "task_id": existing.task_id,
+                            "task": existing.spec}
+        spec = msg.task
+        resources = self._resources(spec, msg.resource_digests)
+        task_id = str(uuid.uuid1())
+        parent = engine.add_virtual_task(ctx, f"golem-{task_id}", spec.task_name)
+        golem = GolemTask(task_id, spec.as_given(), ctx.now, ctx.now + spec.seconds,
+                          parent.name, resources, {}, request_id=ctx.message_id)
+        for index in range(spec.subtasks_count):
+            subtask = Subtask(str(uuid.uuid1()), index)
+            golem.subtasks[subtask.subtask_id] = subtask
+        self.tasks[task_id] = golem
+        for subtask in golem.subtasks.values():
+            self._launch(ctx, golem, subtask)
+        body = {"type": "TaskCreatedEvent", "task_id": task_id, "task": golem.spec}
+        _event(ctx, "TaskCreatedEvent", task_id, body)
+        log.info("golem_task_created", task=task_id, subtasks=spec.subtasks_count,
+                 kind=spec.type)
+        return body
+
+    def _resources(self, spec: GolemTaskSpec, digests: dict[str, str]) -> list[dict[str, str]]:
+        placed = []
+        for source in spec.resources:
+            # Only uploaded files: naming a path never makes the coordinator read its disk.
+            sha = digests.get(source, "")
+            if not self.files.has(sha):
+                raise ProtocolError("missing_resource", f"resource {source!r} was never "
+                                    "uploaded, or was refused for being over the limit of "
+                                    f"{self.settings.max_file_bytes} bytes; the client "
+                                    "library uploads resources before CreateTask")
+            destination = spec.resources_mapped.get(source, Path(source).name)
+            placed.append({"sha256": sha, "path": destination})
+        return placed
+
+    def _launch(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
+        spec = golem.model
+        number = len(subtask.attempts) + 1
+        name = f"{golem.parent}.{subtask.index}.{number}"
+        left = max(golem.deadline - ctx.now, 1.0)
+        definition = TaskDefinition(
+            name=name, name_pretty=f"{spec.task_name} part {subtask.index + 1}/"
+                                   f"{spec.subtasks_count}",
+            parent=golem.parent,
+            executable_pyscript=EXECUTOR.format(spec=json.dumps(golem.spec)),
+            requirements={"cores": 1, "bid": spec.bid},
+            environment={"VESPID_SUBTASK_INDEX": str(subtask.index),
+                         "VESPID_SUBTASK_COUNT": str(spec.subtasks_count),
+                         "VESPID_GOLEM_TASK_ID": golem.task_id,
+                         "VESPID_GOLEM_SUBTASK_ID": subtask.subtask_id},
+            timeout=min(spec.subtask_seconds, left), retries=1, avoid_nodes=subtask.avoid)
+        task = engine.add_task(ctx, definition)
+        ctx.state.set_resources(task, golem.resources)
+        self.attempts[name] = (golem.task_id, subtask.subtask_id)
+        subtask.current, subtask.state = name, Part.STARTING
+        subtask.attempts.append(SubtaskAttempt(name, None, Part.STARTING, ctx.now))
+        self._changed(golem)
+
+    # ---- an attempt starts and ends ----------------------------------------------------
+    def started(self, ctx: Context, task: Task) -> None:
+        found = self._attempt_of(task)
+        if found is not None:
+            golem, subtask = found
+            subtask.state = Part.COMPUTING
+            subtask.attempts[-1].node, subtask.attempts[-1].state = task.node, Part.COMPUTING
+            self._changed(golem)
+
+    def ended(self, ctx: Context, task: Task) -> None:
+        found = self._attempt_of(task)
+        if found is None:
+            return
+        golem, subtask = found
+        record = subtask.attempts[-1]
+        record.end, record.node = ctx.now, task.node or record.node
+        subtask.current = None
+        if golem.status != Status.ACTIVE:
+            record.state = Part.CANCELLED
+        elif task.success is Severity.OK:
+            record.state = Part.FINISHED
+            subtask.results = task.results
+            self._computed(ctx, golem, subtask)
+        else:
+            # What the node said the attempt ended of, never a guess from its message (a
+            # node named timeout-box would otherwise make every failure there a timeout).
+            record.state = Part.TIMEOUT if task.last_cause == "timeout" else Part.FAILURE
+            subtask.state = record.state
+            subtask.failures += 1
+            self._retry_elsewhere(ctx, golem, subtask, task.node,
+                                  f"part {subtask.index} {record.state}: {task.message}")
+        self._changed(golem)
+
+    def _attempt_of(self, task: Task) -> tuple[GolemTask, Subtask] | None:
+        link = self.attempts.get(task.name)
+        if link is None:
+            return None
+        golem = self.tasks[link[0]]
+        subtask = golem.subtasks[link[1]]
+        return (golem, subtask) if subtask.current == task.name else None
+
+    def _computed(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
+        if golem.model.external:
+            subtask.state = Part.VERIFYING
+            _event(ctx, "VerificationRequired", golem.task_id, {
+                "type": "VerificationRequired", "task_id": golem.task_id,
+                "subtask_id": subtask.subtask_id, "task": golem.spec,
+                "results": self._materialise(ctx, golem, [subtask])})
+        else:
+            self._accept(ctx, golem, subtask)
+
+    def _accept(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
+        subtask.state = Part.FINISHED
+        if all(s.state == Part.FINISHED for s in golem.subtasks.values()):
+            golem.results = self._materialise(ctx, golem, golem.by_index())
+            self._close(ctx, golem, Status.FINISHED, None, Severity.OK)
+            _event(ctx, "TaskResults", golem.task_id, {
+                "type": "TaskResults", "task_id": golem.task_id, "task": golem.spec,
+                "results": golem.results, "files": _files(golem)})
+
+    def _retry_elsewhere(self, ctx: Context, golem: GolemTask, subtask: Subtask,
+                         node: str | None, why: str) -> None:
+        if node and node not in subtask.avoid:
+            subtask.avoid.append(node)
+        limit = self.settings.golem_max_failures
+        if subtask.failures >= limit:
+            self._fail(ctx, golem, f"{why}; part {subtask.index} failed {limit} times")
+            return
+        self._launch(ctx, golem, subtask)
+
+    # ---- result files ------------------------------------------------------------------
+    def _materialise(self, ctx: Context, golem: GolemTask, subtasks: list[Subtask]
+                     ) -> list[str]:
+        """Where the results of these parts are kept: <results_dir>/<task_id>-output/<i>/.
+        The paths are decided now; the copies are made once the batch committed."""
+        ctx.effects.after_commit.append(partial(self._place_results, golem, subtasks))
+        return [str(target.resolve()) for _sha, target in self._targets(golem, subtasks)]
+
+    def _targets(self, golem: GolemTask, subtasks: list[Subtask]) -> list[tuple[str, Path]]:
+        base = self.settings.results_path / f"{golem.task_id}-output"
+        return [(r["sha256"], base / str(s.index) / r["name"])
+                for s in subtasks for r in s.results]
+
+    def _place_results(self, golem: GolemTask, subtasks: list[Subtask],
+                       missing_only: bool = False) -> None:
+        for sha, target in self._targets(golem, subtasks):
+            if self.files.has(sha) and not (missing_only and target.is_file()):
+                # A recomputed part replaces what an earlier (rejected) attempt left there.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.files.path(sha), target)
+
+    # ---- ending a whole task -----------------------------------------------------------
+    def _close(self, ctx: Context, golem: GolemTask, status: Status, reason: str | None,
+               severity: Severity) -> None:
+        golem.status, golem.reason = status, reason
+        for subtask in golem.subtasks.values():
+            self._stop_attempt(ctx, subtask,
+                               Part.CANCELLED if status == Status.ABORTED else Part(status))
+        engine.end_task(ctx, ctx.state.tasks[golem.parent], severity, reason)
+        self._changed(golem)
+        log.info("golem_task_closed", task=golem.task_id, status=status, reason=reason)
+
+    @staticmethod
+    def _stop_attempt(ctx: Context, subtask: Subtask, state: Part) -> None:
+        if subtask.current is not None:
+            task = ctx.state.tasks[subtask.current]
+            subtask.current = None
+            subtask.attempts[-1].state, subtask.attempts[-1].end = Part.CANCELLED, ctx.now
+            engine.cancel_tree(ctx, task)
+        if subtask.state != Part.FINISHED:
+            subtask.state = state
+
+    def _fail(self, ctx: Context, golem: GolemTask, reason: str) -> None:
+        self._close(ctx, golem, Status.FAILED, reason, Severity.FATAL)
+        _event(ctx, "TaskFailedEvent", golem.task_id, {
+            "type": "TaskFailedEvent", "task_id": golem.task_id, "reason": reason})
+
+    def tick(self, ctx: Context) -> None:
+        """A task past its deadline ends timeout: unfinished parts too, with an event."""
+        for golem in list(self.tasks.values()):
+            if golem.status == Status.ACTIVE and ctx.now >= golem.deadline:
+                reason = f"the task's timeout of {golem.spec['timeout']} passed"
+                self._close(ctx, golem, Status.TIMEOUT, reason, Severity.TERMINATED)
+                _event(ctx, "TaskTimeoutEvent", golem.task_id, {
+                    "type": "TaskTimeoutEvent", "task_id": golem.task_id, "reason": reason})
+
+    # ---- requester's controls ----------------------------------------------------------
+    def _known(self, task_id: str) -> GolemTask:
+        golem = self.tasks.get(task_id)
+        if golem is None:
+            raise ProtocolError("not_found",
+                                f"no Golem-style task {task_id!r}; ListTasks lists them")
+        return golem
+
+    @staticmethod
+    def _must_control(ctx: Context, golem: GolemTask) -> None:
+        ctx.require_control(ctx.state.tasks[golem.parent].owner, f"task {golem.task_id}")
+
+    def handle_verify(self, ctx: Context, msg: VerifyResults) -> Reply:
+        golem = self._known(msg.task_id)
+        self._must_control(ctx, golem)
+        subtask = golem.subtasks.get(msg.subtask_id)
+        if subtask is None:
+            raise ProtocolError("not_found",
+                                f"task {msg.task_id} has no subtask {msg.subtask_id!r}")
+        verdict = msg.verdict
+        if verdict not in (SubtaskVerificationState.VERIFIED,
+                           SubtaskVerificationState.WRONG_ANSWER):
+            return _verdict_reply(msg, False, f"verdict {verdict} is answered but not acted "
+                                              "on: only VERIFIED (3) and WRONG_ANSWER (4) are")
+        if subtask.state != Part.VERIFYING or golem.status != Status.ACTIVE:
+            return _verdict_reply(msg, False, f"subtask is {subtask.state}, not waiting for "
+                                              "a verdict")
+        if verdict == SubtaskVerificationState.VERIFIED:
+            self._accept(ctx, golem, subtask)
+        else:
+            self._wrong_answer(ctx, golem, subtask)
+        self._changed(golem)
+        return _verdict_reply(msg, True, None)
+
+    def _wrong_answer(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
+        subtask.wrong_answers += 1
+        subtask.state = Part.FAILURE
+        if subtask.wrong_answers >= self.settings.golem_max_wrong_answers:
+            self._fail(ctx, golem, f"part {subtask.index} was judged WRONG_ANSWER "
+                                   f"{subtask.wrong_answers} times")
+        else:
+            subtask.failures = min(subtask.failures, self.settings.golem_max_failures - 1)
+            self._retry_elsewhere(ctx, golem, subtask, subtask.last_node, "wrong answer")
+
+    def handle_abort(self, ctx: Context, msg: AbortTask) -> Reply:
+        golem = self._known(msg.task_id)
+        self._must_control(ctx, golem)
+        if golem.status == Status.ACTIVE:
+            self._close(ctx, golem, Status.ABORTED, "aborted by the requester",
+                        Severity.TERMINATED)
+            _event(ctx, "TaskAbortedEvent", golem.task_id, {"type": "TaskAbortedEvent",
+                                                            "task_id": golem.task_id})
+        return {"type": "TaskAborted", "task_id": golem.task_id, "status": golem.status}
+
+    def handle_restart(self, ctx: Context, msg: RestartTask) -> Reply:
+        golem = self._known(msg.task_id)
+        digests = {src: r["sha256"] for src, r in zip(golem.spec["resources"], golem.resources,
+                                                       strict=True)}
+        create = CreateTask(type="CreateTask", task=GolemTaskSpec.model_validate(golem.spec),
+                            resource_digests=digests)
+        return self.handle_create(ctx, create)
+
+    def handle_restart_subtasks(self, ctx: Context, msg: RestartSubtasks) -> Reply:
+        golem = self._known(msg.task_id)
+        unknown = [s for s in msg.subtask_ids if s not in golem.subtasks]
+        if unknown:
+            raise ProtocolError("not_found", f"task {msg.task_id} has no subtask {unknown[0]!r}")
+        if golem.status not in (Status.ACTIVE, Status.FINISHED):
+            raise ProtocolError("conflict", f"task {msg.task_id} is {golem.status}; restart "
+                                "the whole task instead")
+        if golem.status == Status.FINISHED:
+            golem.status = Status.ACTIVE
+            golem.deadline = ctx.now + golem.model.seconds
+            parent = engine.add_virtual_task(
+                ctx, f"golem-{golem.task_id}-r{len(golem.results)}-{int(ctx.now)}",
+                golem.model.task_name)
+            golem.parent = parent.name
+        for subtask_id in msg.subtask_ids:
+            subtask = golem.subtasks[subtask_id]
+            self._stop_attempt(ctx, subtask, Part.RESTARTED)
+            subtask.state, subtask.results, subtask.failures = Part.RESTARTED, [], 0
+            self._launch(ctx, golem, subtask)
+        return {"type": "SubtasksRestarted", "task_id": golem.task_id,
+                "subtask_ids": msg.subtask_ids}
+
+    def handle_list(self, ctx: Context, msg: ListTasks) -> Reply:
+        return {"type": "TaskList", "tasks": [_summary(g) for g in self.tasks.values()]}
+
+    def handle_state(self, ctx: Context, msg: GetTaskState) -> Reply:
+        golem = self._known(msg.task_id)
+        return {**_summary(golem), "type": "TaskState", "task": golem.spec,
+                "results": golem.results, "reason": golem.reason, "subtasks": [
+                    {"subtask_id": s.subtask_id, "index": s.index, "state": s.state,
+                     "node": s.last_node, "attempts": [asdict(a) for a in s.attempts],
+                     "wrong_answers": s.wrong_answers}
+                    for s in golem.by_index()]}
+
+
+def _files(golem: GolemTask) -> list[dict[str, Any]]:
+    return [{**r, "subtask_id": s.subtask_id, "index": s.index}
+            for s in golem.by_index() for r in s.results]
+
+
+def _verdict_reply(msg: VerifyResults, acted: bool, why: str | None) -> dict[str, Any]:
+    return {"type": "VerifyResultsAck", "task_id": msg.task_id, "subtask_id": msg.subtask_id,
+            "verdict": msg.verdict, "acted": acted, "message": why}
+
+
+def _summary(golem: GolemTask) -> dict[str, Any]:
+    done = sum(1 for s in golem.subtasks.values() if s.state == Part.FINISHED)
+    return {"task_id": golem.task_id, "task_name": golem.spec["task_name"],
+            "task_type": golem.spec["type"], "status": golem.status, "created": golem.created,
+            "subtasks_count": len(golem.subtasks), "subtasks_finished": done}
+
+
+def _event(ctx: Context, kind: str, task_id: str, body: dict[str, Any]) -> None:
+    ctx.effects.announce(f"golem.{kind}.{task_id}", kind, body)
