@@ -132,15 +132,27 @@ class BlobStore:
         (part_dir / str(chunk.index)).write_bytes(data)
         if len(os.listdir(part_dir)) < chunk.count:
             return False
-        whole = b"".join((part_dir / str(i)).read_bytes() for i in range(chunk.count))
-        for part in part_dir.iterdir():
-            part.unlink()
+        self._assemble(part_dir, chunk)
+        return True
+
+    def _assemble(self, part_dir: Path, chunk: BlobChunk) -> None:
+        # Part by part into one file, hashing as it goes: never the whole file in memory.
+        temporary = self.root / "partial" / f"{chunk.sha256}.tmp"
+        sha, size = hashlib.sha256(), 0
+        with temporary.open("wb") as out:
+            for index in range(chunk.count):
+                part = (part_dir / str(index)).read_bytes()
+                sha.update(part)
+                size += len(part)
+                out.write(part)
+        for part_file in part_dir.iterdir():
+            part_file.unlink()
         part_dir.rmdir()
-        if digest(whole) != chunk.sha256 or len(whole) != chunk.size:
+        if sha.hexdigest() != chunk.sha256 or size != chunk.size:
+            temporary.unlink()
             raise ProtocolError("corrupt", f"the file sent as {chunk.sha256[:12]}… does not match "
                                 "its sha256 or size; send it again")
-        self._write(chunk.sha256, whole)
-        return True
+        temporary.replace(self.path(chunk.sha256))
 
     def _write(self, sha: str, data: bytes) -> None:
         temporary = self.root / "partial" / f"{sha}.tmp"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
-from vespid.shared.blobs import CHUNK_BYTES, BlobStore
+import pytest
+
+from vespid.shared.blobs import CHUNK_BYTES, BlobStore, part_message
+from vespid.shared.errors import ProtocolError
 
 
 def test_each_chunk_is_read_alone_and_they_add_up_to_the_file(tmp_path: Path) -> None:
@@ -19,3 +23,33 @@ def test_each_chunk_is_read_alone_and_they_add_up_to_the_file(tmp_path: Path) ->
     assert all(c is not None and c.count == 3 and c.size == len(data) for c in chunks)
     assert b"".join(base64.b64decode(c.data) for c in chunks if c) == data
     assert store.read_chunk(sha, 3) is None
+
+
+def test_chunks_received_in_any_order_make_the_file(tmp_path: Path) -> None:
+    source, target = BlobStore(tmp_path / "a"), BlobStore(tmp_path / "b")
+    data = os.urandom(CHUNK_BYTES * 2 + 17)
+    sha = source.put_bytes(data)
+    chunks = [source.read_chunk(sha, index) for index in range(source.chunks(sha))]
+
+    done = [target.put_chunk(c) for c in reversed(chunks) if c is not None]
+
+    assert done == [False, False, True]
+    assert target.read(sha) == data
+    assert list((tmp_path / "b" / "partial").iterdir()) == []
+
+
+def test_chunks_that_do_not_add_up_to_their_digest_are_refused_and_leave_nothing(
+        tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    data = b"x" * (CHUNK_BYTES + 5)
+    wrong = "0" * 64
+    parts = [part_message(data[:CHUNK_BYTES], wrong, 0, len(data)),
+             part_message(data[CHUNK_BYTES:], wrong, 1, len(data))]
+
+    assert store.put_chunk(parts[0]) is False
+    with pytest.raises(ProtocolError) as refused:
+        store.put_chunk(parts[1])
+
+    assert refused.value.code == "corrupt"
+    assert not store.has(wrong)
+    assert list((tmp_path / "partial").iterdir()) == []
