@@ -175,6 +175,8 @@ class Supervisor:
             return
         if attempt is not None and entry.run.attempt > attempt:
             return  # meant for an older attempt than the one running here
+        if entry.process.poll() is not None:
+            return  # it ended on its own before the kill: its own result stands
         entry.kill_reason = reason
         entry.kill_cause = cause
         entry.kill_severity = severity
@@ -239,7 +241,7 @@ class Supervisor:
             result = Finished(run.name, run.attempt, Severity.OK, None)
         elif code < 0:
             result = Finished(run.name, run.attempt, Severity.TERMINATED,
-                              f"the process died of signal {signal.Signals(-code).name}",
+                              f"the process died of signal {_signal_name(-code)}",
                               "signal")
         else:
             result = Finished(run.name, run.attempt, Severity.FATAL,
@@ -252,3 +254,13 @@ class Supervisor:
     def _signal(entry: Running, signum: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(entry.process.pid, signum)
+
+
+def _signal_name(number: int) -> str:
+    # signal.Signals names only SIGRTMIN and SIGRTMAX of the real-time range: a task that
+    # died of SIGRTMIN+1 must still be reported, not crash the reaper.
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        rtmin = int(signal.SIGRTMIN)
+        return f"SIGRTMIN+{number - rtmin}" if number > rtmin else f"{number}"

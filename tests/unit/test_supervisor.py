@@ -198,10 +198,6 @@ def test_a_script_killed_by_a_signal_ends_terminated_naming_the_signal(
                                      f"the process died of signal {signum.name}", "signal")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "supervisor.py Supervisor._outcome: signal.Signals(-code) raises ValueError for a "
-    "real-time signal (only SIGRTMIN and SIGRTMAX are members), so reap() raises, the entry "
-    "already deleted from `running`: the result is lost and the agent's loop dies"))
 def test_a_script_killed_by_a_real_time_signal_ends_terminated(
         supervisor: Supervisor, tmp_path: Path) -> None:
     start(supervisor, tmp_path, "rt", "os.kill(os.getpid(), signal.SIGRTMIN + 1)\n"
@@ -210,7 +206,7 @@ def test_a_script_killed_by_a_real_time_signal_ends_terminated(
     ended = reap_until(supervisor, "rt")
 
     assert (ended["rt"].success, ended["rt"].cause) == (Severity.TERMINATED, "signal")
-    assert ended["rt"].message is not None and "signal" in ended["rt"].message
+    assert ended["rt"].message == "the process died of signal SIGRTMIN+1"
 
 
 # ---- output, environment, folder ----------------------------------------------------------
@@ -619,3 +615,15 @@ def test_the_supervisor_runs_the_agents_own_python(
     reap_until(supervisor, "which")
 
     assert (planned.cwd / "python").read_text() == sys.executable
+
+
+def test_a_kill_that_comes_after_the_script_ended_leaves_its_own_result(
+        supervisor: Supervisor, tmp_path: Path) -> None:
+    start(supervisor, tmp_path, "quick", "pass\n")
+    process = supervisor.running["quick"].process
+    process.wait(timeout=10)
+
+    supervisor.kill_all("the agent is stopping")
+    ended = reap_until(supervisor, "quick")
+
+    assert (ended["quick"].success, ended["quick"].message) == (Severity.OK, None)
