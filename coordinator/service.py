@@ -80,13 +80,18 @@ class CoordinatorService:
         self._returned: set[int] = set()
         self._close_reason: str | None = None
         # Files on their way: streams in order, and per routing key what must wait behind
-        # a file (the task-run that needs it, say), so a node gets the file first.
+        # a file (the task-run that needs it, say) until the broker confirmed all of it, so
+        # a node gets the whole file first even if a chunk has to go again.
         self._streams: deque[FileStream] = deque()
         self._held: dict[str, deque[OutboxEntry]] = {}
+        self._holder: dict[str, OutboxEntry] = {}  # routing key -> the file holding it
         self._chunk_seqs: set[int] = set()  # publish seqs of file chunks in flight
         self._file_parts: dict[int, int] = {}  # outbox id -> its chunks not yet confirmed
         self._sending: set[int] = set()  # outbox ids whose chunks are not all published
         self._failed_files: set[int] = set()
+        # Replies are in no outbox: what was published, by publish seq, to send again if
+        # the broker refuses it (a nack), instead of leaving the client to time out.
+        self._replies: dict[int, tuple[str, bytes, Any]] = {}
 
     def _extensions(self) -> list[Extension]:
         extensions = default_extensions(self.settings)
@@ -206,7 +211,8 @@ class CoordinatorService:
         if self._channel is None or not self._channel.is_open:
             return
         outcome = self.processor.tick(time.time())
-        resend = [e for e in self.store.pending_outbox() if e.id in self._resend]
+        resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
+                  if self._resend else [])
         self._resend.clear()
         outcome.outbox = resend + outcome.outbox
         # An unroutable task-run means the node's queue vanished (deleted by hand?): declare
@@ -223,19 +229,25 @@ class CoordinatorService:
             topology.declare_node(self._channel, node)
         for reply in outcome.replies:
             kind = str(reply.body.get("command") or reply.body.get("type"))  # either dialect
-            self._send("", reply.reply_to, reply.data,
-                       properties(kind, app_id=APP_ID, persistent=False,
-                                  correlation_id=reply.correlation_id), None, mandatory=False)
+            self._send_reply(reply.reply_to, reply.data,
+                             properties(kind, app_id=APP_ID, persistent=False,
+                                        correlation_id=reply.correlation_id))
         for entry in outcome.outbox:
             self._send_entry(entry)
         self._pump_files()
 
+    def _send_reply(self, reply_to: str, data: bytes, props: Any) -> None:
+        self._send("", reply_to, data, props, None, mandatory=False)
+        self._replies[self._seq] = (reply_to, data, props)
+
     def _send_entry(self, entry: OutboxEntry) -> None:
         key = entry.routing_key
-        if key in self._held:
-            self._held[key].append(entry)  # behind a file still on its way there
+        holder = self._holder.get(key)
+        if holder is not None and holder.id != entry.id:
+            self._held[key].append(entry)  # behind a file not yet all confirmed there
         elif entry.file is not None:
-            self._held[key] = deque()
+            self._holder[key] = entry
+            self._held.setdefault(key, deque())
             self._sending.add(entry.id)
             self._streams.append(FileStream(entry, self._chunks_of(entry.file)))
         else:
@@ -256,8 +268,7 @@ class CoordinatorService:
         return 0
 
     def _pump_files(self) -> None:
-        """Publish file chunks while the window allows; a file fully published lets what
-        waited behind it go."""
+        """Publish file chunks while the window allows."""
         while self._streams:
             stream = self._streams[0]
             if stream.next < stream.total:
@@ -268,14 +279,16 @@ class CoordinatorService:
             self._streams.popleft()
             self._sending.discard(stream.entry.id)
             self._file_settled(stream.entry.id)
-            for entry in self._held.pop(stream.entry.routing_key):
-                self._send_entry(entry)
 
     def _send_chunk(self, stream: FileStream) -> None:
         entry = stream.entry
         assert entry.file is not None
-        chunk = self.files.read_chunk(entry.file, stream.next)
-        if chunk is None:  # the file shrank under us: send what there is, and stop
+        try:
+            chunk = self.files.read_chunk(entry.file, stream.next)
+        except OSError as exc:
+            log.error("file_to_send_unreadable", sha256=entry.file, error=str(exc))
+            chunk = None
+        if chunk is None:  # the file went or shrank under us: send what there is, and stop
             stream.total = stream.next
             return
         self._send(entry.exchange, entry.routing_key, encode(chunk),
@@ -285,8 +298,9 @@ class CoordinatorService:
         stream.next += 1
 
     def _file_settled(self, outbox_id: int) -> None:
-        """Once every chunk of a file is published and confirmed, its row is done (or, if
-        any chunk was refused, the whole file is sent again)."""
+        """Once every chunk of a file is published and confirmed, its row is done and what
+        waited behind it goes; if any chunk was refused, the whole file is sent again on
+        the next tick and the rest keeps waiting."""
         if outbox_id in self._sending or self._file_parts.get(outbox_id, 0) > 0:
             return
         self._file_parts.pop(outbox_id, None)
@@ -294,8 +308,16 @@ class CoordinatorService:
             self._failed_files.discard(outbox_id)
             self._returned.discard(outbox_id)
             self._resend.add(outbox_id)
-        else:
-            self.processor.confirmed([outbox_id])
+            return
+        self.processor.confirmed([outbox_id])
+        key = next(k for k, holder in self._holder.items() if holder.id == outbox_id)
+        del self._holder[key]
+        held = self._held.pop(key)
+        while held:
+            self._send_entry(held.popleft())
+            if key in self._holder:  # another file for that node: the rest waits for it
+                self._held[key].extend(held)
+                break
 
     def _send(self, exchange: str, key: str, body: bytes, props: Any, outbox_id: int | None,
               mandatory: bool) -> None:
@@ -321,7 +343,11 @@ class CoordinatorService:
         done: list[int] = []
         for seq in seqs:
             outbox_id = self._in_flight.pop(seq, None)
-            if seq in self._chunk_seqs:
+            reply = self._replies.pop(seq, None)
+            if reply is not None and not acked:
+                log.warning("reply_refused_sending_again", reply_to=reply[0])
+                self._send_reply(*reply)
+            elif seq in self._chunk_seqs:
                 self._chunk_seqs.discard(seq)
                 if outbox_id is not None:
                     self._chunk_confirmed(outbox_id, acked)

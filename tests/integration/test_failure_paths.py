@@ -91,7 +91,13 @@ def test_a_node_agent_with_a_wrong_password_stops_with_a_sentence(
 
 
 def test_cancelling_a_finished_task_says_there_is_nothing_to_cancel(
-        amqp_url: str, coordinator: VespidProcess) -> None:
+        amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> None:
+    # The raw node says node-set once: a long heartbeat timeout keeps it alive however slowly
+    # a loaded machine starts the two CLI processes below.
+    coordinator = coordinator_process(amqp_url, tmp_path / "coordinator",
+                                      VESPID_MISSED_HEARTBEATS="600").start()
+    started.append(coordinator)
+    coordinator.wait_for_log("coordinator_consuming")
     peer = RawPeer(amqp_url)
     RawNode(peer, "small", {"memory": 4000, "cores": 2}).node_set([])
     for name in ("gone", "whale"):

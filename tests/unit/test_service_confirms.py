@@ -376,6 +376,23 @@ def test_replies_are_published_to_reply_to_and_never_enter_the_outbox(
     assert pending_ids(service) == []
 
 
+def test_a_refused_reply_is_sent_again_at_once(
+        service: CoordinatorService) -> None:
+    join_node(service, tag=1)
+    channel = channel_of(service)
+    deliver(service, 2, {"command": "task-info", "name": "nope"}, reply_to="amq.rabbitmq.reply-to")
+    [reply] = run_batch(service)
+
+    nack(service, reply.seq)
+
+    again = channel.published[-1]
+    assert again.seq != reply.seq
+    assert (again.routing_key, again.body) == (reply.routing_key, reply.body)
+    assert again.properties.correlation_id == "corr-2"
+    ack(service, again.seq)
+    assert tick(service) == []  # once is enough: nothing else goes again
+
+
 def test_after_a_reconnect_the_unconfirmed_outbox_goes_again_in_order_files_first(
         service: CoordinatorService) -> None:
     _, sha = a_file(service, chunks=2)
@@ -564,10 +581,6 @@ def test_a_missing_file_does_not_hold_back_what_follows_it(
     assert not service._streams
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service.py releases what waits behind a file once its chunks are published, not "
-    "confirmed: after a chunk is nacked, the task-run already went out and reaches the node "
-    "before the file is whole (the agent then fails it: 'resource ... never arrived')"))
 def test_after_a_nacked_chunk_the_node_still_gets_the_whole_file_before_its_task_run(
         service: CoordinatorService) -> None:
     _, sha = a_file(service, chunks=3)
