@@ -54,6 +54,8 @@ class Effects:
     # Local disk work a decision implies (placing result files, say): run once the batch
     # committed, outside the transaction; each is idempotent, so a retry may repeat it.
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    handled: list[str] = field(default_factory=list)  # commands dispatched, for observers
+    rejected: list[str] = field(default_factory=list)  # error codes of refused messages
 
     def send_file(self, node: str, sha256: str) -> None:
         self.files.append(FileSend(node, sha256))

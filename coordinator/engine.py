@@ -117,12 +117,16 @@ def add_task(ctx: Context, definition: TaskDefinition) -> Task:
     return task
 
 
-def add_virtual_task(ctx: Context, name: str, pretty: str) -> Task:
-    """A task that runs nowhere and stands for work done by its children."""
+def add_virtual_task(ctx: Context, name: str, pretty: str, owner: str | None = None) -> Task:
+    """A task that runs nowhere and stands for work done by its children; owned by the
+    sender unless another owner is given."""
+    if name in ctx.state.tasks:
+        raise ProtocolError("conflict", f"a task named {name!r} already exists")
     definition = TaskDefinition(name=name, name_pretty=pretty, executable_pyscript="",
                                 retries=0)
     task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
-                status=TaskStatus.WORKING, time_start=ctx.now, virtual=True, owner=ctx.sender)
+                status=TaskStatus.WORKING, time_start=ctx.now, virtual=True,
+                owner=owner if owner is not None else ctx.sender)
     ctx.state.create(task)
     ctx.event("created", task)
     return task

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from vespid.coordinator import engine, handlers
@@ -98,8 +99,11 @@ class Processor:
             log.exception("message_crashed_handler", body=delivery.body[:200])
             reason = f"the coordinator failed on this message: {exc!r}"
         self._reload()
-        return self._in_transaction(
-            lambda ctx: self._reject(ctx, delivery, "internal", reason), now)
+        return self._in_transaction(partial(self._crashed, delivery, reason), now)
+
+    def _crashed(self, delivery: Delivery, reason: str, ctx: Context) -> None:
+        ctx.effects.handled.append(_command_of(delivery))  # it was handled, and failed
+        self._reject(ctx, delivery, "internal", reason)
 
     def _in_transaction(self, work: Callable[[Context], None], now: float) -> Outcome:
         ctx = Context(self.state, self.settings, Effects(), now, extensions=self.extensions)
@@ -113,6 +117,11 @@ class Processor:
             self.store.add_outbox(entries)
             self.store.delete_outbox(self._confirmed)
         self._confirmed = []
+        # Counted once committed: a batch retried one by one does not count twice.
+        for command in ctx.effects.handled:
+            self.extensions.handled(command)
+        for code in ctx.effects.rejected:
+            self.extensions.rejected(code)
         for work_after in ctx.effects.after_commit:
             self._after_commit(work_after)
         return Outcome(ctx.effects.replies, entries, ctx.effects.new_nodes)
@@ -149,8 +158,15 @@ class Processor:
                                     "property (your broker login) on every message; the "
                                     "project's client sets it")
             message = decode(delivery.body, self.settings.max_body_bytes)
-            self.extensions.handled(str(getattr(message, "command", None) or message.type))
-            body = self.dispatch_table[type(message)](ctx, message)
+            named_by = getattr(message, "command", None)  # else the Golem dialect's `type`
+            command = str(named_by or message.type)
+            handler = self.dispatch_table.get(type(message))
+            if handler is None:  # a message of an extension this coordinator does not run
+                raise ProtocolError("unknown_command" if named_by else "unknown_type",
+                                    f"this coordinator does not serve {command} (the "
+                                    "extension that answers it is not loaded)")
+            ctx.effects.handled.append(command)
+            body = handler(ctx, message)
         except ProtocolError as exc:
             self._reject(ctx, delivery, exc.code, exc.message)
             return
@@ -161,7 +177,7 @@ class Processor:
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:
         log.warning("message_rejected", error=code, reason=sentence)
-        self.extensions.rejected(code)
+        ctx.effects.rejected.append(code)
         if delivery.reply_to:
             ctx.effects.reply(delivery.reply_to, delivery.correlation_id,
                               error_reply(code, sentence))

@@ -129,6 +129,7 @@ class GolemTask:
     reason: str | None = None
     results: list[str] = field(default_factory=list)
     request_id: str | None = None  # message_id of the CreateTask that made it
+    reopened: int = 0  # how often RestartSubtasks reopened it after it finished
 
     @property
     def model(self) -> GolemTaskSpec:
@@ -437,6 +438,7 @@ class Golem(Extension):
 
     def handle_restart(self, ctx: Context, msg: RestartTask) -> Reply:
         golem = self._known(msg.task_id)
+        self._must_control(ctx, golem)  # its spec and files are its owner's
         digests = {src: r["sha256"] for src, r in zip(golem.spec["resources"], golem.resources,
                                                        strict=True)}
         create = CreateTask(type="CreateTask", task=GolemTaskSpec.model_validate(golem.spec),
@@ -445,6 +447,7 @@ class Golem(Extension):
 
     def handle_restart_subtasks(self, ctx: Context, msg: RestartSubtasks) -> Reply:
         golem = self._known(msg.task_id)
+        self._must_control(ctx, golem)
         unknown = [s for s in msg.subtask_ids if s not in golem.subtasks]
         if unknown:
             raise ProtocolError("not_found", f"task {msg.task_id} has no subtask {unknown[0]!r}")
@@ -452,12 +455,7 @@ class Golem(Extension):
             raise ProtocolError("conflict", f"task {msg.task_id} is {golem.status}; restart "
                                 "the whole task instead")
         if golem.status == Status.FINISHED:
-            golem.status = Status.ACTIVE
-            golem.deadline = ctx.now + golem.model.seconds
-            parent = engine.add_virtual_task(
-                ctx, f"golem-{golem.task_id}-r{len(golem.results)}-{int(ctx.now)}",
-                golem.model.task_name)
-            golem.parent = parent.name
+            self._reopen(ctx, golem)
         for subtask_id in msg.subtask_ids:
             subtask = golem.subtasks[subtask_id]
             self._stop_attempt(ctx, subtask, Part.RESTARTED)
@@ -465,6 +463,18 @@ class Golem(Extension):
             self._launch(ctx, golem, subtask)
         return {"type": "SubtasksRestarted", "task_id": golem.task_id,
                 "subtask_ids": msg.subtask_ids}
+
+    @staticmethod
+    def _reopen(ctx: Context, golem: GolemTask) -> None:
+        """A finished task computes some parts again: a new parent stands for it, owned by
+        whoever owned the task (never by whoever asked)."""
+        owner = ctx.state.tasks[golem.parent].owner
+        golem.status = Status.ACTIVE
+        golem.deadline = ctx.now + golem.model.seconds
+        golem.reopened += 1
+        parent = engine.add_virtual_task(ctx, f"golem-{golem.task_id}-r{golem.reopened}",
+                                         golem.model.task_name, owner=owner)
+        golem.parent = parent.name
 
     def handle_list(self, ctx: Context, msg: ListTasks) -> Reply:
         return {"type": "TaskList", "tasks": [_summary(g) for g in self.tasks.values()]}

@@ -206,10 +206,6 @@ def test_a_file_send_that_was_rolled_back_is_sent_again_with_the_task_run(
 # --- found while writing these ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Processor._handle looks the decoded message up with dispatch_table[type(message)]; "
-    "a message every decoder knows but no loaded extension handles raises KeyError, which "
-    "fails the whole batch and is answered `internal` instead of an error code"))
 def test_a_processor_without_the_golem_extension_refuses_golem_messages_as_unknown(
         proc: Processor) -> None:
     with capture_logs():

@@ -674,10 +674,6 @@ def test_two_extensions_claiming_one_message_type_are_refused_when_the_processor
 # --- found while writing these ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RestartSubtasks checks no ownership, and reopening a finished task makes a new virtual "
-    "parent owned by whoever sent it (engine.add_virtual_task uses ctx.sender): another "
-    "user takes control of the task and its owner is locked out"))
 def test_restart_subtasks_by_another_user_never_gives_them_control_of_the_task(
         rig: Rig) -> None:
     rig.send(node_set("n1"))
@@ -694,10 +690,6 @@ def test_restart_subtasks_by_another_user_never_gives_them_control_of_the_task(
     assert reply.get("error") == "forbidden"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a reopened task's virtual parent is named golem-<id>-r<number of result files>-<whole "
-    "seconds>, so a second reopening within the same second reuses the first one's name and "
-    "State.create silently replaces that completed task"))
 def test_each_reopening_of_a_finished_task_gets_a_virtual_parent_of_its_own(
         rig: Rig) -> None:
     rig.send(node_set("n1"))

@@ -139,9 +139,6 @@ def test_tick_refreshes_the_node_and_task_gauges_from_state(proc: Processor) -> 
     assert value("vespid_tasks", status="complete", success="error") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Processor calls extensions.handled() before dispatch; when a batch fails it is rolled "
-    "back and handled again one by one, so every message of that batch is counted twice"))
 def test_a_message_is_counted_once_even_when_its_batch_is_retried_one_by_one(
         proc: Processor, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(ctx: Any, msg: Any) -> None:
