@@ -365,11 +365,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from vespid.client.broker_setup import add_commands as broker_commands
-    from vespid.client.dashboard import add_commands as dashboard_commands
     from vespid.client.golem_cli import add_commands as golem_commands
-    from vespid.client.logs import add_commands as log_commands
     from vespid.coordinator.main import add_arguments as coordinator_arguments
     from vespid.node_agent.main import add_arguments as node_arguments
+    from vespid.servers.dashboard import add_commands as dashboard_commands
+    from vespid.servers.logserver import add_commands as log_commands
 
     parser = argparse.ArgumentParser(
         prog="vespid", description="Vespid: a distributed task system for build farms.",

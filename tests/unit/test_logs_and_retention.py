@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from vespid.client.logs import LogServer
 from vespid.node_agent import retention
 from vespid.node_agent.logstream import LogStreams, attempt_log, note, read_record
+from vespid.servers.logserver import LogServer
 from vespid.shared.errors import ProtocolError
 from vespid.shared.settings import ClientSettings
 

@@ -23,7 +23,7 @@ from vespid.shared.errors import VespidError
 from vespid.shared.settings import client_settings
 from vespid.shared.transport import DEFAULT_URL
 
-PAGE = resources.files("vespid.client").joinpath("dashboard.html").read_bytes()
+PAGE = resources.files("vespid.servers").joinpath("dashboard.html").read_bytes()
 _local = threading.local()
 
 
@@ -50,7 +50,7 @@ def snapshot(url: str) -> dict[str, Any]:
 
 def task_log(url: str, name: str, attempt: int | None) -> str:
     """The start of one attempt's log (the latest when `attempt` is None)."""
-    from vespid.client.logs import LogReader
+    from vespid.servers.logserver import LogReader
 
     try:
         reader = LogReader(client_settings(url), timeout=2)
