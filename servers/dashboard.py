@@ -50,7 +50,7 @@ def snapshot(url: str) -> dict[str, Any]:
 
 def task_log(url: str, name: str, attempt: int | None) -> str:
     """The start of one attempt's log (the latest when `attempt` is None)."""
-    from vespid.servers.logserver import LogReader
+    from vespid.client.logs import LogReader
 
     try:
         reader = LogReader(client_settings(url), timeout=2)

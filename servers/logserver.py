@@ -1,12 +1,11 @@
-"""Central task logs: `vespid logserver --dir DIR` keeps them, `vespid logs NAME [-f]` reads.
+"""`vespid logserver --dir DIR`: keeps every task's output, one file per attempt.
 
 The log server consumes every chunk node agents stream (vespid.logs, key log.<task>) and
 writes it at its byte offset into DIR/<task>/attempt-<n>.log, the file of the attempt the
 chunk says it came from: repeats and late chunks land in the right place, and a stale
-attempt can never write into another's file. It answers `log-get` requests with what it has.
-A message it cannot handle is dead-lettered to vespid.dead with the reason, never retried
-forever. `vespid logs -f` subscribes to the task's chunks first, then asks for the history,
-then prints what comes live after it, until the node says the output ended.
+attempt can never write into another's file. It answers `log-get` requests with what it has
+(`vespid logs`, vespid.client.logs, asks them). A message it cannot handle is dead-lettered
+to vespid.dead with the reason, never retried forever.
 """
 
 from __future__ import annotations
@@ -15,28 +14,16 @@ import argparse
 import json
 import re
 import signal
-import sys
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from vespid.client.api import CONNECT_SECONDS
 from vespid.node_agent.logstream import chunk_bytes
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
-from vespid.shared.errors import (
-    BrokerError,
-    ConfigError,
-    ProtocolError,
-    RequestTimeout,
-    TaskNotFound,
-)
+from vespid.shared.errors import ProtocolError
 from vespid.shared.protocol import encode, parse_body
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
-    CONNECTION_ERRORS,
     close_quietly,
     connect,
     declared,
@@ -44,11 +31,8 @@ from vespid.shared.transport import (
     keep_reconnecting,
     properties,
     publish_confirmed,
-    refusal,
-    require_consumer,
 )
 
-T = TypeVar("T")
 APP_ID = "vespid-logserver"
 SAFE_TASK = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 ATTEMPT_FILE = re.compile(r"^attempt-(\d+)\.log$")
@@ -199,136 +183,6 @@ class LogServer:
                 "known": path.exists(), "complete": bool(meta.get("complete"))}
 
 
-NO_LOG_SERVER = "start one with `vespid logserver --dir DIR`"
-
-
-def _asking(action: Callable[[], T]) -> T:
-    """Run a pika call of the reader; say in a sentence what a refusal means."""
-    try:
-        return action()
-    except CONNECTION_ERRORS as exc:
-        refused = refusal(exc)
-        if refused is not None and refused[0] == 404:  # vespid.logs was never declared
-            raise RequestTimeout(f"no log server has run on this vhost: {NO_LOG_SERVER}") \
-                from None
-        if refused is not None:
-            raise BrokerError(f"the broker refused: {refused[1]}") from None
-        raise BrokerError(f"lost the broker: {exc!r}") from None
-
-
-class LogReader:
-    """What `vespid logs` does: history from the log server, then the live chunks.
-
-    It declares nothing (a client may not): the exchange exists once a log server or a node
-    agent has run on the vhost."""
-
-    def __init__(self, settings: ClientSettings, timeout: float) -> None:
-        self.connection = connect(settings.broker_parameters("vespid-logs"),
-                                  give_up_after=min(timeout, CONNECT_SECONDS), quiet=True)
-        # Nobody would answer a log-get: say so now, not after the timeout.
-        require_consumer(self.connection, topology.LOG_SERVER_QUEUE, "log server",
-                         NO_LOG_SERVER)
-        self.channel = guarded(self.connection.channel)
-        self.timeout = timeout
-        self.replies: dict[str, dict[str, Any]] = {}
-        self.live: list[dict[str, Any]] = []
-        _asking(lambda: self.channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,
-                                                   auto_ack=True))
-
-    def _on_reply(self, _ch: Any, _m: Any, props: Any, body: bytes) -> None:
-        self.replies[props.correlation_id] = parse_body(body)
-
-    def follow(self, task: str) -> None:
-        def subscribe() -> None:
-            queue = self.channel.queue_declare("", exclusive=True,
-                                               auto_delete=True).method.queue
-            self.channel.queue_bind(queue, topology.LOGS_EXCHANGE, topology.log_key(task))
-            self.channel.basic_consume(queue, lambda _c, _m, _p, body: self.live.append(
-                parse_body(body)), auto_ack=True)
-
-        _asking(subscribe)
-
-    def history(self, task: str, attempt: int | None, offset: int) -> dict[str, Any]:
-        correlation_id = uuid.uuid4().hex
-        props = properties("log-get", app_id="vespid-logs", persistent=False,
-                           reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
-        props.expiration = str(round(self.timeout * 1000))  # never answered after we left
-        _asking(lambda: self.channel.basic_publish(
-            topology.LOGS_EXCHANGE, topology.LOG_REQUEST_KEY, encode(
-                {"command": "log-get", "task": task, "attempt": attempt, "offset": offset}),
-            props))
-        deadline = time.monotonic() + self.timeout
-        while correlation_id not in self.replies:
-            if time.monotonic() > deadline:
-                raise RequestTimeout(f"no log server answered: {NO_LOG_SERVER}")
-            _asking(lambda: self.connection.process_data_events(time_limit=0.2))
-        return self.replies.pop(correlation_id)
-
-    def print_log(self, task: str, *, follow: bool = False, attempt: int | None = None,
-                  every: bool = False) -> None:
-        """The latest attempt (or `attempt`, or `every` one in turn); -f: then live."""
-        if follow:
-            self.follow(task)
-        first = self.history(task, attempt, 0)
-        if not first["known"] and not follow:
-            raise TaskNotFound(f"the log server has no log for {task!r}"
-                               + (f" attempt {attempt}" if attempt else ""))
-        shown = first["attempts"] if every else [first["attempt"]]
-        others = [a for a in first["attempts"] if a not in shown]
-        if others:
-            _note(f"attempt {first['attempt']} of {task}; also kept: attempt "
-                  f"{', '.join(map(str, others))} (--attempt N, or --all)")
-        offset, complete = 0, False
-        for number in shown:
-            reply = first if number == first["attempt"] else self.history(task, number, 0)
-            if every:
-                _note(f"=== attempt {number}" + (f" on {reply['node']}" if reply["node"]
-                                                   else "") + " ===")
-            offset, complete = self._print_history(task, number, reply)
-        if follow:
-            self._follow_live(task, shown[-1], offset, complete)
-        close_quietly(self.connection)
-
-    def _print_history(self, task: str, attempt: int,
-                       reply: dict[str, Any]) -> tuple[int, bool]:
-        offset = 0
-        while True:
-            sys.stdout.write(reply["data"])
-            offset += int(reply["size"])
-            if reply["size"] == 0:
-                break
-            reply = self.history(task, attempt, offset)
-        sys.stdout.flush()
-        return offset, bool(reply["complete"])
-
-    def _follow_live(self, task: str, attempt: int, offset: int, complete: bool) -> None:
-        """Print the followed attempt's chunks as they come; a newer attempt's first chunk
-        means the task started again: say so and follow that one from its start."""
-        while not complete:
-            _asking(lambda: self.connection.process_data_events(time_limit=0.5))
-            for body in sorted(self.live, key=lambda b: (int(b.get("attempt", 1)),
-                                                         int(b["offset"]))):
-                number = int(body.get("attempt", 1))
-                if number > attempt:
-                    _note(f"=== attempt {number} started" + (
-                        f" on {body['node']}" if body.get("node") else "") + " ===")
-                    attempt, offset, complete = number, 0, False
-                if number != attempt:
-                    continue
-                data = chunk_bytes(body)
-                if int(body["offset"]) + len(data) > offset:
-                    sys.stdout.write(data[max(offset - int(body["offset"]), 0):]
-                                     .decode("utf-8", errors="replace"))
-                    offset = int(body["offset"]) + len(data)
-                complete = complete or bool(body.get("eof"))
-            self.live.clear()
-            sys.stdout.flush()
-
-
-def _note(text: str) -> None:
-    sys.stderr.write(f"vespid logs: {text}\n")
-
-
 def cmd_logserver(args: argparse.Namespace) -> int:
     settings = client_settings(args.amqp_url)
     logging_setup.configure(settings.log_level, settings.json_logs)
@@ -337,17 +191,7 @@ def cmd_logserver(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_logs(args: argparse.Namespace) -> int:
-    if not SAFE_TASK.match(args.name):
-        raise ConfigError(f"{args.name!r} is not a task name")
-    if args.attempt is not None and args.attempt < 1:
-        raise ConfigError("--attempt counts from 1")
-    LogReader(client_settings(args.amqp_url), args.request_timeout).print_log(
-        args.name, follow=args.follow, attempt=args.attempt, every=args.all)
-    return 0
-
-
-def add_commands(sub: Any, client_options: Any) -> None:
+def add_commands(sub: Any) -> None:
     server = sub.add_parser("logserver", help="keep every task's output in a folder",
                             description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,17 +199,3 @@ def add_commands(sub: Any, client_options: Any) -> None:
                         help="where logs are kept: <task>/attempt-<n>.log, one per attempt")
     server.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
     server.set_defaults(handler=cmd_logserver)
-    reader = sub.add_parser(
-        "logs", help="print a task's log: its latest attempt (-f: follow it live)",
-        description="Print a task's output as the log server keeps it: the latest attempt by "
-                    "default (it says when earlier ones exist), one attempt with --attempt N, "
-                    "or every attempt in turn with --all.")
-    reader.add_argument("name")
-    which = reader.add_mutually_exclusive_group()
-    which.add_argument("--attempt", type=int, help="show this attempt (1 is the first)")
-    which.add_argument("--all", action="store_true", help="show every attempt, oldest first")
-    reader.add_argument("-f", "--follow", action="store_true",
-                        help="keep printing the current attempt until the task's output ends "
-                             "(switching to a newer attempt if the task starts again)")
-    reader.set_defaults(handler=cmd_logs)
-    client_options(reader)
