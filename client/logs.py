@@ -16,9 +16,16 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from vespid.client.api import CONNECT_SECONDS
-from vespid.node_agent.logstream import chunk_bytes
 from vespid.shared import topology
-from vespid.shared.errors import BrokerError, ConfigError, RequestTimeout, TaskNotFound
+from vespid.shared.errors import (
+    BrokerError,
+    ConfigError,
+    ProtocolError,
+    RequestTimeout,
+    TaskNotFound,
+)
+from vespid.shared.logs import get_logger
+from vespid.shared.logwire import LogChunk, LogGet, LogResponse, validated
 from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
@@ -32,6 +39,7 @@ from vespid.shared.transport import (
 )
 
 T = TypeVar("T")
+log = get_logger(__name__)
 NO_LOG_SERVER = "start one with `vespid logserver --dir DIR`"
 
 
@@ -64,7 +72,7 @@ class LogReader:
         self.channel = guarded(self.connection.channel)
         self.timeout = timeout
         self.replies: dict[str, dict[str, Any]] = {}
-        self.live: list[dict[str, Any]] = []
+        self.live: list[LogChunk] = []
         _asking(lambda: self.channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,
                                                    auto_ack=True))
 
@@ -76,26 +84,31 @@ class LogReader:
             queue = self.channel.queue_declare("", exclusive=True,
                                                auto_delete=True).method.queue
             self.channel.queue_bind(queue, topology.LOGS_EXCHANGE, topology.log_key(task))
-            self.channel.basic_consume(queue, lambda _c, _m, _p, body: self.live.append(
-                parse_body(body)), auto_ack=True)
+            self.channel.basic_consume(queue, self._on_chunk, auto_ack=True)
 
         _asking(subscribe)
 
-    def history(self, task: str, attempt: int | None, offset: int) -> dict[str, Any]:
+    def _on_chunk(self, _ch: Any, _m: Any, _props: Any, body: bytes) -> None:
+        try:
+            self.live.append(validated(LogChunk, parse_body(body)))
+        except ProtocolError as exc:  # someone else's garbage must not end our reading
+            log.warning("log_chunk_ignored", error=exc.code, reason=exc.message)
+
+    def history(self, task: str, attempt: int | None, offset: int) -> LogResponse:
+        request = validated(LogGet, {"command": "log-get", "task": task, "attempt": attempt,
+                                     "offset": offset})
         correlation_id = uuid.uuid4().hex
         props = properties("log-get", app_id="vespid-logs", persistent=False,
                            reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
         props.expiration = str(round(self.timeout * 1000))  # never answered after we left
         _asking(lambda: self.channel.basic_publish(
-            topology.LOGS_EXCHANGE, topology.LOG_REQUEST_KEY, encode(
-                {"command": "log-get", "task": task, "attempt": attempt, "offset": offset}),
-            props))
+            topology.LOGS_EXCHANGE, topology.LOG_REQUEST_KEY, encode(request), props))
         deadline = time.monotonic() + self.timeout
         while correlation_id not in self.replies:
             if time.monotonic() > deadline:
                 raise RequestTimeout(f"no log server answered: {NO_LOG_SERVER}")
             _asking(lambda: self.connection.process_data_events(time_limit=0.2))
-        return self.replies.pop(correlation_id)
+        return validated(LogResponse, self.replies.pop(correlation_id))
 
     def print_log(self, task: str, *, follow: bool = False, attempt: int | None = None,
                   every: bool = False) -> None:
@@ -103,19 +116,19 @@ class LogReader:
         if follow:
             self.follow(task)
         first = self.history(task, attempt, 0)
-        if not first["known"] and not follow:
+        if not first.known and not follow:
             raise TaskNotFound(f"the log server has no log for {task!r}"
                                + (f" attempt {attempt}" if attempt else ""))
-        shown = first["attempts"] if every else [first["attempt"]]
-        others = [a for a in first["attempts"] if a not in shown]
+        shown = first.attempts if every else [first.attempt]
+        others = [a for a in first.attempts if a not in shown]
         if others:
-            _note(f"attempt {first['attempt']} of {task}; also kept: attempt "
+            _note(f"attempt {first.attempt} of {task}; also kept: attempt "
                   f"{', '.join(map(str, others))} (--attempt N, or --all)")
         offset, complete = 0, False
         for number in shown:
-            reply = first if number == first["attempt"] else self.history(task, number, 0)
+            reply = first if number == first.attempt else self.history(task, number, 0)
             if every:
-                _note(f"=== attempt {number}" + (f" on {reply['node']}" if reply["node"]
+                _note(f"=== attempt {number}" + (f" on {reply.node}" if reply.node
                                                    else "") + " ===")
             offset, complete = self._print_history(task, number, reply)
         if follow:
@@ -123,39 +136,43 @@ class LogReader:
         close_quietly(self.connection)
 
     def _print_history(self, task: str, attempt: int,
-                       reply: dict[str, Any]) -> tuple[int, bool]:
+                       reply: LogResponse) -> tuple[int, bool]:
         offset = 0
         while True:
-            sys.stdout.write(reply["data"])
-            offset += int(reply["size"])
-            if reply["size"] == 0:
+            sys.stdout.write(reply.data)
+            offset += reply.size
+            if reply.size == 0:
                 break
             reply = self.history(task, attempt, offset)
         sys.stdout.flush()
-        return offset, bool(reply["complete"])
+        return offset, reply.complete
 
     def _follow_live(self, task: str, attempt: int, offset: int, complete: bool) -> None:
         """Print the followed attempt's chunks as they come; a newer attempt's first chunk
         means the task started again: say so and follow that one from its start."""
         while not complete:
             _asking(lambda: self.connection.process_data_events(time_limit=0.5))
-            for body in sorted(self.live, key=lambda b: (int(b.get("attempt", 1)),
-                                                         int(b["offset"]))):
-                number = int(body.get("attempt", 1))
-                if number > attempt:
-                    _note(f"=== attempt {number} started" + (
-                        f" on {body['node']}" if body.get("node") else "") + " ===")
-                    attempt, offset, complete = number, 0, False
-                if number != attempt:
+            for chunk in sorted(self.live, key=lambda c: (c.attempt, c.offset)):
+                if chunk.attempt > attempt:
+                    _note(f"=== attempt {chunk.attempt} started" + (
+                        f" on {chunk.node}" if chunk.node else "") + " ===")
+                    attempt, offset, complete = chunk.attempt, 0, False
+                if chunk.attempt != attempt:
                     continue
-                data = chunk_bytes(body)
-                if int(body["offset"]) + len(data) > offset:
-                    sys.stdout.write(data[max(offset - int(body["offset"]), 0):]
-                                     .decode("utf-8", errors="replace"))
-                    offset = int(body["offset"]) + len(data)
-                complete = complete or bool(body.get("eof"))
+                offset = _print_new(chunk, offset)
+                complete = complete or chunk.eof
             self.live.clear()
             sys.stdout.flush()
+
+
+def _print_new(chunk: LogChunk, offset: int) -> int:
+    """Print what of `chunk` lies past `offset` (a repeat prints nothing); the new offset."""
+    data = chunk.content()
+    end = chunk.offset + len(data)
+    if end <= offset:
+        return offset
+    sys.stdout.write(data[max(offset - chunk.offset, 0):].decode("utf-8", errors="replace"))
+    return end
 
 
 def _note(text: str) -> None:

@@ -17,11 +17,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from vespid.node_agent.logstream import chunk_bytes
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
 from vespid.shared.errors import ProtocolError
-from vespid.shared.protocol import encode, parse_body
+from vespid.shared.logwire import LogChunk, LogResponse, decode_log_message
+from vespid.shared.protocol import encode
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
     close_quietly,
@@ -34,10 +34,8 @@ from vespid.shared.transport import (
 )
 
 APP_ID = "vespid-logserver"
-SAFE_TASK = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 ATTEMPT_FILE = re.compile(r"^attempt-(\d+)\.log$")
 READ_BYTES = 256 * 1024
-MAX_ATTEMPT = 1_000_000
 
 
 class TaskLogs:
@@ -67,22 +65,6 @@ class TaskLogs:
         if all(meta.get(k) == v for k, v in fields.items()):
             return
         (self.folder / f"attempt-{attempt}.json").write_text(json.dumps(meta | fields))
-
-
-def _chunk_fields(message: dict[str, Any]) -> tuple[int, int, bytes]:
-    """(attempt, offset, data) of a log-chunk, or ProtocolError saying what is wrong."""
-    attempt, offset = message.get("attempt", 1), message.get("offset")
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or \
-            not 0 < attempt <= MAX_ATTEMPT:
-        raise ProtocolError("invalid_message", f"log-chunk: attempt must be a positive "
-                            f"integer, not {attempt!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ProtocolError("invalid_message", f"log-chunk: offset must be a non-negative "
-                            f"integer, not {offset!r}")
-    try:
-        return attempt, offset, chunk_bytes(message)
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError("invalid_message", f"log-chunk: data: {exc}") from None
 
 
 class LogServer:
@@ -133,43 +115,35 @@ class LogServer:
             mandatory=False)
 
     def _handle(self, channel: Any, props: Any, body: bytes) -> None:
-        message = parse_body(body)
-        task = str(message.get("task", ""))
-        if not SAFE_TASK.match(task):
-            raise ProtocolError("invalid_message", f"{task[:50]!r} is not a task name")
-        command = message.get("command")
-        if command == "log-chunk":
-            self._store(task, message)
-        elif command == "log-get" and props.reply_to:
-            reply = self.read(task, message.get("attempt"), int(message.get("offset") or 0))
+        message = decode_log_message(body)
+        if isinstance(message, LogChunk):
+            self._store(message)
+        elif props.reply_to:  # a log-get nobody waits for needs no answer
+            reply = self.read(message.task, message.attempt, message.offset)
             channel.basic_publish("", props.reply_to, encode(reply), properties(
                 "log-response", app_id=APP_ID, persistent=False,
                 correlation_id=props.correlation_id))
-        elif command != "log-get":
-            raise ProtocolError("unknown_command", f"unknown command {command!r}; expected "
-                                "log-chunk or log-get")
 
-    def _store(self, task: str, message: dict[str, Any]) -> None:
-        attempt, offset, data = _chunk_fields(message)
-        logs = TaskLogs(self.folder, task)
-        path = logs.path(attempt)
+    def _store(self, chunk: LogChunk) -> None:
+        logs = TaskLogs(self.folder, chunk.task)
+        path = logs.path(chunk.attempt)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "r+b" if path.exists() else "wb") as handle:
-            handle.seek(offset)
-            handle.write(data)
+            handle.seek(chunk.offset)
+            handle.write(chunk.content())
         # Which node wrote it, and whether it ended: noted once, not at every chunk.
-        if message.get("eof"):
-            logs.set_meta(attempt, node=message.get("node"), complete=True)
-        elif (task, attempt) not in self._noted:
-            logs.set_meta(attempt, node=message.get("node"))
-            self._noted.add((task, attempt))
+        if chunk.eof:
+            logs.set_meta(chunk.attempt, node=chunk.node, complete=True)
+        elif (chunk.task, chunk.attempt) not in self._noted:
+            logs.set_meta(chunk.attempt, node=chunk.node)
+            self._noted.add((chunk.task, chunk.attempt))
 
-    def read(self, task: str, attempt: Any, offset: int) -> dict[str, Any]:
-        """Part of one attempt's log (the latest when `attempt` is null), with the list of
+    def read(self, task: str, attempt: int | None, offset: int) -> LogResponse:
+        """Part of one attempt's log (the latest when `attempt` is None), with the list of
         every attempt kept, so a reader can say that others exist."""
         logs = TaskLogs(self.folder, task)
         attempts = logs.attempts()
-        chosen = attempt if isinstance(attempt, int) else (attempts[-1] if attempts else 1)
+        chosen = attempt if attempt is not None else (attempts[-1] if attempts else 1)
         path = logs.path(chosen)
         data = b""
         if path.exists():
@@ -177,10 +151,12 @@ class LogServer:
                 handle.seek(offset)
                 data = handle.read(READ_BYTES)
         meta = logs.meta(chosen)
-        return {"command": "log-response", "task": task, "attempt": chosen,
-                "attempts": attempts, "node": meta.get("node"), "offset": offset,
-                "data": data.decode("utf-8", errors="replace"), "size": len(data),
-                "known": path.exists(), "complete": bool(meta.get("complete"))}
+        node = meta.get("node")  # a file the server wrote, but on a disk anyone may edit
+        return LogResponse(task=task, attempt=chosen, attempts=attempts,
+                           node=node if isinstance(node, str) else None,
+                           offset=offset, data=data.decode("utf-8", errors="replace"),
+                           size=len(data), known=path.exists(),
+                           complete=bool(meta.get("complete")))
 
 
 def cmd_logserver(args: argparse.Namespace) -> int:
