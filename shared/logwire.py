@@ -13,6 +13,7 @@ import binascii
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,6 +29,17 @@ from vespid.shared.protocol import TaskName, describe_validation_error, parse_bo
 
 MAX_ATTEMPT = 1_000_000
 Attempt = Annotated[StrictInt, Field(gt=0, le=MAX_ATTEMPT)]
+
+
+def _not_a_folder_link(name: str) -> str:
+    # The log server keeps a task's log in a folder named after it: `.` and `..` match the
+    # task-name pattern but would put it beside or above the log folder.
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} names a folder, not a task")
+    return name
+
+
+LogTask = Annotated[TaskName, AfterValidator(_not_a_folder_link)]
 M = TypeVar("M", bound="_LogMessage")
 
 
@@ -41,7 +53,7 @@ class LogChunk(_LogMessage):
     """Bytes of one attempt's output at their offset in that attempt's log file."""
 
     command: Literal["log-chunk"]
-    task: TaskName
+    task: LogTask
     attempt: Attempt = 1  # a chunk without it (an agent before v1.1) is attempt 1
     node: str | None = None
     offset: StrictInt = Field(ge=0)
@@ -97,7 +109,7 @@ class LogGet(_LogMessage):
     """Ask the log server for part of one attempt's log (sent with `reply_to`)."""
 
     command: Literal["log-get"]
-    task: TaskName
+    task: LogTask
     attempt: Attempt | None = None  # null: the latest attempt the server keeps
     offset: StrictInt = Field(default=0, ge=0)
 

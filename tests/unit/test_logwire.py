@@ -69,6 +69,7 @@ def test_what_an_older_or_newer_agent_sends_is_still_read() -> None:
     ({"data": "a"}, "offset: Field required"),
     ({"offset": 0, "data_base64": "%%%"}, "data_base64: not base64"),
     ({"offset": 0, "task": "../etc"}, "task: String should match pattern"),
+    ({"offset": 0, "task": ".."}, "task: '..' names a folder, not a task"),
 ])
 def test_a_bad_chunk_is_refused_saying_which_field_is_wrong(
         fields: dict[str, Any], reason: str) -> None:
