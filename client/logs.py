@@ -21,6 +21,7 @@ from vespid.shared.errors import (
     BrokerError,
     ConfigError,
     ProtocolError,
+    RemoteError,
     RequestTimeout,
     TaskNotFound,
 )
@@ -108,7 +109,10 @@ class LogReader:
             if time.monotonic() > deadline:
                 raise RequestTimeout(f"no log server answered: {NO_LOG_SERVER}")
             _asking(lambda: self.connection.process_data_events(time_limit=0.2))
-        return validated(LogResponse, self.replies.pop(correlation_id))
+        reply = self.replies.pop(correlation_id)
+        if reply.get("command") == "error":  # the log server refused the request
+            raise RemoteError(str(reply.get("error")), str(reply.get("message")))
+        return validated(LogResponse, reply)
 
     def print_log(self, task: str, *, follow: bool = False, attempt: int | None = None,
                   every: bool = False) -> None:

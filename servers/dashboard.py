@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from vespid.client.api import Client
 from vespid.shared import logs as logging_setup
-from vespid.shared.errors import ProtocolError, VespidError
+from vespid.shared.errors import ProtocolError, RemoteError, VespidError
 from vespid.shared.settings import client_settings
 from vespid.shared.transport import DEFAULT_URL
 
@@ -57,7 +57,7 @@ def task_log(url: str, name: str, attempt: int | None) -> str:
         reply = reader.history(name, attempt, 0)
         reader.connection.close()
         return reply.data if reply.known else "(no log kept for this attempt yet)"
-    except ProtocolError as exc:  # not a task name, say: the page asked for nonsense
+    except (ProtocolError, RemoteError) as exc:  # not a task name, say
         return f"({exc.message})"
     except VespidError:
         return "(no log server answers: start `vespid logserver --dir DIR`)"

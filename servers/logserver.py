@@ -17,11 +17,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logwire import LogChunk, LogResponse, decode_log_message
-from vespid.shared.protocol import encode
+from vespid.shared.protocol import encode, error_reply
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
     close_quietly,
@@ -103,10 +105,24 @@ class LogServer:
         try:
             self._handle(channel, props, body)
         except ProtocolError as exc:
-            self._reject(channel, body, f"{exc.code}: {exc.message}")
+            self._refuse(channel, props, body, exc.code, exc.message)
         except OSError as exc:  # a full disk, say: keep the chunk for an operator
-            self._reject(channel, body, f"internal: could not write it: {exc}")
+            self._refuse(channel, props, body, "internal", f"its log file: {exc}")
         channel.basic_ack(method.delivery_tag)
+
+    def _refuse(self, channel: Any, props: Any, body: bytes, code: str, message: str) -> None:
+        """As the contract says of every invalid message: whoever waits for an answer gets an
+        `error` reply (not a timeout); anything else goes to vespid.dead with the reason."""
+        if not props.reply_to:
+            self._reject(channel, body, f"{code}: {message}")
+            return
+        self.log.warning("log_request_refused", error=code, reason=message)
+        self._reply(channel, props, "error", error_reply(code, message))
+
+    def _reply(self, channel: Any, props: Any, kind: str,
+               payload: BaseModel | dict[str, Any]) -> None:
+        channel.basic_publish("", props.reply_to, encode(payload), properties(
+            kind, app_id=APP_ID, persistent=False, correlation_id=props.correlation_id))
 
     def _reject(self, channel: Any, body: bytes, reason: str) -> None:
         self.log.warning("log_message_rejected", reason=reason)
@@ -119,10 +135,8 @@ class LogServer:
         if isinstance(message, LogChunk):
             self._store(message)
         elif props.reply_to:  # a log-get nobody waits for needs no answer
-            reply = self.read(message.task, message.attempt, message.offset)
-            channel.basic_publish("", props.reply_to, encode(reply), properties(
-                "log-response", app_id=APP_ID, persistent=False,
-                correlation_id=props.correlation_id))
+            self._reply(channel, props, "log-response",
+                        self.read(message.task, message.attempt, message.offset))
 
     def _store(self, chunk: LogChunk) -> None:
         logs = TaskLogs(self.folder, chunk.task)

@@ -142,3 +142,29 @@ def test_the_log_server_dead_letters_a_malformed_chunk_saying_why(
     assert (exchange, dead, channel.acked) == ("vespid.dead", body, [7])
     assert props.headers["x-vespid-error"].startswith("invalid_message: log-chunk: ")
     assert not (tmp_path / "t").exists()
+
+
+def ask(server: LogServer, **request: Any) -> dict[str, Any]:
+    """Send the server a log-get as the reader does; the one reply it publishes."""
+    channel = Channel()
+    body = json.dumps({"command": "log-get", "task": "t", **request}).encode()
+    server._on_message(channel, SimpleNamespace(delivery_tag=1),
+                       SimpleNamespace(reply_to="amq.rabbitmq.reply-to", correlation_id="c1"),
+                       body)
+    [(exchange, reply, props)] = channel.published
+    assert (exchange, props.correlation_id, channel.acked) == ("", "c1", [1])
+    answer: dict[str, Any] = json.loads(reply)
+    return answer
+
+
+def test_the_log_server_answers_a_log_get_and_refuses_a_bad_one_to_the_asker(
+        tmp_path: Path) -> None:
+    server = LogServer(tmp_path, ClientSettings(amqp_url="amqp://unused"))
+    store(server, attempt=1, node="A", offset=0, data="one\n")
+
+    answer, refused = ask(server, attempt=None, offset=0), ask(server, attempt="latest")
+
+    assert (answer["command"], answer["data"], answer["known"]) == ("log-response", "one\n",
+                                                                    True)
+    assert (refused["command"], refused["error"]) == ("error", "invalid_message")
+    assert refused["message"].startswith("log-get: attempt: ")
