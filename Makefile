@@ -31,7 +31,7 @@ lint: $(STAMP)
 # namespace at install time.
 typecheck: $(STAMP)
 	@mkdir -p build/typing/vespid
-	@for d in shared coordinator node_agent client; do ln -sfn ../../../$$d build/typing/vespid/$$d; done
+	@for d in shared coordinator node_agent client servers; do ln -sfn ../../../$$d build/typing/vespid/$$d; done
 	cd build/typing && MYPYPATH=. ../../$(BIN)/mypy --config-file ../../pyproject.toml -p vespid
 
 bench: bench-throughput bench-scheduling

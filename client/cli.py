@@ -365,11 +365,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from vespid.client.broker_setup import add_commands as broker_commands
-    from vespid.client.dashboard import add_commands as dashboard_commands
     from vespid.client.golem_cli import add_commands as golem_commands
     from vespid.client.logs import add_commands as log_commands
     from vespid.coordinator.main import add_arguments as coordinator_arguments
     from vespid.node_agent.main import add_arguments as node_arguments
+    from vespid.servers.dashboard import add_commands as dashboard_commands
+    from vespid.servers.logserver import add_commands as log_server_commands
 
     parser = argparse.ArgumentParser(
         prog="vespid", description="Vespid: a distributed task system for build farms.",
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     golem_commands(sub, client_options)
     broker_commands(sub)
+    log_server_commands(sub)
     log_commands(sub, client_options)
     dashboard_commands(sub)
     return parser

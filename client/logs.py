@@ -1,204 +1,46 @@
-"""Central task logs: `vespid logserver --dir DIR` keeps them, `vespid logs NAME [-f]` reads.
+"""`vespid logs NAME [-f]`: a task's output as the log server keeps it, then live.
 
-The log server consumes every chunk node agents stream (vespid.logs, key log.<task>) and
-writes it at its byte offset into DIR/<task>/attempt-<n>.log, the file of the attempt the
-chunk says it came from: repeats and late chunks land in the right place, and a stale
-attempt can never write into another's file. It answers `log-get` requests with what it has.
-A message it cannot handle is dead-lettered to vespid.dead with the reason, never retried
-forever. `vespid logs -f` subscribes to the task's chunks first, then asks for the history,
-then prints what comes live after it, until the node says the output ended.
+`vespid logs -f` subscribes to the task's chunks first, then asks the log server for the
+history, then prints what comes live after it, until the node says the output ended. The log
+server itself is vespid.servers.logserver.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import signal
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from vespid.client.api import CONNECT_SECONDS
-from vespid.node_agent.logstream import chunk_bytes
-from vespid.shared import logs as logging_setup
 from vespid.shared import topology
 from vespid.shared.errors import (
     BrokerError,
     ConfigError,
     ProtocolError,
+    RemoteError,
     RequestTimeout,
     TaskNotFound,
 )
-from vespid.shared.protocol import encode, parse_body
+from vespid.shared.logs import get_logger
+from vespid.shared.logwire import LogChunk, LogGet, LogResponse, validated
+from vespid.shared.protocol import TASK_NAME_PATTERN, encode, parse_body
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
     CONNECTION_ERRORS,
     close_quietly,
     connect,
-    declared,
     guarded,
-    keep_reconnecting,
     properties,
-    publish_confirmed,
     refusal,
     require_consumer,
 )
 
 T = TypeVar("T")
-APP_ID = "vespid-logserver"
-SAFE_TASK = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
-ATTEMPT_FILE = re.compile(r"^attempt-(\d+)\.log$")
-READ_BYTES = 256 * 1024
-MAX_ATTEMPT = 1_000_000
-
-
-class TaskLogs:
-    """The files of one task's log in the log server's folder: one per attempt."""
-
-    def __init__(self, folder: Path, task: str) -> None:
-        self.folder = folder / task
-
-    def path(self, attempt: int) -> Path:
-        return self.folder / f"attempt-{attempt}.log"
-
-    def attempts(self) -> list[int]:
-        if not self.folder.is_dir():
-            return []
-        found = (ATTEMPT_FILE.match(p.name) for p in self.folder.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
-
-    def meta(self, attempt: int) -> dict[str, Any]:
-        try:
-            data = json.loads((self.folder / f"attempt-{attempt}.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def set_meta(self, attempt: int, **fields: Any) -> None:
-        meta = self.meta(attempt)
-        if all(meta.get(k) == v for k, v in fields.items()):
-            return
-        (self.folder / f"attempt-{attempt}.json").write_text(json.dumps(meta | fields))
-
-
-def _chunk_fields(message: dict[str, Any]) -> tuple[int, int, bytes]:
-    """(attempt, offset, data) of a log-chunk, or ProtocolError saying what is wrong."""
-    attempt, offset = message.get("attempt", 1), message.get("offset")
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or \
-            not 0 < attempt <= MAX_ATTEMPT:
-        raise ProtocolError("invalid_message", f"log-chunk: attempt must be a positive "
-                            f"integer, not {attempt!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ProtocolError("invalid_message", f"log-chunk: offset must be a non-negative "
-                            f"integer, not {offset!r}")
-    try:
-        return attempt, offset, chunk_bytes(message)
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError("invalid_message", f"log-chunk: data: {exc}") from None
-
-
-class LogServer:
-    def __init__(self, folder: Path, settings: ClientSettings) -> None:
-        self.folder, self.settings = folder, settings
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.log = logging_setup.get_logger(__name__)
-        self.stopping = False
-        self._noted: set[tuple[str, int]] = set()
-
-    def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
-        keep_reconnecting(self._session, self.log)
-
-    def _session(self) -> None:
-        connection = connect(self.settings.broker_parameters(APP_ID))
-        channel = guarded(connection.channel)
-        guarded(channel.confirm_delivery)
-        self._declare(channel)
-        guarded(lambda: channel.basic_qos(prefetch_count=200))
-        guarded(lambda: channel.basic_consume(topology.LOG_SERVER_QUEUE, self._on_message))
-        self.log.info("logserver_started", folder=str(self.folder))
-        try:
-            while not self.stopping:
-                guarded(lambda: connection.process_data_events(time_limit=0.5))
-        finally:
-            close_quietly(connection)
-
-    def _declare(self, channel: Any) -> None:
-        # An older Vespid declared vespid.logserver without a delivery limit: deleting it
-        # loses only chunks not yet written, which the nodes' local files keep.
-        declared(lambda: topology.declare_log_server(channel),
-                 f"declaring the log server's queue {topology.LOG_SERVER_QUEUE}")
-
-    def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        try:
-            self._handle(channel, props, body)
-        except ProtocolError as exc:
-            self._reject(channel, body, f"{exc.code}: {exc.message}")
-        except OSError as exc:  # a full disk, say: keep the chunk for an operator
-            self._reject(channel, body, f"internal: could not write it: {exc}")
-        channel.basic_ack(method.delivery_tag)
-
-    def _reject(self, channel: Any, body: bytes, reason: str) -> None:
-        self.log.warning("log_message_rejected", reason=reason)
-        publish_confirmed(channel, topology.DEAD_EXCHANGE, "", body, properties(
-            "rejected", app_id=APP_ID, headers={topology.ERROR_HEADER: reason}),
-            mandatory=False)
-
-    def _handle(self, channel: Any, props: Any, body: bytes) -> None:
-        message = parse_body(body)
-        task = str(message.get("task", ""))
-        if not SAFE_TASK.match(task):
-            raise ProtocolError("invalid_message", f"{task[:50]!r} is not a task name")
-        command = message.get("command")
-        if command == "log-chunk":
-            self._store(task, message)
-        elif command == "log-get" and props.reply_to:
-            reply = self.read(task, message.get("attempt"), int(message.get("offset") or 0))
-            channel.basic_publish("", props.reply_to, encode(reply), properties(
-                "log-response", app_id=APP_ID, persistent=False,
-                correlation_id=props.correlation_id))
-        elif command != "log-get":
-            raise ProtocolError("unknown_command", f"unknown command {command!r}; expected "
-                                "log-chunk or log-get")
-
-    def _store(self, task: str, message: dict[str, Any]) -> None:
-        attempt, offset, data = _chunk_fields(message)
-        logs = TaskLogs(self.folder, task)
-        path = logs.path(attempt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "r+b" if path.exists() else "wb") as handle:
-            handle.seek(offset)
-            handle.write(data)
-        # Which node wrote it, and whether it ended: noted once, not at every chunk.
-        if message.get("eof"):
-            logs.set_meta(attempt, node=message.get("node"), complete=True)
-        elif (task, attempt) not in self._noted:
-            logs.set_meta(attempt, node=message.get("node"))
-            self._noted.add((task, attempt))
-
-    def read(self, task: str, attempt: Any, offset: int) -> dict[str, Any]:
-        """Part of one attempt's log (the latest when `attempt` is null), with the list of
-        every attempt kept, so a reader can say that others exist."""
-        logs = TaskLogs(self.folder, task)
-        attempts = logs.attempts()
-        chosen = attempt if isinstance(attempt, int) else (attempts[-1] if attempts else 1)
-        path = logs.path(chosen)
-        data = b""
-        if path.exists():
-            with path.open("rb") as handle:
-                handle.seek(offset)
-                data = handle.read(READ_BYTES)
-        meta = logs.meta(chosen)
-        return {"command": "log-response", "task": task, "attempt": chosen,
-                "attempts": attempts, "node": meta.get("node"), "offset": offset,
-                "data": data.decode("utf-8", errors="replace"), "size": len(data),
-                "known": path.exists(), "complete": bool(meta.get("complete"))}
-
-
+log = get_logger(__name__)
 NO_LOG_SERVER = "start one with `vespid logserver --dir DIR`"
 
 
@@ -231,7 +73,7 @@ class LogReader:
         self.channel = guarded(self.connection.channel)
         self.timeout = timeout
         self.replies: dict[str, dict[str, Any]] = {}
-        self.live: list[dict[str, Any]] = []
+        self.live: list[LogChunk] = []
         _asking(lambda: self.channel.basic_consume(topology.DIRECT_REPLY_TO, self._on_reply,
                                                    auto_ack=True))
 
@@ -243,26 +85,34 @@ class LogReader:
             queue = self.channel.queue_declare("", exclusive=True,
                                                auto_delete=True).method.queue
             self.channel.queue_bind(queue, topology.LOGS_EXCHANGE, topology.log_key(task))
-            self.channel.basic_consume(queue, lambda _c, _m, _p, body: self.live.append(
-                parse_body(body)), auto_ack=True)
+            self.channel.basic_consume(queue, self._on_chunk, auto_ack=True)
 
         _asking(subscribe)
 
-    def history(self, task: str, attempt: int | None, offset: int) -> dict[str, Any]:
+    def _on_chunk(self, _ch: Any, _m: Any, _props: Any, body: bytes) -> None:
+        try:
+            self.live.append(validated(LogChunk, parse_body(body)))
+        except ProtocolError as exc:  # someone else's garbage must not end our reading
+            log.warning("log_chunk_ignored", error=exc.code, reason=exc.message)
+
+    def history(self, task: str, attempt: int | None, offset: int) -> LogResponse:
+        request = validated(LogGet, {"command": "log-get", "task": task, "attempt": attempt,
+                                     "offset": offset})
         correlation_id = uuid.uuid4().hex
         props = properties("log-get", app_id="vespid-logs", persistent=False,
                            reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
         props.expiration = str(round(self.timeout * 1000))  # never answered after we left
         _asking(lambda: self.channel.basic_publish(
-            topology.LOGS_EXCHANGE, topology.LOG_REQUEST_KEY, encode(
-                {"command": "log-get", "task": task, "attempt": attempt, "offset": offset}),
-            props))
+            topology.LOGS_EXCHANGE, topology.LOG_REQUEST_KEY, encode(request), props))
         deadline = time.monotonic() + self.timeout
         while correlation_id not in self.replies:
             if time.monotonic() > deadline:
                 raise RequestTimeout(f"no log server answered: {NO_LOG_SERVER}")
             _asking(lambda: self.connection.process_data_events(time_limit=0.2))
-        return self.replies.pop(correlation_id)
+        reply = self.replies.pop(correlation_id)
+        if reply.get("command") == "error":  # the log server refused the request
+            raise RemoteError(str(reply.get("error")), str(reply.get("message")))
+        return validated(LogResponse, reply)
 
     def print_log(self, task: str, *, follow: bool = False, attempt: int | None = None,
                   every: bool = False) -> None:
@@ -270,19 +120,19 @@ class LogReader:
         if follow:
             self.follow(task)
         first = self.history(task, attempt, 0)
-        if not first["known"] and not follow:
+        if not first.known and not follow:
             raise TaskNotFound(f"the log server has no log for {task!r}"
                                + (f" attempt {attempt}" if attempt else ""))
-        shown = first["attempts"] if every else [first["attempt"]]
-        others = [a for a in first["attempts"] if a not in shown]
+        shown = first.attempts if every else [first.attempt]
+        others = [a for a in first.attempts if a not in shown]
         if others:
-            _note(f"attempt {first['attempt']} of {task}; also kept: attempt "
+            _note(f"attempt {first.attempt} of {task}; also kept: attempt "
                   f"{', '.join(map(str, others))} (--attempt N, or --all)")
         offset, complete = 0, False
         for number in shown:
-            reply = first if number == first["attempt"] else self.history(task, number, 0)
+            reply = first if number == first.attempt else self.history(task, number, 0)
             if every:
-                _note(f"=== attempt {number}" + (f" on {reply['node']}" if reply["node"]
+                _note(f"=== attempt {number}" + (f" on {reply.node}" if reply.node
                                                    else "") + " ===")
             offset, complete = self._print_history(task, number, reply)
         if follow:
@@ -290,55 +140,51 @@ class LogReader:
         close_quietly(self.connection)
 
     def _print_history(self, task: str, attempt: int,
-                       reply: dict[str, Any]) -> tuple[int, bool]:
+                       reply: LogResponse) -> tuple[int, bool]:
         offset = 0
         while True:
-            sys.stdout.write(reply["data"])
-            offset += int(reply["size"])
-            if reply["size"] == 0:
+            sys.stdout.write(reply.data)
+            offset += reply.size
+            if reply.size == 0:
                 break
             reply = self.history(task, attempt, offset)
         sys.stdout.flush()
-        return offset, bool(reply["complete"])
+        return offset, reply.complete
 
     def _follow_live(self, task: str, attempt: int, offset: int, complete: bool) -> None:
         """Print the followed attempt's chunks as they come; a newer attempt's first chunk
         means the task started again: say so and follow that one from its start."""
         while not complete:
             _asking(lambda: self.connection.process_data_events(time_limit=0.5))
-            for body in sorted(self.live, key=lambda b: (int(b.get("attempt", 1)),
-                                                         int(b["offset"]))):
-                number = int(body.get("attempt", 1))
-                if number > attempt:
-                    _note(f"=== attempt {number} started" + (
-                        f" on {body['node']}" if body.get("node") else "") + " ===")
-                    attempt, offset, complete = number, 0, False
-                if number != attempt:
+            for chunk in sorted(self.live, key=lambda c: (c.attempt, c.offset)):
+                if chunk.attempt > attempt:
+                    _note(f"=== attempt {chunk.attempt} started" + (
+                        f" on {chunk.node}" if chunk.node else "") + " ===")
+                    attempt, offset, complete = chunk.attempt, 0, False
+                if chunk.attempt != attempt:
                     continue
-                data = chunk_bytes(body)
-                if int(body["offset"]) + len(data) > offset:
-                    sys.stdout.write(data[max(offset - int(body["offset"]), 0):]
-                                     .decode("utf-8", errors="replace"))
-                    offset = int(body["offset"]) + len(data)
-                complete = complete or bool(body.get("eof"))
+                offset = _print_new(chunk, offset)
+                complete = complete or chunk.eof
             self.live.clear()
             sys.stdout.flush()
+
+
+def _print_new(chunk: LogChunk, offset: int) -> int:
+    """Print what of `chunk` lies past `offset` (a repeat prints nothing); the new offset."""
+    data = chunk.content()
+    end = chunk.offset + len(data)
+    if end <= offset:
+        return offset
+    sys.stdout.write(data[max(offset - chunk.offset, 0):].decode("utf-8", errors="replace"))
+    return end
 
 
 def _note(text: str) -> None:
     sys.stderr.write(f"vespid logs: {text}\n")
 
 
-def cmd_logserver(args: argparse.Namespace) -> int:
-    settings = client_settings(args.amqp_url)
-    logging_setup.configure(settings.log_level, settings.json_logs)
-    logging_setup.get_logger(__name__).info("settings", **settings.redacted())
-    LogServer(Path(args.dir), settings).run()
-    return 0
-
-
 def cmd_logs(args: argparse.Namespace) -> int:
-    if not SAFE_TASK.match(args.name):
+    if not re.fullmatch(TASK_NAME_PATTERN, args.name):
         raise ConfigError(f"{args.name!r} is not a task name")
     if args.attempt is not None and args.attempt < 1:
         raise ConfigError("--attempt counts from 1")
@@ -348,13 +194,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, client_options: Any) -> None:
-    server = sub.add_parser("logserver", help="keep every task's output in a folder",
-                            description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    server.add_argument("--dir", required=True,
-                        help="where logs are kept: <task>/attempt-<n>.log, one per attempt")
-    server.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
-    server.set_defaults(handler=cmd_logserver)
     reader = sub.add_parser(
         "logs", help="print a task's log: its latest attempt (-f: follow it live)",
         description="Print a task's output as the log server keeps it: the latest attempt by "

@@ -320,14 +320,14 @@ class NodeAgent:
                 self._start(newer)
 
     def _stream_logs(self) -> None:
-        for body in self.logs.pending():
+        for chunk in self.logs.pending():
             # Not mandatory: with no log server listening the local copy is the log.
             publish_confirmed(self._channel, topology.LOGS_EXCHANGE,
-                              topology.log_key(str(body["task"])), encode(body),
+                              topology.log_key(chunk.task), encode(chunk),
                               properties("log-chunk", app_id=APP_ID), mandatory=False)
-            self.logs.sent(body, delivered=self.logserver_present)
-            if body.get("eof"):
-                self._remove_due(only=str(body["task"]))
+            self.logs.sent(chunk, delivered=self.logserver_present)
+            if chunk.eof:
+                self._remove_due(only=chunk.task)
 
     def _record(self, result: Finished) -> None:
         self.logs.finish(result.name, result.attempt)

@@ -12,13 +12,14 @@ attempt's file, so a repeat is harmless and a stale attempt can never write into
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vespid.shared.logwire import LogChunk
 
 CHUNK_BYTES = 64 * 1024
 ATTEMPT_FILE = re.compile(r"^attempt-(\d+)\.log$")
@@ -58,22 +59,6 @@ class Stream:
     finished: bool = False  # the process exited: send the rest, then the end
 
 
-def chunk(stream: Stream, node: str, data: bytes) -> dict[str, Any]:
-    body: dict[str, Any] = {"command": "log-chunk", "task": stream.task,
-                            "attempt": stream.attempt, "node": node, "offset": stream.sent}
-    try:
-        body["data"] = data.decode("utf-8")
-    except UnicodeDecodeError:  # a cut in the middle of a character, or binary output
-        body["data_base64"] = base64.b64encode(data).decode("ascii")
-    return body
-
-
-def chunk_bytes(body: dict[str, Any]) -> bytes:
-    if "data_base64" in body:
-        return base64.b64decode(body["data_base64"], validate=True)
-    return str(body.get("data", "")).encode("utf-8")
-
-
 class LogStreams:
     def __init__(self, log_dir: Path, node: str) -> None:
         self.log_dir, self.node = log_dir, node
@@ -104,32 +89,31 @@ class LogStreams:
             resumed += 1
         return resumed
 
-    def pending(self) -> list[dict[str, Any]]:
+    def pending(self) -> list[LogChunk]:
         """The next chunks to send; call `sent()` for each once the broker has it."""
         out = []
         for stream in list(self.streams.values()):
             data = _read(stream.path, stream.sent)
             if data:
-                out.append(chunk(stream, self.node, data))
+                out.append(LogChunk.carrying(stream.task, stream.attempt, self.node,
+                                             stream.sent, data))
             elif stream.finished:
-                out.append({"command": "log-chunk", "task": stream.task,
-                            "attempt": stream.attempt, "node": self.node,
-                            "offset": stream.sent, "data": "", "eof": True})
+                out.append(LogChunk.end(stream.task, stream.attempt, self.node, stream.sent))
         return out
 
-    def sent(self, body: dict[str, Any], delivered: bool) -> None:
+    def sent(self, chunk: LogChunk, delivered: bool) -> None:
         """The broker has the chunk; `delivered`: a log server's queue took it."""
-        key = (str(body["task"]), int(body["attempt"]))
+        key = (chunk.task, chunk.attempt)
         stream = self.streams.get(key)
         if stream is None:
             return
-        if body.get("eof"):
+        if chunk.eof:
             del self.streams[key]
             if stream.path.exists():
                 note(stream.path, shipped=time.time() if delivered else None,
                      logserver=delivered)
         else:
-            stream.sent = int(body["offset"]) + len(chunk_bytes(body))
+            stream.sent = chunk.offset + len(chunk.content())
 
 
 def _read(path: Path, offset: int) -> bytes:

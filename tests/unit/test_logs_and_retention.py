@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from vespid.client.logs import LogServer
 from vespid.node_agent import retention
 from vespid.node_agent.logstream import LogStreams, attempt_log, note, read_record
-from vespid.shared.errors import ProtocolError
+from vespid.servers.logserver import LogServer
+from vespid.shared.logwire import LogChunk
 from vespid.shared.settings import ClientSettings
 
 NOW = 1_000_000.0
@@ -83,15 +85,15 @@ def test_an_agent_that_restarts_ships_every_attempt_it_had_not_finished_shipping
     streams.sent(first[0], delivered=True)
     end = streams.pending()
 
-    assert (first[0]["task"], first[0]["attempt"], first[0]["offset"], first[0]["data"]) == \
+    assert (first[0].task, first[0].attempt, first[0].offset, first[0].data) == \
         ("a", 1, 0, "line 1\nline 2\n")
-    assert end[0]["eof"] is True and end[0]["offset"] == 14
+    assert end[0].eof is True and end[0].offset == 14
     streams.sent(end[0], delivered=True)
     assert read_record(lost)["shipped"] and streams.pending() == []
 
 
 def store(server: LogServer, **chunk: Any) -> None:
-    server._store(str(chunk.pop("task", "t")), {"command": "log-chunk", **chunk})
+    server._store(LogChunk.model_validate({"command": "log-chunk", "task": "t", **chunk}))
 
 
 def test_the_log_server_keeps_each_attempt_in_its_own_file(tmp_path: Path) -> None:
@@ -102,9 +104,24 @@ def test_the_log_server_keeps_each_attempt_in_its_own_file(tmp_path: Path) -> No
 
     latest, first = server.read("t", None, 0), server.read("t", 1, 0)
 
-    assert (latest["attempt"], latest["attempts"], latest["data"]) == (2, [1, 2], "two\n")
-    assert (latest["node"], latest["complete"]) == ("A", False)
-    assert (first["data"], first["node"], first["complete"]) == ("one\nmore\n", "B", True)
+    assert (latest.attempt, latest.attempts, latest.data) == (2, [1, 2], "two\n")
+    assert (latest.node, latest.complete) == ("A", False)
+    assert (first.data, first.node, first.complete) == ("one\nmore\n", "B", True)
+
+
+class Channel:
+    """What the log server does with a channel: publish (dead letters, replies) and ack."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, Any]] = []
+        self.acked: list[int] = []
+
+    def basic_publish(self, exchange: str, _key: str, body: bytes, props: Any,
+                      **_: Any) -> None:
+        self.published.append((exchange, body, props))
+
+    def basic_ack(self, tag: int) -> None:
+        self.acked.append(tag)
 
 
 @pytest.mark.parametrize("chunk", [
@@ -113,12 +130,41 @@ def test_the_log_server_keeps_each_attempt_in_its_own_file(tmp_path: Path) -> No
     {"attempt": 1, "offset": -1, "data": "x"},
     {"attempt": 1, "offset": 0, "data_base64": "not base64!"},
 ])
-def test_the_log_server_refuses_a_malformed_chunk_saying_why(
+def test_the_log_server_dead_letters_a_malformed_chunk_saying_why(
         tmp_path: Path, chunk: dict[str, Any]) -> None:
+    server, channel = LogServer(tmp_path, ClientSettings(amqp_url="amqp://unused")), Channel()
+    body = json.dumps({"command": "log-chunk", "task": "t", **chunk}).encode()
+
+    server._on_message(channel, SimpleNamespace(delivery_tag=7),
+                       SimpleNamespace(reply_to=None, correlation_id=None), body)
+
+    [(exchange, dead, props)] = channel.published
+    assert (exchange, dead, channel.acked) == ("vespid.dead", body, [7])
+    assert props.headers["x-vespid-error"].startswith("invalid_message: log-chunk: ")
+    assert not (tmp_path / "t").exists()
+
+
+def ask(server: LogServer, **request: Any) -> dict[str, Any]:
+    """Send the server a log-get as the reader does; the one reply it publishes."""
+    channel = Channel()
+    body = json.dumps({"command": "log-get", "task": "t", **request}).encode()
+    server._on_message(channel, SimpleNamespace(delivery_tag=1),
+                       SimpleNamespace(reply_to="amq.rabbitmq.reply-to", correlation_id="c1"),
+                       body)
+    [(exchange, reply, props)] = channel.published
+    assert (exchange, props.correlation_id, channel.acked) == ("", "c1", [1])
+    answer: dict[str, Any] = json.loads(reply)
+    return answer
+
+
+def test_the_log_server_answers_a_log_get_and_refuses_a_bad_one_to_the_asker(
+        tmp_path: Path) -> None:
     server = LogServer(tmp_path, ClientSettings(amqp_url="amqp://unused"))
+    store(server, attempt=1, node="A", offset=0, data="one\n")
 
-    with pytest.raises(ProtocolError) as refused:
-        store(server, **chunk)
+    answer, refused = ask(server, attempt=None, offset=0), ask(server, attempt="latest")
 
-    assert refused.value.code == "invalid_message" and "log-chunk" in refused.value.message
-    assert not (tmp_path / "t").exists() or not list((tmp_path / "t").glob("*.log"))
+    assert (answer["command"], answer["data"], answer["known"]) == ("log-response", "one\n",
+                                                                    True)
+    assert (refused["command"], refused["error"]) == ("error", "invalid_message")
+    assert refused["message"].startswith("log-get: attempt: ")

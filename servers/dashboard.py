@@ -19,11 +19,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from vespid.client.api import Client
 from vespid.shared import logs as logging_setup
-from vespid.shared.errors import VespidError
+from vespid.shared.errors import ProtocolError, RemoteError, VespidError
 from vespid.shared.settings import client_settings
-from vespid.shared.transport import DEFAULT_URL
+from vespid.shared.transport import DEFAULT_URL, close_quietly
 
-PAGE = resources.files("vespid.client").joinpath("dashboard.html").read_bytes()
+PAGE = resources.files("vespid.servers").joinpath("dashboard.html").read_bytes()
 _local = threading.local()
 
 
@@ -54,9 +54,13 @@ def task_log(url: str, name: str, attempt: int | None) -> str:
 
     try:
         reader = LogReader(client_settings(url), timeout=2)
-        reply = reader.history(name, attempt, 0)
-        reader.connection.close()
-        return str(reply["data"]) if reply["known"] else "(no log kept for this attempt yet)"
+        try:
+            reply = reader.history(name, attempt, 0)
+        finally:  # also when refused: one connection per log pane shown, not kept
+            close_quietly(reader.connection)
+        return reply.data if reply.known else "(no log kept for this attempt yet)"
+    except (ProtocolError, RemoteError) as exc:  # not a task name, say
+        return f"({exc.message})"
     except VespidError:
         return "(no log server answers: start `vespid logserver --dir DIR`)"
 
