@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from vespid.shared.errors import ProtocolError
-from vespid.shared.protocol import describe_validation_error
+from vespid.shared.wire import describe_validation_error
 
 DURATION = re.compile(r"^(\d{1,3}):([0-5]\d):([0-5]\d)$")
 TASK_TYPES = ("Python", "GLambda", "Fractal")

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from vespid.shared.errors import ProtocolError
+from vespid.shared.wire import describe_validation_error
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 NODE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -383,20 +384,6 @@ def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str,
     except ValidationError as exc:
         raise ProtocolError("invalid_message", describe_validation_error(str(command), exc)) \
             from None
-
-
-def describe_validation_error(command: str, exc: ValidationError) -> str:
-    """One readable sentence per problem, e.g. `task-create: requirements.memory: ...`."""
-    parts = []
-    for error in exc.errors(include_url=False)[:5]:
-        location = ".".join(str(x) for x in error["loc"] if x != command)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "is not a field of this command (check the spelling)"
-        parts.append(f"{location}: {message}" if location else message)
-    more = exc.error_count() - len(parts)
-    suffix = f" (and {more} more problems)" if more > 0 else ""
-    return f"{command}: " + "; ".join(parts) + suffix
 
 
 def encode(payload: BaseModel | dict[str, Any]) -> bytes:
