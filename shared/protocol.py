@@ -234,9 +234,12 @@ class StateCheck(_Message):
     command: Literal["state-check"]
 
 
+TaskListStatus = Literal["idle", "working", "complete"]
+
+
 class TaskList(_Message):
     command: Literal["task-list"]
-    status: Literal["idle", "working", "complete"] | None = None
+    status: TaskListStatus | None = None
     parent: str | None = None
     limit: int = Field(default=1000, ge=1, le=100_000)
 

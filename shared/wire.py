@@ -17,11 +17,13 @@ from pydantic import (
 )
 
 
-def describe_validation_error(kind: str, exc: ValidationError) -> str:
-    """One readable sentence per problem, e.g. `task-create: requirements.memory: ...`."""
+def describe_validation_error(kind: str, exc: ValidationError,
+                              within: tuple[str, ...] = ()) -> str:
+    """One readable sentence per problem, e.g. `task-create: requirements.memory: ...`;
+    `within`: the path to the part of the message that was checked alone."""
     parts = []
     for error in exc.errors(include_url=False)[:5]:
-        location = ".".join(str(x) for x in error["loc"] if x != kind)
+        location = ".".join([*within, *(str(x) for x in error["loc"] if x != kind)])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "is not a field of this command (check the spelling)"
