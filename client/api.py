@@ -8,10 +8,12 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -30,7 +32,21 @@ from vespid.shared.errors import (
     VespidError,
     WaitTimeout,
 )
-from vespid.shared.protocol import TASK_NAME_PATTERN, Severity, encode, parse_body
+from vespid.shared.protocol import (
+    TASK_NAME_PATTERN,
+    NodeDrain,
+    NodeList,
+    Severity,
+    TaskCancel,
+    TaskCreate,
+    TaskInfo,
+    TaskList,
+    TaskListStatus,
+    TaskUpdate,
+    TaskWait,
+    encode,
+    parse_body,
+)
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
     close_quietly,
@@ -42,12 +58,35 @@ from vespid.shared.transport import (
     require_consumer,
     user_of,
 )
+from vespid.shared.wire import body_of, describe_validation_error
 
 APP_ID = "vespid-client"
 CONNECT_SECONDS = 3.0  # a client retries a refused connection this long, then says why
 PROBE_AFTER = 1.0  # seconds without a reply before checking that a coordinator still listens
 CREATE_TRIES = 3  # a keyed create is safe to send again after a timeout
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
+Fields = ParamSpec("Fields")
+Message = TypeVar("Message", bound=BaseModel)
+
+
+@contextmanager
+def refused_as(kind: str, *within: str) -> Iterator[None]:
+    """A request the coordinator would refuse is refused here, before anything is sent, as
+    the RemoteError its `error` reply used to become (code `invalid_message`, the
+    coordinator's own sentence): callers and the CLI's exit codes see no difference.
+    `within`: the path in the message to the part being checked on its own."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise RemoteError("invalid_message",
+                          describe_validation_error(kind, exc, within)) from None
+
+
+def build(model: Callable[Fields, Message], *args: Fields.args,
+          **fields: Fields.kwargs) -> Message:
+    """A request as its shared model, refused here as the coordinator would refuse it."""
+    with refused_as(str(fields.get("command") or fields.get("type"))):
+        return model(*args, **fields)
 
 
 class TaskState(BaseModel):
@@ -214,24 +253,27 @@ class Client:
         guarded(lambda: self._connection.process_data_events(time_limit=seconds))
 
     # ---- requests --------------------------------------------------------------------
-    def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """Send one command to the coordinator and return its reply (raise on `error`).
+    def request(self, message: BaseModel | dict[str, Any],
+                timeout: float | None = None) -> dict[str, Any]:
+        """Send one message to the coordinator and return its reply (raise on `error`).
 
-        The request expires when we stop waiting for it: a request nobody answered in time
-        is dropped by the broker, never acted on later (so retrying it is safe)."""
+        A model goes as the fields it was built with (`body_of`); a dict, as it is. The
+        request expires when we stop waiting for it: a request nobody answered in time is
+        dropped by the broker, never acted on later (so retrying it is safe)."""
+        body = body_of(message) if isinstance(message, BaseModel) else message
         channel = self._ensure_channel()
         if not self._coordinator_seen:
             self._require_coordinator()
         wait_for = timeout or self.timeout
         correlation_id = uuid.uuid4().hex
-        kind = str(message.get("command") or message.get("type"))  # either dialect
+        kind = str(body.get("command") or body.get("type"))  # either dialect
         props = properties(kind, app_id=APP_ID,
                            reply_to=topology.DIRECT_REPLY_TO, correlation_id=correlation_id)
         props.user_id = user_of(self.url or "")  # who we are, as the broker checks it
         props.expiration = str(max(1, round(wait_for * 1000)))
         try:
             publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
-                              encode(message), props)
+                              encode(body), props)
         except PublishFailed:
             raise NoCoordinator("the coordinator's queue does not exist: start it with "
                                 "`vespid coordinator`") from None
@@ -292,18 +334,18 @@ class Client:
         if key is None:
             key = (child_key(parent, name_pretty or name) if own_child and parent
                    else uuid.uuid4().hex)
-        message = {
-            "command": "task-create", "name": full_name, "name_pretty": name_pretty or name,
-            "parent": parent, "executable_pyscript": script, "executable_pyfile": pyfile,
-            "requirements": requirements, "repositories": repositories or {},
-            "environment": environment, "priority": priority, "timeout": timeout,
-            "retries": retries, "key": key,
-        }
+        # Every field given, None too: what goes out is what this client always sent.
+        message = build(TaskCreate, command="task-create", name=full_name,
+                        name_pretty=name_pretty or name, parent=parent,
+                        executable_pyscript=script, executable_pyfile=pyfile,
+                        requirements=requirements, repositories=repositories or {},
+                        environment=environment, priority=priority, timeout=timeout,
+                        retries=retries, key=key)
         reply = self._create(message)
         return TaskHandle(self, str(reply.get("name") or full_name),
                           existing=bool(reply.get("existing")))
 
-    def _create(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _create(self, message: TaskCreate) -> dict[str, Any]:
         """Send a keyed task-create; a timeout is retried, since the key makes it once."""
         for attempt in Retrying(retry=retry_if_exception_type(RequestTimeout)
                                 & retry_if_not_exception_type(NoCoordinator),
@@ -323,39 +365,41 @@ class Client:
             environment.setdefault(key, value)
 
     def info(self, name: str) -> TaskState:
-        reply = self.request({"command": "task-info", "name": name})
+        reply = self.request(TaskInfo(command="task-info", name=name))
         if reply.get("status") == "invalid":
             raise TaskNotFound(f"no task named {name!r}")
         return TaskState.model_validate(reply)
 
     def cancel(self, name: str) -> None:
-        self.request({"command": "task-cancel", "name": name})
+        self.request(TaskCancel(command="task-cancel", name=name))
 
-    def report(self, success: str, message: str | None = None, name: str | None = None) -> None:
-        """Raise the current task's severity (warning, error, ...) with a message."""
+    def report(self, success: Severity | str, message: str | None = None,
+               name: str | None = None) -> None:
+        """Raise the current task's severity (warning, error, ...) with a message; a
+        severity that is none of them is a ValueError."""
         target = name or current_task()
         if target is None:
             raise ValueError("report() needs a task name outside a running task")
-        update: dict[str, Any] = {"command": "task-update", "name": target,
-                                  "success": success, "message": message}
-        if name is None and os.environ.get("VESPID_ATTEMPT", "").isdigit():
-            # Lets the coordinator tell a stale attempt's report from the current one's.
-            update["attempt"] = int(os.environ["VESPID_ATTEMPT"])
-            update["node"] = os.environ.get("VESPID_NODE")
-        self.request(update)
+        attempt = os.environ.get("VESPID_ATTEMPT", "")
+        # On itself, a task says which attempt and node it is: the coordinator tells a stale
+        # attempt's report from the current one's (null, as about another task: unfenced).
+        own = name is None and attempt.isdigit()
+        self.request(TaskUpdate(command="task-update", name=target, success=Severity(success),
+                                message=message, attempt=int(attempt) if own else None,
+                                node=os.environ.get("VESPID_NODE") if own else None))
 
-    def tasks(self, status: str | None = None, parent: str | None = None,
+    def tasks(self, status: TaskListStatus | None = None, parent: str | None = None,
               limit: int = 1000) -> list[dict[str, Any]]:
-        reply = self.request({"command": "task-list", "status": status, "parent": parent,
-                              "limit": limit})
+        reply = self.request(build(TaskList, command="task-list", status=status, parent=parent,
+                                   limit=limit))
         return list(reply["tasks"])
 
     def drain(self, node: str) -> None:
         """Stop giving the node work; its agent finishes what runs, then exits."""
-        self.request({"command": "node-drain", "name": node})
+        self.request(build(NodeDrain, command="node-drain", name=node))
 
     def nodes(self) -> list[dict[str, Any]]:
-        return list(self.request({"command": "node-list"})["nodes"])
+        return list(self.request(NodeList(command="node-list"))["nodes"])
 
     # ---- waiting ---------------------------------------------------------------------
     def wait(self, name: str, timeout: float | None = None, *,
@@ -387,7 +431,7 @@ class Client:
         # A task that waits for others lends its cores to them meanwhile.
         waiter = current_task() if current_task() not in names else None
         if waiter is not None:
-            self.request({"command": "task-wait", "name": waiter, "waiting": True})
+            self.request(TaskWait(command="task-wait", name=waiter, waiting=True))
         try:
             for name in names:
                 state = self.info(name)
@@ -406,7 +450,7 @@ class Client:
                 guarded(lambda: channel.basic_cancel(tag))
                 guarded(lambda: channel.queue_delete(queue))
             if waiter is not None:
-                self.request({"command": "task-wait", "name": waiter, "waiting": False})
+                self.request(TaskWait(command="task-wait", name=waiter, waiting=False))
         # Events carry no list of failures: ask for it where there is one to show.
         return {name: self.info(name) if state.tree_failed and not state.tree_failures
                 else state for name, state in done.items()}

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vespid.client.api import Client
+from vespid.client.api import Client, build, refused_as
+from vespid.shared import golem as dialect  # the Golem-style dialect's models
 from vespid.shared import topology
-from vespid.shared.blobs import chunk_messages, digest, file_digest
+from vespid.shared.blobs import BlobGet, chunk_messages, digest, file_digest
 from vespid.shared.errors import (
     ConfigError,
     GolemTaskAborted,
@@ -75,11 +76,12 @@ class GolemTask:
         return self.results
 
     def verify(self, subtask_id: str, verdict: int) -> dict[str, Any]:
-        return self.client.request({"type": "VerifyResults", "task_id": self.task_id,
-                                    "subtask_id": subtask_id, "verdict": int(verdict)})
+        return self.client.request(dialect.VerifyResults(
+            type="VerifyResults", task_id=self.task_id, subtask_id=subtask_id,
+            verdict=int(verdict)))
 
     def abort(self) -> None:
-        self.client.request({"type": "AbortTask", "task_id": self.task_id})
+        self.client.request(dialect.AbortTask(type="AbortTask", task_id=self.task_id))
 
     def state(self) -> dict[str, Any]:
         return self.client.state(self.task_id)
@@ -94,9 +96,13 @@ class GolemTask:
 
 class GolemClient(Client):
     def create_task(self, task: dict[str, Any]) -> GolemTask:  # type: ignore[override]
-        digests = {source: self.upload(Path(source)) for source in task.get("resources", [])}
+        # Checked before any upload: a task the coordinator would refuse sends nothing.
+        with refused_as("CreateTask", "task"):
+            spec = dialect.GolemTaskSpec.model_validate(task)
+        digests = {source: self.upload(Path(source)) for source in spec.resources}
         self._events_queue()  # listening before asking: no event can be missed
-        reply = self.request({"type": "CreateTask", "task": task, "resource_digests": digests})
+        reply = self.request(dialect.CreateTask(type="CreateTask", task=spec,
+                                                resource_digests=digests))
         return self._follow(reply)
 
     def _follow(self, reply: dict[str, Any]) -> GolemTask:
@@ -143,7 +149,7 @@ class GolemClient(Client):
     def fetch(self, sha: str, target: Path) -> Path:
         parts, index, count = [], 0, 1
         while index < count:
-            reply = self.request({"command": "blob-get", "sha256": sha, "index": index})
+            reply = self.request(BlobGet(command="blob-get", sha256=sha, index=index))
             parts.append(base64.b64decode(reply["data"]))
             count, index = int(reply["count"]), index + 1
         data = b"".join(parts)
@@ -154,16 +160,17 @@ class GolemClient(Client):
         return target
 
     def state(self, task_id: str) -> dict[str, Any]:
-        return self.request({"type": "GetTaskState", "task_id": task_id})
+        return self.request(dialect.GetTaskState(type="GetTaskState", task_id=task_id))
 
     def list_golem_tasks(self) -> list[dict[str, Any]]:
-        return list(self.request({"type": "ListTasks"})["tasks"])
+        return list(self.request(dialect.ListTasks(type="ListTasks"))["tasks"])
 
     def restart(self, task_id: str) -> GolemTask:
         self._events_queue()
-        return self._follow(self.request({"type": "RestartTask", "task_id": task_id}))
+        restart = dialect.RestartTask(type="RestartTask", task_id=task_id)
+        return self._follow(self.request(restart))
 
     def restart_subtasks(self, task_id: str, subtask_ids: list[str]) -> None:
-        self.request({"type": "RestartSubtasks", "task_id": task_id,
-                      "subtask_ids": subtask_ids})
+        self.request(build(dialect.RestartSubtasks, type="RestartSubtasks", task_id=task_id,
+                           subtask_ids=subtask_ids))
 

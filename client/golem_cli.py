@@ -36,6 +36,8 @@ def _read_task(path: Path) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from vespid.client.golem import VERIFIED
+
     task = _read_task(Path(args.task_file))
     with _client(args) as golem:
         handle = golem.create_task(task)
@@ -46,7 +48,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 if not args.accept_all:
                     raise ConfigError("this task asks for external verification: pass "
                                       "--accept-all, or verify from your own program")
-                handle.verify(event["subtask_id"], 3)
+                handle.verify(event["subtask_id"], VERIFIED)
                 _out(f"  accepted subtask {event['subtask_id']}")
         paths = handle.download(args.out)
         _out(f"results in {args.out}:")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from vespid.shared.errors import ProtocolError
-from vespid.shared.protocol import describe_validation_error
+from vespid.shared.wire import Said, describe_validation_error
 
 DURATION = re.compile(r"^(\d{1,3}):([0-5]\d):([0-5]\d)$")
 TASK_TYPES = ("Python", "GLambda", "Fractal")
@@ -160,6 +160,137 @@ class ListTasks(_Golem):
 class GetTaskState(_Golem):
     type: Literal["GetTaskState"]
     task_id: str
+
+
+# ---- what the coordinator answers and announces (docs/protocol.md, 10.2 to 10.7) ---------
+# `Said` models, as in shared/protocol.py: each carries the fields it was built with, no more.
+
+GolemStatus = Literal["computing", "finished", "failed", "aborted", "timeout"]
+# A subtask's state; an attempt's is one of them too (never waiting, verifying, failed,
+# restarted).
+SubtaskState = Literal["waiting", "starting", "computing", "verifying", "finished", "failure",
+                       "timeout", "cancelled", "failed", "restarted"]
+
+
+class TaskCreatedEvent(Said):
+    """The reply to CreateTask and RestartTask, and the event that follows them."""
+
+    type: Literal["TaskCreatedEvent"]
+    task_id: str
+    task: GolemTaskSpec  # defaults filled in, extra fields kept
+
+
+class VerificationRequired(Said):
+    type: Literal["VerificationRequired"]
+    task_id: str
+    subtask_id: str
+    task: GolemTaskSpec
+    results: list[str]  # that subtask's files, on the coordinator's machine
+
+
+class ResultFile(Said):
+    """One file of `TaskResults.files`: what the node reported of it (`size` when it said),
+    and which subtask made it. Open: a node's other fields are passed on as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    sha256: str
+    subtask_id: str
+    index: int
+    size: int | None = None
+
+
+class TaskResults(Said):
+    type: Literal["TaskResults"]
+    task_id: str
+    task: GolemTaskSpec
+    results: list[str]
+    files: list[ResultFile]
+
+
+class TaskFailedEvent(Said):
+    type: Literal["TaskFailedEvent"]
+    task_id: str
+    reason: str
+
+
+class TaskTimeoutEvent(Said):
+    type: Literal["TaskTimeoutEvent"]
+    task_id: str
+    reason: str
+
+
+class TaskAbortedEvent(Said):
+    type: Literal["TaskAbortedEvent"]
+    task_id: str
+
+
+class VerifyResultsAck(Said):
+    type: Literal["VerifyResultsAck"]
+    task_id: str
+    subtask_id: str
+    verdict: int
+    acted: bool
+    message: str | None  # why not, when not acted on
+
+
+class TaskAborted(Said):
+    type: Literal["TaskAborted"]
+    task_id: str
+    status: GolemStatus  # after the abort: a task that had ended already keeps its status
+
+
+class SubtasksRestarted(Said):
+    type: Literal["SubtasksRestarted"]
+    task_id: str
+    subtask_ids: list[str]
+
+
+class GolemTaskSummary(Said):
+    """One task of `TaskList`, and the first fields of `TaskState`."""
+
+    task_id: str
+    task_name: str
+    task_type: str
+    status: GolemStatus
+    created: float
+    subtasks_count: int
+    subtasks_finished: int
+
+
+class GolemTaskList(Said):
+    """`TaskList`, the reply to ListTasks (named apart from the seed's task-list request)."""
+
+    type: Literal["TaskList"]
+    tasks: list[GolemTaskSummary]
+
+
+class SubtaskAttempt(Said):
+    task: str  # the Vespid task of the attempt
+    node: str | None
+    state: SubtaskState
+    start: float
+    end: float | None
+
+
+class SubtaskInfo(Said):
+    subtask_id: str
+    index: int
+    state: SubtaskState
+    node: str | None
+    attempts: list[SubtaskAttempt]
+    wrong_answers: int
+
+
+class GolemTaskState(GolemTaskSummary):
+    """`TaskState`, the reply to GetTaskState (named apart from the client's TaskState)."""
+
+    type: Literal["TaskState"]
+    task: GolemTaskSpec
+    results: list[str]
+    reason: str | None
+    subtasks: list[SubtaskInfo]
 
 
 GolemMessage = Annotated[

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from vespid.shared.errors import ProtocolError
+from vespid.shared.wire import Said, body_of, describe_validation_error
 
 TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 NODE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -92,8 +93,9 @@ class RepositoryRequest(_Message):
     local: bool = False
 
 
-class TaskDefinition(_Message):
-    """The fields of `task-create` that define a task (everything but `command`)."""
+class _Defined(_Message):
+    """The fields of `task-create` that define a task (everything but `command`), each checked
+    alone: what a task-info-response shows of its task too."""
 
     name: TaskName
     name_pretty: str | None = None
@@ -132,6 +134,15 @@ class TaskDefinition(_Message):
             checked[key] = item
         return checked
 
+    @field_serializer("requirements")
+    def _strict_json_requirements(self, value: dict[str, RequirementValue]) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v)
+                for k, v in value.items()}
+
+
+class TaskDefinition(_Defined):
+    """The fields of `task-create` that define a task (everything but `command`)."""
+
     @model_validator(mode="after")
     def _one_executable(self) -> TaskDefinition:
         given = [x for x in (self.executable_pyscript, self.executable_pyfile) if x is not None]
@@ -141,11 +152,6 @@ class TaskDefinition(_Message):
                 "or executable_pyfile (a path on the node)"
             )
         return self
-
-    @field_serializer("requirements")
-    def _strict_json_requirements(self, value: dict[str, RequirementValue]) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isinf(v) else v)
-                for k, v in value.items()}
 
     @property
     def cores(self) -> float:
@@ -228,9 +234,12 @@ class StateCheck(_Message):
     command: Literal["state-check"]
 
 
+TaskListStatus = Literal["idle", "working", "complete"]
+
+
 class TaskList(_Message):
     command: Literal["task-list"]
-    status: Literal["idle", "working", "complete"] | None = None
+    status: TaskListStatus | None = None
     parent: str | None = None
     limit: int = Field(default=1000, ge=1, le=100_000)
 
@@ -324,6 +333,150 @@ class TaskKill(_OpenMessage):
     reason: str | None = None
 
 
+# ---- what the coordinator answers and announces ------------------------------------------
+# Replies and events are `Said` models: whatever way one is dumped, it carries the fields it
+# was built with and no default of the model's (docs/protocol.md, sections 3 and 4).
+
+
+class AckReply(Said):
+    """`ack`: the answer to a request that has no response of its own. `name` is the
+    request's; for a keyed task-create that matched a task made before (`existing`), the
+    name of that task."""
+
+    command: Literal["ack"]
+    name: str | None
+    existing: bool = False
+
+
+class ErrorReply(Said):
+    """`error`: the request was refused; `error` is the code, `message` a sentence to act on."""
+
+    command: Literal["error"]
+    error: str
+    message: str
+
+
+class _Times(Said):
+    """When a task was created, last started and finished: Unix seconds, or null."""
+
+    time_create: float | None = Field(default=None, alias="time-create")
+    time_start: float | None = Field(default=None, alias="time-start")
+    time_finish: float | None = Field(default=None, alias="time-finish")
+
+
+class AttemptRecord(Said):
+    """One start of a task (task-info `attempts`). Open: the coordinator keeps more with it
+    (`allocated`) than the contract names."""
+
+    model_config = ConfigDict(extra="allow")
+
+    attempt: int
+    node: str | None
+    start: float
+    end: float | None
+    why: str | None
+    lost: bool
+    cause: str | None = None
+    late: list[str] = Field(default_factory=list)
+
+
+class TreeFailure(Said):
+    """A descendant that ended error, fatal or terminated (task-info `tree_failures`)."""
+
+    name: str
+    name_pretty: str | None
+    success: Severity | None
+    message: str | None
+    node: str | None
+
+
+class TaskInfoResponse(_Defined, _Times):
+    """`task-info-response`, and the body of every `task.<event>.<name>` event: the stored
+    definition (its `requirements` the effective ones), then what became of the task.
+
+    Open, since views.py builds it from the task: what the contract names is typed here. An
+    unknown name is answered with the required fields only (`status: "invalid"`); a known
+    task's carries the others too, but for `tree_failures`, `tree_failures_total` and
+    `waiting_reason`, which task-info replies add and events never carry."""
+
+    model_config = ConfigDict(extra="allow")
+
+    command: Literal["task-info-response"]
+    name: str  # whatever was asked for: an unknown name need not be a valid one
+    status: Literal["working", "complete", "invalid"] | None
+    success: Severity | None
+    node: str | None
+    log: str | None
+    children: list[str]
+    owner: str | None = None
+    path: str | None = None
+    allocated: dict[str, float] | None = None
+    attempt: int = 0
+    message: str | None = None
+    holds: dict[str, str] = Field(default_factory=dict)
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+    lent_cores: float | None = None
+    tree_success: Severity | None = None
+    tree_complete: bool | None = None
+    tree_failures: list[TreeFailure] = Field(default_factory=list)
+    tree_failures_total: int = 0
+    waiting_reason: list[str] | None = None
+
+
+class TaskSummary(_Times):
+    """One entry of `task-list-response`: `children` is how many, not which."""
+
+    name: str
+    name_pretty: str | None
+    parent: str | None
+    status: Literal["working", "complete"] | None
+    success: Severity | None
+    node: str | None
+    priority: int
+    attempt: int
+    children: int
+    tree_success: Severity | None
+    tree_complete: bool
+
+
+class TaskListResponse(Said):
+    command: Literal["task-list-response"]
+    total: int  # how many matched, before `limit`
+    tasks: list[TaskSummary]
+
+
+class NodeSummary(Said):
+    """One entry of `node-list-response` (views.node_summary)."""
+
+    name: str
+    alive: bool
+    draining: bool
+    left: bool
+    accepting: bool
+    why_not_accepting: str | None
+    version: str | None
+    protocol: int | None
+    last_seen: float
+    capabilities: dict[str, RequirementValue]
+    free: dict[str, float]
+    repositories: dict[str, NodeRepository]
+    activetasks: list[str]
+
+
+class NodeListResponse(Said):
+    command: Literal["node-list-response"]
+    nodes: list[NodeSummary]
+
+
+class StateCheckResponse(Said):
+    command: Literal["state-check-response"]
+    ok: bool
+    problems: list[str]
+    tasks: int
+    nodes: int
+    waiting: int
+
+
 from vespid.shared.blobs import BlobChunk, BlobGet  # noqa: E402 - needs ProtocolError only
 
 InboundMessage = Annotated[
@@ -385,20 +538,6 @@ def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str,
             from None
 
 
-def describe_validation_error(command: str, exc: ValidationError) -> str:
-    """One readable sentence per problem, e.g. `task-create: requirements.memory: ...`."""
-    parts = []
-    for error in exc.errors(include_url=False)[:5]:
-        location = ".".join(str(x) for x in error["loc"] if x != command)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "is not a field of this command (check the spelling)"
-        parts.append(f"{location}: {message}" if location else message)
-    more = exc.error_count() - len(parts)
-    suffix = f" (and {more} more problems)" if more > 0 else ""
-    return f"{command}: " + "; ".join(parts) + suffix
-
-
 def encode(payload: BaseModel | dict[str, Any]) -> bytes:
     """Strict JSON (no NaN/Infinity) as the contract requires."""
     data = payload.model_dump(mode="json", by_alias=True) if isinstance(payload, BaseModel) \
@@ -407,13 +546,13 @@ def encode(payload: BaseModel | dict[str, Any]) -> bytes:
 
 
 def ack_reply(name: str | None) -> dict[str, Any]:
-    return {"command": "ack", "name": name}
+    return body_of(AckReply(command="ack", name=name))
 
 
 def existing_reply(name: str) -> dict[str, Any]:
     """A keyed task-create that matched a task already made: nothing new was created."""
-    return {"command": "ack", "name": name, "existing": True}
+    return body_of(AckReply(command="ack", name=name, existing=True))
 
 
 def error_reply(code: str, message: str) -> dict[str, Any]:
-    return {"command": "error", "error": code, "message": message}
+    return body_of(ErrorReply(command="error", error=code, message=message))
