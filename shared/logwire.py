@@ -25,7 +25,8 @@ from pydantic import (
 )
 
 from vespid.shared.errors import ProtocolError
-from vespid.shared.protocol import TaskName, describe_validation_error, parse_body
+from vespid.shared.protocol import TaskName, parse_body
+from vespid.shared.wire import describe_validation_error
 
 MAX_ATTEMPT = 1_000_000
 Attempt = Annotated[StrictInt, Field(gt=0, le=MAX_ATTEMPT)]
