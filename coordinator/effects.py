@@ -11,8 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from vespid.shared import topology
 from vespid.shared.protocol import NodeDrain, RepositoryClean, TaskKill, TaskRun, encode
+from vespid.shared.wire import body_of
 
 # Everything the coordinator sends a node is one of these models, never a dict.
 NodeMessage = TaskRun | TaskKill | RepositoryClean | NodeDrain
@@ -60,12 +63,13 @@ class Effects:
     def send_file(self, node: str, sha256: str) -> None:
         self.files.append(FileSend(node, sha256))
 
-    def announce(self, routing_key: str, kind: str, body: dict[str, Any]) -> None:
+    def announce(self, routing_key: str, kind: str, body: BaseModel) -> None:
         """An event of an extension's own on the events exchange (it picks the key)."""
         self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, routing_key, kind,
-                                      encode(body)))
+                                      encode(body_of(body))))
 
-    def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
+    def reply(self, reply_to: str, correlation_id: str | None, message: BaseModel) -> None:
+        body = body_of(message)
         self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
 
     def to_node(self, node: str, message: NodeMessage) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import BaseModel
+
 from vespid.shared.logs import get_logger
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from vespid.coordinator.store import Store
 
 log = get_logger(__name__)
-Reply = dict[str, Any] | None
+Reply = BaseModel | None  # a model of shared/; None: the plain `ack`
 Handler = Callable[["Context", Any], Reply]
 E = TypeVar("E", bound="Extension")
 

@@ -19,21 +19,24 @@ from vespid.shared import PROTOCOL_VERSION
 from vespid.shared.errors import ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
+    AckReply,
     NodeDrain,
     NodeList,
+    NodeListResponse,
     NodeSet,
     Severity,
     StateCheck,
+    StateCheckResponse,
     TaskCancel,
     TaskComplete,
     TaskCreate,
     TaskDefinition,
     TaskInfo,
     TaskList,
+    TaskListResponse,
     TaskStatus,
     TaskUpdate,
     TaskWait,
-    existing_reply,
 )
 
 log = get_logger(__name__)
@@ -46,7 +49,7 @@ def handle_task_create(ctx: Context, msg: TaskCreate) -> Reply:
         # A parent started again, or a client retrying: re-attach, make nothing new.
         log.info("task_create_matched_key", task=same_key, key=definition.key,
                  parent=definition.parent)
-        return existing_reply(same_key)
+        return AckReply(command="ack", name=same_key, existing=True)
     existing = ctx.state.tasks.get(definition.name)
     if existing is not None:
         if existing.definition != definition:
@@ -70,12 +73,8 @@ def handle_task_info(ctx: Context, msg: TaskInfo) -> Reply:
     task = ctx.state.tasks.get(msg.name)
     if task is None:
         return views.unknown_task(msg.name)
-    body = views.task_info(ctx.state, task)
-    # Computed on request only: events carry the plain task-info.
-    body.update(views.tree_failures(ctx.state, task))
-    body["waiting_reason"] = (engine.explain(ctx.state, task)
-                              if task.status is TaskStatus.IDLE else None)
-    return body
+    waiting = engine.explain(ctx.state, task) if task.status is TaskStatus.IDLE else None
+    return views.task_info_reply(ctx.state, task, waiting)
 
 
 def handle_task_wait(ctx: Context, msg: TaskWait) -> Reply:
@@ -224,9 +223,9 @@ def handle_node_drain(ctx: Context, msg: NodeDrain) -> Reply:
 
 def handle_state_check(ctx: Context, msg: StateCheck) -> Reply:
     problems = check_state(ctx.state)
-    return {"command": "state-check-response", "ok": not problems, "problems": problems,
-            "tasks": len(ctx.state.tasks), "nodes": len(ctx.state.nodes),
-            "waiting": len(ctx.state.waiting_shape)}
+    return StateCheckResponse(command="state-check-response", ok=not problems,
+                              problems=problems, tasks=len(ctx.state.tasks),
+                              nodes=len(ctx.state.nodes), waiting=len(ctx.state.waiting_shape))
 
 
 def handle_task_list(ctx: Context, msg: TaskList) -> Reply:
@@ -235,8 +234,8 @@ def handle_task_list(ctx: Context, msg: TaskList) -> Reply:
              if (wanted is None or t.status is wanted)
              and (msg.parent is None or t.parent == msg.parent)]
     tasks.sort(key=lambda t: t.seq, reverse=True)
-    return {"command": "task-list-response", "total": len(tasks),
-            "tasks": [views.task_summary(ctx.state, t) for t in tasks[: msg.limit]]}
+    return TaskListResponse(command="task-list-response", total=len(tasks),
+                            tasks=[views.task_summary(ctx.state, t) for t in tasks[: msg.limit]])
 
 
 def handle_node_list(ctx: Context, msg: NodeList) -> Reply:
@@ -244,7 +243,7 @@ def handle_node_list(ctx: Context, msg: NodeList) -> Reply:
     for node in sorted(ctx.state.nodes.values(), key=lambda n: n.name):
         why_not = engine.why_not_accepting(node)
         nodes.append(views.node_summary(node, why_not is None, why_not))
-    return {"command": "node-list-response", "nodes": nodes}
+    return NodeListResponse(command="node-list-response", nodes=nodes)
 
 
 def _known_task(ctx: Context, name: str) -> Task:

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from vespid.coordinator.settings import CoordinatorSettings
-from vespid.shared import logs
-from vespid.shared.errors import ConfigError
+from vespid.shared import logs, topology
+from vespid.shared.errors import ConfigError, VespidError
+from vespid.shared.protocol import StateCheck, StateCheckResponse, encode
 from vespid.shared.text import count
+from vespid.shared.transport import (
+    close_quietly,
+    connect,
+    consumers,
+    guarded,
+    properties,
+    user_of,
+)
+
+APP_ID = "vespid-coordinator-check"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,25 +61,59 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(settings: CoordinatorSettings) -> int:
-    from vespid.client.api import Client
-    from vespid.shared.errors import VespidError
-
-    try:
-        with Client(settings.amqp_url, timeout=5) as client:
-            report = client.request({"command": "state-check"})
-        where = "the running coordinator"
-    except VespidError:
+    report = _ask_running(settings)
+    where = "the running coordinator"
+    if report is None:
         report = _check_file(settings)
         where = f"the state file {settings.state} (no coordinator answered)"
-    problems = report["problems"]
-    sys.stdout.write(f"checked {where}: {count(report['tasks'], 'task')}, "
-                     f"{count(report['nodes'], 'node')}, {report['waiting']} waiting\n")
-    sys.stdout.write("consistent\n" if not problems else
-                     "".join(f"PROBLEM: {p}\n" for p in problems))
-    return 0 if not problems else 1
+    sys.stdout.write(f"checked {where}: {count(report.tasks, 'task')}, "
+                     f"{count(report.nodes, 'node')}, {report.waiting} waiting\n")
+    sys.stdout.write("consistent\n" if report.ok else
+                     "".join(f"PROBLEM: {p}\n" for p in report.problems))
+    return 0 if report.ok else 1
 
 
-def _check_file(settings: CoordinatorSettings) -> dict[str, Any]:
+def _ask_running(settings: CoordinatorSettings, wait: float = 5.0
+                 ) -> StateCheckResponse | None:
+    """The running coordinator's own check of its state in memory (what drifts there is
+    what matters), or None when none runs or answers. The coordinator is asked as any
+    client would ask it, with the broker and the models alone: not through the client."""
+    try:
+        connection = connect(settings.broker_parameters(APP_ID), give_up_after=wait,
+                             quiet=True)
+    except VespidError:
+        return None
+    try:
+        found = consumers(connection, topology.COORDINATOR_QUEUE)
+        if found is None or found[0] == 0:
+            return None
+        return _request_check(connection, settings, wait)
+    except VespidError:
+        return None
+    finally:
+        close_quietly(connection)
+
+
+def _request_check(connection: Any, settings: CoordinatorSettings, wait: float
+                   ) -> StateCheckResponse | None:
+    answers: list[bytes] = []
+    channel = guarded(connection.channel)
+    guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO,
+                                          lambda _c, _m, _p, body: answers.append(body),
+                                          auto_ack=True))
+    props = properties("state-check", app_id=APP_ID, persistent=False,
+                       reply_to=topology.DIRECT_REPLY_TO, correlation_id="check",
+                       user_id=user_of(settings.amqp_url))
+    props.expiration = str(int(wait * 1000))  # never acted on after we stopped waiting
+    guarded(lambda: channel.basic_publish(topology.EXCHANGE, topology.COORDINATOR_KEY,
+                                          encode(StateCheck(command="state-check")), props))
+    deadline = time.monotonic() + wait
+    while not answers and time.monotonic() < deadline:
+        guarded(lambda: connection.process_data_events(time_limit=0.2))
+    return StateCheckResponse.model_validate_json(answers[0]) if answers else None
+
+
+def _check_file(settings: CoordinatorSettings) -> StateCheckResponse:
     from vespid.coordinator.check import check_state
     from vespid.coordinator.store import Store
 
@@ -79,8 +125,9 @@ def _check_file(settings: CoordinatorSettings) -> dict[str, Any]:
     finally:
         store.close()
     problems = check_state(state)
-    return {"problems": problems, "tasks": len(state.tasks), "nodes": len(state.nodes),
-            "waiting": len(state.waiting_shape)}
+    return StateCheckResponse(command="state-check-response", ok=not problems,
+                              problems=problems, tasks=len(state.tasks),
+                              nodes=len(state.nodes), waiting=len(state.waiting_shape))
 
 
 if __name__ == "__main__":

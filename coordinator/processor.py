@@ -23,7 +23,7 @@ from vespid.shared import topology
 from vespid.shared.errors import ProtocolError
 from vespid.shared.inbound import decode
 from vespid.shared.logs import get_logger
-from vespid.shared.protocol import ack_reply, error_reply
+from vespid.shared.protocol import AckReply, ErrorReply
 
 log = get_logger(__name__)
 
@@ -172,7 +172,7 @@ class Processor:
             return
         if delivery.reply_to:
             if body is None:
-                body = ack_reply(getattr(message, "name", None))
+                body = AckReply(command="ack", name=getattr(message, "name", None))
             ctx.effects.reply(delivery.reply_to, delivery.correlation_id, body)
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:
@@ -180,7 +180,7 @@ class Processor:
         ctx.effects.rejected.append(code)
         if delivery.reply_to:
             ctx.effects.reply(delivery.reply_to, delivery.correlation_id,
-                              error_reply(code, sentence))
+                              ErrorReply(command="error", error=code, message=sentence))
         else:
             ctx.effects.dead_letter(delivery.body, f"{code}: {sentence}", _command_of(delivery))
 

@@ -1,11 +1,33 @@
-"""How tasks and nodes look on the wire: task-info-response, list entries, events."""
+"""How tasks and nodes look on the wire: task-info-response, list entries, events.
+
+Replies are the models of shared/protocol.py. The body of a task event is the same
+task-info-response, built here as the dict the model describes and not validated each time:
+it is the hottest message the coordinator sends (three per task), and a pydantic round trip
+costs more than building it (docs/architecture.md). tests/unit/test_wire_models.py holds
+every event body to TaskInfoResponse.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from vespid.coordinator.state import Node, State, Task
-from vespid.shared.protocol import TaskStatus
+from vespid.shared.protocol import (
+    NodeRepository,
+    NodeSummary,
+    TaskInfoResponse,
+    TaskStatus,
+    TaskSummary,
+)
+
+
+def task_info_reply(state: State, task: Task, waiting_reason: list[str] | None
+                    ) -> TaskInfoResponse:
+    """The reply to task-info: the event body, plus what is computed on request only."""
+    body = task_info(state, task)
+    body.update(tree_failures(state, task))
+    body["waiting_reason"] = waiting_reason
+    return TaskInfoResponse.model_validate(body)
 
 
 def task_info(state: State, task: Task) -> dict[str, Any]:
@@ -62,42 +84,33 @@ def tree_failures(state: State, task: Task) -> dict[str, Any]:
             "tree_failures_total": len(failed)}
 
 
-def unknown_task(name: str) -> dict[str, Any]:
-    return {"command": "task-info-response", "name": name, "status": "invalid", "success": None,
-            "children": [], "node": None, "log": None}
+def unknown_task(name: str) -> TaskInfoResponse:
+    return TaskInfoResponse(command="task-info-response", name=name, status="invalid",
+                            success=None, children=[], node=None, log=None)
 
 
-def task_summary(state: State, task: Task) -> dict[str, Any]:
-    return {
-        "name": task.name,
-        "name_pretty": task.definition.name_pretty,
-        "parent": task.parent,
-        "status": None if task.status is TaskStatus.IDLE else task.status.value,
-        "success": task.success.value if task.success else None,
-        "node": task.node,
-        "priority": task.definition.priority,
-        "attempt": task.attempt,
-        "time-create": task.time_create,
-        "time-start": task.time_start,
-        "time-finish": task.time_finish,
-        "children": len(state.children.get(task.name, ())),
-        **tree_outcome(state, task),
-    }
+def task_summary(state: State, task: Task) -> TaskSummary:
+    worst = state.tree_worst.get(task.name)
+    return TaskSummary(
+        name=task.name, name_pretty=task.definition.name_pretty, parent=task.parent,
+        status=_shown_status(task), success=task.success, node=task.node,
+        priority=task.definition.priority,
+        attempt=task.attempt, time_create=task.time_create, time_start=task.time_start,
+        time_finish=task.time_finish, children=len(state.children.get(task.name, ())),
+        tree_success=worst, tree_complete=state.tree_complete(task))
 
 
-def node_summary(node: Node, accepting: bool, why_not: str | None) -> dict[str, Any]:
-    return {
-        "name": node.name,
-        "alive": node.alive,
-        "draining": node.draining,
-        "left": node.left,
-        "accepting": accepting,
-        "why_not_accepting": why_not,
-        "version": node.version,
-        "protocol": node.protocol,
-        "last_seen": node.last_seen,
-        "capabilities": node.capabilities,
-        "free": node.free_resources(),
-        "repositories": node.repositories,
-        "activetasks": sorted(node.running),
-    }
+def node_summary(node: Node, accepting: bool, why_not: str | None) -> NodeSummary:
+    return NodeSummary(
+        name=node.name, alive=node.alive, draining=node.draining, left=node.left,
+        accepting=accepting, why_not_accepting=why_not, version=node.version,
+        protocol=node.protocol, last_seen=node.last_seen, capabilities=node.capabilities,
+        free=node.free_resources(), activetasks=sorted(node.running),
+        repositories={k: NodeRepository.model_validate(v) for k, v in node.repositories.items()})
+
+
+def _shown_status(task: Task) -> Literal["working", "complete"] | None:
+    """As the wire shows it: an idle task has no status yet."""
+    if task.status is TaskStatus.IDLE:
+        return None
+    return "working" if task.status is TaskStatus.WORKING else "complete"

@@ -10,7 +10,7 @@ import json
 import math
 import re
 import uuid
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -165,11 +165,30 @@ class GetTaskState(_Golem):
 # ---- what the coordinator answers and announces (docs/protocol.md, 10.2 to 10.7) ---------
 # `Said` models, as in shared/protocol.py: each carries the fields it was built with, no more.
 
-GolemStatus = Literal["computing", "finished", "failed", "aborted", "timeout"]
-# A subtask's state; an attempt's is one of them too (never waiting, verifying, failed,
-# restarted).
-SubtaskState = Literal["waiting", "starting", "computing", "verifying", "finished", "failure",
-                       "timeout", "cancelled", "failed", "restarted"]
+class GolemStatus(StrEnum):
+    """A Golem-style task's status, as the wire spells it."""
+
+    ACTIVE = "computing"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    TIMEOUT = "timeout"
+
+
+class SubtaskState(StrEnum):
+    """A subtask's state; an attempt's is one of them too (never waiting, verifying, failed,
+    restarted)."""
+
+    WAITING = "waiting"
+    STARTING = "starting"
+    COMPUTING = "computing"
+    VERIFYING = "verifying"
+    FINISHED = "finished"
+    FAILURE = "failure"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    RESTARTED = "restarted"
 
 
 class TaskCreatedEvent(Said):

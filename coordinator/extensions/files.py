@@ -53,4 +53,4 @@ class Files(Extension):
         if chunk is None:
             raise ProtocolError("not_found",
                                 f"that file has {self.store.chunks(msg.sha256)} chunks")
-        return chunk.model_dump()
+        return chunk

@@ -16,7 +16,6 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,19 @@ from vespid.coordinator.extension import Extension, Handler, Reply
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.state import State, Task
 from vespid.coordinator.store import Store
+from vespid.shared import golem as wire
 from vespid.shared.blobs import BlobStore
 from vespid.shared.errors import ProtocolError
 from vespid.shared.golem import (
     AbortTask,
     CreateTask,
     GetTaskState,
+    GolemStatus,
     GolemTaskSpec,
     ListTasks,
     RestartSubtasks,
     RestartTask,
+    SubtaskState,
     SubtaskVerificationState,
     VerifyResults,
 )
@@ -44,33 +46,8 @@ from vespid.shared.logs import get_logger
 from vespid.shared.protocol import Severity, TaskDefinition
 
 log = get_logger(__name__)
-
-
-class Status(StrEnum):
-    """A Golem-style task's status, as the wire spells it."""
-
-    ACTIVE = "computing"
-    FINISHED = "finished"
-    FAILED = "failed"
-    ABORTED = "aborted"
-    TIMEOUT = "timeout"
-
-
-class Part(StrEnum):
-    """A subtask's state, and each of its attempts' (the wire's strings, never typed by hand)."""
-
-    WAITING = "waiting"
-    STARTING = "starting"
-    COMPUTING = "computing"
-    VERIFYING = "verifying"
-    FINISHED = "finished"
-    FAILURE = "failure"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-    RESTARTED = "restarted"
+GolemEvent = (wire.TaskCreatedEvent | wire.VerificationRequired | wire.TaskResults
+              | wire.TaskFailedEvent | wire.TaskTimeoutEvent | wire.TaskAbortedEvent)
 
 
 EXECUTOR = "from vespid.node_agent.executors import main\nmain({spec!r})\n"
@@ -83,7 +60,7 @@ class SubtaskAttempt:
 
     task: str
     node: str | None
-    state: Part
+    state: SubtaskState
     start: float
     end: float | None = None
 
@@ -92,7 +69,7 @@ class SubtaskAttempt:
 class Subtask:
     subtask_id: str
     index: int
-    state: Part = Part.WAITING
+    state: SubtaskState = SubtaskState.WAITING
     current: str | None = None  # the Vespid task of the live attempt
     attempts: list[SubtaskAttempt] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -110,8 +87,8 @@ class Subtask:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Subtask:
         data = dict(record)
-        data["state"] = Part(data["state"])
-        data["attempts"] = [SubtaskAttempt(**{**a, "state": Part(a["state"])})
+        data["state"] = SubtaskState(data["state"])
+        data["attempts"] = [SubtaskAttempt(**{**a, "state": SubtaskState(a["state"])})
                             for a in data["attempts"]]
         return cls(**data)
 
@@ -125,7 +102,7 @@ class GolemTask:
     parent: str
     resources: list[dict[str, str]]  # [{sha256, path}] as placed in the working folder
     subtasks: dict[str, Subtask]
-    status: Status = Status.ACTIVE
+    status: GolemStatus = GolemStatus.ACTIVE
     reason: str | None = None
     results: list[str] = field(default_factory=list)
     request_id: str | None = None  # message_id of the CreateTask that made it
@@ -146,7 +123,7 @@ class GolemTask:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> GolemTask:
         data = dict(record)
-        data["status"] = Status(data["status"])
+        data["status"] = GolemStatus(data["status"])
         data["subtasks"] = {k: Subtask.from_record(v) for k, v in data["subtasks"].items()}
         return cls(**data)
 
@@ -181,9 +158,9 @@ class Golem(Extension):
                     self.attempts[attempt.task] = (golem.task_id, subtask.subtask_id)
             # Result files are placed after the commit that accepted them; a coordinator
             # stopped in between places them now.
+            computed = (SubtaskState.VERIFYING, SubtaskState.FINISHED)
             self._place_results(golem, [s for s in golem.subtasks.values()
-                                        if s.state in (Part.VERIFYING, Part.FINISHED)],
-                                missing_only=True)
+                                        if s.state in computed], missing_only=True)
 
     def flush(self, store: Store) -> None:
         store.put_records(TABLE, [(t, self.tasks[t].to_record()) for t in sorted(self.dirty)])
@@ -199,8 +176,7 @@ class Golem(Extension):
         if ctx.message_id:
             for existing in self.tasks.values():
                 if existing.request_id == ctx.message_id:
-                    return {"type": "TaskCreatedEvent", "task_id": existing.task_id,
-                            "task": existing.spec}
+                    return _created(existing)
         spec = msg.task
         resources = self._resources(spec, msg.resource_digests)
         task_id = str(uuid.uuid1())
@@ -213,8 +189,8 @@ class Golem(Extension):
         self.tasks[task_id] = golem
         for subtask in golem.subtasks.values():
             self._launch(ctx, golem, subtask)
-        body = {"type": "TaskCreatedEvent", "task_id": task_id, "task": golem.spec}
-        _event(ctx, "TaskCreatedEvent", task_id, body)
+        body = _created(golem)
+        _event(ctx, body)
         log.info("golem_task_created", task=task_id, subtasks=spec.subtasks_count,
                  kind=spec.type)
         return body
@@ -252,8 +228,8 @@ class Golem(Extension):
         task = engine.add_task(ctx, definition)
         ctx.state.set_resources(task, golem.resources)
         self.attempts[name] = (golem.task_id, subtask.subtask_id)
-        subtask.current, subtask.state = name, Part.STARTING
-        subtask.attempts.append(SubtaskAttempt(name, None, Part.STARTING, ctx.now))
+        subtask.current, subtask.state = name, SubtaskState.STARTING
+        subtask.attempts.append(SubtaskAttempt(name, None, SubtaskState.STARTING, ctx.now))
         self._changed(golem)
 
     # ---- an attempt starts and ends ----------------------------------------------------
@@ -261,8 +237,9 @@ class Golem(Extension):
         found = self._attempt_of(task)
         if found is not None:
             golem, subtask = found
-            subtask.state = Part.COMPUTING
-            subtask.attempts[-1].node, subtask.attempts[-1].state = task.node, Part.COMPUTING
+            subtask.state = SubtaskState.COMPUTING
+            subtask.attempts[-1].node = task.node
+            subtask.attempts[-1].state = SubtaskState.COMPUTING
             self._changed(golem)
 
     def ended(self, ctx: Context, task: Task) -> None:
@@ -273,16 +250,17 @@ class Golem(Extension):
         record = subtask.attempts[-1]
         record.end, record.node = ctx.now, task.node or record.node
         subtask.current = None
-        if golem.status != Status.ACTIVE:
-            record.state = Part.CANCELLED
+        if golem.status != GolemStatus.ACTIVE:
+            record.state = SubtaskState.CANCELLED
         elif task.success is Severity.OK:
-            record.state = Part.FINISHED
+            record.state = SubtaskState.FINISHED
             subtask.results = task.results
             self._computed(ctx, golem, subtask)
         else:
             # What the node said the attempt ended of, never a guess from its message (a
             # node named timeout-box would otherwise make every failure there a timeout).
-            record.state = Part.TIMEOUT if task.last_cause == "timeout" else Part.FAILURE
+            timed_out = task.last_cause == "timeout"
+            record.state = SubtaskState.TIMEOUT if timed_out else SubtaskState.FAILURE
             subtask.state = record.state
             subtask.failures += 1
             self._retry_elsewhere(ctx, golem, subtask, task.node,
@@ -299,22 +277,22 @@ class Golem(Extension):
 
     def _computed(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
         if golem.model.external:
-            subtask.state = Part.VERIFYING
-            _event(ctx, "VerificationRequired", golem.task_id, {
-                "type": "VerificationRequired", "task_id": golem.task_id,
-                "subtask_id": subtask.subtask_id, "task": golem.spec,
-                "results": self._materialise(ctx, golem, [subtask])})
+            subtask.state = SubtaskState.VERIFYING
+            _event(ctx, wire.VerificationRequired(
+                type="VerificationRequired", task_id=golem.task_id,
+                subtask_id=subtask.subtask_id, task=golem.model,
+                results=self._materialise(ctx, golem, [subtask])))
         else:
             self._accept(ctx, golem, subtask)
 
     def _accept(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
-        subtask.state = Part.FINISHED
-        if all(s.state == Part.FINISHED for s in golem.subtasks.values()):
+        subtask.state = SubtaskState.FINISHED
+        if all(s.state == SubtaskState.FINISHED for s in golem.subtasks.values()):
             golem.results = self._materialise(ctx, golem, golem.by_index())
-            self._close(ctx, golem, Status.FINISHED, None, Severity.OK)
-            _event(ctx, "TaskResults", golem.task_id, {
-                "type": "TaskResults", "task_id": golem.task_id, "task": golem.spec,
-                "results": golem.results, "files": _files(golem)})
+            self._close(ctx, golem, GolemStatus.FINISHED, None, Severity.OK)
+            _event(ctx, wire.TaskResults(type="TaskResults", task_id=golem.task_id,
+                                         task=golem.model, results=golem.results,
+                                         files=_files(golem)))
 
     def _retry_elsewhere(self, ctx: Context, golem: GolemTask, subtask: Subtask,
                          node: str | None, why: str) -> None:
@@ -348,39 +326,40 @@ class Golem(Extension):
                 shutil.copyfile(self.files.path(sha), target)
 
     # ---- ending a whole task -----------------------------------------------------------
-    def _close(self, ctx: Context, golem: GolemTask, status: Status, reason: str | None,
+    def _close(self, ctx: Context, golem: GolemTask, status: GolemStatus, reason: str | None,
                severity: Severity) -> None:
         golem.status, golem.reason = status, reason
+        unfinished = (SubtaskState.CANCELLED if status == GolemStatus.ABORTED
+                      else SubtaskState(status))
         for subtask in golem.subtasks.values():
-            self._stop_attempt(ctx, subtask,
-                               Part.CANCELLED if status == Status.ABORTED else Part(status))
+            self._stop_attempt(ctx, subtask, unfinished)
         engine.end_task(ctx, ctx.state.tasks[golem.parent], severity, reason)
         self._changed(golem)
         log.info("golem_task_closed", task=golem.task_id, status=status, reason=reason)
 
     @staticmethod
-    def _stop_attempt(ctx: Context, subtask: Subtask, state: Part) -> None:
+    def _stop_attempt(ctx: Context, subtask: Subtask, state: SubtaskState) -> None:
         if subtask.current is not None:
             task = ctx.state.tasks[subtask.current]
             subtask.current = None
-            subtask.attempts[-1].state, subtask.attempts[-1].end = Part.CANCELLED, ctx.now
+            subtask.attempts[-1].state, subtask.attempts[-1].end = SubtaskState.CANCELLED, ctx.now
             engine.cancel_tree(ctx, task)
-        if subtask.state != Part.FINISHED:
+        if subtask.state != SubtaskState.FINISHED:
             subtask.state = state
 
     def _fail(self, ctx: Context, golem: GolemTask, reason: str) -> None:
-        self._close(ctx, golem, Status.FAILED, reason, Severity.FATAL)
-        _event(ctx, "TaskFailedEvent", golem.task_id, {
-            "type": "TaskFailedEvent", "task_id": golem.task_id, "reason": reason})
+        self._close(ctx, golem, GolemStatus.FAILED, reason, Severity.FATAL)
+        _event(ctx, wire.TaskFailedEvent(type="TaskFailedEvent", task_id=golem.task_id,
+                                         reason=reason))
 
     def tick(self, ctx: Context) -> None:
         """A task past its deadline ends timeout: unfinished parts too, with an event."""
         for golem in list(self.tasks.values()):
-            if golem.status == Status.ACTIVE and ctx.now >= golem.deadline:
+            if golem.status == GolemStatus.ACTIVE and ctx.now >= golem.deadline:
                 reason = f"the task's timeout of {golem.spec['timeout']} passed"
-                self._close(ctx, golem, Status.TIMEOUT, reason, Severity.TERMINATED)
-                _event(ctx, "TaskTimeoutEvent", golem.task_id, {
-                    "type": "TaskTimeoutEvent", "task_id": golem.task_id, "reason": reason})
+                self._close(ctx, golem, GolemStatus.TIMEOUT, reason, Severity.TERMINATED)
+                _event(ctx, wire.TaskTimeoutEvent(type="TaskTimeoutEvent",
+                                                  task_id=golem.task_id, reason=reason))
 
     # ---- requester's controls ----------------------------------------------------------
     def _known(self, task_id: str) -> GolemTask:
@@ -406,7 +385,7 @@ class Golem(Extension):
                            SubtaskVerificationState.WRONG_ANSWER):
             return _verdict_reply(msg, False, f"verdict {verdict} is answered but not acted "
                                               "on: only VERIFIED (3) and WRONG_ANSWER (4) are")
-        if subtask.state != Part.VERIFYING or golem.status != Status.ACTIVE:
+        if subtask.state != SubtaskState.VERIFYING or golem.status != GolemStatus.ACTIVE:
             return _verdict_reply(msg, False, f"subtask is {subtask.state}, not waiting for "
                                               "a verdict")
         if verdict == SubtaskVerificationState.VERIFIED:
@@ -418,7 +397,7 @@ class Golem(Extension):
 
     def _wrong_answer(self, ctx: Context, golem: GolemTask, subtask: Subtask) -> None:
         subtask.wrong_answers += 1
-        subtask.state = Part.FAILURE
+        subtask.state = SubtaskState.FAILURE
         if subtask.wrong_answers >= self.settings.golem_max_wrong_answers:
             self._fail(ctx, golem, f"part {subtask.index} was judged WRONG_ANSWER "
                                    f"{subtask.wrong_answers} times")
@@ -429,12 +408,11 @@ class Golem(Extension):
     def handle_abort(self, ctx: Context, msg: AbortTask) -> Reply:
         golem = self._known(msg.task_id)
         self._must_control(ctx, golem)
-        if golem.status == Status.ACTIVE:
-            self._close(ctx, golem, Status.ABORTED, "aborted by the requester",
+        if golem.status == GolemStatus.ACTIVE:
+            self._close(ctx, golem, GolemStatus.ABORTED, "aborted by the requester",
                         Severity.TERMINATED)
-            _event(ctx, "TaskAbortedEvent", golem.task_id, {"type": "TaskAbortedEvent",
-                                                            "task_id": golem.task_id})
-        return {"type": "TaskAborted", "task_id": golem.task_id, "status": golem.status}
+            _event(ctx, wire.TaskAbortedEvent(type="TaskAbortedEvent", task_id=golem.task_id))
+        return wire.TaskAborted(type="TaskAborted", task_id=golem.task_id, status=golem.status)
 
     def handle_restart(self, ctx: Context, msg: RestartTask) -> Reply:
         golem = self._known(msg.task_id)
@@ -451,25 +429,25 @@ class Golem(Extension):
         unknown = [s for s in msg.subtask_ids if s not in golem.subtasks]
         if unknown:
             raise ProtocolError("not_found", f"task {msg.task_id} has no subtask {unknown[0]!r}")
-        if golem.status not in (Status.ACTIVE, Status.FINISHED):
+        if golem.status not in (GolemStatus.ACTIVE, GolemStatus.FINISHED):
             raise ProtocolError("conflict", f"task {msg.task_id} is {golem.status}; restart "
                                 "the whole task instead")
-        if golem.status == Status.FINISHED:
+        if golem.status == GolemStatus.FINISHED:
             self._reopen(ctx, golem)
         for subtask_id in msg.subtask_ids:
             subtask = golem.subtasks[subtask_id]
-            self._stop_attempt(ctx, subtask, Part.RESTARTED)
-            subtask.state, subtask.results, subtask.failures = Part.RESTARTED, [], 0
+            self._stop_attempt(ctx, subtask, SubtaskState.RESTARTED)
+            subtask.state, subtask.results, subtask.failures = SubtaskState.RESTARTED, [], 0
             self._launch(ctx, golem, subtask)
-        return {"type": "SubtasksRestarted", "task_id": golem.task_id,
-                "subtask_ids": msg.subtask_ids}
+        return wire.SubtasksRestarted(type="SubtasksRestarted", task_id=golem.task_id,
+                                      subtask_ids=msg.subtask_ids)
 
     @staticmethod
     def _reopen(ctx: Context, golem: GolemTask) -> None:
         """A finished task computes some parts again: a new parent stands for it, owned by
         whoever owned the task (never by whoever asked)."""
         owner = ctx.state.tasks[golem.parent].owner
-        golem.status = Status.ACTIVE
+        golem.status = GolemStatus.ACTIVE
         golem.deadline = ctx.now + golem.model.seconds
         golem.reopened += 1
         parent = engine.add_virtual_task(ctx, f"golem-{golem.task_id}-r{golem.reopened}",
@@ -477,34 +455,44 @@ class Golem(Extension):
         golem.parent = parent.name
 
     def handle_list(self, ctx: Context, msg: ListTasks) -> Reply:
-        return {"type": "TaskList", "tasks": [_summary(g) for g in self.tasks.values()]}
+        return wire.GolemTaskList(type="TaskList",
+                                  tasks=[_summary(g) for g in self.tasks.values()])
 
     def handle_state(self, ctx: Context, msg: GetTaskState) -> Reply:
         golem = self._known(msg.task_id)
-        return {**_summary(golem), "type": "TaskState", "task": golem.spec,
-                "results": golem.results, "reason": golem.reason, "subtasks": [
-                    {"subtask_id": s.subtask_id, "index": s.index, "state": s.state,
-                     "node": s.last_node, "attempts": [asdict(a) for a in s.attempts],
-                     "wrong_answers": s.wrong_answers}
-                    for s in golem.by_index()]}
+        return wire.GolemTaskState(
+            **_summary(golem).model_dump(), type="TaskState", task=golem.model,
+            results=golem.results, reason=golem.reason,
+            subtasks=[wire.SubtaskInfo(subtask_id=s.subtask_id, index=s.index, state=s.state,
+                                       node=s.last_node, wrong_answers=s.wrong_answers,
+                                       attempts=[wire.SubtaskAttempt(**asdict(a))
+                                                 for a in s.attempts])
+                      for s in golem.by_index()])
 
 
-def _files(golem: GolemTask) -> list[dict[str, Any]]:
-    return [{**r, "subtask_id": s.subtask_id, "index": s.index}
+def _files(golem: GolemTask) -> list[wire.ResultFile]:
+    return [wire.ResultFile(**{**r, "subtask_id": s.subtask_id, "index": s.index})
             for s in golem.by_index() for r in s.results]
 
 
-def _verdict_reply(msg: VerifyResults, acted: bool, why: str | None) -> dict[str, Any]:
-    return {"type": "VerifyResultsAck", "task_id": msg.task_id, "subtask_id": msg.subtask_id,
-            "verdict": msg.verdict, "acted": acted, "message": why}
+def _created(golem: GolemTask) -> wire.TaskCreatedEvent:
+    return wire.TaskCreatedEvent(type="TaskCreatedEvent", task_id=golem.task_id,
+                                 task=golem.model)
 
 
-def _summary(golem: GolemTask) -> dict[str, Any]:
-    done = sum(1 for s in golem.subtasks.values() if s.state == Part.FINISHED)
-    return {"task_id": golem.task_id, "task_name": golem.spec["task_name"],
-            "task_type": golem.spec["type"], "status": golem.status, "created": golem.created,
-            "subtasks_count": len(golem.subtasks), "subtasks_finished": done}
+def _verdict_reply(msg: VerifyResults, acted: bool, why: str | None) -> wire.VerifyResultsAck:
+    return wire.VerifyResultsAck(type="VerifyResultsAck", task_id=msg.task_id,
+                                 subtask_id=msg.subtask_id, verdict=msg.verdict, acted=acted,
+                                 message=why)
 
 
-def _event(ctx: Context, kind: str, task_id: str, body: dict[str, Any]) -> None:
-    ctx.effects.announce(f"golem.{kind}.{task_id}", kind, body)
+def _summary(golem: GolemTask) -> wire.GolemTaskSummary:
+    done = sum(1 for s in golem.subtasks.values() if s.state == SubtaskState.FINISHED)
+    return wire.GolemTaskSummary(
+        task_id=golem.task_id, task_name=golem.spec["task_name"], task_type=golem.spec["type"],
+        status=golem.status, created=golem.created, subtasks_count=len(golem.subtasks),
+        subtasks_finished=done)
+
+
+def _event(ctx: Context, event: GolemEvent) -> None:
+    ctx.effects.announce(f"golem.{event.type}.{event.task_id}", event.type, event)

@@ -35,6 +35,19 @@ def test_no_module_of_the_client_library_imports_the_servers_or_the_other_proces
     assert printed(probe) == ""
 
 
+def test_the_coordinator_and_its_check_never_import_the_client_or_the_servers() -> None:
+    """`vespid coordinator --check` asks the running coordinator with the broker and the
+    shared models alone: the coordinator is a process of its own, not a client."""
+    probe = ("import importlib, pkgutil, sys, vespid.coordinator, vespid.coordinator.extensions\n"
+             "for package in (vespid.coordinator, vespid.coordinator.extensions):\n"
+             "    for m in pkgutil.iter_modules(package.__path__, package.__name__ + '.'):\n"
+             "        importlib.import_module(m.name)\n"
+             "print(','.join(sorted(m for m in sys.modules\n"
+             "                      if m.startswith(('vespid.client', 'vespid.servers')))))\n")
+
+    assert printed(probe) == ""
+
+
 def test_current_task_reads_vespid_task_from_the_environment() -> None:
     probe = "from vespid.client import current_task; print(current_task())"
 

@@ -18,8 +18,6 @@ from vespid.coordinator.extensions.files import Files
 from vespid.coordinator.extensions.golem import (
     Golem,
     GolemTask,
-    Part,
-    Status,
     Subtask,
     SubtaskAttempt,
 )
@@ -27,7 +25,7 @@ from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import Store
 from vespid.shared.blobs import chunk_messages, digest
-from vespid.shared.golem import ListTasks, SubtaskVerificationState
+from vespid.shared.golem import GolemStatus, ListTasks, SubtaskState, SubtaskVerificationState
 from vespid.shared.protocol import NodeList, TaskComplete
 
 T0 = 1_000_000.0
@@ -636,15 +634,15 @@ def test_a_restarted_coordinator_answers_with_the_same_subtasks_and_attempts_and
 
     assert again.state_of(task_id, T0 + 100) == before
     golem = again.golem.tasks[task_id]
-    assert isinstance(golem, GolemTask) and golem.status is Status.ACTIVE
+    assert isinstance(golem, GolemTask) and golem.status is GolemStatus.ACTIVE
     for subtask in golem.subtasks.values():
-        assert isinstance(subtask, Subtask) and isinstance(subtask.state, Part)
-        assert all(isinstance(a, SubtaskAttempt) and isinstance(a.state, Part)
+        assert isinstance(subtask, Subtask) and isinstance(subtask.state, SubtaskState)
+        assert all(isinstance(a, SubtaskAttempt) and isinstance(a.state, SubtaskState)
                    for a in subtask.attempts)
     redelivered = again.ask(create_task(subtasks_count=2), T0 + 100, message_id="create-1")
     assert redelivered["task_id"] == task_id  # what the request made is remembered too
     retry = golem.subtasks[before["subtasks"][0]["subtask_id"]].attempts[-1]
-    assert (retry.task, retry.state) == (attempt(task_id, 0, 2), Part.COMPUTING)
+    assert (retry.task, retry.state) == (attempt(task_id, 0, 2), SubtaskState.COMPUTING)
     # The live attempt is still known for what it is: its completion finishes the task.
     sha0 = again.upload(b"part 0", T0 + 101)
     done = again.send(complete(retry.task, str(retry.node), results=[
@@ -707,7 +705,7 @@ def test_each_reopening_of_a_finished_task_gets_a_virtual_parent_of_its_own(
         live = golem.subtasks[subtask_id].current
         assert live is not None
         rig.send(complete(live, "n1", results=result), now + 0.1)
-        assert golem.status is Status.FINISHED
+        assert golem.status is GolemStatus.FINISHED
 
     assert parents[0] != parents[1]
     assert rig.info(parents[0], T0 + 11)["status"] == "complete"
