@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vespid.shared.protocol import NODE_NAME_PATTERN, RequirementValue
+from vespid.shared.protocol import NodeName, RequirementValue
 from vespid.shared.settings import ProcessSettings
 
 
@@ -34,7 +34,7 @@ def _default_name() -> str:
 
 
 class NodeSettings(ProcessSettings):
-    name: str = Field(default_factory=_default_name, pattern=NODE_NAME_PATTERN)
+    name: NodeName = Field(default_factory=_default_name)
     capabilities: dict[str, RequirementValue] = Field(default_factory=dict)
     repositories: dict[str, RepositoryConfig] = Field(default_factory=dict)
     work_dir: Path = Field(default=Path("vespid-node"),

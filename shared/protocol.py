@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,8 +31,19 @@ TASK_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 NODE_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
-TaskName = Annotated[str, Field(pattern=TASK_NAME_PATTERN)]
-NodeName = Annotated[str, Field(pattern=NODE_NAME_PATTERN)]
+
+
+def _not_a_folder_link(name: str) -> str:
+    # Nodes and the log server keep a task's files in a folder named after it (and a node's
+    # cgroup after the node): `.` and `..` match the contract's pattern but name the folder
+    # itself or its parent, so no task or node may be called that.
+    if name in (".", ".."):
+        raise ValueError(f"{name!r} names a folder, not a task or node")
+    return name
+
+
+TaskName = Annotated[str, Field(pattern=TASK_NAME_PATTERN), AfterValidator(_not_a_folder_link)]
+NodeName = Annotated[str, Field(pattern=NODE_NAME_PATTERN), AfterValidator(_not_a_folder_link)]
 
 
 class Severity(StrEnum):

@@ -366,3 +366,15 @@ def test_severities_rank_ok_warning_error_fatal_terminated() -> None:
 def test_worst_of_two_severities_is_the_higher_ranked(
         a: Severity, b: Severity | None, expected: Severity) -> None:
     assert a.worst(b) is expected
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_task_or_node_named_like_a_folder_link_is_refused(name: str) -> None:
+    with pytest.raises(ProtocolError) as task:
+        decode(json.dumps({"command": "task-create", "name": name,
+                           "executable_pyscript": "pass"}).encode())
+    with pytest.raises(ProtocolError) as node:
+        decode(json.dumps({"command": "node-set", "name": name, "capabilities": {}}).encode())
+
+    assert task.value.code == node.value.code == "invalid_message"
+    assert "names a folder" in task.value.message
