@@ -63,7 +63,8 @@ def grants(farm: str, nodes: list[str], clients: list[str]) -> list[Grant]:
         found.append(Grant(node_user(farm, node), f"^(vespid|vespid\\.logs|{queue})$",
                            f"^(vespid|vespid\\.logs|{queue}|vespid\\.dead)$",
                            f"^(vespid|{queue})$",
-                           "^coordinator$", f"^node\\.{re.escape(node)}$"))
+                           # the request channel and the node channel (contract v1.1)
+                           "^coordinator(\\.node)?$", f"^node\\.{re.escape(node)}$"))
     for client in clients:
         found.append(Grant(f"{farm}-{client}", "^amq\\.gen-.*$",
                            "^(vespid|vespid\\.logs|amq\\.gen-.*)$",

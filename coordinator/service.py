@@ -184,9 +184,17 @@ class CoordinatorService:
         if backlog:
             log.info("outbox_resent", messages=len(backlog))
         self._publish(Outcome(outbox=backlog))
-        self._channel.basic_consume(topology.COORDINATOR_QUEUE, self._on_message)
+        # Requests first, the node channel once that consumer is registered: a coordinator
+        # started second queues behind the first on both single-active-consumer queues.
+        # Each consumer has its own prefetch window, so neither kind starves the other.
+        self._channel.basic_consume(topology.COORDINATOR_QUEUE, self._on_message,
+                                    callback=lambda _frame: self._consume_nodes())
         self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
-        log.info("coordinator_consuming", queue=topology.COORDINATOR_QUEUE)
+
+    def _consume_nodes(self) -> None:
+        self._channel.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_message)
+        log.info("coordinator_consuming",
+                 queues=[topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE])
 
     # ---- consuming -------------------------------------------------------------------
     def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:

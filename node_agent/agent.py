@@ -77,6 +77,7 @@ class NodeAgent:
         self.stop_now = False
         self._connection: Any = None
         self._channel: Any = None
+        self._coordinator_key = topology.COORDINATOR_KEY
         self._consumer_tag: str | None = None
         self._next_heartbeat = 0.0
         self.started = time.time()
@@ -145,6 +146,7 @@ class NodeAgent:
                  f"declaring this node's queue {topology.node_queue(self.settings.name)}")
         guarded(lambda: topology.declare_logs(self._channel))
         self.logserver_present = self._logserver_listens()
+        self._coordinator_key = self._channel_to_coordinator()
         guarded(lambda: self._channel.basic_qos(prefetch_count=self.settings.prefetch))
         self._flush_results()
         self._send_node_set()
@@ -152,7 +154,16 @@ class NodeAgent:
         # the coordinator knew, and is run rather than lost.
         self._consumer_tag = guarded(lambda: self._channel.basic_consume(
             topology.node_queue(self.settings.name), self._on_message))
-        self.log.info("node_connected", queue=topology.node_queue(self.settings.name))
+        self.log.info("node_connected", queue=topology.node_queue(self.settings.name),
+                      sends_to=self._coordinator_key)
+
+    def _channel_to_coordinator(self) -> str:
+        """The node channel when the coordinator declared it (contract v1.1), else the
+        request channel. Chosen once per connection: everything this agent sends goes one
+        way, so its task-complete always arrives before the node-set that follows it."""
+        has_node_channel = consumers(self._connection, topology.COORDINATOR_NODE_QUEUE)
+        return (topology.COORDINATOR_NODE_KEY if has_node_channel is not None
+                else topology.COORDINATOR_KEY)
 
     def _step(self) -> None:
         guarded(lambda: self._connection.process_data_events(time_limit=0.2))
@@ -372,7 +383,7 @@ class NodeAgent:
     def _publish(self, message: NodeSet | TaskComplete | BlobChunk) -> None:
         if self._channel is None:
             raise BrokerError("not connected")
-        publish_confirmed(self._channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
+        publish_confirmed(self._channel, topology.EXCHANGE, self._coordinator_key,
                           encode(message), properties(message.command, app_id=APP_ID,
                                                       user_id=self.user))
 

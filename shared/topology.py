@@ -16,6 +16,10 @@ DEAD_EXCHANGE = "vespid.dead"
 DEAD_QUEUE = "vespid.dead"
 COORDINATOR_QUEUE = "vespid.coordinator"
 COORDINATOR_KEY = "coordinator"
+# The node channel (contract v1.1): nodes' node-set and task-complete apart from clients'
+# requests, so a large farm's heartbeats never queue ahead of a request.
+COORDINATOR_NODE_QUEUE = "vespid.coordinator.node"
+COORDINATOR_NODE_KEY = "coordinator.node"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 ERROR_HEADER = "x-vespid-error"
 LOGS_EXCHANGE = "vespid.logs"  # task output as it is written: key log.<task>
@@ -56,9 +60,9 @@ EXCHANGES = (
     ExchangeSpec(DEAD_EXCHANGE, "fanout"),
 )
 
-COORDINATOR_QUEUES = (
-    QueueSpec(
-        COORDINATOR_QUEUE,
+def _coordinator_queue(name: str, key: str) -> QueueSpec:
+    return QueueSpec(
+        name,
         {
             "x-queue-type": "quorum",
             # A second coordinator started by mistake waits instead of splitting the work
@@ -67,8 +71,13 @@ COORDINATOR_QUEUES = (
             "x-delivery-limit": COORDINATOR_DELIVERY_LIMIT,
             "x-dead-letter-exchange": DEAD_EXCHANGE,
         },
-        ((EXCHANGE, COORDINATOR_KEY),),
-    ),
+        ((EXCHANGE, key),),
+    )
+
+
+COORDINATOR_QUEUES = (
+    _coordinator_queue(COORDINATOR_QUEUE, COORDINATOR_KEY),
+    _coordinator_queue(COORDINATOR_NODE_QUEUE, COORDINATOR_NODE_KEY),
     QueueSpec(DEAD_QUEUE, {"x-queue-type": "quorum"}, ((DEAD_EXCHANGE, ""),)),
 )
 

@@ -81,8 +81,9 @@ class RawNode:
     """A third-party node: its own queue, node-set by hand, task-complete by hand."""
 
     def __init__(self, peer: RawPeer, name: str, capabilities: dict[str, Any],
-                 repositories: dict[str, Any] | None = None) -> None:
+                 repositories: dict[str, Any] | None = None, key: str = "coordinator") -> None:
         self.peer, self.name, self.capabilities = peer, name, capabilities
+        self.key = key  # `coordinator.node`: the node channel of contract v1.1
         self.repositories = repositories or {}
         self.queue = f"vespid.node.{name}"
         channel = peer.channel
@@ -100,7 +101,8 @@ class RawNode:
             else {n: {} for n in active}
         self.peer.send({"command": "node-set", "name": self.name,
                         "capabilities": self.capabilities,
-                        "repositories": self.repositories, "activetasks": tasks})
+                        "repositories": self.repositories, "activetasks": tasks},
+                       key=self.key)
 
     def next_message(self, timeout: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -116,4 +118,4 @@ class RawNode:
 
     def complete(self, name: str, success: str = "ok") -> None:
         self.peer.send({"command": "task-complete", "name": name, "node": self.name,
-                        "success": success})
+                        "success": success}, key=self.key)

@@ -74,8 +74,11 @@ class FakeChannel:
     def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
         self.acks.append((delivery_tag, multiple))
 
-    def basic_consume(self, queue: str, on_message_callback: Any) -> None:
+    def basic_consume(self, queue: str, on_message_callback: Any,
+                      callback: Callable[[Any], None] | None = None) -> None:
         self.consuming.append(queue)
+        if callback is not None:  # the broker's consume-ok, at once
+            callback(SimpleNamespace())
 
     def exchange_declare(self, exchange: str, exchange_type: str, durable: bool) -> None:
         self.calls.append(("exchange_declare", exchange))
@@ -406,7 +409,7 @@ def test_after_a_reconnect_the_unconfirmed_outbox_goes_again_in_order_files_firs
     service._on_ready()
 
     channel = channel_of(service)
-    assert channel.consuming == [topology.COORDINATOR_QUEUE]
+    assert channel.consuming == [topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE]
     confirm_all(service)
     keys = [(p.routing_key, p.outbox_id) for p in channel.published]
     assert keys == [("task.created.t1", 1), ("node.n1", 2), ("task.started.t1", 3),

@@ -1,0 +1,72 @@
+"""The node channel of contract v1.1: nodes' traffic on `vespid.coordinator.node`, apart from
+clients' requests on `vespid.coordinator`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pika
+
+from tests.processes import VespidProcess
+from tests.raw import RawNode, RawPeer
+
+NODE_KEY = "coordinator.node"
+
+
+def test_a_raw_node_on_the_node_channel_is_heard_and_its_tasks_complete(
+        amqp_url: str, coordinator: VespidProcess) -> None:
+    peer = RawPeer(amqp_url)
+    node = RawNode(peer, "far", {"cores": 2, "memory": 1000}, key=NODE_KEY)
+    node.node_set([])
+    peer.request({"command": "task-create", "name": "t1", "executable_pyscript": "pass"})
+    [run] = node.runs(1)
+    node.node_set({"t1": 1})
+    node.complete(run)
+
+    info = peer.wait_for("t1", lambda i: i["status"] == "complete")
+    [listed] = peer.request({"command": "node-list"})["nodes"]
+    peer.close()
+
+    assert (info["success"], info["node"]) == ("ok", "far")
+    assert listed["name"] == "far" and listed["alive"] is True
+
+
+def test_the_project_agent_sends_on_the_node_channel(
+        amqp_url: str, coordinator: VespidProcess,
+        start_node: object) -> None:
+    agent: VespidProcess = start_node("box1")  # type: ignore[operator]
+    agent.wait_for_log("node_connected")
+
+    connected = [json.loads(line) for line in agent.log().splitlines()
+                 if '"node_connected"' in line]
+
+    assert connected[-1]["sends_to"] == NODE_KEY
+
+
+def test_a_request_is_answered_while_a_flood_of_node_traffic_still_waits(
+        amqp_url: str, coordinator: VespidProcess) -> None:
+    """Heartbeats of a large farm queued ahead of a request: the request is answered before
+    they are all handled, since it has a queue (and a prefetch window) of its own. The
+    coordinator is paused while both queue up, so the order is the test's, not the clock's."""
+    flood = 20_000
+    peer = RawPeer(amqp_url)
+    body = json.dumps({"command": "node-set", "name": "chatty", "capabilities": {"cores": 1},
+                       "repositories": {}, "activetasks": {}}).encode()
+    props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+    os.kill(coordinator.pid, signal.SIGSTOP)
+    try:
+        for _ in range(flood):
+            peer.channel.basic_publish("vespid", NODE_KEY, body, props)
+        asked = peer.send({"command": "task-info", "name": "nobody"}, reply=True)
+    finally:
+        os.kill(coordinator.pid, signal.SIGCONT)
+    while asked not in peer.replies:
+        peer.connection.process_data_events(time_limit=0.1)
+    waiting = peer.channel.queue_declare("vespid.coordinator.node", passive=True)
+    reply = json.loads(peer.replies[asked])
+    peer.close()
+
+    assert reply["status"] == "invalid"
+    assert waiting.method.message_count > flood // 2, "the request waited for the node-sets"
