@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -136,14 +136,14 @@ class Processor:
 
     def _entries(self, effects: Effects) -> list[OutboxEntry]:
         # Files first: a node must have them before the task-run that needs them.
-        files = [OutboxEntry(0, topology.EXCHANGE, topology.node_key(f.node), "blob-chunk",
-                             b"", file=f.sha256) for f in effects.files]
-        messages = [OutboxEntry(0, out.exchange, out.routing_key, out.command, out.body,
-                                out.headers) for out in effects.outgoing]
-        entries = []
-        for entry in [*files, *messages]:
-            entries.append(replace(entry, id=self._next_id))
-            self._next_id += 1
+        first = self._next_id
+        entries = [OutboxEntry(first + i, topology.EXCHANGE, topology.node_key(f.node),
+                               "blob-chunk", b"", file=f.sha256)
+                   for i, f in enumerate(effects.files)]
+        entries += [OutboxEntry(first + len(entries) + i, out.exchange, out.routing_key,
+                                out.command, out.body, out.headers)
+                    for i, out in enumerate(effects.outgoing)]
+        self._next_id = first + len(entries)
         return entries
 
     def _handle_all(self, ctx: Context, batch: Sequence[Delivery]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -52,7 +52,11 @@ class Attempt:
         self.end, self.why, self.lost = None, None, False
 
     def to_record(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies, and this runs for every attempt of every
+        # task in every event and every flush.
+        return {"attempt": self.attempt, "node": self.node, "start": self.start,
+                "end": self.end, "why": self.why, "lost": self.lost, "cause": self.cause,
+                "allocated": dict(self.allocated), "late": list(self.late)}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Attempt:
