@@ -12,6 +12,7 @@ scheduler.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -24,7 +25,15 @@ if TYPE_CHECKING:
     from vespid.coordinator.store import Store
 
 log = get_logger(__name__)
-Reply = BaseModel | None  # a model of shared/; None: the plain `ack`
+@dataclass(frozen=True)
+class ReplyLater:
+    """A reply read from disk: made once the batch committed, so no file is read inside the
+    transaction. `produce` may raise ProtocolError, answered as any refusal is."""
+
+    produce: Callable[[], BaseModel]
+
+
+Reply = BaseModel | ReplyLater | None  # a model of shared/; None: the plain `ack`
 Handler = Callable[["Context", Any], Reply]
 E = TypeVar("E", bound="Extension")
 

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from pydantic import BaseModel
+
 from vespid.coordinator import engine, handlers
 from vespid.coordinator.effects import Effects, Reply
 from vespid.coordinator.engine import Context
-from vespid.coordinator.extension import Extension, Extensions
+from vespid.coordinator.extension import Extension, Extensions, ReplyLater
 from vespid.coordinator.extensions import default_extensions
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
@@ -158,7 +160,7 @@ class Processor:
                                     "property (your broker login) on every message; the "
                                     "project's client sets it")
             message = decode(delivery.body, self.settings.max_body_bytes)
-            named_by = getattr(message, "command", None)  # else the Golem dialect's `type`
+            named_by = getattr(message, "command", None)  # else the other dialect's `type`
             command = str(named_by or message.type)
             handler = self.dispatch_table.get(type(message))
             if handler is None:  # a message of an extension this coordinator does not run
@@ -170,10 +172,23 @@ class Processor:
         except ProtocolError as exc:
             self._reject(ctx, delivery, exc.code, exc.message)
             return
-        if delivery.reply_to:
-            if body is None:
-                body = AckReply(command="ack", name=getattr(message, "name", None))
-            ctx.effects.reply(delivery.reply_to, delivery.correlation_id, body)
+        if not delivery.reply_to:
+            return
+        if isinstance(body, ReplyLater):
+            ctx.effects.after_commit.append(partial(self._reply_later, ctx, delivery, body))
+            return
+        if body is None:
+            body = AckReply(command="ack", name=getattr(message, "name", None))
+        ctx.effects.reply(delivery.reply_to, delivery.correlation_id, body)
+
+    @staticmethod
+    def _reply_later(ctx: Context, delivery: Delivery, later: ReplyLater) -> None:
+        assert delivery.reply_to is not None
+        try:
+            body: BaseModel = later.produce()
+        except ProtocolError as exc:
+            body = ErrorReply(command="error", error=exc.code, message=exc.message)
+        ctx.effects.reply(delivery.reply_to, delivery.correlation_id, body)
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:
         log.warning("message_rejected", error=code, reason=sentence)

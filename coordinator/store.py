@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     file TEXT
 );
 """
-# An extension's table: one JSON record per key (a Golem-style task, say).
+# An extension's table: one JSON record per key.
 EXTENSION_TABLE = "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, record TEXT NOT NULL)"
 TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 

@@ -9,9 +9,10 @@ file and the service streams the chunks from disk after the commit.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 from vespid.coordinator.engine import Context
-from vespid.coordinator.extension import Extension, Handler, Reply
+from vespid.coordinator.extension import Extension, Handler, Reply, ReplyLater
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.state import State, Task
 from vespid.coordinator.store import Store
@@ -47,6 +48,9 @@ class Files(Extension):
         return None
 
     def handle_get(self, ctx: Context, msg: BlobGet) -> Reply:
+        return ReplyLater(partial(self._chunk, msg))  # read after the commit
+
+    def _chunk(self, msg: BlobGet) -> BlobChunk:
         if not self.store.has(msg.sha256):
             raise ProtocolError("not_found", f"no file {msg.sha256[:12]}… is kept here")
         chunk = self.store.read_chunk(msg.sha256, msg.index)

@@ -127,6 +127,23 @@ def test_a_file_uploaded_in_chunks_is_kept_and_blob_get_returns_only_the_chunk_a
     assert unknown["error"] == "not_found"
 
 
+def test_blob_get_reads_its_chunk_after_the_batch_committed(
+        proc: Processor, files: Files, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = upload(proc, b"result bytes")
+    seen: list[bool] = []
+    read_chunk = files.store.read_chunk
+
+    def watched(sha256: str, index: int) -> Any:
+        seen.append(store._db.in_transaction)
+        return read_chunk(sha256, index)
+
+    monkeypatch.setattr(files.store, "read_chunk", watched)
+    reply = ask(proc, {"command": "blob-get", "sha256": sha})
+
+    assert base64.b64decode(reply["data"]) == b"result bytes"
+    assert seen == [False]  # read once, and not inside BEGIN IMMEDIATE
+
+
 def test_a_file_whose_chunks_do_not_match_its_digest_is_refused_and_not_kept(
         proc: Processor, files: Files) -> None:
     claimed = digest(b"what was meant")
