@@ -8,6 +8,7 @@ server itself is vespid.servers.logserver.
 from __future__ import annotations
 
 import argparse
+import codecs
 import re
 import sys
 import time
@@ -154,6 +155,7 @@ class LogReader:
     def _follow_live(self, task: str, attempt: int, offset: int, complete: bool) -> None:
         """Print the followed attempt's chunks as they come; a newer attempt's first chunk
         means the task started again: say so and follow that one from its start."""
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while not complete:
             _asking(lambda: self.connection.process_data_events(time_limit=0.5))
             for chunk in sorted(self.live, key=lambda c: (c.attempt, c.offset)):
@@ -161,21 +163,23 @@ class LogReader:
                     _note(f"=== attempt {chunk.attempt} started" + (
                         f" on {chunk.node}" if chunk.node else "") + " ===")
                     attempt, offset, complete = chunk.attempt, 0, False
+                    text.reset()
                 if chunk.attempt != attempt:
                     continue
-                offset = _print_new(chunk, offset)
+                offset = _print_new(chunk, offset, text)
                 complete = complete or chunk.eof
             self.live.clear()
             sys.stdout.flush()
 
 
-def _print_new(chunk: LogChunk, offset: int) -> int:
-    """Print what of `chunk` lies past `offset` (a repeat prints nothing); the new offset."""
+def _print_new(chunk: LogChunk, offset: int, text: codecs.IncrementalDecoder) -> int:
+    """Print what of `chunk` lies past `offset` (a repeat prints nothing); the new offset.
+    `text` decodes across chunks: a character split between two is printed whole."""
     data = chunk.content()
     end = chunk.offset + len(data)
     if end <= offset:
         return offset
-    sys.stdout.write(data[max(offset - chunk.offset, 0):].decode("utf-8", errors="replace"))
+    sys.stdout.write(text.decode(data[max(offset - chunk.offset, 0):]))
     return end
 
 

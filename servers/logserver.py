@@ -22,7 +22,12 @@ from pydantic import BaseModel
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
 from vespid.shared.errors import ProtocolError
-from vespid.shared.logwire import LogChunk, LogResponse, decode_log_message
+from vespid.shared.logwire import (
+    LogChunk,
+    LogResponse,
+    decode_log_message,
+    whole_characters,
+)
 from vespid.shared.protocol import encode, error_reply
 from vespid.shared.settings import ClientSettings, client_settings
 from vespid.shared.transport import (
@@ -164,6 +169,8 @@ class LogServer:
             with path.open("rb") as handle:
                 handle.seek(offset)
                 data = handle.read(READ_BYTES)
+            if len(data) == READ_BYTES:  # more follows: end on a whole character
+                data = whole_characters(data)
         meta = logs.meta(chosen)
         node = meta.get("node")  # a file the server wrote, but on a disk anyone may edit
         return LogResponse(task=task, attempt=chosen, attempts=attempts,

@@ -143,3 +143,16 @@ def validated(model: type[M], data: dict[str, Any]) -> M:
     except ValidationError as exc:
         raise ProtocolError("invalid_message", describe_validation_error(
             str(data.get("command")), exc)) from None
+
+
+def whole_characters(data: bytes) -> bytes:
+    """`data` less a UTF-8 character cut off at its end (at most 3 bytes), so text read in
+    parts never shows a character split in two as two replacement marks."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:
+            continue  # a continuation byte: its character started further back
+        length = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 \
+            else 4 if byte >> 3 == 0b11110 else 1
+        return data if length <= back else data[:-back]
+    return data

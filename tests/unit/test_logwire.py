@@ -14,6 +14,7 @@ from vespid.shared.logwire import (
     LogResponse,
     decode_log_message,
     validated,
+    whole_characters,
 )
 from vespid.shared.protocol import encode
 
@@ -92,3 +93,34 @@ def test_what_is_not_a_log_message_is_refused(body: bytes, code: str) -> None:
         decode_log_message(body)
 
     assert refused.value.code == code
+
+
+@pytest.mark.parametrize("cut", range(0, 12))
+def test_text_read_in_parts_never_splits_a_character(cut: int) -> None:
+    whole = "a\u2018b\u2019\u20ac\U0001d11ez"  # quotes as gcc prints them, euro, a clef
+    text = whole.encode()  # 1-, 3- and 4-byte characters
+    first = whole_characters(text[:cut])
+
+    assert text[:cut].startswith(first) and len(text[:cut]) - len(first) <= 3
+    assert (first + text[len(first):]).decode() == whole
+    first.decode()  # whole characters only: never raises
+
+
+def test_following_a_log_prints_a_character_split_between_two_chunks_whole(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+    import codecs
+
+    from vespid.client.logs import _print_new
+
+    data = "x\u2019y".encode()  # the quote is 3 bytes: cut after its first
+    parts = [data[:2], data[2:]]
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offset = 0
+    for part in parts:
+        chunk = LogChunk(command="log-chunk", task="t", offset=offset,
+                         data_base64=base64.b64encode(part).decode())
+        offset = _print_new(chunk, offset, text)
+
+    assert capsys.readouterr().out == "x\u2019y"
+    assert offset == len(data)
