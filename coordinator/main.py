@@ -11,7 +11,7 @@ from typing import Any
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.shared import logs, topology
 from vespid.shared.errors import ConfigError, VespidError
-from vespid.shared.protocol import StateCheck, StateCheckResponse, encode
+from vespid.shared.protocol import StateCheck, StateCheckResponse, encode, parse_body
 from vespid.shared.text import count
 from vespid.shared.transport import (
     close_quietly,
@@ -61,11 +61,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(settings: CoordinatorSettings) -> int:
-    report = _ask_running(settings)
+    answer = _ask_running(settings)
     where = "the running coordinator"
-    if report is None:
+    if answer is None:
         report = _check_file(settings)
         where = f"the state file {settings.state} (no coordinator answered)"
+    elif answer.get("command") == "error":  # refused (forbidden, say): that is the answer
+        raise ConfigError(f"the coordinator refused the check: {answer.get('message')}")
+    else:
+        report = StateCheckResponse.model_validate(answer)
     sys.stdout.write(f"checked {where}: {count(report.tasks, 'task')}, "
                      f"{count(report.nodes, 'node')}, {report.waiting} waiting\n")
     sys.stdout.write("consistent\n" if report.ok else
@@ -74,7 +78,7 @@ def check(settings: CoordinatorSettings) -> int:
 
 
 def _ask_running(settings: CoordinatorSettings, wait: float = 5.0
-                 ) -> StateCheckResponse | None:
+                 ) -> dict[str, Any] | None:
     """The running coordinator's own check of its state in memory (what drifts there is
     what matters), or None when none runs or answers. The coordinator is asked as any
     client would ask it, with the broker and the models alone: not through the client."""
@@ -95,7 +99,7 @@ def _ask_running(settings: CoordinatorSettings, wait: float = 5.0
 
 
 def _request_check(connection: Any, settings: CoordinatorSettings, wait: float
-                   ) -> StateCheckResponse | None:
+                   ) -> dict[str, Any] | None:
     answers: list[bytes] = []
     channel = guarded(connection.channel)
     guarded(lambda: channel.basic_consume(topology.DIRECT_REPLY_TO,
@@ -110,7 +114,7 @@ def _request_check(connection: Any, settings: CoordinatorSettings, wait: float
     deadline = time.monotonic() + wait
     while not answers and time.monotonic() < deadline:
         guarded(lambda: connection.process_data_events(time_limit=0.2))
-    return StateCheckResponse.model_validate_json(answers[0]) if answers else None
+    return parse_body(answers[0]) if answers else None
 
 
 def _check_file(settings: CoordinatorSettings) -> StateCheckResponse:

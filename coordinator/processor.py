@@ -78,7 +78,13 @@ class Processor:
 
     def tick(self, now: float) -> Outcome:
         """Periodic work: lose silent nodes, start what can start, forget confirmed sends."""
-        return self._in_transaction(self._sweep, now)
+        try:
+            return self._in_transaction(self._sweep, now)
+        except Exception:
+            # Rolled back: memory must not keep what the store does not have.
+            log.exception("tick_failed")
+            self._reload()
+            return Outcome()
 
     @staticmethod
     def _sweep(ctx: Context) -> None:
@@ -188,6 +194,10 @@ class Processor:
             body: BaseModel = later.produce()
         except ProtocolError as exc:
             body = ErrorReply(command="error", error=exc.code, message=exc.message)
+        except Exception as exc:  # exactly one reply, whatever the disk did
+            log.exception("reply_failed", body=delivery.body[:200])
+            body = ErrorReply(command="error", error="internal",
+                              message=f"the coordinator failed on this message: {exc!r}")
         ctx.effects.reply(delivery.reply_to, delivery.correlation_id, body)
 
     def _reject(self, ctx: Context, delivery: Delivery, code: str, sentence: str) -> None:

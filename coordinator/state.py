@@ -532,6 +532,11 @@ class State:
         released = [repo for repo in task.holds.values() if self.holds.get(repo) == task.name]
         for repo in released:
             del self.holds[repo]
+        if released:
+            # Off the task too: the holds are rebuilt from the tasks on load, and a released
+            # repository must not come back held after a restart.
+            task.holds = {k: r for k, r in task.holds.items() if r not in released}
+            self._changed(task)
         return released
 
     def repository_host(self, repo: str) -> Node | None:

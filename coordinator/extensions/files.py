@@ -25,9 +25,10 @@ class Files(Extension):
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.store = BlobStore(settings.blobs_path, settings.max_file_bytes)
-        # Which files each node was sent since this coordinator started: a restart sends
-        # them again once, which costs a little and never leaves a node without one.
-        self.sent: dict[str, set[str]] = {}
+        # Which files each node's agent process was sent since this coordinator started
+        # (node, agent start): a restart of either sends them again once, which costs a
+        # little and never leaves a reinstalled node without one.
+        self.sent: dict[tuple[str, float | None], set[str]] = {}
 
     def handlers(self) -> Mapping[type, Handler]:
         return {BlobChunk: self.handle_chunk, BlobGet: self.handle_get}
@@ -37,7 +38,8 @@ class Files(Extension):
 
     def started(self, ctx: Context, task: Task) -> None:
         assert task.node is not None
-        sent = self.sent.setdefault(task.node, set())
+        node = ctx.state.nodes[task.node]
+        sent = self.sent.setdefault((node.name, node.started), set())
         for resource in task.resources:
             if resource["sha256"] not in sent:
                 sent.add(resource["sha256"])

@@ -159,8 +159,11 @@ class Golem(Extension):
             # Result files are placed after the commit that accepted them; a coordinator
             # stopped in between places them now.
             computed = (SubtaskState.VERIFYING, SubtaskState.FINISHED)
-            self._place_results(golem, [s for s in golem.subtasks.values()
-                                        if s.state in computed], missing_only=True)
+            try:
+                self._place_results(golem, [s for s in golem.subtasks.values()
+                                            if s.state in computed], missing_only=True)
+            except OSError as exc:  # a full or read-only results folder must not stop start-up
+                log.error("golem_results_not_placed", task=golem.task_id, error=str(exc))
 
     def flush(self, store: Store) -> None:
         store.put_records(TABLE, [(t, self.tasks[t].to_record()) for t in sorted(self.dirty)])
@@ -237,16 +240,17 @@ class Golem(Extension):
         found = self._attempt_of(task)
         if found is not None:
             golem, subtask = found
+            self._changed(golem)  # first: a failure half-way must still be written
             subtask.state = SubtaskState.COMPUTING
             subtask.attempts[-1].node = task.node
             subtask.attempts[-1].state = SubtaskState.COMPUTING
-            self._changed(golem)
 
     def ended(self, ctx: Context, task: Task) -> None:
         found = self._attempt_of(task)
         if found is None:
             return
         golem, subtask = found
+        self._changed(golem)  # first: a failure half-way must still be written
         record = subtask.attempts[-1]
         record.end, record.node = ctx.now, task.node or record.node
         subtask.current = None
@@ -265,7 +269,6 @@ class Golem(Extension):
             subtask.failures += 1
             self._retry_elsewhere(ctx, golem, subtask, task.node,
                                   f"part {subtask.index} {record.state}: {task.message}")
-        self._changed(golem)
 
     def _attempt_of(self, task: Task) -> tuple[GolemTask, Subtask] | None:
         link = self.attempts.get(task.name)

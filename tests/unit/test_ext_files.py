@@ -229,3 +229,34 @@ def test_a_processor_without_the_golem_extension_refuses_golem_messages_as_unkno
         reply = ask(proc, {"type": "ListTasks"})
 
     assert (reply["command"], reply["error"]) == ("error", "unknown_type")
+
+
+def test_a_node_whose_agent_started_again_is_sent_its_files_again(proc: Processor) -> None:
+    a = upload(proc, b"file a")
+    send(proc, task_create("t1"))
+    send(proc, task_create("t2", usage_require_far=True))  # waits for the reinstalled node
+    needs(proc, "t1", a)
+    needs(proc, "t2", a)
+    first = send(proc, {**node_set("n1"), "started": 100.0}, T0 + 1)
+    send(proc, {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok",
+                "attempt": 1}, T0 + 2)
+
+    reinstalled = send(proc, {**node_set("n1", usage_far=True), "started": 200.0}, T0 + 3)
+
+    assert to_node(first, "n1") == [("file", a), ("task-run", "t1")]
+    assert to_node(reinstalled, "n1") == [("file", a), ("task-run", "t2")]
+
+
+def test_a_blob_get_whose_read_fails_is_still_answered_once(
+        proc: Processor, files: Files, monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = upload(proc, b"result bytes")
+
+    def broken(sha256: str, index: int) -> Any:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(files.store, "read_chunk", broken)
+    with capture_logs():
+        reply = ask(proc, {"command": "blob-get", "sha256": sha})
+
+    assert (reply["command"], reply["error"]) == ("error", "internal")
+    assert "disk gone" in reply["message"]

@@ -729,3 +729,43 @@ def test_a_create_task_delivered_twice_makes_one_golem_task(proc: Processor) -> 
     from vespid.coordinator.extensions.golem import Golem
 
     assert len(proc.extensions.find(Golem).tasks) == 2
+
+
+def test_a_released_repository_stays_released_after_a_restart(
+        tmp_path: Path, store: Store, proc: Processor) -> None:
+    repo = "//n1/vespid/ws"
+    with_repo = {**node_set("n1"), "repositories": {repo: {"type": "ws"}}}
+    send(proc, with_repo, T0)
+    send(proc, task_create("a", requirements={"cores": 1},
+                           repositories={"env": {"request": "ws", "local": True}}), T0)
+    send(proc, {"command": "task-complete", "name": "a", "node": "n1", "success": "ok",
+                "attempt": 1}, T0 + 1)
+    store.close()
+
+    reopened = Store(tmp_path / "s.db")
+    try:
+        again = Processor(reopened, settings(tmp_path), now=T0 + 2)
+        send(again, with_repo, T0 + 2)
+        outcome = send(again, task_create("b", requirements={"cores": 1},
+                                          repositories={"env": {"request": "ws"}}), T0 + 2)
+        check = send(again, {"command": "state-check"}, T0 + 2, reply_to="c").replies[0].body
+    finally:
+        reopened.close()
+
+    assert [body["name"] for _key, body in to_nodes(outcome)] == ["b"]
+    assert check["ok"] is True, check["problems"]
+
+
+def test_a_tick_that_fails_leaves_memory_as_the_store_has_it(
+        proc: Processor, monkeypatch: pytest.MonkeyPatch) -> None:
+    start_one(proc)
+
+    def explode(_ctx: Any) -> None:
+        raise RuntimeError("a sweep bug")
+
+    monkeypatch.setattr(proc, "_sweep", explode)
+    outcome = proc.tick(T0 + 100)  # would have lost n1; fails instead
+    monkeypatch.undo()
+
+    assert outcome.outbox == [] and outcome.replies == []
+    assert info(proc, "t1", T0 + 101)["status"] == "working"
