@@ -532,12 +532,14 @@ class State:
         released = [repo for repo in task.holds.values() if self.holds.get(repo) == task.name]
         for repo in released:
             del self.holds[repo]
-        if released:
-            # Off the task too: the holds are rebuilt from the tasks on load, and a released
-            # repository must not come back held after a restart.
-            task.holds = {k: r for k, r in task.holds.items() if r not in released}
-            self._changed(task)
         return released
+
+    def drop_released_holds(self) -> None:
+        """After loading: a complete task whose whole tree is complete released what it held
+        (it still shows what it worked in), so it holds nothing now."""
+        self.holds = {repo: name for repo, name in self.holds.items()
+                      if not (self.tasks[name].status is TaskStatus.COMPLETE
+                              and self.tree_complete(self.tasks[name]))}
 
     def repository_host(self, repo: str) -> Node | None:
         return next((n for n in self.nodes.values() if repo in n.repositories), None)

@@ -95,6 +95,7 @@ class Store:
             state.add_node(Node.from_record(json.loads(record)))
         for (record,) in self._db.execute("SELECT record FROM tasks ORDER BY seq"):
             state.add_task(Task.from_record(json.loads(record)))
+        state.drop_released_holds()
         return state
 
     def records(self, table: str) -> list[dict[str, Any]]:

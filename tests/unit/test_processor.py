@@ -749,10 +749,12 @@ def test_a_released_repository_stays_released_after_a_restart(
         outcome = send(again, task_create("b", requirements={"cores": 1},
                                           repositories={"env": {"request": "ws"}}), T0 + 2)
         check = send(again, {"command": "state-check"}, T0 + 2, reply_to="c").replies[0].body
+        held = info(again, "a", T0 + 2)["holds"]
     finally:
         reopened.close()
 
     assert [body["name"] for _key, body in to_nodes(outcome)] == ["b"]
+    assert held == {"env": repo}  # what it worked in stays shown
     assert check["ok"] is True, check["problems"]
 
 
