@@ -1,0 +1,592 @@
+"""Vespid against Celery 5 on the same broker, in one run: no-op tasks per second.
+
+Celery: a real `celery -A bench.celery_app worker` (pools solo, threads and prefork, prefetch
+multiplier 64, no gossip, mingle or heartbeat, no result backend) on a private vhost of the
+local RabbitMQ, fed N no-op task messages. Measured from the first publish to the N-th
+execution, which the task stamps itself (bench/celery_app.py).
+
+Vespid: the full lifecycle as bench.throughput runs it (task-create → decision → task-run at
+a raw-protocol node → task-complete → complete), with 1 and with 10 simulated nodes, the same
+N. Measured from the first publish until task-list counts N tasks complete.
+
+The configurations take turns, round after round (every other round in reverse order), so
+that the machine's drift falls on all of them; the report gives each one's median.
+
+    .venv/bin/python -m bench.vs_celery [--tasks N] [--quick] [--rounds R] [--no-profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+from urllib.parse import unquote, urlsplit
+
+import pika
+from kombu.serialization import dumps
+
+from bench import celery_app, common, throughput
+from bench.common import BenchError, Coordinator, Deadline, Peer, fmt, log, rate
+from bench.throughput import Pipeline, note_cpu
+
+FULL_TASKS, QUICK_TASKS = 10_000, 2_000
+ROUNDS = 2
+TARGET = 1.2
+PREFETCH_MULTIPLIER = 64
+STALL = 60.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- Celery -------------------------------------------------------------------------------
+def raw_messages(url: str, count: int) -> list[tuple[bytes, pika.BasicProperties]]:
+    """N task messages as `noop.apply_async()` sends them (Celery's own builder and
+    serializer, a fresh id each), ready to go out through pika like Vespid's task-creates."""
+    app = celery_app.make_app(url)
+    messages = []
+    for _ in range(count):
+        task_id = str(uuid.uuid4())
+        headers, properties, body, _sent = app.amqp.as_task_v2(
+            task_id, celery_app.NOOP, ignore_result=True, root_id=task_id,
+            origin="vespid-bench")
+        content_type, encoding, data = dumps(body, serializer="json")
+        payload = data.encode() if isinstance(data, str) else data
+        messages.append((payload, pika.BasicProperties(
+            content_type=content_type, content_encoding=encoding, delivery_mode=2, priority=0,
+            headers=headers, **properties)))
+    return messages
+
+
+def publish_raw(peer: Peer, messages: list[tuple[bytes, pika.BasicProperties]]) -> None:
+    for body, props in messages:
+        peer.channel.basic_publish("", celery_app.QUEUE, body, props)
+    peer.pump(0)
+
+
+def publish_client(url: str, count: int) -> None:
+    """What a Celery user writes: apply_async in a loop on one producer from the pool."""
+    app = celery_app.make_app(url)
+    task = app.tasks[celery_app.NOOP]
+    try:
+        with app.producer_or_acquire() as producer:
+            for _ in range(count):
+                task.apply_async(producer=producer)
+    finally:
+        app.close()
+
+
+class CeleryWorker:
+    """`celery worker` in its own session, its output in a log file; stopped by group."""
+
+    def __init__(self, url: str, workdir: Path, pool: list[str]) -> None:
+        self.url = url
+        self.counts = workdir / "counts"
+        self.counts.mkdir()
+        self.log_path = workdir / "worker.log"
+        self.command = [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
+                        *pool, "--prefetch-multiplier", str(PREFETCH_MULTIPLIER),
+                        "--without-gossip", "--without-mingle", "--without-heartbeat",
+                        "-Q", celery_app.QUEUE, "--loglevel", "warning"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, celery_app.URL_ENV: self.url,
+               celery_app.COUNTS_ENV: str(self.counts), "PYTHONPATH": os.pathsep.join(paths)}
+        with self.log_path.open("ab") as handle:
+            self.process = subprocess.Popen(
+                self.command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=handle,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=common.die_with_parent)
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchError(f"the Celery worker exited with code {self.process.returncode}: "
+                             f"{self.log_tail()}")
+
+    def wait_ready(self, peer: Peer, deadline: Deadline) -> None:
+        """Until its queue exists with a consumer on it."""
+        while not deadline.expired():
+            self.check_alive()
+            depth = peer.queue_depth(celery_app.QUEUE)
+            if depth is not None and depth[1] >= 1:
+                return
+            peer.pump(0.1)
+        raise BenchError(f"the Celery worker did not consume within the deadline: "
+                         f"{self.log_tail()}")
+
+    def pids(self) -> dict[str, int | None]:
+        """The worker and its pool processes (prefork), for the CPU notes."""
+        if self.process is None:
+            return {}
+        found: dict[str, int | None] = {"worker": self.process.pid}
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            for index, pid in enumerate(children.read_text().split(), start=1):
+                found[f"pool process {index}"] = int(pid)
+        return found
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM) for 15 s, then SIGKILL to its whole process group."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            log.warning("the Celery worker ignored SIGTERM for 15 s; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 3) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:])[:600] or \
+            "(no output)"
+
+    def log_summary(self) -> str | None:
+        """What it logged at warning or above (`[stamp: LEVEL/process] …`) and tracebacks;
+        its banner and the warning about running as root are left out."""
+        if not self.log_path.exists():
+            return None
+        counts: Counter[str] = Counter()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("[") and ": " in line and "/" in line:
+                counts[line.split(": ", 1)[1].split("/", 1)[0]] += 1
+            elif line.startswith("Traceback"):
+                counts["traceback"] += 1
+        parts = [f"{level} x{n}" for level, n in counts.most_common(4)]
+        return ("worker logged: " + ", ".join(parts)) if parts else None
+
+
+def consumer_prefetch(url: str) -> str:
+    """The prefetch window the broker holds for the worker's consuming channel(s), for the
+    notes (Celery sets it per channel: global QoS)."""
+    vhost = unquote(urlsplit(url).path.lstrip("/"))
+    try:
+        listing = common.rabbitmqctl(
+            ["list_channels", "--no-table-headers", "vhost", "consumer_count",
+             "prefetch_count", "global_prefetch_count"], timeout=60)
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        return f"prefetch unknown ({exc})"
+    found = [f"{fields[2]}/{fields[3]}" for fields in map(str.split, listing.splitlines())
+             if len(fields) == 4 and fields[0] == vhost and fields[1] != "0"
+             and fields[2:] != ["0", "0"]]  # not the publisher's reply-to consumer
+    return "prefetch per consumer/channel " + (", ".join(found) or "?")
+
+
+def wait_for_executions(worker: CeleryWorker, count: int, result: Pipeline, first: float,
+                        deadline: Deadline) -> None:
+    """Until the worker's processes have counted N executions, a stall, or the deadline."""
+    done, latest = 0, None
+    last_progress, last_done = time.monotonic(), -1
+    while not deadline.expired():
+        done, latest = celery_app.read_counts(worker.counts)
+        if done >= count:
+            time.sleep(0.05)  # let a slot caught mid-write settle, then read the final stamp
+            done, latest = celery_app.read_counts(worker.counts)
+            break
+        if done > last_done:
+            last_progress, last_done = time.monotonic(), done
+        elif time.monotonic() - last_progress > STALL:
+            result.notes.append(f"stalled: nothing new for {STALL:.0f} s")
+            break
+        worker.check_alive()
+        time.sleep(0.02)
+    else:
+        result.notes.append("deadline reached before the last execution")
+    result.runs = result.completes = done
+    end = None if latest is None else latest - first
+    result.to_last_run = result.to_all_complete = end
+
+
+def run_celery(label: str, pool: list[str], client: bool, count: int,
+               deadline: Deadline) -> Pipeline:
+    result = Pipeline(label, count)
+    with ExitStack() as stack:
+        url = stack.enter_context(common.private_vhost("vespid-bench-celery"))
+        workdir = Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="vespid-bench-celery-")))
+        worker = CeleryWorker(url, workdir, pool)
+        stack.callback(worker.stop)
+        peer = Peer(url, "vespid-bench-celery-publisher")
+        stack.callback(peer.close)
+        try:
+            messages = [] if client else raw_messages(url, count)
+            worker.start()
+            worker.wait_ready(peer, deadline.within(90))
+            result.notes.append(consumer_prefetch(url))
+            log.info("celery: %s up; publishing %d tasks", label, count)
+            pids = {**worker.pids(), "RabbitMQ": common.broker_pid(), "publisher": os.getpid()}
+            before = {name: common.process_cpu_seconds(pid) for name, pid in pids.items()}
+            first = time.monotonic()
+            if client:
+                publish_client(url, count)
+            else:
+                publish_raw(peer, messages)
+            result.publish_seconds = time.monotonic() - first
+            wait_for_executions(worker, count, result, first, deadline)
+            note_cpu(result, pids, before, time.monotonic() - first)
+        except BenchError as exc:
+            result.notes.append(str(exc))
+        finally:
+            worker.stop()
+            note = worker.log_summary()
+            if note:
+                result.notes.append(note)
+    return result
+
+
+# ---- Vespid -------------------------------------------------------------------------------
+def run_vespid(nodes: int, count: int, deadline: Deadline,
+               during: Callable[[Coordinator], contextlib.AbstractContextManager[Any]]
+               | None = None) -> Pipeline:
+    """bench.throughput's Vespid pipeline with `nodes` simulated nodes (it reads its node
+    count from the module; `during` wraps the measured part, given the coordinator)."""
+    measure = throughput.measure_vespid
+
+    def measured(peer: Peer, sim: Any, coordinator: Coordinator, *rest: Any) -> None:
+        with during(coordinator) if during else contextlib.nullcontext():
+            measure(peer, sim, coordinator, *rest)
+
+    with mock.patch.object(throughput, "NODES", nodes), \
+            mock.patch.object(throughput, "measure_vespid", measured):
+        result = throughput.run_vespid(count, deadline)
+    result.name = f"Vespid, {nodes} node{'s' if nodes > 1 else ''}"
+    return result
+
+
+# ---- the profile of one extra Vespid run --------------------------------------------------
+def py_spy() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+@contextlib.contextmanager
+def profiled(coordinator: Coordinator, output: Path) -> Iterator[None]:
+    """py-spy records the coordinator (non-blocking sampling, idle time left out)."""
+    tool = py_spy()
+    if tool is None or coordinator.pid is None:
+        raise BenchError("py-spy is not installed (pip install py-spy)")
+    spy = subprocess.Popen(
+        [tool, "record", "--pid", str(coordinator.pid), "--format", "raw", "--nonblocking",
+         "--rate", "100", "--output", str(output)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        time.sleep(0.5)  # it attaches before the first publish
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # it writes its output on SIGINT
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(timeout=10)
+
+
+@dataclass
+class Profile:
+    samples: int
+    own: list[tuple[str, int]]
+    inclusive: list[tuple[str, int]]
+    result: Pipeline
+
+
+def frame_name(frame: str) -> str:
+    """`handle (coordinator/processor.py:120)` → `handle (coordinator/processor.py)`."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("/site-packages/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    with contextlib.suppress(ValueError):
+        path = os.path.relpath(path, REPO) if path.startswith(str(REPO)) else path
+    return f"{name} ({path})"
+
+
+def read_profile(path: Path, top: int) -> tuple[int, list[tuple[str, int]],
+                                                list[tuple[str, int]]]:
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, number = line.rpartition(" ")
+        if not stack or not number.isdigit():
+            continue
+        count = int(number)
+        frames = [frame_name(f) for f in stack.split(";")
+                  if " (" in f and not f.startswith("process ")
+                  and not f.startswith("thread ")]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] += count
+        for name in set(frames):
+            inclusive[name] += count
+    return samples, own.most_common(top), inclusive.most_common(top)
+
+
+def run_profile(count: int, deadline: Deadline) -> Profile | str:
+    with tempfile.TemporaryDirectory(prefix="vespid-bench-spy-") as folder:
+        output = Path(folder) / "coordinator.txt"
+        result = run_vespid(1, count, deadline, lambda c: profiled(c, output))
+        if not output.exists():
+            return "; ".join(result.notes) or "py-spy wrote no profile"
+        samples, own, inclusive = read_profile(output, 15)
+    return Profile(samples, own, inclusive, result)
+
+
+# ---- the plan and the report --------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    run: Callable[[int, Deadline], Pipeline]
+    celery_pool: bool = False  # a candidate for "Celery's best"
+
+    def __call__(self, count: int, deadline: Deadline) -> Pipeline:
+        result = self.run(count, deadline)
+        result.name = self.label
+        return result
+
+
+def celery_config(key: str, label: str, pool: list[str], client: bool = False) -> Config:
+    return Config(key, label, lambda n, d: run_celery(label, pool, client, n, d),
+                  celery_pool=not client)
+
+
+CONFIGS = [
+    celery_config("solo", "Celery solo", ["--pool", "solo"]),
+    Config("v1", "Vespid, 1 node", lambda n, d: run_vespid(1, n, d)),
+    celery_config("threads", "Celery threads x8", ["--pool", "threads", "--concurrency", "8"]),
+    Config("v10", "Vespid, 10 nodes", lambda n, d: run_vespid(10, n, d)),
+    celery_config("prefork", "Celery prefork x2", ["--pool", "prefork", "--concurrency", "2"]),
+    celery_config("client", "Celery solo, apply_async publisher", ["--pool", "solo"],
+                  client=True),
+]
+
+
+def done_rate(result: Pipeline) -> float | None:
+    """Tasks done per second; None unless all N were done."""
+    if (result.completes or 0) < result.messages:
+        return None
+    return rate(result.messages, result.to_all_complete)
+
+
+def start_rate(result: Pipeline) -> float | None:
+    """Vespid: tasks per second to the N-th task-run (the lower bound of its time)."""
+    return result.run_rate
+
+
+def median(values: list[float | None]) -> float | None:
+    """The median, or None when any value is missing (a run that did not finish)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present and len(present) == len(values) else None
+
+
+@dataclass
+class Summary:
+    config: Config
+    results: list[Pipeline]
+
+    @property
+    def rate(self) -> float | None:
+        return median([done_rate(r) for r in self.results])
+
+    @property
+    def start_rate(self) -> float | None:
+        return median([start_rate(r) for r in self.results])
+
+
+def summarize(runs: list[tuple[int, Pipeline]]) -> dict[str, Summary]:
+    by_key: dict[str, Summary] = {}
+    for config in CONFIGS:
+        results = [r for _, r in runs if r.name == config.label]
+        if results:
+            by_key[config.key] = Summary(config, results)
+    return by_key
+
+
+def verdict_lines(summaries: dict[str, Summary]) -> list[str]:
+    pools = [s for s in summaries.values() if s.config.celery_pool and s.rate is not None]
+    best = max(pools, key=lambda s: s.rate or 0.0, default=None)
+    prefork = summaries.get("prefork")
+    lines = []
+    if best is None:
+        return ["No Celery pool finished all its runs: no ratio (see the runs' notes)."]
+    lines.append(f"Celery's best pool here: **{best.config.label}**, {fmt(best.rate)} tasks/s "
+                 f"(median).")
+    for key in ("v1", "v10"):
+        vespid = summaries.get(key)
+        if vespid is None:
+            continue
+        if vespid.rate is None:
+            lines.append(f"- {vespid.config.label}: did not finish every run; no ratio.")
+            continue
+        ratio = vespid.rate / (best.rate or 1.0)
+        met = "MET" if ratio >= TARGET else "NOT MET"
+        line = (f"- {vespid.config.label}: {fmt(vespid.rate)} tasks/s = **{ratio:.2f} x** "
+                f"Celery's best; target ≥ {TARGET} x: **{met}**")
+        if prefork is not None and prefork.rate:
+            line += f"; {vespid.rate / prefork.rate:.2f} x Celery prefork"
+        if vespid.start_rate:
+            line += (f" (counted to the N-th task-run instead of N complete: "
+                     f"{vespid.start_rate / (best.rate or 1.0):.2f} x best)")
+        lines.append(line)
+    return lines
+
+
+SUMMARY_HEADERS = ["configuration", "tasks/s, each round", "median tasks/s",
+                   "median 1st publish → all done (s)", "median publish (s)"]
+RUN_HEADERS = ["#", "round", "configuration", "publish (s)", "publish rate (msg/s)",
+               "1st publish → all done (s)", "tasks/s", "Vespid: → N-th task-run (s)",
+               "notes"]
+
+
+def report_sections(runs: list[tuple[int, Pipeline]], count: int,
+                    profile: Profile | str | None) -> list[str]:
+    summaries = summarize(runs)
+    rows = [[s.config.label, ", ".join(fmt(done_rate(r)) for r in s.results),
+             f"**{fmt(s.rate)}**",
+             fmt(median([r.to_all_complete for r in s.results]), 2),
+             fmt(median([r.publish_seconds for r in s.results]), 2)]
+            for s in summaries.values()]
+    sections = [f"N = {count:,} no-op tasks per run, {max((n for n, _ in runs), default=0)} "
+                "round(s), configurations in turn (every other round reversed).",
+                common.markdown_table(SUMMARY_HEADERS, rows),
+                "\n".join(verdict_lines(summaries)), "Every run, in the order it ran:",
+                common.markdown_table(RUN_HEADERS, [
+                    run_row(index, number, result)
+                    for index, (number, result) in enumerate(runs, start=1)])]
+    if profile is not None:
+        sections.append(profile_section(profile))
+    sections.append(HOW_TO_READ)
+    return sections
+
+
+def run_row(index: int, number: int, result: Pipeline) -> list[str]:
+    vespid = result.name.startswith("Vespid")
+    done = done_rate(result)
+    shown = fmt(done) if done else (f"— (partial: {result.completes or 0:,}/"
+                                     f"{result.messages:,})")
+    return [str(index), str(number), result.name, fmt(result.publish_seconds, 2),
+            fmt(rate(result.messages, result.publish_seconds)),
+            fmt(result.to_all_complete, 2), shown,
+            fmt(result.to_last_run, 2) if vespid else "", "; ".join(result.notes)]
+
+
+def profile_section(profile: Profile | str) -> str:
+    if isinstance(profile, str):
+        return f"Profile of the coordinator: not taken ({profile})."
+    run = profile.result
+    head = (f"Profile of the coordinator (py-spy, 100 samples/s, idle time left out) during "
+            f"one extra Vespid 1-node run, not counted above: {profile.samples:,} samples; "
+            f"that run made {fmt(done_rate(run))} tasks/s under the profiler"
+            f"{'; ' + '; '.join(run.notes) if run.notes else ''}.")
+
+    def table(title: str, entries: list[tuple[str, int]]) -> str:
+        return common.markdown_table(
+            [title, "samples", "share"],
+            [[f"`{name}`", f"{n:,}", f"{100 * n / profile.samples:.1f}%"]
+             for name, n in entries])
+
+    return "\n\n".join([head, "Top 15 by own time (the function on top of the stack):",
+                        table("function (file)", profile.own),
+                        "Top 15 by total time (the function anywhere on the stack):",
+                        table("function (file)", profile.inclusive)])
+
+
+HOW_TO_READ = (
+    "How to read it: *tasks/s* = N / (first message published → all N done). Celery: done "
+    "is the N-th execution of the no-op task, stamped by the task itself in the worker (it "
+    "counts executions in a per-process shared-memory slot, about a microsecond a task; "
+    "there is no result backend), read by the benchmark. Vespid: done is the reply of the "
+    "first task-list that counts N tasks complete, asked as soon as the simulator has seen "
+    "the N-th task-run, so it includes every task-complete's trip back and errs against "
+    "Vespid by up to about 0.3 s (the simulator reports every 0.25 s); *→ N-th task-run* is "
+    "the bound on the other side. Both publishers are raw pika on one connection, without "
+    "confirms, with the bodies built before the clock starts (Celery's by its own "
+    "`app.amqp.as_task_v2` and kombu's JSON serializer, a fresh task id each). The last "
+    "Celery row publishes the way a Celery user does instead, `task.apply_async(producer=…)` "
+    "in a loop on one pooled producer, with the clock running: it shows what the Celery "
+    "client costs and is not a candidate for Celery's best. Celery uses what it declares "
+    "by default: one durable classic queue, persistent messages, one message a task, acked "
+    "by the worker before it runs the task. Vespid moves three persistent messages through "
+    "quorum queues for each task (task-create, task-run with publisher confirms, "
+    "task-complete), keeps its state in SQLite and publishes task events. Each run has its "
+    "own vhost and its own worker or coordinator; the simulated nodes have 64 cores each "
+    "and answer each task-run with a task-complete at once. The machine is shared: compare "
+    "the ratios of one run, not figures across runs. The notes give each process's CPU "
+    "share (100 % = one core) from the first publish to the last task-run or execution.")
+
+
+def plan(rounds: int, only: list[str] | None) -> list[tuple[int, Config]]:
+    chosen = [c for c in CONFIGS if only is None or c.key in only]
+    order: list[tuple[int, Config]] = []
+    for number in range(1, rounds + 1):
+        turn = chosen if number % 2 else list(reversed(chosen))
+        order += [(number, config) for config in turn]
+    return order
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.vs_celery")
+    parser.add_argument("--tasks", type=int, help=f"N, the tasks of each run "
+                        f"(default {FULL_TASKS:,}; --quick {QUICK_TASKS:,})")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"times each configuration runs (default {ROUNDS})")
+    parser.add_argument("--quick", action="store_true", help="fewer tasks, shorter caps")
+    parser.add_argument("--only", nargs="+", choices=[c.key for c in CONFIGS],
+                        help="run only these configurations")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the extra Vespid run profiled with py-spy")
+    parser.add_argument("--cap-minutes", type=float,
+                        help="wall-clock cap for each run (default 5, --quick 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.setup_logging()
+    common.install_signal_handlers()
+    count = args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS)
+    cap = 60 * (args.cap_minutes or (2 if args.quick else 5))
+    runs: list[tuple[int, Pipeline]] = []
+    profile: Profile | str | None = None
+    title = "Vespid vs Celery: no-op tasks per second on one broker"
+    try:
+        for number, config in plan(max(1, args.rounds), args.only):
+            log.info("round %d: %s, %d tasks", number, config.label, count)
+            runs.append((number, config(count, Deadline.after(cap))))
+            log.info("  %s tasks/s", fmt(done_rate(runs[-1][1])))
+        if not args.no_profile:
+            log.info("profile: one more Vespid 1-node run with py-spy on the coordinator")
+            profile = run_profile(count, Deadline.after(cap)) if py_spy() else \
+                "py-spy is not installed"
+    except KeyboardInterrupt:
+        common.write_report(title + " (interrupted)", report_sections(runs, count, profile))
+        return 130
+    common.write_report(title, report_sections(runs, count, profile))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
