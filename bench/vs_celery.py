@@ -31,7 +31,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -42,7 +42,7 @@ from kombu.serialization import dumps
 
 from bench import celery_app, common, throughput
 from bench.common import BenchError, Coordinator, Deadline, Peer, fmt, log, rate
-from bench.throughput import Pipeline, note_cpu
+from bench.throughput import Pipeline
 
 FULL_TASKS, QUICK_TASKS = 10_000, 2_000
 ROUNDS = 2
@@ -50,6 +50,53 @@ TARGET = 1.2
 PREFETCH_MULTIPLIER = 64
 STALL = 60.0
 REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- where the CPU went --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Usage:
+    """One process over the measured part of a run (all its threads; /proc schedstat)."""
+
+    cpu: float  # seconds on a CPU
+    wait: float  # seconds runnable but waiting for a CPU (the machine was busy)
+    wall: float
+
+
+def scheduler_seconds(pid: int | None) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds waiting in a run queue) of all a live process's threads."""
+    if pid is None:
+        return None
+    on_cpu = waiting = 0
+    try:
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            running, queued, _slices = (thread / "schedstat").read_text().split()
+            on_cpu, waiting = on_cpu + int(running), waiting + int(queued)
+    except (OSError, ValueError):
+        return None
+    return on_cpu / 1e9, waiting / 1e9
+
+
+@contextlib.contextmanager
+def recording(pids: dict[str, int | None], into: dict[str, Usage]) -> Iterator[None]:
+    """Fills `into` with each process's Usage over the `with` block, if it is still alive."""
+    before = {name: scheduler_seconds(pid) for name, pid in pids.items()}
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        wall = time.monotonic() - start
+        for name, pid in pids.items():
+            now, then = scheduler_seconds(pid), before[name]
+            if now is not None and then is not None:
+                into[name] = Usage(now[0] - then[0], now[1] - then[1], wall)
+
+
+def usage_note(usage: dict[str, Usage]) -> str | None:
+    """`CPU (waiting for a CPU) from the first publish to the end: coordinator 57% (40%), …`."""
+    parts = [f"{name} {100 * u.cpu / u.wall:.0f}% ({100 * u.wait / u.wall:.0f}%)"
+             for name, u in usage.items() if u.wall > 0]
+    return ("CPU (runnable, waiting for a CPU) from the first publish to all done: "
+            + ", ".join(parts)) if parts else None
 
 
 # ---- Celery -------------------------------------------------------------------------------
@@ -216,8 +263,8 @@ def wait_for_executions(worker: CeleryWorker, count: int, result: Pipeline, firs
     result.to_last_run = result.to_all_complete = end
 
 
-def run_celery(label: str, pool: list[str], client: bool, count: int,
-               deadline: Deadline) -> Pipeline:
+def run_celery(label: str, pool: list[str], client: bool, count: int, deadline: Deadline,
+               usage: dict[str, Usage]) -> Pipeline:
     result = Pipeline(label, count)
     with ExitStack() as stack:
         url = stack.enter_context(common.private_vhost("vespid-bench-celery"))
@@ -234,15 +281,14 @@ def run_celery(label: str, pool: list[str], client: bool, count: int,
             result.notes.append(consumer_prefetch(url))
             log.info("celery: %s up; publishing %d tasks", label, count)
             pids = {**worker.pids(), "RabbitMQ": common.broker_pid(), "publisher": os.getpid()}
-            before = {name: common.process_cpu_seconds(pid) for name, pid in pids.items()}
-            first = time.monotonic()
-            if client:
-                publish_client(url, count)
-            else:
-                publish_raw(peer, messages)
-            result.publish_seconds = time.monotonic() - first
-            wait_for_executions(worker, count, result, first, deadline)
-            note_cpu(result, pids, before, time.monotonic() - first)
+            with recording(pids, usage):
+                first = time.monotonic()
+                if client:
+                    publish_client(url, count)
+                else:
+                    publish_raw(peer, messages)
+                result.publish_seconds = time.monotonic() - first
+                wait_for_executions(worker, count, result, first, deadline)
         except BenchError as exc:
             result.notes.append(str(exc))
         finally:
@@ -254,22 +300,22 @@ def run_celery(label: str, pool: list[str], client: bool, count: int,
 
 
 # ---- Vespid -------------------------------------------------------------------------------
-def run_vespid(nodes: int, count: int, deadline: Deadline,
+def run_vespid(nodes: int, count: int, deadline: Deadline, usage: dict[str, Usage],
                during: Callable[[Coordinator], contextlib.AbstractContextManager[Any]]
                | None = None) -> Pipeline:
     """bench.throughput's Vespid pipeline with `nodes` simulated nodes (it reads its node
-    count from the module; `during` wraps the measured part, given the coordinator)."""
+    count from the module); `during` wraps the measured part, given the coordinator."""
     measure = throughput.measure_vespid
 
     def measured(peer: Peer, sim: Any, coordinator: Coordinator, *rest: Any) -> None:
-        with during(coordinator) if during else contextlib.nullcontext():
+        pids = {"coordinator": coordinator.pid, "simulator": sim.process.pid,
+                "RabbitMQ": common.broker_pid()}
+        with recording(pids, usage), during(coordinator) if during else contextlib.nullcontext():
             measure(peer, sim, coordinator, *rest)
 
     with mock.patch.object(throughput, "NODES", nodes), \
             mock.patch.object(throughput, "measure_vespid", measured):
-        result = throughput.run_vespid(count, deadline)
-    result.name = f"Vespid, {nodes} node{'s' if nodes > 1 else ''}"
-    return result
+        return throughput.run_vespid(count, deadline)
 
 
 # ---- the profile of one extra Vespid run --------------------------------------------------
@@ -304,80 +350,109 @@ def profiled(coordinator: Coordinator, output: Path) -> Iterator[None]:
 @dataclass
 class Profile:
     samples: int
-    own: list[tuple[str, int]]
-    inclusive: list[tuple[str, int]]
+    own: Counter[str]  # samples with the function on top of the stack
+    inclusive: Counter[str]  # samples with the function anywhere on the stack
     result: Pipeline
+
+    def own_by_file(self) -> list[tuple[str, int]]:
+        files: Counter[str] = Counter()
+        for name, count in self.own.items():
+            files[name.rsplit(" (", 1)[-1].rstrip(")")] += count
+        return files.most_common(10)
+
+    def project_inclusive(self, top: int) -> list[tuple[str, int]]:
+        """The coordinator's own functions by total time, less the loop every sample is in."""
+        return [(name, count) for name, count in self.inclusive.most_common()
+                if ("(coordinator/" in name or "(shared/" in name)
+                and count < 0.9 * self.samples][:top]
 
 
 def frame_name(frame: str) -> str:
-    """`handle (coordinator/processor.py:120)` → `handle (coordinator/processor.py)`."""
+    """`handle (/…/coordinator/processor.py:120)` → `handle (coordinator/processor.py)`."""
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("/site-packages/", "/lib/python3"):
+    for marker in ("/site-packages/", "/lib/python3.11/", "/lib/python3/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
-    with contextlib.suppress(ValueError):
-        path = os.path.relpath(path, REPO) if path.startswith(str(REPO)) else path
+    if path.startswith(str(REPO) + os.sep):
+        path = os.path.relpath(path, REPO)
     return f"{name} ({path})"
 
 
-def read_profile(path: Path, top: int) -> tuple[int, list[tuple[str, int]],
-                                                list[tuple[str, int]]]:
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    samples = 0
+def read_profile(path: Path, result: Pipeline) -> Profile:
+    """py-spy's raw output: one line a distinct stack, `frame;frame;… count`."""
+    profile = Profile(0, Counter(), Counter(), result)
     for line in path.read_text(errors="replace").splitlines():
         stack, _, number = line.rpartition(" ")
-        if not stack or not number.isdigit():
+        frames = [frame_name(f) for f in stack.split(";") if " (" in f]
+        if not frames or not number.isdigit():
             continue
         count = int(number)
-        frames = [frame_name(f) for f in stack.split(";")
-                  if " (" in f and not f.startswith("process ")
-                  and not f.startswith("thread ")]
-        if not frames:
-            continue
-        samples += count
-        own[frames[-1]] += count
+        profile.samples += count
+        profile.own[frames[-1]] += count
         for name in set(frames):
-            inclusive[name] += count
-    return samples, own.most_common(top), inclusive.most_common(top)
+            profile.inclusive[name] += count
+    return profile
 
 
 def run_profile(count: int, deadline: Deadline) -> Profile | str:
     with tempfile.TemporaryDirectory(prefix="vespid-bench-spy-") as folder:
         output = Path(folder) / "coordinator.txt"
-        result = run_vespid(1, count, deadline, lambda c: profiled(c, output))
-        if not output.exists():
+        result = run_vespid(1, count, deadline, {}, lambda c: profiled(c, output))
+        if not output.exists() or not output.stat().st_size:
             return "; ".join(result.notes) or "py-spy wrote no profile"
-        samples, own, inclusive = read_profile(output, 15)
-    return Profile(samples, own, inclusive, result)
+        return read_profile(output, result)
 
 
 # ---- the plan and the report --------------------------------------------------------------
+@dataclass
+class Run:
+    round: int
+    result: Pipeline
+    usage: dict[str, Usage] = field(default_factory=dict)
+
+    def system_cpu_ms(self) -> float | None:
+        """CPU a task of the system's own processes: Celery's worker with its pool processes,
+        Vespid's coordinator (the simulated nodes and the publishers are the benchmark's)."""
+        used = [u.cpu for name, u in self.usage.items()
+                if name.startswith(("worker", "pool process", "coordinator"))]
+        return 1000 * sum(used) / self.result.messages if used else None
+
+    def broker_cpu_ms(self) -> float | None:
+        broker = self.usage.get("RabbitMQ")
+        return None if broker is None else 1000 * broker.cpu / self.result.messages
+
+
 @dataclass(frozen=True)
 class Config:
     key: str
     label: str
-    run: Callable[[int, Deadline], Pipeline]
+    run: Callable[[int, Deadline, dict[str, Usage]], Pipeline]
     celery_pool: bool = False  # a candidate for "Celery's best"
 
-    def __call__(self, count: int, deadline: Deadline) -> Pipeline:
-        result = self.run(count, deadline)
-        result.name = self.label
-        return result
+    def __call__(self, number: int, count: int, deadline: Deadline) -> Run:
+        run = Run(number, Pipeline(self.label, count))
+        run.result = self.run(count, deadline, run.usage)
+        run.result.name = self.label
+        run.result.notes = [n for n in run.result.notes  # bench.throughput's, ours is below
+                            if not n.startswith("CPU until the last task-run")]
+        note = usage_note(run.usage)
+        if note:
+            run.result.notes.append(note)
+        return run
 
 
 def celery_config(key: str, label: str, pool: list[str], client: bool = False) -> Config:
-    return Config(key, label, lambda n, d: run_celery(label, pool, client, n, d),
+    return Config(key, label, lambda n, d, u: run_celery(label, pool, client, n, d, u),
                   celery_pool=not client)
 
 
 CONFIGS = [
     celery_config("solo", "Celery solo", ["--pool", "solo"]),
-    Config("v1", "Vespid, 1 node", lambda n, d: run_vespid(1, n, d)),
+    Config("v1", "Vespid, 1 node", lambda n, d, u: run_vespid(1, n, d, u)),
     celery_config("threads", "Celery threads x8", ["--pool", "threads", "--concurrency", "8"]),
-    Config("v10", "Vespid, 10 nodes", lambda n, d: run_vespid(10, n, d)),
+    Config("v10", "Vespid, 10 nodes", lambda n, d, u: run_vespid(10, n, d, u)),
     celery_config("prefork", "Celery prefork x2", ["--pool", "prefork", "--concurrency", "2"]),
     celery_config("client", "Celery solo, apply_async publisher", ["--pool", "solo"],
                   client=True),
@@ -405,23 +480,31 @@ def median(values: list[float | None]) -> float | None:
 @dataclass
 class Summary:
     config: Config
-    results: list[Pipeline]
+    runs: list[Run]
 
     @property
     def rate(self) -> float | None:
-        return median([done_rate(r) for r in self.results])
+        return median([done_rate(r.result) for r in self.runs])
 
     @property
     def start_rate(self) -> float | None:
-        return median([start_rate(r) for r in self.results])
+        return median([start_rate(r.result) for r in self.runs])
+
+    def row(self) -> list[str]:
+        results = [r.result for r in self.runs]
+        return [self.config.label, ", ".join(fmt(done_rate(r)) for r in results),
+                f"**{fmt(self.rate)}**", fmt(median([r.to_all_complete for r in results]), 2),
+                fmt(median([r.publish_seconds for r in results]), 2),
+                fmt(median([r.system_cpu_ms() for r in self.runs]), 2),
+                fmt(median([r.broker_cpu_ms() for r in self.runs]), 2)]
 
 
-def summarize(runs: list[tuple[int, Pipeline]]) -> dict[str, Summary]:
+def summarize(runs: list[Run]) -> dict[str, Summary]:
     by_key: dict[str, Summary] = {}
     for config in CONFIGS:
-        results = [r for _, r in runs if r.name == config.label]
-        if results:
-            by_key[config.key] = Summary(config, results)
+        mine = [r for r in runs if r.result.name == config.label]
+        if mine:
+            by_key[config.key] = Summary(config, mine)
     return by_key
 
 
@@ -455,39 +538,35 @@ def verdict_lines(summaries: dict[str, Summary]) -> list[str]:
 
 
 SUMMARY_HEADERS = ["configuration", "tasks/s, each round", "median tasks/s",
-                   "median 1st publish → all done (s)", "median publish (s)"]
+                   "median 1st publish → all done (s)", "median publish (s)",
+                   "CPU ms a task: worker or coordinator", "CPU ms a task: RabbitMQ"]
 RUN_HEADERS = ["#", "round", "configuration", "publish (s)", "publish rate (msg/s)",
                "1st publish → all done (s)", "tasks/s", "Vespid: → N-th task-run (s)",
                "notes"]
 
 
-def report_sections(runs: list[tuple[int, Pipeline]], count: int,
-                    profile: Profile | str | None) -> list[str]:
+def report_sections(runs: list[Run], count: int, profile: Profile | str | None) -> list[str]:
     summaries = summarize(runs)
-    rows = [[s.config.label, ", ".join(fmt(done_rate(r)) for r in s.results),
-             f"**{fmt(s.rate)}**",
-             fmt(median([r.to_all_complete for r in s.results]), 2),
-             fmt(median([r.publish_seconds for r in s.results]), 2)]
-            for s in summaries.values()]
-    sections = [f"N = {count:,} no-op tasks per run, {max((n for n, _ in runs), default=0)} "
-                "round(s), configurations in turn (every other round reversed).",
-                common.markdown_table(SUMMARY_HEADERS, rows),
+    rounds = max((r.round for r in runs), default=0)
+    sections = [f"N = {count:,} no-op tasks per run, {rounds} round(s), the configurations "
+                "in turn (every other round in reverse order).",
+                common.markdown_table(SUMMARY_HEADERS, [s.row() for s in summaries.values()]),
                 "\n".join(verdict_lines(summaries)), "Every run, in the order it ran:",
-                common.markdown_table(RUN_HEADERS, [
-                    run_row(index, number, result)
-                    for index, (number, result) in enumerate(runs, start=1)])]
+                common.markdown_table(RUN_HEADERS, [run_row(index, run) for index, run
+                                                    in enumerate(runs, start=1)])]
     if profile is not None:
         sections.append(profile_section(profile))
     sections.append(HOW_TO_READ)
     return sections
 
 
-def run_row(index: int, number: int, result: Pipeline) -> list[str]:
+def run_row(index: int, run: Run) -> list[str]:
+    result = run.result
     vespid = result.name.startswith("Vespid")
     done = done_rate(result)
     shown = fmt(done) if done else (f"— (partial: {result.completes or 0:,}/"
                                      f"{result.messages:,})")
-    return [str(index), str(number), result.name, fmt(result.publish_seconds, 2),
+    return [str(index), str(run.round), result.name, fmt(result.publish_seconds, 2),
             fmt(rate(result.messages, result.publish_seconds)),
             fmt(result.to_all_complete, 2), shown,
             fmt(result.to_last_run, 2) if vespid else "", "; ".join(result.notes)]
@@ -499,8 +578,7 @@ def profile_section(profile: Profile | str) -> str:
     run = profile.result
     head = (f"Profile of the coordinator (py-spy, 100 samples/s, idle time left out) during "
             f"one extra Vespid 1-node run, not counted above: {profile.samples:,} samples; "
-            f"that run made {fmt(done_rate(run))} tasks/s under the profiler"
-            f"{'; ' + '; '.join(run.notes) if run.notes else ''}.")
+            f"that run made {fmt(done_rate(run))} tasks/s under the profiler.")
 
     def table(title: str, entries: list[tuple[str, int]]) -> str:
         return common.markdown_table(
@@ -508,10 +586,13 @@ def profile_section(profile: Profile | str) -> str:
             [[f"`{name}`", f"{n:,}", f"{100 * n / profile.samples:.1f}%"]
              for name, n in entries])
 
-    return "\n\n".join([head, "Top 15 by own time (the function on top of the stack):",
-                        table("function (file)", profile.own),
-                        "Top 15 by total time (the function anywhere on the stack):",
-                        table("function (file)", profile.inclusive)])
+    return "\n\n".join([
+        head, "Top 15 functions by own time (on top of the stack):",
+        table("function (file)", profile.own.most_common(15)),
+        "Own time by file, top 10:", table("file", profile.own_by_file()),
+        "The coordinator's functions by total time (anywhere on the stack; the event loop "
+        "and the outer frames every sample passes through left out), top 15:",
+        table("function (file)", profile.project_inclusive(15))])
 
 
 HOW_TO_READ = (
@@ -535,7 +616,13 @@ HOW_TO_READ = (
     "own vhost and its own worker or coordinator; the simulated nodes have 64 cores each "
     "and answer each task-run with a task-complete at once. The machine is shared: compare "
     "the ratios of one run, not figures across runs. The notes give each process's CPU "
-    "share (100 % = one core) from the first publish to the last task-run or execution.")
+    "share (100 % = one core) from the first publish until all N were done, and in "
+    "brackets the share of that time it was ready to run but waiting for a CPU (Linux "
+    "schedstat): on-CPU plus waiting near 100 % means that process was CPU-bound and "
+    "would have gone faster on a free core. *CPU ms a task* divides the CPU time of the "
+    "system's own processes (Celery's worker with its pool processes; Vespid's "
+    "coordinator, not the simulated nodes) and of RabbitMQ by N: it depends less on the "
+    "other load than the rates do.")
 
 
 def plan(rounds: int, only: list[str] | None) -> list[tuple[int, Config]]:
@@ -569,14 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     common.install_signal_handlers()
     count = args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS)
     cap = 60 * (args.cap_minutes or (2 if args.quick else 5))
-    runs: list[tuple[int, Pipeline]] = []
+    runs: list[Run] = []
     profile: Profile | str | None = None
     title = "Vespid vs Celery: no-op tasks per second on one broker"
     try:
         for number, config in plan(max(1, args.rounds), args.only):
             log.info("round %d: %s, %d tasks", number, config.label, count)
-            runs.append((number, config(count, Deadline.after(cap))))
-            log.info("  %s tasks/s", fmt(done_rate(runs[-1][1])))
+            runs.append(config(number, count, Deadline.after(cap)))
+            log.info("  %s tasks/s", fmt(done_rate(runs[-1].result)))
         if not args.no_profile:
             log.info("profile: one more Vespid 1-node run with py-spy on the coordinator")
             profile = run_profile(count, Deadline.after(cap)) if py_spy() else \
