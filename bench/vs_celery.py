@@ -490,13 +490,20 @@ class Summary:
     def start_rate(self) -> float | None:
         return median([start_rate(r.result) for r in self.runs])
 
+    @property
+    def system_cpu_ms(self) -> float | None:
+        return median([r.system_cpu_ms() for r in self.runs])
+
+    @property
+    def broker_cpu_ms(self) -> float | None:
+        return median([r.broker_cpu_ms() for r in self.runs])
+
     def row(self) -> list[str]:
         results = [r.result for r in self.runs]
         return [self.config.label, ", ".join(fmt(done_rate(r)) for r in results),
                 f"**{fmt(self.rate)}**", fmt(median([r.to_all_complete for r in results]), 2),
                 fmt(median([r.publish_seconds for r in results]), 2),
-                fmt(median([r.system_cpu_ms() for r in self.runs]), 2),
-                fmt(median([r.broker_cpu_ms() for r in self.runs]), 2)]
+                fmt(self.system_cpu_ms, 2), fmt(self.broker_cpu_ms, 2)]
 
 
 def summarize(runs: list[Run]) -> dict[str, Summary]:
@@ -534,6 +541,27 @@ def verdict_lines(summaries: dict[str, Summary]) -> list[str]:
             line += (f" (counted to the N-th task-run instead of N complete: "
                      f"{vespid.start_rate / (best.rate or 1.0):.2f} x best)")
         lines.append(line)
+    cpu = cpu_lines(best, [s for k, s in summaries.items() if k in ("v1", "v10")])
+    return [*lines, "", *cpu] if cpu else lines
+
+
+def cpu_lines(best: Summary, vespid: list[Summary]) -> list[str]:
+    """The CPU a task each side spent, which the machine's other load moves less."""
+    worker, broker = best.system_cpu_ms, best.broker_cpu_ms
+    if not worker or not broker:
+        return []
+    lines = [f"CPU a task, medians: {best.config.label} worker {fmt(worker, 2)} ms, its "
+             f"RabbitMQ {fmt(broker, 2)} ms."]
+    for summary in vespid:
+        own, theirs = summary.system_cpu_ms, summary.broker_cpu_ms
+        if own and theirs:
+            lines.append(f"- {summary.config.label}: coordinator {fmt(own, 2)} ms "
+                         f"({own / worker:.1f} x the worker's), RabbitMQ {fmt(theirs, 2)} ms "
+                         f"({theirs / broker:.1f} x)")
+    lines.append("")
+    lines.append(f"With the same share of the machine as the worker, {TARGET} x its rate "
+                 f"leaves the coordinator {fmt(worker / TARGET, 2)} ms a task, and RabbitMQ "
+                 f"{fmt(broker / TARGET, 2)} ms a task for all of Vespid's messages.")
     return lines
 
 
@@ -548,8 +576,10 @@ RUN_HEADERS = ["#", "round", "configuration", "publish (s)", "publish rate (msg/
 def report_sections(runs: list[Run], count: int, profile: Profile | str | None) -> list[str]:
     summaries = summarize(runs)
     rounds = max((r.round for r in runs), default=0)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     sections = [f"N = {count:,} no-op tasks per run, {rounds} round(s), the configurations "
-                "in turn (every other round in reverse order).",
+                "in turn (every other round in reverse order). Load average at the end "
+                f"(1, 5, 15 min): {load} on {os.cpu_count()} CPUs.",
                 common.markdown_table(SUMMARY_HEADERS, [s.row() for s in summaries.values()]),
                 "\n".join(verdict_lines(summaries)), "Every run, in the order it ran:",
                 common.markdown_table(RUN_HEADERS, [run_row(index, run) for index, run
