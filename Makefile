@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint typecheck unit integration bench bench-throughput bench-scheduling clean
+.PHONY: demo test lint typecheck unit integration bench bench-throughput bench-scheduling bench-vs-celery clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,14 @@ bench-throughput: $(STAMP)
 
 bench-scheduling: $(STAMP)
 	$(BIN)/python -m bench.scheduling
+
+# Celery is installed for this benchmark only (the `bench` extra).
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench-vs-celery: $(BENCH_STAMP)
+	$(BIN)/python -m bench.vs_celery
 
 clean:
 	rm -rf $(VENV) build demo-run .mypy_cache .ruff_cache .pytest_cache
