@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -118,9 +119,9 @@ def wait_for_runs(child: ChildProcess, expect: int, result: Pipeline, first: flo
 
 
 # ---- vespid -------------------------------------------------------------------------------
-def node_specs() -> list[NodeSpec]:
+def node_specs(nodes: int = NODES) -> list[NodeSpec]:
     return [NodeSpec(f"tp{index:02d}", {"cores": 64, "memory": 512_000})
-            for index in range(NODES)]
+            for index in range(nodes)]
 
 
 def wait_for_nodes(peer: Peer, count: int, deadline: Deadline) -> None:
@@ -133,8 +134,14 @@ def wait_for_nodes(peer: Peer, count: int, deadline: Deadline) -> None:
     raise BenchError(f"the coordinator did not list {count} accepting nodes in time")
 
 
-def run_vespid(count: int, deadline: Deadline) -> Pipeline:
-    result = Pipeline("vespid (coordinator + 10 raw nodes)", count)
+Measure = Callable[[Peer, ChildProcess, Coordinator, list[bytes], Pipeline, Deadline], None]
+
+
+def run_vespid(count: int, deadline: Deadline, nodes: int = NODES,
+               measure: Measure | None = None) -> Pipeline:
+    """The Vespid pipeline with `nodes` simulated nodes; `measure` (default measure_vespid)
+    times it, so another bench can wrap the measured part."""
+    result = Pipeline(f"vespid (coordinator + {nodes} raw nodes)", count)
     bodies = make_bodies(count)
     with ExitStack() as stack:
         url = stack.enter_context(private_vhost("vespid-bench-tp"))
@@ -144,7 +151,7 @@ def run_vespid(count: int, deadline: Deadline) -> Pipeline:
         coordinator.start()
         peer = Peer(url)
         stack.callback(peer.close)
-        sim = ChildProcess(simulator_main, (SimSpec(url, node_specs(), count),),
+        sim = ChildProcess(simulator_main, (SimSpec(url, node_specs(nodes), count),),
                            "node simulator")
         try:
             coordinator.wait_ready(peer, deadline.within(90))
@@ -152,9 +159,9 @@ def run_vespid(count: int, deadline: Deadline) -> Pipeline:
             stack.callback(sim.stop)
             sim.wait_for("declared", deadline.within(120))
             sim.send("join")
-            wait_for_nodes(peer, NODES, deadline.within(60))
-            log.info("vespid: %d nodes up; publishing %d task-creates", NODES, count)
-            measure_vespid(peer, sim, coordinator, bodies, result, deadline)
+            wait_for_nodes(peer, nodes, deadline.within(60))
+            log.info("vespid: %d nodes up; publishing %d task-creates", nodes, count)
+            (measure or measure_vespid)(peer, sim, coordinator, bodies, result, deadline)
         except BenchError as exc:
             result.notes.append(str(exc))
         finally:

@@ -34,7 +34,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import unquote, urlsplit
 
 import pika
@@ -303,19 +302,16 @@ def run_celery(label: str, pool: list[str], client: bool, count: int, deadline: 
 def run_vespid(nodes: int, count: int, deadline: Deadline, usage: dict[str, Usage],
                during: Callable[[Coordinator], contextlib.AbstractContextManager[Any]]
                | None = None) -> Pipeline:
-    """bench.throughput's Vespid pipeline with `nodes` simulated nodes (it reads its node
-    count from the module); `during` wraps the measured part, given the coordinator."""
-    measure = throughput.measure_vespid
+    """bench.throughput's Vespid pipeline with `nodes` simulated nodes; `during` wraps the
+    measured part, given the coordinator."""
 
     def measured(peer: Peer, sim: Any, coordinator: Coordinator, *rest: Any) -> None:
         pids = {"coordinator": coordinator.pid, "simulator": sim.process.pid,
                 "RabbitMQ": common.broker_pid()}
         with recording(pids, usage), during(coordinator) if during else contextlib.nullcontext():
-            measure(peer, sim, coordinator, *rest)
+            throughput.measure_vespid(peer, sim, coordinator, *rest)
 
-    with mock.patch.object(throughput, "NODES", nodes), \
-            mock.patch.object(throughput, "measure_vespid", measured):
-        return throughput.run_vespid(count, deadline)
+    return throughput.run_vespid(count, deadline, nodes=nodes, measure=measured)
 
 
 # ---- the profile of one extra Vespid run --------------------------------------------------
