@@ -14,10 +14,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vespid.client.api import Client
+from vespid.servers.settings import DashboardSettings
 from vespid.shared import logs as logging_setup
 from vespid.shared.errors import ProtocolError, RemoteError, VespidError
 from vespid.shared.settings import client_settings
@@ -120,13 +122,15 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    settings = client_settings(args.amqp_url)
+    settings = DashboardSettings.load(args.config, amqp_url=args.amqp_url,
+                                      dashboard_host=args.host, dashboard_port=args.port)
     logging_setup.configure(settings.log_level, settings.json_logs)
     logging_setup.get_logger(__name__).info("settings", **settings.redacted())
     Handler.url = settings.amqp_url
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    host, port = settings.dashboard_host, settings.dashboard_port
+    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
-    logging_setup.get_logger(__name__).info("dashboard_serving", host=args.host, port=args.port)
+    logging_setup.get_logger(__name__).info("dashboard_serving", host=host, port=port)
     server.serve_forever()
     return 0
 
@@ -134,7 +138,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("dashboard", help="serve a live web page of nodes, tasks and logs",
                        description=__doc__)
-    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default local)")
+    p.add_argument("--port", type=int,
+                   help="HTTP port (default 8080; env VESPID_DASHBOARD_PORT)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1, local only; env "
+                                  "VESPID_DASHBOARD_HOST)")
+    p.add_argument("--config", type=Path, help="TOML settings file")
     p.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
     p.set_defaults(handler=cmd_dashboard)

@@ -19,9 +19,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from vespid.servers.settings import LogServerSettings
 from vespid.shared import logs as logging_setup
 from vespid.shared import topology
-from vespid.shared.errors import ProtocolError
+from vespid.shared.errors import ConfigError, ProtocolError
 from vespid.shared.logwire import (
     LogChunk,
     LogResponse,
@@ -29,7 +30,7 @@ from vespid.shared.logwire import (
     whole_characters,
 )
 from vespid.shared.protocol import encode, error_reply
-from vespid.shared.settings import ClientSettings, client_settings
+from vespid.shared.settings import ClientSettings
 from vespid.shared.transport import (
     close_quietly,
     connect,
@@ -181,10 +182,13 @@ class LogServer:
 
 
 def cmd_logserver(args: argparse.Namespace) -> int:
-    settings = client_settings(args.amqp_url)
+    settings = LogServerSettings.load(args.config, amqp_url=args.amqp_url, log_store=args.dir)
+    if settings.log_store is None:
+        raise ConfigError("say where to keep the logs: --dir DIR, VESPID_LOG_STORE, or "
+                          "log_store in the --config file")
     logging_setup.configure(settings.log_level, settings.json_logs)
     logging_setup.get_logger(__name__).info("settings", **settings.redacted())
-    LogServer(Path(args.dir), settings).run()
+    LogServer(settings.log_store, settings).run()
     return 0
 
 
@@ -192,7 +196,9 @@ def add_commands(sub: Any) -> None:
     server = sub.add_parser("logserver", help="keep every task's output in a folder",
                             description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    server.add_argument("--dir", required=True,
-                        help="where logs are kept: <task>/attempt-<n>.log, one per attempt")
+    server.add_argument("--dir", type=Path,
+                        help="where logs are kept: <task>/attempt-<n>.log, one per attempt "
+                             "(env VESPID_LOG_STORE)")
+    server.add_argument("--config", type=Path, help="TOML settings file")
     server.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
     server.set_defaults(handler=cmd_logserver)
