@@ -43,6 +43,8 @@ log = logging.getLogger("bench")
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 EXCHANGE = "vespid"
 COORDINATOR_KEY = "coordinator"
+# Simulated nodes send on the node channel (contract v1.1), as the project's agent does.
+NODE_CHANNEL_KEY = "coordinator.node"
 COORDINATOR_QUEUE = "vespid.coordinator"
 DEAD_QUEUE = "vespid.dead"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -472,7 +474,7 @@ class Simulator:
         body = {"command": "node-set", "name": node.name, "capabilities": node.capabilities,
                 "repositories": node.repositories,
                 "activetasks": {name: {} for name in self.running[node.name]}}
-        self.channel.basic_publish(EXCHANGE, COORDINATOR_KEY, json.dumps(body).encode(),
+        self.channel.basic_publish(EXCHANGE, NODE_CHANNEL_KEY, json.dumps(body).encode(),
                                    JSON_PROPS)
         previous = self.last_beat.get(node.name)
         if previous is not None:
@@ -521,7 +523,7 @@ class Simulator:
         self.running[node].pop(name, None)
         body = {"command": "task-complete", "name": name, "node": node, "success": success,
                 "attempt": attempt}
-        self.channel.basic_publish(EXCHANGE, COORDINATOR_KEY, json.dumps(body).encode(),
+        self.channel.basic_publish(EXCHANGE, NODE_CHANNEL_KEY, json.dumps(body).encode(),
                                    JSON_PROPS)
         self.stats.completes_sent += 1
 
