@@ -88,6 +88,14 @@ class Task:
     owner: str | None = None  # the authenticated user who created its tree
     resources: list[dict[str, str]] = field(default_factory=list)  # files to place: sha256, path
     results: list[dict[str, Any]] = field(default_factory=list)  # files it produced
+    _definition_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def definition_json(self) -> dict[str, Any]:
+        """The definition as JSON, dumped once: it never changes, and every event and every
+        flush of the task shows it (a pydantic dump each time was a tenth of the work)."""
+        if self._definition_json is None:
+            self._definition_json = self.definition.model_dump(mode="json")
+        return self._definition_json
 
     @property
     def losses(self) -> int:
@@ -170,8 +178,9 @@ class Task:
         return changed
 
     def to_record(self) -> dict[str, Any]:
-        record = {k: v for k, v in self.__dict__.items() if k not in ("definition", "attempts")}
-        record["definition"] = self.definition.model_dump(mode="json")
+        record = {k: v for k, v in self.__dict__.items()
+                  if k not in ("definition", "attempts", "_definition_json")}
+        record["definition"] = self.definition_json()
         record["attempts"] = [a.to_record() for a in self.attempts]
         record["status"] = self.status.value
         record["success"] = self.success.value if self.success else None

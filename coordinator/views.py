@@ -32,7 +32,7 @@ def task_info_reply(state: State, task: Task, waiting_reason: list[str] | None
 
 def task_info(state: State, task: Task) -> dict[str, Any]:
     body: dict[str, Any] = {"command": "task-info-response"}
-    definition = task.definition.model_dump(mode="json")
+    definition = task.definition_json()  # shared: copied into the body, never changed
     body.update(definition)
     body["environment"] = task.environment
     # The effective requirements: a usage_user_ label the creator claimed is replaced by

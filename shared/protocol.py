@@ -550,11 +550,15 @@ def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], known: tuple[str,
             from None
 
 
+# Made once: json.dumps with options builds a new encoder on every call.
+_STRICT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(payload: BaseModel | dict[str, Any]) -> bytes:
     """Strict JSON (no NaN/Infinity) as the contract requires."""
     data = payload.model_dump(mode="json", by_alias=True) if isinstance(payload, BaseModel) \
         else payload
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _STRICT_JSON.encode(data).encode("utf-8")
 
 
 def ack_reply(name: str | None) -> dict[str, Any]:
