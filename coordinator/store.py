@@ -69,6 +69,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._add_missing_columns()
+        self._tables: set[str] = set()  # extension tables made since this store opened
 
     def _add_missing_columns(self) -> None:
         # A state file written before files were streamed has an outbox without `file`.
@@ -100,15 +101,23 @@ class Store:
 
     def records(self, table: str) -> list[dict[str, Any]]:
         """Every record of an extension's table (made on first use)."""
-        self._db.execute(EXTENSION_TABLE.format(table=_table(table)))
+        self._made(table)
         return [json.loads(r) for (r,) in self._db.execute(f"SELECT record FROM {table}")]
 
     def put_records(self, table: str, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Write (key, record) rows of an extension's table; call inside a transaction."""
-        self._db.execute(EXTENSION_TABLE.format(table=_table(table)))
+        rows = [(key, json.dumps(record)) for key, record in records]
+        if not rows:
+            return  # the usual batch: nothing of this extension changed
+        self._made(table)
         # Positional: a table made before extensions named its key column differently.
-        self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)",
-                             [(key, json.dumps(record)) for key, record in records])
+        self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", rows)
+
+    def _made(self, table: str) -> None:
+        # Once per table and store, not once per batch.
+        if table not in self._tables:
+            self._db.execute(EXTENSION_TABLE.format(table=_table(table)))
+            self._tables.add(table)
 
     def flush(self, state: State) -> None:
         """Write what changed in `state`; call inside a transaction."""

@@ -44,7 +44,7 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
         "time-create": task.time_create,
         "time-start": task.time_start,
         "time-finish": task.time_finish,
-        "status": None if task.status is TaskStatus.IDLE else task.status.value,
+        "status": _shown_status(task),
         "success": task.success.value if task.success else None,
         "node": task.node,
         "log": task.log,
@@ -90,14 +90,13 @@ def unknown_task(name: str) -> TaskInfoResponse:
 
 
 def task_summary(state: State, task: Task) -> TaskSummary:
-    worst = state.tree_worst.get(task.name)
     return TaskSummary(
         name=task.name, name_pretty=task.definition.name_pretty, parent=task.parent,
         status=_shown_status(task), success=task.success, node=task.node,
         priority=task.definition.priority,
         attempt=task.attempt, time_create=task.time_create, time_start=task.time_start,
         time_finish=task.time_finish, children=len(state.children.get(task.name, ())),
-        tree_success=worst, tree_complete=state.tree_complete(task))
+        **tree_outcome(state, task))
 
 
 def node_summary(node: Node, accepting: bool, why_not: str | None) -> NodeSummary:
