@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,9 @@ T0 = 1_000_000.0
 
 
 def files_settings(tmp_path: Path) -> CoordinatorSettings:
-    return CoordinatorSettings(state=tmp_path / "state.db", heartbeat_interval=60.0,
+    # The state file of the unit tests' `store` fixture (tests/unit/conftest.py).
+    return CoordinatorSettings(state=tmp_path / "s.db", heartbeat_interval=60.0,
                                missed_heartbeats=100, blob_dir=tmp_path / "blobs")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(tmp_path / "state.db")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -356,12 +356,16 @@ def test_a_returned_message_then_acked_is_not_delivered_and_goes_again(
     assert pending_ids(service) == []
 
 
+def a_request_answered(service: CoordinatorService) -> tuple[FakeChannel, list[Published]]:
+    """A node joined (tag 1), then a task-info with reply_to (tag 2): what its batch sent."""
+    join_node(service, tag=1)
+    deliver(service, 2, {"command": "task-info", "name": "nope"}, reply_to="amq.rabbitmq.reply-to")
+    return channel_of(service), run_batch(service)
+
+
 def test_replies_are_published_to_reply_to_and_never_enter_the_outbox(
         service: CoordinatorService) -> None:
-    join_node(service, tag=1)
-    channel = channel_of(service)
-    deliver(service, 2, {"command": "task-info", "name": "nope"}, reply_to="amq.rabbitmq.reply-to")
-    sent = run_batch(service)
+    channel, sent = a_request_answered(service)
 
     assert len(sent) == 1
     reply = sent[0]
@@ -381,10 +385,7 @@ def test_replies_are_published_to_reply_to_and_never_enter_the_outbox(
 
 def test_a_refused_reply_is_sent_again_at_once(
         service: CoordinatorService) -> None:
-    join_node(service, tag=1)
-    channel = channel_of(service)
-    deliver(service, 2, {"command": "task-info", "name": "nope"}, reply_to="amq.rabbitmq.reply-to")
-    [reply] = run_batch(service)
+    channel, [reply] = a_request_answered(service)
 
     nack(service, reply.seq)
 
