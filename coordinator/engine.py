@@ -7,6 +7,7 @@ the handlers and the periodic sweep share it and unit tests drive it directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from vespid.coordinator import matcher
 from vespid.coordinator.effects import Effects
@@ -73,15 +74,22 @@ def why_not_accepting(node: Node) -> str | None:
 
 
 def node_offer(state: State, node: Node) -> matcher.NodeOffer:
+    return node.offer(partial(_build_offer, state))
+
+
+def _build_offer(state: State, node: Node) -> matcher.NodeOffer:
+    standing = node.standing()
     free_repos: dict[str, list[str]] = {}
-    for repo, spec in sorted(node.repositories.items()):
+    for repo, kind in standing.repo_order:
         if repo not in state.holds:
-            free_repos.setdefault(str(spec.get("type")), []).append(repo)
+            free_repos.setdefault(kind, []).append(repo)
+    # Kept between passes (Node.offer). The matcher spends `free` and `free_repos` of an
+    # offer only for a task it starts, which reserves room or claims a repository, and
+    # either drops the offer; capacity and repos it only reads.
     return matcher.NodeOffer(
-        node.name, node.free_resources(), node.labels, capacity=node.resources(),
-        repos={repo: str(spec.get("type")) for repo, spec in node.repositories.items()},
-        free_repos=free_repos, accepting=why_not_accepting(node) is None,
-        min_bid=node.resource("min_bid"))
+        node.name, node.free_resources(), standing.labels, capacity=standing.capacity,
+        repos=standing.repos, free_repos=free_repos,
+        accepting=why_not_accepting(node) is None, min_bid=standing.min_bid)
 
 
 def schedule(ctx: Context) -> int:

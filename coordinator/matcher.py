@@ -86,6 +86,21 @@ class Shape:
     unplaceable: str | None = None  # why no node can ever take it (e.g. no inherited repo)
     bid: float = 0.0
     avoid: frozenset[str] = frozenset()  # nodes to use only when no other can serve
+    # Derived once: a pass asks for them per node, and a Counter or a hash of all the
+    # fields each time was a tenth of a pass.
+    local_types: Counter[str] = field(init=False, repr=False, compare=False)
+    repo_types: Counter[str] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "local_types", Counter(r.type for r in self.repos if r.local))
+        object.__setattr__(self, "repo_types", Counter(r.type for r in self.repos))
+        object.__setattr__(self, "_hash", hash((self.needs, self.cores_max, self.labels,
+                                                self.repos, self.pinned, self.unplaceable,
+                                                self.bid, self.avoid)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(cls, requirements: Mapping[str, Any], repositories: Mapping[str, Any] | None = None,
@@ -138,6 +153,11 @@ class NodeOffer:
     free_repos: dict[str, list[str]] = field(default_factory=dict)  # type -> unclaimed
     accepting: bool = True
     min_bid: float = 0.0
+    repo_counts: Counter[str] = field(default_factory=Counter)  # type -> hosted, claimed or not
+
+    def __post_init__(self) -> None:
+        if self.repos and not self.repo_counts:
+            self.repo_counts.update(self.repos.values())
 
 
 @dataclass(frozen=True)
@@ -180,22 +200,26 @@ def compatible(shape: Shape, node: NodeOffer) -> bool:
             and all(repo in node.repos for repo in shape.pinned))
 
 
-def _local_types(shape: Shape) -> Counter[str]:
-    return Counter(r.type for r in shape.repos if r.local)
-
-
 class RepoPool:
-    """Unclaimed repositories across accepting nodes, for requests that are not local."""
+    """Unclaimed repositories across accepting nodes, for requests that are not local.
+    Counted when a task that asks for repositories first needs it: most passes never do."""
 
     def __init__(self, offers: Iterable[NodeOffer]) -> None:
-        self.count: Counter[str] = Counter()
-        for offer in offers:
-            for kind, names in offer.free_repos.items():
-                self.count[kind] += len(names)
+        self._offers = offers
+        self._count: Counter[str] | None = None
+
+    @property
+    def count(self) -> Counter[str]:
+        if self._count is None:
+            self._count = Counter()
+            for offer in self._offers:
+                for kind, names in offer.free_repos.items():
+                    self._count[kind] += len(names)
+        return self._count
 
     def enough(self, shape: Shape) -> bool:
-        wanted = Counter(r.type for r in shape.repos)
-        return all(self.count[kind] >= n for kind, n in wanted.items())
+        count = self.count
+        return all(count[kind] >= n for kind, n in shape.repo_types.items())
 
 
 def fits_now(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
@@ -205,16 +229,14 @@ def fits_now(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
 
 
 def repositories_free(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
-    local = _local_types(shape)
-    return (all(len(node.free_repos.get(t, ())) >= n for t, n in local.items())
+    return (all(len(node.free_repos.get(t, ())) >= n for t, n in shape.local_types.items())
             and (not shape.repos or pool.enough(shape)))
 
 
 def fits_empty(shape: Shape, node: NodeOffer) -> bool:
     """Whether the node, once empty, has room for the shape."""
     return (all(node.capacity.get(k, 0.0) >= amount for k, amount in shape.needs)
-            and all(Counter(node.repos.values())[t] >= n
-                    for t, n in _local_types(shape).items()))
+            and all(node.repo_counts[t] >= n for t, n in shape.local_types.items()))
 
 
 def _rank(shape: Shape, node: NodeOffer) -> tuple[bool, int, float, float, str]:
@@ -377,7 +399,7 @@ def _why_not(shape: Shape, node: NodeOffer) -> str | None:
     too_big = [k for k, v in need.items() if node.capacity.get(k, 0.0) < v]
     if too_big:
         return f"{node.name}: too small ({_amounts(need, node.capacity, too_big)})"
-    for kind, count in _local_types(shape).items():
+    for kind, count in shape.local_types.items():
         if len(node.free_repos.get(kind, ())) < count:
             hosted = sum(1 for t in node.repos.values() if t == kind)
             return f"{node.name}: no free repository of type {kind} ({hosted} hosted, all held)"

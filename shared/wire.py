@@ -11,9 +11,7 @@ from typing import Any
 from pydantic import (
     BaseModel,
     ConfigDict,
-    SerializerFunctionWrapHandler,
     ValidationError,
-    model_serializer,
 )
 
 
@@ -47,15 +45,18 @@ class Said(BaseModel):
 
     One model serves bodies that differ in which optional fields they carry (a plain `ack`
     and a keyed one's `"existing": true`; the task-info of a task and of an unknown name):
-    a default fills in a field for whoever reads the model, never a key on the wire."""
+    a default fills in a field for whoever reads the model, never a key on the wire.
+
+    Done by dumping unset fields away (pydantic-core applies that to every nested model)
+    rather than by a serializer of each model's own: a wrap serializer runs Python per
+    instance, and a node-list of 1,000 entries took three times as long to dump through it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    @model_serializer(mode="wrap")
-    def _only_what_was_said(self, dump: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        body: dict[str, Any] = dump(self)
-        unsaid: set[str | None] = set()
-        for name, field in type(self).model_fields.items():
-            if name not in self.model_fields_set:
-                unsaid |= {name, field.alias}  # dumped by its name or by its alias
-        return {key: value for key, value in body.items() if key not in unsaid}
+    def model_dump(self, **options: Any) -> dict[str, Any]:
+        options.setdefault("exclude_unset", True)
+        return super().model_dump(**options)
+
+    def model_dump_json(self, **options: Any) -> str:
+        options.setdefault("exclude_unset", True)
+        return super().model_dump_json(**options)

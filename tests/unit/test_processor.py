@@ -771,3 +771,17 @@ def test_a_tick_that_fails_leaves_memory_as_the_store_has_it(
 
     assert outcome.outbox == [] and outcome.replies == []
     assert info(proc, "t1", T0 + 101)["status"] == "working"
+
+
+def test_a_node_set_that_grows_a_node_is_offered_at_its_new_size(proc: Processor) -> None:
+    # The scheduler keeps what a node offers between passes: a node-set that changes the
+    # capabilities must replace it, or the task waits for a size the node no longer has.
+    send(proc, node_set(cores=2, memory=8000))
+    send(proc, task_create("big", requirements={"cores": 4}))
+    assert info(proc, "big")["status"] is None
+
+    outcome = send(proc, node_set(cores=8, memory=8000))
+
+    assert [(node, body["name"]) for node, body in to_nodes(outcome)
+            if body["command"] == "task-run"] == [("node.n1", "big")]
+    assert info(proc, "big")["node"] == "n1"
