@@ -19,6 +19,7 @@ from vespid.shared.transport import (
     consumers,
     guarded,
     properties,
+    redact,
     user_of,
 )
 
@@ -27,9 +28,11 @@ APP_ID = "vespid-coordinator-check"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--state", type=Path,
-                        help="SQLite state file (default ./vespid-state.sqlite3; env "
-                             "VESPID_STATE)")
+    parser.add_argument("--state",
+                        help="where the state is kept: a SQLite file (default "
+                             "./vespid-state.sqlite3) or postgresql://user@host/db, on which "
+                             "several coordinators run, one active and the others standing "
+                             "by (env VESPID_STATE)")
     parser.add_argument("--amqp-url", help="broker URL (env VESPID_AMQP_URL)")
     parser.add_argument("--heartbeat-interval", type=float,
                         help="seconds between node heartbeats (default 5)")
@@ -56,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("settings", **settings.redacted())
     from vespid.coordinator.service import CoordinatorService
 
-    CoordinatorService(settings).run()
-    return 0
+    return CoordinatorService(settings).run()
 
 
 def check(settings: CoordinatorSettings) -> int:
@@ -65,7 +67,7 @@ def check(settings: CoordinatorSettings) -> int:
     where = "the running coordinator"
     if answer is None:
         report = _check_file(settings)
-        where = f"the state file {settings.state} (no coordinator answered)"
+        where = f"the state at {redact(str(settings.state))} (no coordinator answered)"
     elif answer.get("command") == "error":  # refused (forbidden, say): that is the answer
         raise ConfigError(f"the coordinator refused the check: {answer.get('message')}")
     else:
@@ -119,11 +121,11 @@ def _request_check(connection: Any, settings: CoordinatorSettings, wait: float
 
 def _check_file(settings: CoordinatorSettings) -> StateCheckResponse:
     from vespid.coordinator.check import check_state
-    from vespid.coordinator.store import Store
+    from vespid.coordinator.store import open_store
 
-    if not settings.state.exists():
+    if settings.state_file is not None and not settings.state_file.exists():
         raise ConfigError(f"state file {settings.state} does not exist")
-    store = Store(settings.state)
+    store = open_store(settings.state)
     try:
         state = store.load_state()
     finally:

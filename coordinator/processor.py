@@ -22,7 +22,7 @@ from vespid.coordinator.extensions import default_extensions
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared import topology
-from vespid.shared.errors import ProtocolError
+from vespid.shared.errors import ProtocolError, StoreError
 from vespid.shared.inbound import decode
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import AckReply, ErrorReply
@@ -71,6 +71,8 @@ class Processor:
     def process(self, batch: Sequence[Delivery], now: float) -> Outcome:
         try:
             return self._in_transaction(lambda ctx: self._handle_all(ctx, batch), now)
+        except StoreError:
+            raise  # nothing about the messages: retrying them one by one cannot help
         except Exception:
             log.exception("batch_failed_retrying_one_by_one", size=len(batch))
             self._reload()
@@ -80,6 +82,8 @@ class Processor:
         """Periodic work: lose silent nodes, start what can start, forget confirmed sends."""
         try:
             return self._in_transaction(self._sweep, now)
+        except StoreError:
+            raise
         except Exception:
             # Rolled back: memory must not keep what the store does not have.
             log.exception("tick_failed")
@@ -103,6 +107,8 @@ class Processor:
     def _handle_alone(self, delivery: Delivery, now: float) -> Outcome:
         try:
             return self._in_transaction(lambda ctx: self._handle_all(ctx, [delivery]), now)
+        except StoreError:
+            raise
         except Exception as exc:
             log.exception("message_crashed_handler", body=delivery.body[:200])
             reason = f"the coordinator failed on this message: {exc!r}"

@@ -12,8 +12,9 @@ import heapq
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import pika
@@ -24,10 +25,10 @@ from vespid.coordinator.extension import Extension
 from vespid.coordinator.extensions import default_extensions
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
-from vespid.coordinator.store import OutboxEntry, Store
+from vespid.coordinator.store import OutboxEntry, default_holder, open_store
 from vespid.shared import topology
 from vespid.shared.blobs import BlobStore
-from vespid.shared.errors import BrokerError
+from vespid.shared.errors import BrokerError, StoreError, Superseded
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import encode
 from vespid.shared.transport import (
@@ -46,6 +47,9 @@ OUTBOX_MESSAGE_ID = "vespid-out-{}"
 # File chunks (256 KB each) published and not yet confirmed, at most: a large file streams
 # from disk at the broker's pace instead of piling up in pika's buffer.
 FILE_WINDOW_CHUNKS = 16
+# The exit status of a coordinator that stopped because it may no longer write the state:
+# a supervisor restarting it makes it a standby.
+SUPERSEDED_EXIT = 3
 
 
 @dataclass
@@ -57,13 +61,40 @@ class FileStream:
     next: int = 0
 
 
+def _stop_on_store_error(callback: Callable[..., None]) -> Callable[..., None]:
+    """For the broker loop's callbacks that use the store: a store that failed (or fenced
+    this coordinator out) stops the loop at once, and run() stops the process. Raised
+    inside pika's frame dispatch, the error would be taken for a lost connection and the
+    coordinator would reconnect and carry on."""
+    @wraps(callback)
+    def guarded(self: CoordinatorService, *args: Any) -> None:
+        try:
+            callback(self, *args)
+        except StoreError as exc:
+            self._store_lost = exc
+            self._stopping = True
+            self._connection.ioloop.stop()
+
+    return guarded
+
+
 class CoordinatorService:
+    """One coordinator process. On a store that several coordinators share (PostgreSQL) it
+    starts as a standby: it consumes like the active one, the broker's single active
+    consumer gives it nothing, and the first delivery it does get means the active one is
+    gone. Only then does it take the state over (a new epoch, which fences the old one out)
+    and load it."""
+
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        self.store = Store(settings.state)
-        self.processor = Processor(self.store, settings, time.time(), self._extensions())
+        self._started = time.time()
+        self.store = open_store(settings.state)
+        self._processor: Processor | None = None
+        if not self.store.shared:
+            self._activate_store()
         self.files = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._stopping = False
+        self._store_lost: StoreError | None = None
         self._user = user_of(settings.amqp_url)
         self._connection: Any = None
         self._reset_link()
@@ -93,6 +124,22 @@ class CoordinatorService:
         # the broker refuses it (a nack), instead of leaving the client to time out.
         self._replies: dict[int, tuple[str, bytes, Any]] = {}
 
+    @property
+    def processor(self) -> Processor:
+        assert self._processor is not None, "the coordinator is not active yet"
+        return self._processor
+
+    @property
+    def active(self) -> bool:
+        return self._processor is not None
+
+    def _activate_store(self) -> None:
+        epoch = self.store.take_over(default_holder())
+        self._processor = Processor(self.store, self.settings, time.time(), self._extensions())
+        log.info("coordinator_active", epoch=epoch, state=self.store.location,
+                 tasks=len(self.processor.state.tasks), nodes=len(self.processor.state.nodes),
+                 seconds_since_start=round(time.time() - self._started, 3))
+
     def _extensions(self) -> list[Extension]:
         extensions = default_extensions(self.settings)
         if self.settings.metrics_port is not None:
@@ -105,14 +152,25 @@ class CoordinatorService:
         return extensions
 
     # ---- lifecycle -------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until stopped; the exit status: 0, or SUPERSEDED_EXIT once this coordinator
+        may no longer write (another took over, or the store is gone)."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        log.info("coordinator_started", state=str(self.settings.state),
-                 tasks=len(self.processor.state.tasks), nodes=len(self.processor.state.nodes))
-        keep_reconnecting(self._run_connection, log)
-        self.store.close()
+        if not self.active:
+            log.info("coordinator_standing_by", state=self.store.location)
+        try:
+            keep_reconnecting(self._run_connection, log)
+        except StoreError as exc:
+            # Whatever this process still holds in memory may be ahead of the store or
+            # behind another coordinator: it must stop before it publishes anything more.
+            log.error("coordinator_stopping_store_lost", reason=str(exc),
+                      superseded=isinstance(exc, Superseded))
+            return SUPERSEDED_EXIT
+        finally:
+            self.store.close()
         log.info("coordinator_stopped")
+        return 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("coordinator_stopping", signal=signal.Signals(signum).name)
@@ -131,11 +189,13 @@ class CoordinatorService:
             return
         self._declare_topology()
         self._reset_link()
-        params = self.settings.broker_parameters(APP_ID)
+        params = self.settings.broker_parameters(APP_ID, heartbeat=self.settings.broker_heartbeat)
         self._connection = pika.SelectConnection(
             params, on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)
         self._connection.ioloop.start()
+        if self._store_lost is not None:
+            raise self._store_lost
         if not self._stopping:
             raise BrokerError(self._close_reason or "connection closed")
 
@@ -146,7 +206,7 @@ class CoordinatorService:
             channel = declared(connection.channel, "opening a channel")
             declared(lambda: topology.declare_coordinator(channel),
                      "declaring the coordinator's exchanges and queues")
-            for node in self.processor.state.nodes:
+            for node in self.processor.state.nodes if self.active else ():
                 declared(partial(topology.declare_node, channel, node),
                          f"declaring the queue of node {node}")
         finally:
@@ -179,17 +239,32 @@ class CoordinatorService:
         self._channel.basic_qos(prefetch_count=self.settings.prefetch,
                                 callback=lambda _frame: self._on_ready())
 
+    @_stop_on_store_error
     def _on_ready(self) -> None:
-        backlog = self.store.pending_outbox()
-        if backlog:
-            log.info("outbox_resent", messages=len(backlog))
-        self._publish(Outcome(outbox=backlog))
+        if self.active:
+            self._resume()
         # Requests first, the node channel once that consumer is registered: a coordinator
         # started second queues behind the first on both single-active-consumer queues.
         # Each consumer has its own prefetch window, so neither kind starves the other.
         self._channel.basic_consume(topology.COORDINATOR_QUEUE, self._on_message,
                                     callback=lambda _frame: self._consume_nodes())
+
+    def _resume(self) -> None:
+        """Active on this connection: send what was decided and not confirmed, and tick.
+        After a lost connection, first make sure no standby took over meanwhile: the outbox
+        would be its decisions by now, not ours."""
+        self.store.verify_lease()
+        backlog = self.store.pending_outbox()
+        if backlog:
+            log.info("outbox_resent", messages=len(backlog))
+        self._publish(Outcome(outbox=backlog))
         self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
+
+    def _become_active(self) -> None:
+        self._activate_store()
+        for node in self.processor.state.nodes:  # as _declare_topology does at start
+            topology.declare_node(self._channel, node)
+        self._resume()
 
     def _consume_nodes(self) -> None:
         self._channel.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_message)
@@ -197,7 +272,10 @@ class CoordinatorService:
                  queues=[topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE])
 
     # ---- consuming -------------------------------------------------------------------
+    @_stop_on_store_error
     def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        if not self.active:  # the broker made this consumer the active one
+            self._become_active()
         self._pending.append(Delivery(body, props.reply_to, props.correlation_id,
                                       method.delivery_tag, props.user_id, props.message_id))
         if not self._flush_scheduled:
@@ -205,6 +283,7 @@ class CoordinatorService:
             # Runs after pika dispatched every frame it already read: a natural batch.
             self._connection.ioloop.call_later(0, self._process_pending)
 
+    @_stop_on_store_error
     def _process_pending(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
@@ -215,6 +294,7 @@ class CoordinatorService:
         self._ack_after.append((self._seq, batch[-1].tag))
         self._ack_settled()
 
+    @_stop_on_store_error
     def _tick(self) -> None:
         if self._channel is None or not self._channel.is_open:
             return

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vespid.shared.protocol import DEFAULT_MAX_BODY_BYTES
 from vespid.shared.settings import ProcessSettings
+from vespid.shared.transport import redact
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class CoordinatorSettings(ProcessSettings):
-    state: Path = Field(default=Path("vespid-state.sqlite3"),
-                        description="SQLite file holding all scheduling state")
+    state: Path | str = Field(
+        default=Path("vespid-state.sqlite3"),
+        description="where all scheduling state is kept: a SQLite file, or a "
+                    "postgresql://user@host/db URL for a farm with standby coordinators")
+    broker_heartbeat: int = Field(
+        default=10, ge=1, le=600,
+        description="AMQP heartbeat in seconds: how soon the broker gives a silent (paused, "
+                    "cut off) coordinator's queues to a standby, about twice this")
     heartbeat_interval: float = Field(default=5.0, gt=0,
                                       description="seconds between a node's node-set messages")
     missed_heartbeats: int = Field(default=3, ge=1,
@@ -53,13 +63,36 @@ class CoordinatorSettings(ProcessSettings):
                     "{node}, {task}, {attempt}; default: <node>:<the log folder its agent "
                     "reports>/<task>/attempt-<n>.log, a real path on that machine")
 
+    @field_validator("state", mode="before")
+    @classmethod
+    def _path_unless_url(cls, value: object) -> object:
+        if isinstance(value, str) and not value.startswith(POSTGRES_SCHEMES):
+            return Path(value)
+        return value
+
+    @property
+    def state_file(self) -> Path | None:
+        """The SQLite file, or None when the state is in PostgreSQL."""
+        return self.state if isinstance(self.state, Path) else None
+
+    @property
+    def beside_state(self) -> Path:
+        """Where files default to: next to a state file; for PostgreSQL, the working folder
+        (give every coordinator of a farm the same shared folder instead)."""
+        return self.state_file.parent if self.state_file is not None else Path.cwd()
+
     @property
     def results_path(self) -> Path:
-        return self.results_dir or self.state.parent / "vespid-results"
+        return self.results_dir or self.beside_state / "vespid-results"
 
     @property
     def blobs_path(self) -> Path:
-        return self.blob_dir or self.state.parent / "vespid-blobs"
+        return self.blob_dir or self.beside_state / "vespid-blobs"
+
+    def redacted(self) -> dict[str, Any]:
+        data = super().redacted()
+        data["state"] = redact(str(self.state))
+        return data
 
     @property
     def node_timeout(self) -> float:

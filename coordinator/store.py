@@ -1,28 +1,36 @@
-"""SQLite persistence (WAL) of the coordinator's state and of its outbox.
+"""Persistence of the coordinator's state and of its outbox: SQLite (WAL) embedded, or
+PostgreSQL for a farm with standby coordinators (coordinator/pgstore.py).
 
 The outbox holds every message a state change causes, written in the same transaction as
 the change, and deleted once the broker confirmed it. A coordinator killed at any point
 therefore re-sends on restart what it had decided but not yet delivered: nothing decided
 is lost, and receivers treat a repeat as a no-op.
+
+Both stores share everything but their SQL dialect and how a transaction starts: `Store`
+holds the logic, a subclass the connection and the statements that differ.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vespid.coordinator.state import Node, State, Task
 
+# Both dialects: {integer} and {blob} are their names for a 64-bit integer and for bytes.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     name TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
+    seq {integer} NOT NULL,
     status TEXT NOT NULL,
     parent TEXT,
     record TEXT NOT NULL
@@ -33,17 +41,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
+    id {integer} PRIMARY KEY,
     exchange TEXT NOT NULL,
     routing_key TEXT NOT NULL,
     command TEXT NOT NULL,
-    body BLOB NOT NULL,
+    body {blob} NOT NULL,
     headers TEXT,
     file TEXT
 );
 """
 # An extension's table: one JSON record per key.
 EXTENSION_TABLE = "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, record TEXT NOT NULL)"
+OUTBOX_COLUMNS = "id, exchange, routing_key, command, body, headers, file"
 TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -58,18 +67,139 @@ class OutboxEntry:
     file: str | None = None  # a kept file (sha256) to stream to routing_key, not `body`
 
 
-class Store:
+class Store(ABC):
+    """State and outbox over SQL; subclasses supply the connection and the dialect."""
+
+    # `?` or `%s`, and how a row replaces the row of the same key.
+    PLACEHOLDER = "?"
+    location: str
+    # Several coordinators may open it (one active, the others standing by).
+    shared = False
+
+    def __init__(self) -> None:
+        self._tables: set[str] = set()  # extension tables made since this store opened
+
+    # ---- what a dialect supplies ---------------------------------------------------------
+    @abstractmethod
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement; the rows it returns (none for a write)."""
+
+    @abstractmethod
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    @abstractmethod
+    def _upsert(self, table: str, columns: Sequence[str]) -> str:
+        """The statement that writes a row, replacing the row with the same first column."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[None]:
+        """One batch: its state and its outbox commit together or not at all."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open now (what must run after commit can check it)."""
+
+    def take_over(self, holder: str) -> int:
+        """Become the one coordinator writing this state; returns the epoch now held. A
+        store only one process can open (SQLite) has nobody to fence."""
+        return 0
+
+    def verify_lease(self) -> None:
+        """Raise Superseded if another coordinator took the state over since take_over
+        (never, for a store nobody else opens)."""
+        return None
+
+    # ---- shared --------------------------------------------------------------------------
+    def _sql(self, sql: str) -> str:
+        return sql if self.PLACEHOLDER == "?" else sql.replace("?", self.PLACEHOLDER)
+
+    def load_state(self) -> State:
+        state = State()
+        for (record,) in self._execute("SELECT record FROM nodes"):
+            state.add_node(Node.from_record(json.loads(record)))
+        for (record,) in self._execute("SELECT record FROM tasks ORDER BY seq"):
+            state.add_task(Task.from_record(json.loads(record)))
+        state.drop_released_holds()
+        return state
+
+    def records(self, table: str) -> list[dict[str, Any]]:
+        """Every record of an extension's table (made on first use)."""
+        self._made(table)
+        return [json.loads(r) for (r,) in self._execute(f"SELECT record FROM {table}")]
+
+    def put_records(self, table: str, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Write (key, record) rows of an extension's table; call inside a transaction."""
+        rows = [(key, json.dumps(record)) for key, record in records]
+        if not rows:
+            return  # the usual batch: nothing of this extension changed
+        self._made(table)
+        self._execute_many(self._upsert(table, ("key", "record")), rows)
+
+    def _made(self, table: str) -> None:
+        # Once per table and store, not once per batch.
+        if table not in self._tables:
+            self._execute(EXTENSION_TABLE.format(table=_table(table)))
+            self._tables.add(table)
+
+    def flush(self, state: State) -> None:
+        """Write what changed in `state`; call inside a transaction."""
+        self._execute_many(
+            self._upsert("tasks", ("name", "seq", "status", "parent", "record")),
+            [
+                (t.name, t.seq, t.status.value, t.parent, json.dumps(t.to_record()))
+                for t in (state.tasks[name] for name in state.dirty_tasks)
+            ],
+        )
+        self._execute_many(
+            self._upsert("nodes", ("name", "record")),
+            [(n, json.dumps(state.nodes[n].to_record())) for n in state.dirty_nodes],
+        )
+        state.dirty_tasks.clear()
+        state.dirty_nodes.clear()
+
+    def next_outbox_id(self) -> int:
+        rows = self._execute("SELECT COALESCE(MAX(id), 0) FROM outbox")
+        return int(rows[0][0]) + 1
+
+    def add_outbox(self, entries: Iterable[OutboxEntry]) -> None:
+        self._execute_many(
+            self._sql(f"INSERT INTO outbox({OUTBOX_COLUMNS}) VALUES (?,?,?,?,?,?,?)"),
+            [
+                (e.id, e.exchange, e.routing_key, e.command, e.body,
+                 json.dumps(e.headers) if e.headers else None, e.file)
+                for e in entries
+            ],
+        )
+
+    def delete_outbox(self, ids: Iterable[int]) -> None:
+        self._execute_many(self._sql("DELETE FROM outbox WHERE id = ?"), [(i,) for i in ids])
+
+    def pending_outbox(self) -> list[OutboxEntry]:
+        rows = self._execute(f"SELECT {OUTBOX_COLUMNS} FROM outbox ORDER BY id")
+        return [
+            OutboxEntry(r[0], r[1], r[2], r[3], bytes(r[4]), json.loads(r[5]) if r[5] else None,
+                        r[6])
+            for r in rows
+        ]
+
+
+class SqliteStore(Store):
     def __init__(self, path: Path) -> None:
+        super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.location = str(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode is durable against a process crash, which is what we guard
         # against here; FULL would add an fsync per batch for power loss.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA.format(integer="INTEGER", blob="BLOB"))
         self._add_missing_columns()
-        self._tables: set[str] = set()  # extension tables made since this store opened
 
     def _add_missing_columns(self) -> None:
         # A state file written before files were streamed has an outbox without `file`.
@@ -77,8 +207,24 @@ class Store:
         if "file" not in columns:
             self._db.execute("ALTER TABLE outbox ADD COLUMN file TEXT")
 
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._db.execute(sql, params).fetchall()
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._db.executemany(sql, rows)
+
+    def _upsert(self, table: str, columns: Sequence[str]) -> str:
+        # Positional: a table made before extensions named its key column differently.
+        marks = ",".join("?" * len(columns))
+        return f"INSERT OR REPLACE INTO {table} VALUES ({marks})"
+
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -90,78 +236,20 @@ class Store:
             raise
         self._db.execute("COMMIT")
 
-    def load_state(self) -> State:
-        state = State()
-        for (record,) in self._db.execute("SELECT record FROM nodes"):
-            state.add_node(Node.from_record(json.loads(record)))
-        for (record,) in self._db.execute("SELECT record FROM tasks ORDER BY seq"):
-            state.add_task(Task.from_record(json.loads(record)))
-        state.drop_released_holds()
-        return state
 
-    def records(self, table: str) -> list[dict[str, Any]]:
-        """Every record of an extension's table (made on first use)."""
-        self._made(table)
-        return [json.loads(r) for (r,) in self._db.execute(f"SELECT record FROM {table}")]
+def default_holder() -> str:
+    """Who takes the state over, as the lease shows it: host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def put_records(self, table: str, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Write (key, record) rows of an extension's table; call inside a transaction."""
-        rows = [(key, json.dumps(record)) for key, record in records]
-        if not rows:
-            return  # the usual batch: nothing of this extension changed
-        self._made(table)
-        # Positional: a table made before extensions named its key column differently.
-        self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?)", rows)
 
-    def _made(self, table: str) -> None:
-        # Once per table and store, not once per batch.
-        if table not in self._tables:
-            self._db.execute(EXTENSION_TABLE.format(table=_table(table)))
-            self._tables.add(table)
+def open_store(location: str | Path) -> Store:
+    """The store a `--state` value names: a postgresql:// URL, or else a SQLite file."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):  # as CoordinatorSettings.state
+        from vespid.coordinator.pgstore import PostgresStore  # psycopg only when used
 
-    def flush(self, state: State) -> None:
-        """Write what changed in `state`; call inside a transaction."""
-        self._db.executemany(
-            "INSERT OR REPLACE INTO tasks(name, seq, status, parent, record) VALUES (?,?,?,?,?)",
-            [
-                (t.name, t.seq, t.status.value, t.parent, json.dumps(t.to_record()))
-                for t in (state.tasks[name] for name in state.dirty_tasks)
-            ],
-        )
-        self._db.executemany(
-            "INSERT OR REPLACE INTO nodes(name, record) VALUES (?, ?)",
-            [(n, json.dumps(state.nodes[n].to_record())) for n in state.dirty_nodes],
-        )
-        state.dirty_tasks.clear()
-        state.dirty_nodes.clear()
-
-    def next_outbox_id(self) -> int:
-        row = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
-        return int(row[0]) + 1
-
-    def add_outbox(self, entries: Iterable[OutboxEntry]) -> None:
-        self._db.executemany(
-            "INSERT INTO outbox(id, exchange, routing_key, command, body, headers, file) "
-            "VALUES (?,?,?,?,?,?,?)",
-            [
-                (e.id, e.exchange, e.routing_key, e.command, e.body,
-                 json.dumps(e.headers) if e.headers else None, e.file)
-                for e in entries
-            ],
-        )
-
-    def delete_outbox(self, ids: Iterable[int]) -> None:
-        self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
-
-    def pending_outbox(self) -> list[OutboxEntry]:
-        rows = self._db.execute(
-            "SELECT id, exchange, routing_key, command, body, headers, file FROM outbox "
-            "ORDER BY id")
-        return [
-            OutboxEntry(r[0], r[1], r[2], r[3], bytes(r[4]), json.loads(r[5]) if r[5] else None,
-                        r[6])
-            for r in rows
-        ]
+        return PostgresStore(text)
+    return SqliteStore(Path(text))
 
 
 def _table(name: str) -> str:

@@ -32,6 +32,19 @@ class PublishFailed(BrokerError):
     """The broker refused (nacked) or could not route a message we required to be stored."""
 
 
+class StoreError(VespidError):
+    """The coordinator's state store failed; the batch in hand was not committed."""
+
+
+class StoreUnavailable(StoreError):
+    """The state store cannot be reached (PostgreSQL down or cut off)."""
+
+
+class Superseded(StoreError):
+    """Another coordinator took over this state (a newer epoch): this one must stop at once,
+    and nothing it decides from now on may reach anybody."""
+
+
 class ProtocolError(VespidError):
     """A message does not follow the wire contract.
 

@@ -8,6 +8,7 @@ import pytest
 
 from tests import processes
 from tests.broker import Broker, find_broker
+from tests.postgres import fresh_database
 from tests.processes import VespidProcess
 from tests.raw import RawPeer
 
@@ -34,8 +35,24 @@ def started(amqp_url: str) -> Iterator[list[VespidProcess]]:
 
 
 @pytest.fixture
-def coordinator(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> VespidProcess:
-    proc = processes.coordinator(amqp_url, tmp_path / "coordinator").start()
+def postgres_state() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, as a coordinator's --state."""
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def coordinator_state() -> str | None:
+    """The state a test's coordinator keeps: None for a SQLite file in its folder; a module
+    overrides this to run its tests on PostgreSQL too."""
+    return None
+
+
+@pytest.fixture
+def coordinator(amqp_url: str, tmp_path: Path, started: list[VespidProcess],
+                coordinator_state: str | None) -> VespidProcess:
+    proc = processes.coordinator(amqp_url, tmp_path / "coordinator",
+                                 state=coordinator_state).start()
     started.append(proc)
     proc.wait_for_log("coordinator_consuming")
     return proc

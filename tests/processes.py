@@ -61,6 +61,15 @@ class VespidProcess:
             self.process.send_signal(signum)
             self.process.wait(timeout=30)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets and its state and does nothing."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -82,9 +91,12 @@ def base_env(url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def coordinator(url: str, workdir: Path, **extra: str) -> VespidProcess:
+def coordinator(url: str, workdir: Path, state: str | None = None,
+                **extra: str) -> VespidProcess:
+    """A coordinator working in `workdir`, on a SQLite file there unless `state` names
+    another store (a postgresql:// URL)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = VespidProcess(["coordinator", "--state", str(workdir / "state.sqlite3")],
+    proc = VespidProcess(["coordinator", "--state", state or str(workdir / "state.sqlite3")],
                          workdir / "coordinator.log", base_env(url, **extra), workdir)
     return proc
 

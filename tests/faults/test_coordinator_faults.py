@@ -18,6 +18,14 @@ from tests.raw import RawPeer
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def coordinator_state(request: pytest.FixtureRequest) -> str | None:
+    """Every fault here is tried on both stores."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_state"))
+
+
 def complete_tasks(raw: RawPeer, total: int) -> list[dict[str, Any]]:
     reply = raw.request({"command": "task-list", "status": "complete", "limit": total})
     return list(reply["tasks"])

@@ -127,7 +127,7 @@ def test_blob_get_reads_its_chunk_after_the_batch_committed(
     read_chunk = files.store.read_chunk
 
     def watched(sha256: str, index: int) -> Any:
-        seen.append(store._db.in_transaction)
+        seen.append(store.in_transaction)
         return read_chunk(sha256, index)
 
     monkeypatch.setattr(files.store, "read_chunk", watched)

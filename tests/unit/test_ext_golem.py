@@ -23,7 +23,7 @@ from vespid.coordinator.extensions.golem import (
 )
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
-from vespid.coordinator.store import Store
+from vespid.coordinator.store import SqliteStore, Store, open_store
 from vespid.shared.blobs import chunk_messages, digest
 from vespid.shared.golem import GolemStatus, ListTasks, SubtaskState, SubtaskVerificationState
 from vespid.shared.protocol import NodeList, TaskComplete
@@ -90,13 +90,13 @@ def golem_settings(tmp_path: Path, **overrides: Any) -> CoordinatorSettings:
 
 
 @pytest.fixture
-def open_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+def open_rig(tmp_path: Path, state_location: Path | str) -> Iterator[Callable[..., Rig]]:
     """Opens a coordinator on the test's state file (again: a restart), closing all at the end."""
     stores: list[Store] = []
 
     def open_(now: float = T0, **overrides: Any) -> Rig:
         settings = golem_settings(tmp_path, **overrides)
-        store = Store(settings.state)
+        store = open_store(state_location)  # SQLite or PostgreSQL, as the fixture has it
         stores.append(store)
         files = Files(settings)
         golem = Golem(settings, files.store)
@@ -657,7 +657,7 @@ def test_a_restarted_coordinator_answers_with_the_same_subtasks_and_attempts_and
 def test_two_extensions_claiming_one_message_type_are_refused_when_the_processor_is_built(
         tmp_path: Path) -> None:
     settings = golem_settings(tmp_path)
-    store = Store(settings.state)
+    store = SqliteStore(settings.state)
     try:
         files = Files(settings)
         with pytest.raises(ValueError, match="golem handles CreateTask, which is already"):

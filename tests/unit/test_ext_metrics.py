@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from vespid.coordinator.extensions.metrics import Metrics
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
-from vespid.coordinator.store import Store
+from vespid.coordinator.store import SqliteStore
 from vespid.shared.protocol import NodeList
 
 T0 = 1_000_000.0
@@ -27,7 +27,7 @@ HEARTBEAT, MISSED = 2.0, 4  # a node silent for 8 s is lost
 def proc(tmp_path: Path) -> Iterator[Processor]:
     settings = CoordinatorSettings(state=tmp_path / "state.db", heartbeat_interval=HEARTBEAT,
                                    missed_heartbeats=MISSED)
-    store = Store(settings.state)
+    store = SqliteStore(settings.state)
     yield Processor(store, settings, T0, extensions=[Metrics(port=9)])
     store.close()
 

@@ -10,7 +10,7 @@ import pytest
 
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
-from vespid.coordinator.store import OutboxEntry, Store
+from vespid.coordinator.store import OutboxEntry, Store, open_store
 from vespid.shared.protocol import TaskCreate, TaskInfo, decode_node_message, encode
 
 T0 = 1_000_000.0
@@ -485,13 +485,13 @@ def test_cancelling_an_unknown_task_is_not_found(proc: Processor) -> None:
 # --- persistence ----------------------------------------------------------------------------
 
 
-def test_state_survives_reopening_the_store(tmp_path: Path, store: Store,
-                                            proc: Processor) -> None:
+def test_state_survives_reopening_the_store(
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor) -> None:
     start_one(proc)
     send(proc, task_create("waiting", requirements={"memory": 99999}))
     store.close()
 
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         again = Processor(reopened, settings(tmp_path), now=T0 + 60)
         working = info(again, "t1", T0 + 60)
@@ -504,13 +504,13 @@ def test_state_survives_reopening_the_store(tmp_path: Path, store: Store,
     assert waiting["requirements"] == {"memory": 99999}
 
 
-def test_a_reopened_store_still_counts_the_cores_of_working_tasks(tmp_path: Path, store: Store,
-                                                                   proc: Processor) -> None:
+def test_a_reopened_store_still_counts_the_cores_of_working_tasks(
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor) -> None:
     send(proc, node_set(cores=2))
     send(proc, task_create("a"))
     store.close()
 
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         again = Processor(reopened, settings(tmp_path), now=T0 + 1)
         outcome = send(again, task_create("b"), T0 + 1)
@@ -521,13 +521,13 @@ def test_a_reopened_store_still_counts_the_cores_of_working_tasks(tmp_path: Path
 
 
 def test_a_repeated_unbounded_task_create_after_a_restart_is_still_acknowledged(
-        tmp_path: Path, store: Store, proc: Processor) -> None:
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor) -> None:
     raw = (b'{"command":"task-create","name":"t1","executable_pyscript":"x",'
            b'"requirements":{"cores":1,"cores_max":Infinity}}')
     proc.process([Delivery(raw)], T0)
     store.close()
 
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         again = Processor(reopened, settings(tmp_path), now=T0 + 1)
         outcome = again.process([Delivery(raw, reply_to="c")], T0 + 1)
@@ -539,12 +539,12 @@ def test_a_repeated_unbounded_task_create_after_a_restart_is_still_acknowledged(
 
 
 def test_a_restarted_coordinator_gives_silent_nodes_a_full_timeout_from_its_start(
-        tmp_path: Path, store: Store, proc: Processor) -> None:
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor) -> None:
     start_one(proc, retries=0)
     store.close()
     restart = T0 + 60
 
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         again = Processor(reopened, settings(tmp_path), now=restart)
         early = again.tick(restart + HEARTBEAT * MISSED - 1)
@@ -559,7 +559,7 @@ def test_a_restarted_coordinator_gives_silent_nodes_a_full_timeout_from_its_star
 
 
 def test_a_crashed_batch_after_a_restart_does_not_make_nodes_look_lost(
-        tmp_path: Path, store: Store, proc: Processor,
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor,
         monkeypatch: pytest.MonkeyPatch) -> None:
     def explode(ctx: Any, msg: Any) -> None:
         raise RuntimeError("boom")
@@ -567,7 +567,7 @@ def test_a_crashed_batch_after_a_restart_does_not_make_nodes_look_lost(
     start_one(proc)
     store.close()
     restart = T0 + 60
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         again = Processor(reopened, settings(tmp_path), now=restart)
         monkeypatch.setitem(again.dispatch_table, TaskInfo, explode)
@@ -583,7 +583,7 @@ def test_a_crashed_batch_after_a_restart_does_not_make_nodes_look_lost(
 
 
 def test_unconfirmed_outbox_entries_survive_reopening_and_confirmed_ones_are_deleted(
-        tmp_path: Path, store: Store, proc: Processor) -> None:
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor) -> None:
     send(proc, node_set())
     created = send(proc, task_create())
     ids = [e.id for e in created.outbox]
@@ -591,7 +591,7 @@ def test_unconfirmed_outbox_entries_survive_reopening_and_confirmed_ones_are_del
     send(proc, {"command": "node-list"})
     store.close()
 
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         pending = [e.id for e in reopened.pending_outbox()]
     finally:
@@ -732,7 +732,7 @@ def test_a_create_task_delivered_twice_makes_one_golem_task(proc: Processor) -> 
 
 
 def test_a_released_repository_stays_released_after_a_restart(
-        tmp_path: Path, store: Store, proc: Processor) -> None:
+        tmp_path: Path, state_location: Path | str, store: Store, proc: Processor) -> None:
     repo = "//n1/vespid/ws"
     with_repo = {**node_set("n1"), "repositories": {repo: {"type": "ws"}}}
     send(proc, with_repo, T0)
@@ -742,7 +742,7 @@ def test_a_released_repository_stays_released_after_a_restart(
                 "attempt": 1}, T0 + 1)
     store.close()
 
-    reopened = Store(tmp_path / "s.db")
+    reopened = open_store(state_location)
     try:
         again = Processor(reopened, settings(tmp_path), now=T0 + 2)
         send(again, with_repo, T0 + 2)

@@ -24,7 +24,7 @@ from tests.unit.test_processor import T0, settings
 from vespid.client.api import Client
 from vespid.client.golem import VERIFIED, GolemClient, GolemTask
 from vespid.coordinator.processor import Delivery, Processor
-from vespid.coordinator.store import Store
+from vespid.coordinator.store import SqliteStore
 from vespid.shared import golem, protocol, topology
 from vespid.shared.blobs import BlobChunk, BlobGet, chunk_messages, digest
 from vespid.shared.errors import ProtocolError, RemoteError, TaskNotFound
@@ -169,7 +169,7 @@ class Loopback:
 @pytest.fixture(scope="module")
 def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loopback]:
     folder = tmp_path_factory.mktemp("wire")
-    store = Store(folder / "s.db")
+    store = SqliteStore(folder / "s.db")
     loop = Loopback(Processor(store, settings(folder), now=T0))
     loop.from_node({"command": "node-set", "name": "n1",
                     "capabilities": {"cores": 8, "memory": 8000}})
@@ -351,7 +351,7 @@ def coordinators_sentence(message: dict[str, Any]) -> str:
 
 
 def test_a_task_create_the_coordinator_would_refuse_is_refused_unsent(tmp_path: Path) -> None:
-    loop = Loopback(Processor(Store(tmp_path / "s.db"), settings(tmp_path), now=T0))
+    loop = Loopback(Processor(SqliteStore(tmp_path / "s.db"), settings(tmp_path), now=T0))
     client = loop.join(Client())
     with pytest.raises(RemoteError) as refused:
         client.create_task("t", "pass", unique=False, requirements={"memory": "lots"}, key="k")
@@ -364,7 +364,7 @@ def test_a_task_create_the_coordinator_would_refuse_is_refused_unsent(tmp_path: 
 
 def test_a_golem_task_the_coordinator_would_refuse_uploads_and_sends_nothing(
         tmp_path: Path) -> None:
-    loop = Loopback(Processor(Store(tmp_path / "s.db"), settings(tmp_path), now=T0))
+    loop = Loopback(Processor(SqliteStore(tmp_path / "s.db"), settings(tmp_path), now=T0))
     client = loop.join(GolemClient())
     with pytest.raises(RemoteError) as refused:
         client.create_task({"type": "Blender", "resources": ["/nowhere"]})
