@@ -37,6 +37,7 @@ from vespid.shared.transport import (
     declared,
     keep_reconnecting,
     properties,
+    rotation,
     user_of,
 )
 
@@ -96,6 +97,8 @@ class CoordinatorService:
         self._stopping = False
         self._store_lost: StoreError | None = None
         self._user = user_of(settings.amqp_url)
+        self._brokers = rotation(settings.broker_parameters(
+            APP_ID, heartbeat=settings.broker_heartbeat))
         self._connection: Any = None
         self._reset_link()
 
@@ -189,7 +192,7 @@ class CoordinatorService:
             return
         self._declare_topology()
         self._reset_link()
-        params = self.settings.broker_parameters(APP_ID, heartbeat=self.settings.broker_heartbeat)
+        params = next(self._brokers)  # after a lost connection, the cluster's next node
         self._connection = pika.SelectConnection(
             params, on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error, on_close_callback=self._on_closed)

@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from vespid.shared.errors import ConfigError
-from vespid.shared.transport import DEFAULT_URL, connection_parameters, redact
+from vespid.shared.transport import DEFAULT_URL, broker_addresses, redact
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
     "vespid_config_file", default=None
@@ -32,6 +32,7 @@ S = TypeVar("S", bound="ProcessSettings")
 class ProcessSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VESPID_", frozen=True, extra="forbid")
 
+    # One broker, or several nodes of one cluster separated by commas.
     amqp_url: str = DEFAULT_URL
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -72,8 +73,9 @@ class ProcessSettings(BaseSettings):
         finally:
             _config_file.reset(token)
 
-    def broker_parameters(self, name: str, heartbeat: int = 30) -> Any:
-        return connection_parameters(
+    def broker_parameters(self, name: str, heartbeat: int = 30) -> list[Any]:
+        """One set of connection parameters per broker address (a cluster's nodes)."""
+        return broker_addresses(
             self.amqp_url, name=name, heartbeat=heartbeat, ca_file=self.tls_ca_file,
             cert_file=self.tls_cert_file, key_file=self.tls_key_file,
         )

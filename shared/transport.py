@@ -6,11 +6,12 @@ Connecting and reconnecting are retried with tenacity (exponential backoff, logg
 
 from __future__ import annotations
 
+import itertools
 import ssl
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
@@ -65,8 +66,18 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def broker_urls(url: str) -> list[str]:
+    """The broker addresses a URL setting names: one, or several nodes of one RabbitMQ
+    cluster separated by commas (`amqp://u:p@rabbit1/farm,amqp://u:p@rabbit2/farm`)."""
+    return [part.strip() for part in url.split(",") if part.strip()] or [url]
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced, for logs and printed settings."""
+    """The URL (or URLs) with the password replaced, for logs and printed settings."""
+    return ",".join(_redact_one(one) for one in broker_urls(url))
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -75,10 +86,11 @@ def redact(url: str) -> str:
 
 
 def user_of(url: str) -> str | None:
-    """The user a URL logs in as: what RabbitMQ accepts as `user_id` from that connection."""
+    """The user a URL logs in as: what RabbitMQ accepts as `user_id` from that connection
+    (every address of a cluster logs in as the same user)."""
     from urllib.parse import unquote
 
-    username = urlsplit(url).username
+    username = urlsplit(broker_urls(url)[0]).username
     return unquote(username) if username else None
 
 
@@ -107,6 +119,12 @@ def connection_parameters(
             context.load_cert_chain(cert_file, key_file)
         params.ssl_options = pika.SSLOptions(context, params.host)
     return params
+
+
+def broker_addresses(url: str, **options: Any) -> list[pika.URLParameters]:
+    """Connection parameters for every address `url` names, in order (options as for
+    connection_parameters)."""
+    return [connection_parameters(one, **options) for one in broker_urls(url)]
 
 
 def _shown(url: str) -> str:
@@ -178,37 +196,52 @@ class _StopWhen(stop_base):
         return self.predicate()
 
 
-def connect(params: pika.URLParameters, *, give_up_after: float = 60.0,
+Brokers: TypeAlias = pika.URLParameters | Sequence[pika.URLParameters]
+
+
+def connect(brokers: Brokers, *, give_up_after: float = 60.0,
             quiet: bool = False, stop_when: Callable[[], bool] = lambda: False) -> Any:
     """A BlockingConnection, retried with backoff for up to `give_up_after` seconds while
     the error is transient; a permanent one (wrong password, no such vhost, a certificate
-    that does not verify) ends it at once with a sentence. `quiet`: say the retrying once;
-    `stop_when`: give up early (a process asked to stop while the broker is away)."""
+    that does not verify) ends it at once with a sentence. Several addresses (the nodes of
+    a cluster) are tried in turn, one an attempt, so a process moves to a node still up
+    when its own goes. `quiet`: say the retrying once; `stop_when`: give up early (a
+    process asked to stop while the broker is away)."""
+    candidates = rotation(brokers)
+    tried: list[pika.URLParameters] = []
 
     @retry(
         retry=retry_if_exception(lambda e: isinstance(e, CONNECTION_ERRORS)
-                                 and permanent(e, params) is None),
+                                 and permanent(e, tried[-1]) is None),
         wait=wait_exponential(multiplier=0.2, max=5),
         stop=stop_any(stop_after_delay(give_up_after), _StopWhen(stop_when)),
         before_sleep=retry_logger(log, "broker_unreachable_retrying", once=quiet),
         reraise=True,
     )
     def attempt() -> Any:
-        return pika.BlockingConnection(params)
+        tried.append(next(candidates))
+        return pika.BlockingConnection(tried[-1])
 
     started = time.monotonic()
     try:
         return attempt()
     except CONNECTION_ERRORS as exc:
-        final = permanent(exc, params)
+        final = permanent(exc, tried[-1])
         if final is not None:
             raise final from None
+        where = ", ".join(sorted({f"{p.host}:{p.port}" for p in tried}))
         raise BrokerUnavailable(
-            f"no RabbitMQ broker answers at {params.host}:{params.port} ({reason(exc)}; "
+            f"no RabbitMQ broker answers at {where} ({reason(exc)}; "
             f"tried for {time.monotonic() - started:.0f} s). Start one with "
             "`rabbitmq-server -detached` or "
             "`docker compose up rabbitmq`, or point VESPID_AMQP_URL at yours."
         ) from None
+
+
+def rotation(brokers: Brokers) -> Iterator[pika.URLParameters]:
+    """The addresses to try, one after the other, for ever."""
+    return itertools.cycle([brokers] if isinstance(brokers, pika.URLParameters)
+                           else list(brokers))
 
 
 def refused(exc: BaseException, doing: str) -> VespidError:
