@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint typecheck unit integration bench bench-throughput bench-scheduling bench-vs-celery clean
+.PHONY: demo test lint typecheck unit integration ha bench bench-throughput bench-scheduling bench-vs-celery clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration tests/faults
+
+# Standby coordinators on PostgreSQL, the broker cluster (also part of `make test`).
+ha: $(STAMP)
+	$(BIN)/python -m pytest -q tests/ha
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -188,8 +188,10 @@ def _write_env(path: Path, user: str, password: str, host: str, vhost: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
-        handle.write(f"VESPID_AMQP_URL=amqp://{quote(user)}:{quote(password, safe='')}@{host}/"
-                     f"{vhost}\n")
+        # One URL per broker node (a cluster's), all with the same login.
+        urls = [f"amqp://{quote(user)}:{quote(password, safe='')}@{one.strip()}/{vhost}"
+                for one in host.split(",") if one.strip()]
+        handle.write(f"VESPID_AMQP_URL={','.join(urls)}\n")
         handle.writelines(f"{key}={value}\n" for key, value in settings.items())
     os.chmod(path, 0o600)
 
@@ -211,7 +213,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--nodes", help="node names, comma-separated: one user each")
     p.add_argument("--clients", help="client user names, comma-separated")
     p.add_argument("--amqp-host", default="localhost:5672",
-                   help="host:port written into the env files (default localhost:5672)")
+                   help="host:port written into the env files (default localhost:5672); "
+                        "a cluster's nodes comma-separated (rabbit1:5672,rabbit2:5672)")
     p.add_argument("--env-dir", default="vespid-credentials",
                    help="where the per-user env files go (default ./vespid-credentials)")
     p.add_argument("--dry-run", action="store_true", help="print what it would do, do nothing")

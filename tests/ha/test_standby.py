@@ -135,9 +135,11 @@ def test_a_paused_coordinator_that_lost_the_lease_stops_and_decides_nothing(
                   "executable_pyscript": marker_script(runs)})
 
     offsets = {id(standby): len(standby.log())}
+    paused_at = time.monotonic()
     active.pause()
     try:
         wait_active([standby], offsets, timeout=60)  # the broker gave it the queues
+        taken_over = time.monotonic() - paused_at
         for i in range(20):
             raw.send({"command": "task-create", "name": f"after-{i:02d}",
                       "executable_pyscript": marker_script(runs)})
@@ -158,3 +160,5 @@ def test_a_paused_coordinator_that_lost_the_lease_stops_and_decides_nothing(
     done = wait_all_complete(amqp_url, 40, timeout=120)
     assert len(done) == 40 and {t["success"] for t in done} == {"ok"}
     assert {path.read_text().count("ran") for path in runs.iterdir()} == {1}
+    print(f"\nSIGSTOP to the standby active: {taken_over:.1f} s "
+          f"(broker heartbeat {HA_ENV['VESPID_BROKER_HEARTBEAT']} s)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 
+from vespid.client.broker_setup import _write_env
 from vespid.shared.settings import ClientSettings
 from vespid.shared.transport import broker_urls, redact, rotation, user_of
 
@@ -29,3 +31,13 @@ def test_settings_give_one_set_of_parameters_per_node_and_connect_tries_them_in_
     assert [p.host for p in params] == ["rabbit1", "rabbit2", "rabbit3"]
     assert [p.host for p in islice(rotation(params), 5)] == [
         "rabbit1", "rabbit2", "rabbit3", "rabbit1", "rabbit2"]
+
+
+def test_broker_setup_writes_one_url_per_cluster_node(tmp_path: Path) -> None:
+    env = tmp_path / "vespid-node-n1.env"
+
+    _write_env(env, "vespid-node-n1", "p@ss", "rabbit1:5672, rabbit2:5672", "farm", {})
+
+    url = env.read_text().splitlines()[0].removeprefix("VESPID_AMQP_URL=")
+    assert broker_urls(url) == ["amqp://vespid-node-n1:p%40ss@rabbit1:5672/farm",
+                                "amqp://vespid-node-n1:p%40ss@rabbit2:5672/farm"]
