@@ -67,7 +67,9 @@ def check(settings: CoordinatorSettings) -> int:
     where = "the running coordinator"
     if answer is None:
         report = _check_file(settings)
-        where = f"the state at {redact(str(settings.state))} (no coordinator answered)"
+        kept = (f"file {settings.state_file}" if settings.state_file is not None
+                else f"at {redact(str(settings.state))}")
+        where = f"the state {kept} (no coordinator answered)"
     elif answer.get("command") == "error":  # refused (forbidden, say): that is the answer
         raise ConfigError(f"the coordinator refused the check: {answer.get('message')}")
     else:
