@@ -71,7 +71,7 @@ from bench.probes import profile_tables, py_spy, read_profile, spying
 from bench.throughput import wait_for_nodes
 from vespid.node_agent.supervisor import BOOTSTRAP, DEATH_SIGNAL, PR_SET_PDEATHSIG
 
-FULL_TASKS, QUICK_TASKS = 1000, 200
+FULL_TASKS, QUICK_TASKS = 600, 200
 ROUNDS = 2
 TARGET = 0.80
 STALL = 60.0

@@ -203,6 +203,7 @@ class Step:
     start: float | None = None
     end: float | None = None
     note: str = ""
+    extra: bool = False  # shown for comparison, not one of the target's paths
 
     @property
     def seconds(self) -> float | None:
@@ -215,12 +216,13 @@ class Result:
     steps: list[Step] = field(default_factory=list)
     baseline_kb: dict[str, int] = field(default_factory=dict)
     peaks_kb: dict[str, dict[str, int]] = field(default_factory=dict)  # step -> name -> kB
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # step -> name -> share
     hwm_kb: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     profiles: list[str] = field(default_factory=list)
 
-    def step(self, name: str) -> Step:
-        found = Step(name)
+    def step(self, name: str, extra: bool = False) -> Step:
+        found = Step(name, extra=extra)
         self.steps.append(found)
         return found
 
@@ -355,7 +357,8 @@ def step_downloads(setup: Setup, result: Result, sha: str, window: int,
         if file.is_file():
             file.unlink()  # the disk is not what we measure; leave room for the next
     for in_flight in sorted({1, window}):
-        streamed = result.step(f"download streamed (raw blob-get, {in_flight} in flight)")
+        streamed = result.step(f"download streamed (raw blob-get, {in_flight} in flight)",
+                               extra=True)
         with profiled(setup, result, f"streamed download x{in_flight}",
                       ["client", "coordinator"]):
             began, ended, ok = call(setup, ("stream", sha, str(setup.folder / "streamed"),
@@ -387,6 +390,9 @@ def measure(setup: Setup, result: Result, window: int, deadline: Deadline) -> No
             result.peaks_kb[step.name] = {
                 name: peak for name in setup.pids
                 if (peak := sampler.peak(name, step.start, step.end)) is not None}
+            result.cpu[step.name] = {
+                name: share for name in setup.pids
+                if (share := sampler.cpu_share(name, step.start, step.end)) is not None}
 
 
 def run(size: int, window: int, deadline: Deadline, profile: bool = False) -> Result:
@@ -460,21 +466,55 @@ HEADERS = ["step", "seconds", "MB/s", *(f"{name} peak RSS - baseline, MB" for na
            "notes"]
 
 
+def speed_of(result: Result, prefix: str) -> float | None:
+    step = next((s for s in result.steps if s.name.startswith(prefix)), None)
+    return None if step is None or not step.seconds else result.size / MIB / step.seconds
+
+
+def worst_growth(result: Result, name: str) -> tuple[int, str] | None:
+    """The highest sampled peak over baseline (kB) of one process in the target's steps."""
+    if name not in result.baseline_kb:
+        return None
+    found = [(peaks[name] - result.baseline_kb[name], step.name) for step in result.steps
+             if not step.extra and name in (peaks := result.peaks_kb.get(step.name, {}))]
+    return max(found) if found else None
+
+
 def verdict(result: Result) -> list[str]:
-    by = {s.name: s for s in result.steps}
     lines = []
-    for label, prefix in (("to a node (resource)", "to the node: CreateTask reply → the task"),
-                          ("through blob-get (result, client library)", "download (client")):
-        step = next((s for name, s in by.items() if name.startswith(prefix)), None)
-        speed = None if step is None or not step.seconds else result.size / MIB / step.seconds
+    for label, prefix, named in (
+            ("to a node (resource)", "to the node: CreateTask reply → the task", True),
+            ("from the node to the coordinator (result)", "result back", False),
+            ("through blob-get (result, client library)", "download (client", True)):
+        speed = speed_of(result, prefix)
         met = "—" if speed is None else ("met" if speed >= TARGET_MB_S else "**not met**")
-        lines.append(f"- {label}: {fmt(speed)} MB/s (target ≥ {TARGET_MB_S:.0f}: {met})")
-    flat = [n for n in ("coordinator", "agent", "client")
-            if n in result.hwm_kb and n in result.baseline_kb
-            and result.hwm_kb[n] - result.baseline_kb[n] > result.size / 1024 / 4]
-    lines.append("- memory flat (no process's peak above its baseline by a quarter of the file "
-                 "or more): " + ("met" if not flat else f"**not met**: {', '.join(flat)}"))
+        target = f"target ≥ {TARGET_MB_S:.0f}: {met}" if named else \
+            "not named by the target; shown because every result takes this way first"
+        lines.append(f"- {label}: {fmt(speed)} MB/s ({target})")
+    limit = result.size / 1024 / 4
+    for name in ("coordinator", "agent", "client"):
+        worst = worst_growth(result, name)
+        if worst is None:
+            continue
+        growth, step = worst
+        met = "flat" if growth <= limit else "**not flat**"
+        lines.append(f"- memory of the {name}: at most {growth / 1024:+,.0f} MB over its "
+                     f"baseline, in {step}: {met} (flat: under a quarter of the file, "
+                     f"{limit / 1024:,.0f} MB)")
     return lines
+
+
+def cpu_rows(result: Result) -> list[list[str]]:
+    rows_ = []
+    for step in result.steps:
+        shares = result.cpu.get(step.name, {})
+        cells = [f"{100 * shares[n]:.0f}%" if n in shares else "—" for n in PROCESSES]
+        total = sum(shares.values())
+        rows_.append([step.name, *cells, f"{100 * total:.0f}%" if shares else "—"])
+    return rows_
+
+
+CPU_HEADERS = ["step", *PROCESSES, "together (2 cores = 200%)"]
 
 
 HOW_TO_READ = (
@@ -491,12 +531,18 @@ HOW_TO_READ = (
     "20 ms during the step, minus the process's VmRSS before step 1; *whole run* uses "
     "VmHWM, reset before step 1, which misses nothing. The client is one process for "
     "every step (the library, then raw pika for the streamed downloads). RabbitMQ is shown "
-    "for what the broker holds meanwhile; it is not part of the target.")
+    "for what the broker holds meanwhile; it is not part of the target. *Flat* memory: no "
+    "process grows, in the target's steps (not the streamed downloads, which are shown for "
+    "comparison), by a quarter of the file or more; a process that holds the whole file "
+    "grows by the file at least. The CPU table says who was busy: near 200 % together, the "
+    "two cores were the limit; one process near 100 %, that process.")
 
 
 def report_sections(result: Result, profiled_run: Result | None) -> list[str]:
     sections = [f"File: {result.size / MIB:,.0f} MB.", markdown_table(HEADERS, rows(result)),
-                "Issue 14, target 7:", "\n".join(verdict(result))]
+                "Issue 14, target 7:", "\n".join(verdict(result)),
+                "CPU during each step (share of one core, from the same 20 ms samples):",
+                markdown_table(CPU_HEADERS, cpu_rows(result))]
     if result.notes:
         sections.append("Notes: " + "; ".join(result.notes))
     sections.append(HOW_TO_READ)

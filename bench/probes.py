@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import markdown_table
+from bench.common import markdown_table, process_cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SECONDS = 0.02
-PROJECT = ("coordinator/", "node_agent/", "shared/", "client/")  # the project's own files
+PROJECT = ("coordinator/", "node_agent/", "shared/", "client/", "bench/")  # named in tables
 
 
 # ---- resident memory ----------------------------------------------------------------------
@@ -66,10 +66,11 @@ def reset_peak(pid: int | None) -> bool:
 
 @dataclass
 class RssSampler:
-    """A thread that reads VmRSS of named processes every SAMPLE_SECONDS."""
+    """A thread that reads VmRSS (kB) and CPU seconds used so far of named processes every
+    SAMPLE_SECONDS."""
 
     pids: dict[str, int | None]
-    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    samples: list[tuple[float, dict[str, tuple[int, float]]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -78,9 +79,9 @@ class RssSampler:
             now = time.monotonic()
             reading = {}
             for name, pid in self.pids.items():
-                found = memory_kb(pid)
-                if found is not None:
-                    reading[name] = found[0]
+                found, cpu = memory_kb(pid), process_cpu_seconds(pid)
+                if found is not None and cpu is not None:
+                    reading[name] = (found[0], cpu)
             self.samples.append((now, reading))
 
     def __enter__(self) -> RssSampler:
@@ -95,9 +96,18 @@ class RssSampler:
 
     def peak(self, name: str, start: float, end: float) -> int | None:
         """The highest VmRSS (kB) sampled for `name` between two monotonic times."""
-        found = [reading[name] for stamp, reading in self.samples
+        found = [reading[name][0] for stamp, reading in self.samples
                  if start <= stamp <= end and name in reading]
         return max(found) if found else None
+
+    def cpu_share(self, name: str, start: float, end: float) -> float | None:
+        """CPU seconds `name` used between two monotonic times, over their distance (1.0:
+        one core all the time), from the samples nearest inside them."""
+        inside = [(stamp, reading[name][1]) for stamp, reading in self.samples
+                  if start <= stamp <= end and name in reading]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
 # ---- py-spy --------------------------------------------------------------------------------
