@@ -175,16 +175,18 @@ def connection_parameters(url: str, name: str) -> pika.URLParameters:
 class Coordinator:
     """`vespid coordinator` with a fresh state file, its output in a log file."""
 
-    def __init__(self, url: str, workdir: Path) -> None:
+    def __init__(self, url: str, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.url = url
         self.workdir = workdir
         self.log_path = workdir / "coordinator.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra_env = dict(env or {})  # settings of its own, e.g. VESPID_MAX_FILE_BYTES
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
         env.update(VESPID_AMQP_URL=self.url, VESPID_LOG_LEVEL="warning",
                    VESPID_LOG_FORMAT="json")
+        env.update(self.extra_env)
         command = [sys.executable, "-m", "vespid.client.cli", "coordinator",
                    "--state", str(self.workdir / "state.sqlite3")]
         with self.log_path.open("ab") as handle:
@@ -243,17 +245,7 @@ class Coordinator:
 
     def log_summary(self) -> Counter[str]:
         """Warnings and errors it logged, counted by event (non-JSON lines as `raw output`)."""
-        counts: Counter[str] = Counter()
-        for line in self.log_lines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                counts["raw output (traceback?)"] += 1
-                continue
-            if isinstance(record, dict) and record.get("level") in ("warning", "error",
-                                                                    "critical"):
-                counts[f"{record['level']} {record.get('event', '?')}"] += 1
-        return counts
+        return log_summary(self.log_lines())
 
 
 def process_cpu_seconds(pid: int | None) -> float | None:
@@ -266,6 +258,18 @@ def process_cpu_seconds(pid: int | None) -> float | None:
         return None
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def children_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process's reaped children (cutime + cstime)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[13]) + int(fields[14])) / ticks
 
 
 def broker_pid() -> int | None:
@@ -284,12 +288,123 @@ def broker_pid() -> int | None:
     return None
 
 
-def describe_log(counts: Counter[str], limit: int = 4) -> str | None:
+def describe_log(counts: Counter[str], limit: int = 4, who: str = "coordinator") -> str | None:
     if not counts:
         return None
     parts = [f"{event} x{n}" for event, n in counts.most_common(limit)]
     more = len(counts) - limit
-    return "coordinator logged: " + ", ".join(parts) + (f" (+{more} kinds)" if more > 0 else "")
+    return f"{who} logged: " + ", ".join(parts) + (f" (+{more} kinds)" if more > 0 else "")
+
+
+def log_summary(lines: Sequence[str]) -> Counter[str]:
+    """Warnings and errors in a JSON log, counted by event (non-JSON lines as `raw output`)."""
+    counts: Counter[str] = Counter()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            counts["raw output (traceback?)"] += 1
+            continue
+        if isinstance(record, dict) and record.get("level") in ("warning", "error", "critical"):
+            counts[f"{record['level']} {record.get('event', '?')}"] += 1
+    return counts
+
+
+# ---- a real node agent process ------------------------------------------------------------
+class Agent:
+    """`vespid node --config FILE`, the project's own node agent, as docs/examples and
+    README start it: a TOML file with its name, work folder and capabilities, its output
+    (JSON log lines, at its default level) in a log file. Tasks it runs are its children."""
+
+    def __init__(self, url: str, workdir: Path, name: str,
+                 capabilities: dict[str, int | float | bool]) -> None:
+        self.url = url
+        self.name = name
+        self.home = workdir / name
+        self.work_dir = self.home / "work"
+        self.log_path = self.home / "agent.log"
+        self.capabilities = capabilities
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        lines = [f'name = "{self.name}"', f'work_dir = "{self.work_dir}"', "[capabilities]"]
+        lines += [f"{key} = {str(value).lower() if isinstance(value, bool) else value}"
+                  for key, value in self.capabilities.items()]
+        return "\n".join(lines) + "\n"
+
+    def environment(self) -> dict[str, str]:
+        """What the agent runs with (and so what its tasks inherit): this process's
+        environment without VESPID_* settings, plus the broker URL and JSON logs."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
+        env.update(VESPID_AMQP_URL=self.url, VESPID_LOG_FORMAT="json")
+        return env
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        config = self.home / "node.toml"
+        config.write_text(self.config_text())
+        command = [sys.executable, "-m", "vespid.client.cli", "node", "--config", str(config)]
+        with self.log_path.open("ab") as handle:
+            self.process = subprocess.Popen(
+                command, cwd=self.home, env=self.environment(), stdin=subprocess.DEVNULL,
+                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchError(f"the node agent exited with code {self.process.returncode}: "
+                             f"{self.log_tail(3)}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM drains it (it finishes what runs, then exits); SIGKILL after `timeout`."""
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("node agent %s did not stop %.0f s after SIGTERM; killing it",
+                        self.name, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.pid)
+
+    def children_cpu_seconds(self) -> float | None:
+        """CPU of the task processes it has reaped so far (cutime + cstime)."""
+        return children_cpu_seconds(self.pid)
+
+    def log_lines(self) -> list[str]:
+        if not self.log_path.exists():
+            return []
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def log_tail(self, lines: int) -> str:
+        tail = [line.strip() for line in self.log_lines()[-lines:]]
+        return " | ".join(tail)[:600] or "(no output)"
+
+    def log_summary(self) -> Counter[str]:
+        return log_summary(self.log_lines())
+
+    def log_records(self, event: str) -> list[dict[str, Any]]:
+        """Its JSON log records of one event (e.g. task_process_exited)."""
+        found = []
+        for line in self.log_lines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == event:
+                    found.append(record)
+        return found
 
 
 # ---- a raw AMQP peer (client side) --------------------------------------------------------
