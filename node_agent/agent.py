@@ -47,6 +47,7 @@ from vespid.shared.transport import (
     properties,
     publish_confirmed,
     user_of,
+    wake,
 )
 
 APP_ID = "vespid-node"
@@ -62,7 +63,8 @@ class NodeAgent:
         self.containment = containment.detect(settings.name, settings.containment)
         self.supervisor = Supervisor(kill_grace=settings.kill_grace,
                                      memory_margin=settings.memory_margin,
-                                     containment=self.containment)
+                                     containment=self.containment,
+                                     on_exit=lambda: wake(self._connection))
         self.superseded: dict[str, TaskRun] = {}  # newer attempts waiting for the old to die
         self.blobs = BlobStore(settings.work_dir / "blobs")
         self.folders: dict[str, Path] = {}  # task -> working folder, for its results

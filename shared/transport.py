@@ -299,6 +299,21 @@ def consumers(connection: Any, queue: str) -> tuple[int, int] | None:
     return int(found.consumer_count), int(found.message_count)
 
 
+def wake(connection: Any) -> None:
+    """Make a BlockingConnection's process_data_events return now, from any thread (the
+    one thread-safe call pika has); a connection that is closed or gone is left alone."""
+    if connection is None:
+        return
+    try:
+        connection.add_callback_threadsafe(_nothing)
+    except (pika.exceptions.ConnectionWrongStateError, *CONNECTION_ERRORS):
+        pass  # closed: whoever waits on it wakes up anyway
+
+
+def _nothing() -> None:
+    """A callback whose only effect is to be dispatched."""
+
+
 def keep_reconnecting(session: Callable[[], None], logger: Any) -> None:
     """Run a broker session again, with backoff, every time the broker goes away; return
     once a session ends on its own. The one reconnect loop of every long-running process."""
