@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test lint typecheck unit integration ha bench bench-throughput bench-scheduling bench-vs-celery clean
+.PHONY: demo test lint typecheck unit integration ha bench bench-throughput bench-scheduling bench-vs-celery bench-agent-tasks bench-files bench-latency bench-restart clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench-vs-celery: $(BENCH_STAMP)
 	$(BIN)/python -m bench.vs_celery
+
+# Issue 14's other targets, one bench each (bench/README.md).
+bench-agent-tasks: $(STAMP)
+	$(BIN)/python -m bench.agent_tasks
+
+bench-files: $(STAMP)
+	$(BIN)/python -m bench.files
+
+bench-latency: $(STAMP)
+	$(BIN)/python -m bench.latency
+
+bench-restart: $(STAMP)
+	$(BIN)/python -m bench.restart
 
 clean:
 	rm -rf $(VENV) build demo-run .mypy_cache .ruff_cache .pytest_cache

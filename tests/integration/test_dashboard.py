@@ -65,6 +65,7 @@ def test_the_page_shows_tasks_and_nodes_and_follows_a_task_to_completion(
         start_node: Callable[..., VespidProcess], raw: RawPeer,
         started: list[VespidProcess], browser: Any) -> None:
     start_node("box1")
+    doomed = start_node("box2", repositories={"//box2/ws": {"path": tmp_path / "ws", "type": "ws"}})
     port = free_port()
     dashboard = VespidProcess(["dashboard", "--port", str(port)], tmp_path / "dashboard.log",
                               base_env(amqp_url), tmp_path).start()
@@ -92,8 +93,16 @@ def test_the_page_shows_tasks_and_nodes_and_follows_a_task_to_completion(
         if "Slow build" in row.text:
             row.click()
     attempts = wait_for_text(browser, "#detail", "log of attempt 1")  # each attempt's log
+    free_repo = wait_for_text(browser, "#repos tbody", "//box2/ws")
+    doomed.kill()
+    lost_repo = wait_for_text(browser, "#repos tbody", "unavailable (node lost)")
+    browser.set_window_size(1280, 900)  # a laptop: nothing may need a horizontal scroll
+    overflow = browser.execute_script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
 
     assert "idle whale" in working and "up" in nodes
     assert "complete ok Slow build box1" in done
     assert "memory needs 999999" in detail
     assert "#1" in attempts and "box1" in attempts
+    assert "ws free" in free_repo and "//box2/ws ws unavailable (node lost)" in lost_repo
+    assert overflow <= 0
