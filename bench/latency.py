@@ -87,6 +87,7 @@ class Run:
     late_max: float = 0.0  # how far behind its schedule the publisher fell, at worst
     wall: float | None = None  # first publish -> last task-run (or the end of the wait)
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds used
+    machine_cpu: float | None = None  # CPU seconds all processes used (/proc/stat)
     duplicates: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -111,6 +112,16 @@ def make_bodies(count: int) -> list[tuple[str, bytes]]:
 # ---- the measured part --------------------------------------------------------------------
 Send = Callable[[bytes], None]
 Check = Callable[[], None]
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy (all but idle and iowait), /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(value) for value in fields]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until(peer: Peer, due: float) -> None:
@@ -154,10 +165,16 @@ def measure(peer: Peer, send: Send, check: Check, receiver: ChildProcess,
     bodies = make_bodies(run.warmup + run.tasks)
     pids = {**pids, "publisher": os.getpid()}
     before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+    busy = machine_busy_seconds()
     first = time.monotonic()
+    log.info("first publish at monotonic %.4f s (to line up with other processes' stamps)",
+             first)
     publish_paced(peer, send, check, bodies, run, deadline)
     wait_for_last_runs(receiver, len(run.sent), deadline.within(TAIL_WAIT))
     wall = time.monotonic() - first
+    busy_after = machine_busy_seconds()
+    if busy is not None and busy_after is not None:
+        run.machine_cpu = busy_after - busy
     for name, pid in pids.items():
         now, then = process_cpu_seconds(pid), before[name]
         if now is not None and then is not None:
@@ -304,6 +321,10 @@ def cpu_line(run: Run) -> str:
     count = run.warmup + run.tasks
     parts = [f"{name} {100 * seconds / run.wall:.0f}% ({1000 * seconds / count:.2f} ms a task)"
              for name, seconds in run.cpu.items()]
+    if run.machine_cpu is not None:
+        others = max(0.0, run.machine_cpu - sum(run.cpu.values()))
+        parts.append(f"everything else on the machine {100 * others / run.wall:.0f}% "
+                     "(other processes and the kernel's own work)")
     return f"CPU over {run.wall:.1f} s (100% = one core): " + ", ".join(parts)
 
 

@@ -427,6 +427,16 @@ def memory_rows(result: Result) -> list[list[str]]:
     ]
 
 
+def load_line(result: Result) -> str:
+    settings, loaded = (result.milestones.get(label) for label in
+                        ("settings read", "state loaded"))
+    if settings is None or loaded is None or not result.loaded_tasks:
+        return ""
+    per_task = 1e6 * (loaded - settings) / result.loaded_tasks
+    return (f"\n\nSettings read → state loaded: {loaded - settings:.2f} s, "
+            f"{per_task:.0f} µs a task.")
+
+
 def report_sections(result: Result) -> list[str]:
     sections = [
         f"{result.tasks:,} tasks, {result.nodes} simulated raw nodes; filled in "
@@ -436,7 +446,7 @@ def report_sections(result: Result) -> list[str]:
         f" tasks loaded at restart: "
         f"{'—' if result.loaded_tasks is None else f'{result.loaded_tasks:,}'}.",
         "Restart, from the new process's start:\n\n" + markdown_table(
-            ["what", "after", "target"], answer_rows(result)),
+            ["what", "after", "target"], answer_rows(result)) + load_line(result),
         "Coordinator memory (VmRSS, peak VmHWM):\n\n" + markdown_table(
             ["when", "RSS", "target"], memory_rows(result)),
     ]
@@ -445,7 +455,7 @@ def report_sections(result: Result) -> list[str]:
     sections.append(
         "How to read it: the state holds, per 100 tasks, 2 trees (a parent and 4 children), "
         "5 tasks waiting for a GPU no node has (idle) and 85 plain tasks, each with a "
-        "~400-byte script and three environment entries; every task but the idle ones "
+        f"{len(SCRIPT)}-byte script and three environment entries; every task but the idle ones "
         "ran once and ended ok. The three requests are sent right after the new process is "
         "started and wait in the coordinator's queue, so each time is process start → the "
         "first moment the coordinator could answer: interpreter and imports, reading the "
