@@ -175,16 +175,18 @@ def connection_parameters(url: str, name: str) -> pika.URLParameters:
 class Coordinator:
     """`vespid coordinator` with a fresh state file, its output in a log file."""
 
-    def __init__(self, url: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, workdir: Path, env: dict[str, str] | None = None,
+                 log_level: str = "warning") -> None:
         self.url = url
         self.workdir = workdir
+        self.log_level = log_level  # "info" adds its start-up milestones to the log
         self.log_path = workdir / "coordinator.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_env = dict(env or {})  # settings of its own, e.g. VESPID_MAX_FILE_BYTES
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
-        env.update(VESPID_AMQP_URL=self.url, VESPID_LOG_LEVEL="warning",
+        env.update(VESPID_AMQP_URL=self.url, VESPID_LOG_LEVEL=self.log_level,
                    VESPID_LOG_FORMAT="json")
         env.update(self.extra_env)
         command = [sys.executable, "-m", "vespid.client.cli", "coordinator",
@@ -528,6 +530,7 @@ class SimSpec:
     expect: int  # the time the expect-th distinct task-run arrives is recorded
     heartbeat: float = 4.0  # seconds between one node's node-sets (the contract: <= 5)
     complete_delay: float = 0.0  # seconds between a task-run and its task-complete
+    record_runs: bool = False  # keep each task's first task-run time; sent as "run-times"
 
 
 @dataclass
@@ -563,6 +566,7 @@ class Simulator:
         self.due_completes: list[tuple[float, str, str, int]] = []
         self.beats: deque[tuple[float, NodeSpec]] = deque()
         self.last_beat: dict[str, float] = {}
+        self.run_times: dict[str, float] = {}  # task -> first task-run (spec.record_runs)
         self.stopping = False
 
     def declare(self) -> None:
@@ -617,6 +621,8 @@ class Simulator:
         else:
             self.seen.add(name)
             stats.distinct += 1
+            if self.spec.record_runs:
+                self.run_times[name] = now
             if stats.distinct == self.spec.expect:
                 stats.expected_run = now
         attempt = int(message.get("attempt") or 1)
@@ -673,6 +679,8 @@ class Simulator:
             if now >= next_report:
                 self.pipe.send(("progress", self.snapshot()))
                 next_report = now + 0.25
+        if self.spec.record_runs:  # before "final", which the parent waits for
+            self.pipe.send(("run-times", self.run_times))
         self.pipe.send(("final", self.snapshot()))
         with contextlib.suppress(Exception):
             self.connection.close()
