@@ -98,11 +98,15 @@ class Task:
     _definition_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def definition_json(self) -> dict[str, Any]:
-        """The definition as JSON, dumped once: it never changes, and every event and every
-        flush of the task shows it (a pydantic dump each time was a tenth of the work)."""
-        if self._definition_json is None:
-            self._definition_json = self.definition.model_dump(mode="json")
-        return self._definition_json
+        """The definition as the wire shows it, kept while the task lives: every event of
+        it carries this. A complete task's is built when asked (rarely, and 100,000
+        complete tasks would keep 130 MB of it)."""
+        if self._definition_json is not None:
+            return self._definition_json
+        built = self.definition.model_dump(mode="json")
+        if self.status is not TaskStatus.COMPLETE:
+            self._definition_json = built
+        return built
 
     @property
     def losses(self) -> int:
@@ -576,6 +580,7 @@ class State:
         self._leave_node(task)
         task.close_attempt(now, message or severity.value, cause=cause)
         task.status = TaskStatus.COMPLETE
+        task._definition_json = None  # see Task.definition_json
         task.lent_cores = 0.0
         self.raise_severity(task, severity)
         task.time_finish = now
