@@ -15,6 +15,7 @@ raised as GolemTaskFailed, GolemTaskTimedOut or GolemTaskAborted.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 from vespid.client.api import Client, build, refused_as
 from vespid.shared import golem as dialect  # the Golem-style dialect's models
 from vespid.shared import topology
-from vespid.shared.blobs import BlobGet, chunk_messages, digest, file_digest
+from vespid.shared.blobs import BlobGet, file_chunk_messages, file_digest
 from vespid.shared.errors import (
     ConfigError,
     GolemTaskAborted,
@@ -140,23 +141,31 @@ class GolemClient(Client):
             raise ConfigError(f"resource file {path} does not exist")
         channel = self._ensure_channel()
         sha = file_digest(path)
-        for chunk in chunk_messages(path.read_bytes(), sha):
+        for chunk in file_chunk_messages(path, sha):
             publish_confirmed(channel, topology.EXCHANGE, topology.COORDINATOR_KEY,
                               encode(chunk), properties("blob-chunk", app_id="vespid-client",
                                                         user_id=user_of(self.url or "")))
         return sha
 
     def fetch(self, sha: str, target: Path) -> Path:
-        parts, index, count = [], 0, 1
-        while index < count:
-            reply = self.request(BlobGet(command="blob-get", sha256=sha, index=index))
-            parts.append(base64.b64decode(reply["data"]))
-            count, index = int(reply["count"]), index + 1
-        data = b"".join(parts)
-        if digest(data) != sha:
-            raise GolemTaskFailed(sha, "download", "a result file did not match its sha256")
+        """Download a kept file to `target`, part by part, hashing as it goes: memory holds
+        one part, and `target` appears only once the whole file matched its sha256."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        partial = target.with_name(target.name + ".part")
+        hashed, index, count = hashlib.sha256(), 0, 1
+        try:
+            with partial.open("wb") as handle:
+                while index < count:
+                    reply = self.request(BlobGet(command="blob-get", sha256=sha, index=index))
+                    part = base64.b64decode(reply["data"])
+                    hashed.update(part)
+                    handle.write(part)
+                    count, index = int(reply["count"]), index + 1
+            if hashed.hexdigest() != sha:
+                raise GolemTaskFailed(sha, "download", "a result file did not match its sha256")
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
         return target
 
     def state(self, task_id: str) -> dict[str, Any]:

@@ -62,6 +62,14 @@ def chunk_messages(data: bytes, sha: str | None = None) -> Iterator[BlobChunk]:
         yield chunk_message(data, sha, index)
 
 
+def file_chunk_messages(path: Path, sha: str) -> Iterator[BlobChunk]:
+    """The blob-chunks of a file, read one part at a time: never the whole file in memory."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        for index in range(chunk_count(size)):
+            yield part_message(handle.read(CHUNK_BYTES), sha, index, size)
+
+
 def chunk_count(size: int) -> int:
     return max(1, -(-size // CHUNK_BYTES))
 

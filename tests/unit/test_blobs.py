@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from vespid.shared.blobs import CHUNK_BYTES, BlobStore, part_message
+from vespid.shared.blobs import (
+    CHUNK_BYTES,
+    BlobStore,
+    chunk_messages,
+    digest,
+    file_chunk_messages,
+    part_message,
+)
 from vespid.shared.errors import ProtocolError
 
 
@@ -53,3 +60,14 @@ def test_chunks_that_do_not_add_up_to_their_digest_are_refused_and_leave_nothing
     assert refused.value.code == "corrupt"
     assert not store.has(wrong)
     assert list((tmp_path / "partial").iterdir()) == []
+
+
+def test_a_file_is_chunked_part_by_part_exactly_as_its_bytes_are(tmp_path: Path) -> None:
+    data = bytes(range(256)) * (CHUNK_BYTES // 256 * 2 + 3)  # two whole parts and a bit
+    path = tmp_path / "resource.bin"
+    path.write_bytes(data)
+
+    from_file = list(file_chunk_messages(path, digest(data)))
+
+    assert [c.index for c in from_file] == [0, 1, 2]
+    assert from_file == list(chunk_messages(data))
