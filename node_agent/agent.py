@@ -22,7 +22,7 @@ from vespid.node_agent.logstream import LogStreams, attempt_log, note
 from vespid.node_agent.settings import NodeSettings
 from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared import PROTOCOL_VERSION, topology
-from vespid.shared.blobs import BlobChunk, BlobStore, chunk_messages
+from vespid.shared.blobs import BlobChunk, BlobStore
 from vespid.shared.errors import BrokerError, ProtocolError
 from vespid.shared.logs import get_logger
 from vespid.shared.protocol import (
@@ -360,8 +360,7 @@ class NodeAgent:
             result = self.unsent[0]
             files = self.produced.get(result.name, [])
             for produced in files:  # the files first: the coordinator keeps them on arrival
-                for chunk in chunk_messages(self.blobs.read(produced["sha256"]),
-                                            produced["sha256"]):
+                for chunk in self.blobs.file_chunks(produced["sha256"]):
                     self._publish(chunk)
             self._publish(TaskComplete(
                 command="task-complete", name=result.name, node=self.settings.name,

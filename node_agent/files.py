@@ -34,7 +34,6 @@ def collect_results(store: BlobStore, cwd: Path) -> list[dict[str, Any]]:
         return []
     found = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        found.append({"name": str(path.relative_to(folder)), "sha256": store.put_bytes(data),
-                      "size": len(data)})
+        sha, size = store.put_file(path)  # streamed: a result may be bigger than memory
+        found.append({"name": str(path.relative_to(folder)), "sha256": sha, "size": size})
     return found

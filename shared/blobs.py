@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -121,6 +122,20 @@ class BlobStore:
         if not self.has(sha):
             self._write(sha, data)
         return sha
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        """Keep a copy of a file, streamed (hashed, then copied, block by block); its
+        (sha256, size)."""
+        sha = file_digest(source)
+        if not self.has(sha):
+            temporary = self.root / "partial" / f"{sha}.tmp"
+            shutil.copyfile(source, temporary)
+            temporary.replace(self.path(sha))
+        return sha, self.path(sha).stat().st_size
+
+    def file_chunks(self, sha: str) -> Iterator[BlobChunk]:
+        """A kept file's blob-chunks, one part read at a time."""
+        return file_chunk_messages(self.path(sha), sha)
 
     def put_chunk(self, chunk: BlobChunk) -> bool:
         """Keep one chunk; True once the whole blob is here and checked."""
