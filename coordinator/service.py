@@ -270,6 +270,12 @@ class CoordinatorService:
         self._resume()
 
     def _consume_nodes(self) -> None:
+        # A smaller window for the node channel (the qos applies to consumers made after
+        # it): a request waits at most for a batch of that many node messages.
+        self._channel.basic_qos(prefetch_count=self.settings.node_prefetch,
+                                callback=lambda _frame: self._consume_node_queue())
+
+    def _consume_node_queue(self) -> None:
         self._channel.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_message)
         log.info("coordinator_consuming",
                  queues=[topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE])

@@ -32,7 +32,13 @@ class CoordinatorSettings(ProcessSettings):
         description="seconds a node may take to report a task it was sent before the "
                     "coordinator believes the node does not have it")
     prefetch: int = Field(default=500, ge=1, le=65535,
-                          description="messages handled per batch at most")
+                          description="requests in flight at most (node messages: node_prefetch)")
+    node_prefetch: int = Field(
+        default=500, ge=1, le=65535,
+        description="messages from nodes (node-set, task-complete) in flight at most: the "
+                    "most a request can find ahead of it in a batch. At 1,000 nodes, 100 "
+                    "bounds a request's wait (node-list max 140-305 ms against 900) for "
+                    "about 15% of the decision rate")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     results_dir: Path | None = Field(default=None,
                                      description="where Golem-style results are kept: "
