@@ -93,7 +93,9 @@ class LocalCluster:
     """Three (or `size`) RabbitMQ nodes on this machine, clustered. `start()` makes it,
     `close()` stops every node and deletes their folders."""
 
-    def __init__(self, size: int = 3, prefix: str = "hare") -> None:
+    def __init__(self, size: int = 3, prefix: str = "hare",
+                 keep_logs: Path | None = None) -> None:
+        self.keep_logs = keep_logs  # where the nodes' logs are copied before deleting
         self.server = _tool("rabbitmq-server")
         self.ctl_tool = _tool("rabbitmqctl")
         self.base = Path(tempfile.mkdtemp(prefix="vespid-cluster-"))
@@ -140,6 +142,11 @@ class LocalCluster:
             if pid is not None:
                 with suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+        if self.keep_logs is not None:
+            for node in self.nodes:
+                with suppress(OSError):
+                    shutil.copytree(node.home / "log", self.keep_logs / node.short,
+                                    dirs_exist_ok=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
     # ---- the CLI -----------------------------------------------------------------------
@@ -229,8 +236,8 @@ class LocalCluster:
 
 
 @contextmanager
-def local_cluster(size: int = 3) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(size)
+def local_cluster(size: int = 3, keep_logs: Path | None = None) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(size, keep_logs=keep_logs)
     try:
         cluster.start()
         yield cluster
@@ -259,6 +266,8 @@ def _free_ports(count: int) -> list[int]:
 def _free(port: int) -> bool:
     for address in (HOST, "0.0.0.0"):
         with socket.socket() as probe:
+            # As RabbitMQ binds: a port whose last connections linger in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((address, port))
             except OSError:
@@ -285,7 +294,7 @@ def connected_nodes(cluster: LocalCluster, pid: int) -> set[str]:
     by_port = {node.port: node.short for node in cluster.nodes}
     result = subprocess.run(["ss", "-Htnp", "state", "established"], capture_output=True,
                             text=True, timeout=30, check=True)
-    found = set()
+    found: set[str] = set()
     for line in result.stdout.splitlines():
         fields = line.split()
         if len(fields) < 5 or f"pid={pid}," not in line:

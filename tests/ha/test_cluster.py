@@ -15,7 +15,6 @@ from tests import processes
 from tests.faults.test_coordinator_faults import wait_all_complete
 from tests.ha.cluster import LocalCluster, Node, connected_nodes
 from tests.ha.test_standby import HA_ENV, marker_script, wait_active
-from tests.postgres import fresh_database
 from tests.processes import VespidProcess, cli
 from tests.raw import RawPeer
 
@@ -26,16 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.ha]
 COORDINATOR_ORDERS = {"c1": (1, 0, 2), "c2": (2, 0, 1)}
 AGENT_ORDERS = {"box1": (0, 1, 2), "box2": (1, 2, 0), "box3": (2, 0, 1)}
 SUPERSEDED_EXIT = 3
-
-
-@pytest.fixture
-def vhost(cluster: LocalCluster) -> Iterator[str]:
-    with cluster.fresh_vhost() as name:
-        yield name
-        # A test that failed with a node down leaves the cluster whole for the next one.
-        for node in cluster.nodes:
-            if node.name not in cluster.running_nodes():
-                cluster.start_app(node)
 
 
 @pytest.fixture
@@ -55,12 +44,6 @@ def raw(first_node_url: str) -> Iterator[RawPeer]:
     peer = RawPeer(first_node_url)
     yield peer
     peer.close()
-
-
-@pytest.fixture
-def state_url() -> Iterator[str]:
-    with fresh_database("vespid_ha") as url:
-        yield url
 
 
 @pytest.fixture
