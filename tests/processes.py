@@ -28,11 +28,15 @@ class VespidProcess:
     env: dict[str, str]
     cwd: Path
     process: subprocess.Popen[bytes] | None = field(default=None)
+    # A command that runs the process elsewhere (`ip netns exec NS`); it must exec it, so
+    # that the pid is the process's own.
+    wrap: list[str] = field(default_factory=list)
 
     def start(self) -> VespidProcess:
         handle = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vespid.client.cli", *self.args], cwd=self.cwd, env=self.env,
+            [*self.wrap, sys.executable, "-m", "vespid.client.cli", *self.args], cwd=self.cwd,
+            env=self.env,
             stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         handle.close()
         return self
