@@ -102,10 +102,25 @@ class PostgresStore(Store):
     # ---- fencing -------------------------------------------------------------------------
     def take_over(self, holder: str) -> int:
         """Take a new epoch: from this commit on, the previous holder's are refused."""
-        with self._translated(), self._db.transaction():
-            row = self._db.execute(
-                "UPDATE coordinator_lease SET epoch = epoch + 1, holder = %s, taken_at = %s "
-                "WHERE id = 1 RETURNING epoch", (holder, time.time())).fetchone()
+        with self._translated():
+            while True:
+                try:
+                    with self._db.transaction():
+                        # Waits for a batch in flight, but not for ever: a session stuck in
+                        # the middle of a pipeline (cut off, paused) is not ended by
+                        # idle_in_transaction_session_timeout, so end it here.
+                        self._db.execute(f"SET LOCAL lock_timeout = '{IDLE_IN_TRANSACTION}'")
+                        row = self._db.execute(
+                            "UPDATE coordinator_lease SET epoch = epoch + 1, holder = %s, "
+                            "taken_at = %s WHERE id = 1 RETURNING epoch",
+                            (holder, time.time())).fetchone()
+                    break
+                except psycopg.errors.LockNotAvailable:
+                    ended = self._db.execute(
+                        "SELECT pid, pg_terminate_backend(pid) FROM pg_locks "
+                        "WHERE relation = 'coordinator_lease'::regclass AND granted "
+                        "AND pid <> pg_backend_pid()").fetchall()
+                    log.warning("stuck_holder_ended", sessions=[pid for pid, _ in ended])
         assert row is not None
         self.epoch = int(row[0])
         log.info("state_taken_over", epoch=self.epoch, holder=holder)
