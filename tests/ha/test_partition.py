@@ -38,7 +38,8 @@ SUPERSEDED_EXIT = 3
 # session stuck inside one ends after this (coordinator/pgstore.py, IDLE_IN_TRANSACTION).
 IDLE_IN_TRANSACTION_SECONDS = 5
 TAKEOVER_DEADLINE = 30
-KNOWN_HOLDUP = ("take_over should have ended it: PostgreSQL does not end a session that waits in the middle of a pipeline "
+KNOWN_HOLDUP = ("take_over should have ended it: PostgreSQL does not end a session that "
+                "waits in the middle of a pipeline "
                 "(psycopg's executemany) after idle_in_transaction_session_timeout: the "
                 "cut-off coordinator's share lock on coordinator_lease outlives the "
                 "partition and the standby's take_over waits for it (see the report on "
