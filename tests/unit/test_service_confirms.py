@@ -62,6 +62,7 @@ class FakeChannel:
     acks: list[tuple[int, bool]] = field(default_factory=list)  # (delivery tag, multiple)
     declared_queues: list[str] = field(default_factory=list)
     consuming: list[str] = field(default_factory=list)
+    prefetch: list[int] = field(default_factory=list)  # qos windows, in order
     # Everything in call order, publishes as ("publish", routing key): shows declare-first.
     calls: list[tuple[str, str]] = field(default_factory=list)
 
@@ -73,6 +74,12 @@ class FakeChannel:
 
     def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
         self.acks.append((delivery_tag, multiple))
+
+    def basic_qos(self, prefetch_count: int,
+                  callback: Callable[[Any], None] | None = None) -> None:
+        self.prefetch.append(prefetch_count)
+        if callback is not None:  # qos-ok, at once
+            callback(SimpleNamespace())
 
     def basic_consume(self, queue: str, on_message_callback: Any,
                       callback: Callable[[Any], None] | None = None) -> None:
