@@ -34,6 +34,10 @@ from vespid.shared.errors import (
 )
 from vespid.shared.protocol import (
     TASK_NAME_PATTERN,
+    AttemptList,
+    AttemptListResponse,
+    FarmHistory,
+    FarmHistoryResponse,
     NodeDrain,
     NodeList,
     Severity,
@@ -44,6 +48,8 @@ from vespid.shared.protocol import (
     TaskListStatus,
     TaskUpdate,
     TaskWait,
+    TreeTimeline,
+    TreeTimelineResponse,
     encode,
     parse_body,
 )
@@ -400,6 +406,25 @@ class Client:
 
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.request(NodeList(command="node-list"))["nodes"])
+
+    # ---- time: what ran where, and when (read-only) ---------------------------------------
+    def tree_timeline(self, root: str, limit: int = 10_000) -> TreeTimelineResponse:
+        """Every task of the tree under `root`, parents first, with its attempts' times."""
+        reply = self.request(build(TreeTimeline, command="tree-timeline", root=root,
+                                   limit=limit))
+        return TreeTimelineResponse.model_validate(reply)
+
+    def attempts(self, since: float, until: float | None = None,
+                 limit: int = 20_000) -> AttemptListResponse:
+        """The attempts that ran at any time in [since, until] on the farm (Unix seconds)."""
+        reply = self.request(build(AttemptList, command="attempt-list", since=since,
+                                   until=until, limit=limit))
+        return AttemptListResponse.model_validate(reply)
+
+    def history(self, since: float | None = None) -> FarmHistoryResponse:
+        """The coordinator's samples of queue depth, starts and node use, oldest first."""
+        reply = self.request(build(FarmHistory, command="farm-history", since=since))
+        return FarmHistoryResponse.model_validate(reply)
 
     # ---- waiting ---------------------------------------------------------------------
     def wait(self, name: str, timeout: float | None = None, *,

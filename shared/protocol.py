@@ -260,6 +260,32 @@ class NodeList(_Message):
     command: Literal["node-list"]
 
 
+class TreeTimeline(_Message):
+    """Read-only: every task of one tree with its attempts' times (dashboard, `vespid
+    timeline`)."""
+
+    command: Literal["tree-timeline"]
+    root: TaskName
+    limit: int = Field(default=10_000, ge=1, le=100_000)
+
+
+class AttemptList(_Message):
+    """Read-only: the attempts that were running at any time in [since, until] on the farm,
+    oldest first (the dashboard's timeline)."""
+
+    command: Literal["attempt-list"]
+    since: float = Field(ge=0)
+    until: float | None = Field(default=None, ge=0)
+    limit: int = Field(default=20_000, ge=1, le=100_000)
+
+
+class FarmHistory(_Message):
+    """Read-only: the coordinator's recent samples of its own figures (the farm charts)."""
+
+    command: Literal["farm-history"]
+    since: float | None = Field(default=None, ge=0)
+
+
 class NodeRepository(_Message):
     # Extra fields are dropped, not kept: they would be echoed in node-list replies.
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -480,6 +506,82 @@ class NodeListResponse(Said):
     nodes: list[NodeSummary]
 
 
+AttemptOutcome = Literal["running", "lost", "replaced", "ok", "warning", "error", "fatal",
+                         "terminated"]
+
+
+class TimelineAttempt(Said):
+    """One attempt as a bar: where and when it ran and how it ended. `outcome` is `running`
+    while it runs, `lost` if its node was lost under it, `replaced` if it ended and the task
+    was started again for another reason, else the task's severity. `late` is true when
+    its node reported on it after it had been replaced. `cores` is what it was granted."""
+
+    task: str
+    attempt: int
+    node: str
+    start: float
+    end: float | None
+    outcome: AttemptOutcome
+    why: str | None = None
+    late: bool = False
+    cores: float = 0.0
+
+
+class TimelineTask(_Times):
+    """One task of a tree-timeline. `waiting_reason` is why it waits now (idle tasks);
+    `waited_for` the last reason the coordinator saw while it waited, kept after it
+    started."""
+
+    name: str
+    parent: str | None
+    status: Literal["working", "complete"] | None
+    success: Severity | None
+    virtual: bool = False
+    waiting_reason: str | None = None
+    waited_for: str | None = None
+    attempts: list[TimelineAttempt]
+
+
+class TreeTimelineResponse(Said):
+    command: Literal["tree-timeline-response"]
+    root: str
+    now: float
+    total: int  # tasks in the tree, before `limit`
+    tasks: list[TimelineTask]  # parents before their children
+
+
+class AttemptListResponse(Said):
+    command: Literal["attempt-list-response"]
+    now: float
+    since: float
+    truncated: bool  # more attempts fell in the window than `limit`
+    attempts: list[TimelineAttempt]
+
+
+class NodeSample(Said):
+    cores: float
+    cores_used: float
+    memory: float  # GiB, as node-set gives it
+    memory_used: float
+
+
+class FarmSample(Said):
+    """The farm at one moment: tasks waiting and running, tasks started since the sample
+    before, and each live node's use."""
+
+    time: float
+    queued: int
+    running: int
+    started: int
+    nodes: dict[str, NodeSample]
+
+
+class FarmHistoryResponse(Said):
+    command: Literal["farm-history-response"]
+    interval: float  # seconds between samples
+    samples: list[FarmSample]  # oldest first
+
+
 class StateCheckResponse(Said):
     command: Literal["state-check-response"]
     ok: bool
@@ -493,7 +595,8 @@ from vespid.shared.blobs import BlobChunk, BlobGet  # noqa: E402 - needs Protoco
 
 InboundMessage = Annotated[
     TaskCreate | TaskInfo | TaskCancel | TaskUpdate | TaskWait | TaskList | NodeList | NodeSet
-    | TaskComplete | NodeDrain | StateCheck | BlobChunk | BlobGet,
+    | TaskComplete | NodeDrain | StateCheck | BlobChunk | BlobGet | TreeTimeline | AttemptList
+    | FarmHistory,
     Field(discriminator="command"),
 ]
 NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain | BlobChunk,
@@ -503,7 +606,8 @@ _inbound = TypeAdapter[Any](InboundMessage)
 _node_inbound = TypeAdapter[Any](NodeMessage)
 INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
                     "task-list", "node-list", "node-set", "task-complete", "node-drain",
-                    "state-check", "blob-chunk", "blob-get")
+                    "state-check", "blob-chunk", "blob-get", "tree-timeline", "attempt-list",
+                    "farm-history")
 NODE_COMMANDS = ("task-run", "task-kill", "repository-clean", "node-drain", "blob-chunk")
 
 
