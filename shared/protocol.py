@@ -514,11 +514,14 @@ class TimelineAttempt(Said):
     """One attempt as a bar: where and when it ran and how it ended. `outcome` is `running`
     while it runs, `lost` if its node was lost under it, `replaced` if it ended and the task
     was started again for another reason, else the task's severity. `late` is true when
-    its node reported on it after it had been replaced. `cores` is what it was granted."""
+    its node reported on it after it had been replaced. `cores` is what it was granted.
+    `queued` is when it began to wait for this start: the task's creation for its first
+    attempt, the end of the one before for a later one."""
 
     task: str
     attempt: int
     node: str
+    queued: float | None = None
     start: float
     end: float | None
     outcome: AttemptOutcome
