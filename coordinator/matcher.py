@@ -351,29 +351,6 @@ class _Roomiest:
                 if had >= memory]
 
 
-class _MostFree:
-    """The most any accepting node has free of one resource, kept through a pass: a shape
-    that needs more than that fits nowhere, and is blocked without looking at a node. In a
-    busy farm most shapes are, and looking cost a scan of the nodes per shape per pass."""
-
-    def __init__(self, resource: str, offers: Iterable[NodeOffer]) -> None:
-        self.resource = resource
-        self.offers = {o.name: o for o in offers}
-        self.heap = [(-o.free.get(resource, 0.0), o.name) for o in self.offers.values()]
-        heapq.heapify(self.heap)
-
-    def changed(self, offer: NodeOffer) -> None:
-        heapq.heappush(self.heap, (-offer.free.get(self.resource, 0.0), offer.name))
-
-    def most(self) -> float:
-        while self.heap:
-            amount, name = self.heap[0]
-            if -amount == self.offers[name].free.get(self.resource, 0.0):
-                return -amount
-            heapq.heappop(self.heap)  # an entry from before the node's room changed
-        return 0.0
-
-
 @dataclass
 class _Pass:
     offers: list[NodeOffer]
@@ -386,7 +363,6 @@ class _Pass:
     live: dict[Shape, _Fitting] = field(default_factory=dict)
     reservation: Reservation | None = None
     changed: list[str] = field(default_factory=list)  # nodes whose room a decision took
-    most_free: list[_MostFree] | None = None
 
     @property
     def by_name(self) -> dict[str, NodeOffer]:
@@ -422,20 +398,10 @@ class _Pass:
                                                              if compatible(shape, o))
         return found
 
-    def room_somewhere(self, shape: Shape) -> bool:
-        if self.most_free is None:
-            self.most_free = [_MostFree(r, self.offers) for r in ("cores", "memory")]
-        need = shape.need
-        return all(need.get(m.resource, 0.0) <= m.most() for m in self.most_free)
-
     def note_change(self, offer: NodeOffer) -> None:
         self.changed.append(offer.name)
-        for most in self.most_free or ():
-            most.changed(offer)
 
     def best_node(self, shape: Shape, task: str) -> NodeOffer | None:
-        if not self.room_somewhere(shape):
-            return None
         # Room only shrinks during a pass: a node that cannot take the shape now will not
         # later in this pass, so each shape looks at each node about once per pass, and
         # again only at the nodes a decision changed since.
