@@ -57,6 +57,17 @@ class CoordinatorSettings(ProcessSettings):
                                                      "before its task fails")
     metrics_port: int | None = Field(default=None, ge=1, le=65535,
                                      description="serve Prometheus metrics on this port")
+    history_interval: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="seconds between samples of queue depth, starts and node use (the "
+                    "dashboard's farm charts, `farm-history`)")
+    history_keep: float = Field(
+        default=6 * 3600.0, gt=0,
+        description="seconds of samples kept, in memory only (a restart starts afresh)")
+    timeline_keep: float = Field(
+        default=24 * 3600.0, gt=0,
+        description="how far back `attempt-list` (the dashboard's timeline) finds "
+                    "attempts by start time; running attempts are always found")
     require_user_id: bool = Field(
         default=False,
         description="refuse requests that carry no user_id: with per-user credentials this "

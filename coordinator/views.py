@@ -44,7 +44,7 @@ def task_info(state: State, task: Task) -> dict[str, Any]:
         "time-create": task.time_create,
         "time-start": task.time_start,
         "time-finish": task.time_finish,
-        "status": _shown_status(task),
+        "status": shown_status(task),
         "success": task.success.value if task.success else None,
         "node": task.node,
         "log": task.log,
@@ -92,7 +92,7 @@ def unknown_task(name: str) -> TaskInfoResponse:
 def task_summary(state: State, task: Task) -> TaskSummary:
     return TaskSummary(
         name=task.name, name_pretty=task.definition.name_pretty, parent=task.parent,
-        status=_shown_status(task), success=task.success, node=task.node,
+        status=shown_status(task), success=task.success, node=task.node,
         priority=task.definition.priority,
         attempt=task.attempt, time_create=task.time_create, time_start=task.time_start,
         time_finish=task.time_finish, children=len(state.children.get(task.name, ())),
@@ -108,7 +108,7 @@ def node_summary(node: Node, accepting: bool, why_not: str | None) -> NodeSummar
         repositories={k: NodeRepository.model_validate(v) for k, v in node.repositories.items()})
 
 
-def _shown_status(task: Task) -> Literal["working", "complete"] | None:
+def shown_status(task: Task) -> Literal["working", "complete"] | None:
     """As the wire shows it: an idle task has no status yet."""
     if task.status is TaskStatus.IDLE:
         return None

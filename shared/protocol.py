@@ -564,7 +564,7 @@ class AttemptListResponse(Said):
 class NodeSample(Said):
     cores: float
     cores_used: float
-    memory: float  # GiB, as node-set gives it
+    memory: float  # MB, as node-set gives it
     memory_used: float
 
 

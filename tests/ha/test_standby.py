@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,16 @@ def marker_script(folder: Path) -> str:
             "p.open('a').write('ran\\n')")
 
 
+def assert_each_ran_once(done: list[dict[str, Any]], runs: Path, total: int) -> None:
+    """Every task flow-0000 … completed ok, and its script left one line: ran once."""
+    assert {t["name"] for t in done} == {f"flow-{i:04d}" for i in range(total)}
+    assert {t["success"] for t in done} == {"ok"}
+    ran = {path.name: path.read_text().count("ran") for path in runs.iterdir()}
+    assert len(ran) == total
+    assert {count for count in ran.values()} == {1}, \
+        {name: n for name, n in ran.items() if n != 1}
+
+
 def test_three_sigkills_of_the_active_coordinator_lose_nothing_and_run_nothing_twice(
         amqp_url: str, tmp_path: Path, start_coordinator: Callable[[str], VespidProcess],
         start_node: Callable[..., VespidProcess], raw: RawPeer) -> None:
@@ -109,12 +120,7 @@ def test_three_sigkills_of_the_active_coordinator_lose_nothing_and_run_nothing_t
         spare += 1
 
     done = wait_all_complete(amqp_url, total, timeout=300)
-    assert {t["name"] for t in done} == {f"flow-{i:04d}" for i in range(total)}
-    assert {t["success"] for t in done} == {"ok"}
-    ran = {path.name: path.read_text().count("ran") for path in runs.iterdir()}
-    assert len(ran) == total
-    assert {count for count in ran.values()} == {1}, \
-        {name: n for name, n in ran.items() if n != 1}
+    assert_each_ran_once(done, runs, total)
     check = cli(amqp_url, "coordinator", "--check")
     assert check.returncode == 0, check.stdout + check.stderr
     print(f"\ntakeover, SIGKILL to the next decision: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -14,9 +14,10 @@ import pytest
 from tests import processes
 from tests.faults.test_coordinator_faults import wait_all_complete
 from tests.ha.cluster import LocalCluster, Node, connected_nodes
-from tests.ha.test_standby import HA_ENV, marker_script, wait_active
+from tests.ha.test_standby import HA_ENV, assert_each_ran_once, marker_script, wait_active
 from tests.processes import VespidProcess, cli
 from tests.raw import RawPeer
+from vespid.coordinator.service import SUPERSEDED_EXIT
 
 pytestmark = [pytest.mark.integration, pytest.mark.ha]
 
@@ -24,26 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.ha]
 # connections spread over the three: the coordinators on hare2 and hare3, an agent on each.
 COORDINATOR_ORDERS = {"c1": (1, 0, 2), "c2": (2, 0, 1)}
 AGENT_ORDERS = {"box1": (0, 1, 2), "box2": (1, 2, 0), "box3": (2, 0, 1)}
-SUPERSEDED_EXIT = 3
-
-
-@pytest.fixture
-def amqp_url(cluster: LocalCluster, vhost: str) -> str:
-    """Every node, in the cluster's order: what the CLI and the shared fixtures use."""
-    return cluster.url(vhost)
-
-
-@pytest.fixture
-def first_node_url(cluster: LocalCluster, vhost: str) -> str:
-    """hare1 alone: the test's own raw peer, never on the node it stops."""
-    return cluster.node_url(cluster.nodes[0], vhost)
-
-
-@pytest.fixture
-def raw(first_node_url: str) -> Iterator[RawPeer]:
-    peer = RawPeer(first_node_url)
-    yield peer
-    peer.close()
 
 
 @pytest.fixture
@@ -198,12 +179,7 @@ def test_a_broker_node_stopped_under_load_and_started_again_loses_no_task(
     assert sorted(cluster.running_nodes()) == all_nodes
 
     done = wait_all_complete(first_node_url, total, timeout=180)
-    assert {t["name"] for t in done} == {f"flow-{i:04d}" for i in range(total)}
-    assert {t["success"] for t in done} == {"ok"}
-    ran = {path.name: path.read_text().count("ran") for path in runs.iterdir()}
-    assert len(ran) == total
-    assert {count for count in ran.values()} == {1}, \
-        {name: n for name, n in ran.items() if n != 1}
+    assert_each_ran_once(done, runs, total)
     assert running(agents) == agents, "an agent stopped"
     assert len(running(coordinators)) == 2, "a coordinator stopped"
     check = cli(amqp_url, "coordinator", "--check")

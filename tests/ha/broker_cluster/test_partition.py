@@ -19,13 +19,14 @@ import pytest
 
 from tests import processes
 from tests.faults.test_coordinator_faults import wait_all_complete
+from tests.ha.broker_cluster.test_cluster import log_times, submit, wait_until
 from tests.ha.cluster import LocalCluster
 from tests.ha.netns import IsolatedHost, NetnsUnavailable, check_available, isolated_host
-from tests.ha.test_cluster import log_times, submit, wait_until
-from tests.ha.test_standby import HA_ENV, wait_active
+from tests.ha.test_standby import HA_ENV, assert_each_ran_once, wait_active
 from tests.processes import VespidProcess, cli
 from tests.raw import RawPeer
 from vespid.coordinator.pgstore import PostgresStore
+from vespid.coordinator.service import SUPERSEDED_EXIT
 
 pytestmark = [pytest.mark.integration, pytest.mark.ha]
 
@@ -33,7 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.ha]
 # tells its messages from the standby's (RabbitMQ checks the user_id it stamps on them).
 CUT_USER, CUT_PASSWORD = "vespid-cut", "cut-off"
 TRACE_QUEUE = "test.trace"
-SUPERSEDED_EXIT = 3
 # A takeover waits for the old coordinator's batch in flight; the store promises that a
 # session stuck inside one ends after this (coordinator/pgstore.py, IDLE_IN_TRANSACTION).
 IDLE_IN_TRANSACTION_SECONDS = 5
@@ -56,23 +56,6 @@ def host() -> Iterator[IsolatedHost]:
         pytest.skip(f"no network namespaces here: {exc}")
     with isolated_host() as made:
         yield made
-
-
-@pytest.fixture
-def amqp_url(cluster: LocalCluster, vhost: str) -> str:
-    return cluster.url(vhost)
-
-
-@pytest.fixture
-def first_node_url(cluster: LocalCluster, vhost: str) -> str:
-    return cluster.node_url(cluster.nodes[0], vhost)
-
-
-@pytest.fixture
-def raw(first_node_url: str) -> Iterator[RawPeer]:
-    peer = RawPeer(first_node_url)
-    yield peer
-    peer.close()
 
 
 @pytest.fixture
@@ -186,12 +169,7 @@ def test_a_coordinator_cut_off_by_a_partition_is_replaced_and_nothing_it_decides
                                offsets[id(cut_off)]))
 
     done = wait_all_complete(first_node_url, total, timeout=180)
-    assert {t["name"] for t in done} == {f"flow-{i:04d}" for i in range(total)}
-    assert {t["success"] for t in done} == {"ok"}
-    ran = {path.name: path.read_text().count("ran") for path in runs.iterdir()}
-    assert len(ran) == total
-    assert {count for count in ran.values()} == {1}, \
-        {name: n for name, n in ran.items() if n != 1}
+    assert_each_ran_once(done, runs, total)
     after_heal = traced(raw, trace)
     assert [m for m in after_heal if m["user"] == cut_user] == []
     assert after_heal, "the trace saw nothing after the heal: it does not work"
@@ -239,6 +217,7 @@ def lease_holdup(state_url: str) -> str:
 WRITER = """
 import sys
 from vespid.coordinator.pgstore import PostgresStore
+from vespid.coordinator.service import SUPERSEDED_EXIT
 store = PostgresStore(sys.argv[1])
 store.take_over("cut-off")
 records = [(f"k{i}", {"pad": "x" * 2000}) for i in range(10000)]
