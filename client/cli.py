@@ -321,6 +321,46 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from vespid.client import timeline
+
+    target = Path(args.out)
+    render = {".svg": timeline.render_svg, ".html": timeline.render_html,
+              ".htm": timeline.render_html}.get(target.suffix.lower())
+    if render is None:  # refused before asking the coordinator anything
+        raise ConfigError(f"--out must name a .svg or .html file, not {target.name!r}")
+    with _client(args) as client:
+        tree = _tree_timeline(client, args.root)
+    critical = timeline.critical_path(tree)
+    try:
+        target.write_bytes(render(tree, critical))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
+    attempts = sum(len(task.attempts) for task in tree.tasks)
+    seconds = timeline.total_seconds(tree)
+    if args.json:
+        out(json.dumps({"out": str(target), "tasks": len(tree.tasks), "total": tree.total,
+                        "attempts": attempts, "critical_path": critical, "seconds": seconds}))
+    else:
+        path = " → ".join(timeline.short_name(name) for name in critical)
+        out(f"wrote {target}: {len(tree.tasks)} tasks, {attempts} attempts; "
+            f"critical path: {path} ({seconds:.1f} s)")
+    return EXIT_OK
+
+
+def _tree_timeline(client: Any, root: str) -> Any:
+    """The tree under `root`; an unknown root is TaskNotFound (exit 4), as for `info`."""
+    try:
+        tree = client.tree_timeline(root)
+    except RemoteError as exc:
+        if exc.code != "not_found":
+            raise
+        tree = None
+    if tree is None or not tree.tasks:
+        raise TaskNotFound(f"no task named {root!r}; `vespid tasks` lists them")
+    return tree
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.drain(args.node)
@@ -443,6 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
     command("top", cmd_top, "nodes and the newest tasks, live (Ctrl-C to leave)")
     p = command("completion", cmd_completion,
                 "print bash completion: eval \"$(vespid completion)\"", False)
+    p = command("timeline", cmd_timeline,
+                "draw a task tree in time to an SVG or HTML file (a picture for CI results)")
+    p.description = (
+        "Draw the tree under ROOT as it ran, one row per task (children under their "
+        "parent): a light bar for each wait before a start, a bar for each attempt from "
+        "start to end coloured by outcome (running, ok, warning, error, fatal, terminated, "
+        "lost, replaced), and a time axis in seconds from the tree's creation. The critical "
+        "path (the chain of tasks that decided when the tree finished: from the root, "
+        "always the child whose subtree ended last) is starred and outlined. Hovering a bar "
+        "shows its node, how long it waited and why, and how long it ran. A tree still "
+        "running is drawn as it is now.")
+    p.add_argument("root", metavar="ROOT", help="the tree's root task")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="where to write the picture: FILE.svg, or FILE.html for a standalone "
+                        "page (nothing fetched at view time)")
     p = command("drain", cmd_drain, "stop giving a node work; its agent exits when idle")
     p.add_argument("node")
     golem_commands(sub, client_options)
