@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vespid.client.api import Client
-from vespid.client.timeline import critical_path, slot_lanes
+from vespid.client.timeline import OUTCOME_COLOURS, critical_path, short_name, slot_lanes
 from vespid.servers.settings import DashboardSettings
 from vespid.shared import logs as logging_setup
 from vespid.shared.errors import ProtocolError, RemoteError, VespidError
@@ -37,6 +37,18 @@ STATIC = resources.files("vespid.servers").joinpath("static")
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                 ".txt": "text/plain; charset=utf-8", ".md": "text/plain; charset=utf-8"}
 TIMELINE_WINDOW = 15 * 60.0  # seconds the timeline shows when the page names no `since`
+
+
+def _ink(fill: str) -> str:
+    """Dark text on a light fill, white on a dark one (ITU-R BT.601 luma)."""
+    red, green, blue = (int(fill[i:i + 2], 16) for i in (1, 3, 5))
+    return "#111" if 0.299 * red + 0.587 * green + 0.114 * blue > 150 else "#fff"
+
+
+# The bars take the colours of `vespid timeline`'s picture: one palette for both.
+OUTCOME_CSS = "".join(
+    f".vis-item.outcome-{outcome}{{background-color:{fill};border-color:{fill};"
+    f"color:{_ink(fill)}}}\n" for outcome, fill in OUTCOME_COLOURS.items()).encode()
 _local = threading.local()
 
 
@@ -83,7 +95,8 @@ def timeline(url: str, since: float, until: float | None) -> dict[str, Any]:
     slots: dict[tuple[str, int], int] = {}
     for lane in lanes:  # each node's attempts in the core slots it granted
         slots |= slot_lanes([a for a in listed.attempts if a.node == lane["name"]], lane["cores"])
-    attempts = [a.model_dump(mode="json", by_alias=True) | {"slot": slots[(a.task, a.attempt)]}
+    attempts = [a.model_dump(mode="json", by_alias=True)
+                | {"slot": slots[(a.task, a.attempt)], "label": short_name(a.task)}
                 for a in listed.attempts]
     return {"now": listed.now, "since": listed.since, "until": until,
             "truncated": listed.truncated, "nodes": lanes, "attempts": attempts}
@@ -92,7 +105,12 @@ def timeline(url: str, since: float, until: float | None) -> dict[str, Any]:
 def tree(url: str, root: str) -> dict[str, Any]:
     """A tree's tasks and attempts in time, with the chain that decided when it finished."""
     reply = _client(url).tree_timeline(root)
-    return reply.model_dump(mode="json", by_alias=True) | {"critical": critical_path(reply)}
+    drawn = reply.model_dump(mode="json", by_alias=True)
+    for task in drawn["tasks"]:  # labels as `vespid timeline` writes them
+        task["label"] = short_name(task["name"])
+        for attempt in task["attempts"]:
+            attempt["label"] = task["label"]
+    return drawn | {"critical": critical_path(reply)}
 
 
 def history(url: str, since: float | None) -> dict[str, Any]:
@@ -175,6 +193,8 @@ class Handler(BaseHTTPRequestHandler):
         path, query = self.path.split("?")[0], parse_qs(urlsplit(self.path).query)
         if path == "/":
             self._send(PAGE, "text/html; charset=utf-8")
+        elif path == "/outcomes.css":
+            self._send(OUTCOME_CSS, "text/css; charset=utf-8")
         elif path.startswith("/static/"):
             found = static_file(path.removeprefix("/static/"))
             if found is None:

@@ -56,7 +56,7 @@ function attemptBar(a, group, now, extraClass = "") {
   const end = Math.max(a.end ?? now, a.start + 0.05);
   return {id: `${a.task}\u0000${a.attempt}`, group, start: ms(a.start), end: ms(end),
     className: `attempt outcome-${a.outcome}${a.late ? " late" : ""}${extraClass}`,
-    title: attemptTitle(a, now), label: a.task, marks: marks(a),
+    title: attemptTitle(a, now), label: a.label || a.task, marks: marks(a),
     task: a.task, attempt: a.attempt, node: a.node, outcome: a.outcome};
 }
 function barContent(item) {
@@ -93,8 +93,9 @@ function laneGroups(lanes, attempts) {
     // each other; opened, each slot gets a lane with its label.
     groups.push({id: lane.name, content: laneLabel(lane), nestedGroups: nested, showNested: open,
                  className: "node-lane", subgroupOrder: "slot"});
-    nested.forEach((id, i) => groups.push({id, content: `core slot ${i + 1}`, visible: open, treeLevel: 1,
-                                           className: "slot-lane"}));
+    // A slot past the node's cores holds an attempt that ran on cores a waiting parent lent.
+    nested.forEach((id, i) => groups.push({id, visible: open, treeLevel: 1, className: "slot-lane",
+      content: i < lane.cores ? `core slot ${i + 1}` : `slot ${i + 1} (lent)`}));
   }
   return groups;
 }
@@ -123,12 +124,13 @@ function drawFarm(data) {
   for (const a of data.attempts) counts[a.outcome] = (counts[a.outcome] || 0) + 1;
   document.getElementById("timeline-note").textContent = `${data.attempts.length} attempts · ` +
     Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ") +
-    (data.truncated ? " · more than shown: zoom in" : "") + (farm.follow ? " · live" : " · paused (pan to now)");
+    (data.truncated ? " · more than shown: zoom in" : "") + (farm.follow ? " · live" : " · paused");
+  document.getElementById("timeline-now").hidden = farm.follow;
 }
-function makeFarmTimeline() {
+function makeFarmTimeline(width) {
   const now = Date.now();
   farm.chart = new vis.Timeline(document.getElementById("timeline"), farm.items, farm.groups, {
-    ...ITEM_OPTIONS, start: new Date(now - WINDOW_MS), end: new Date(now + 0.03 * WINDOW_MS),
+    ...ITEM_OPTIONS, start: new Date(now - width), end: new Date(now + 0.03 * width),
     groupOrder: (a, b) => String(a.id).localeCompare(String(b.id)), maxHeight: 560,
     verticalScroll: true});
   farm.chart.on("click", props => { const item = props.item && farm.items.get(props.item);
@@ -146,8 +148,22 @@ function makeFarmTimeline() {
     }
   });
 }
+// Paused in the past, one click brings the window back to now, as wide as it is.
+document.getElementById("timeline-now").addEventListener("click", () => {
+  farm.follow = true;
+  refreshSoon();
+});
 views.timeline = {
-  show() { if (!farm.chart) makeFarmTimeline(); },
+  show(minutes) {  // #timeline/5: the last five minutes
+    const width = Number(minutes) > 0 ? Number(minutes) * MINUTE : WINDOW_MS;
+    if (!farm.chart) {
+      makeFarmTimeline(width);
+    } else if (minutes) {
+      const end = Date.now() + farm.skew;
+      farm.follow = true;
+      farm.chart.setWindow(new Date(end - width), new Date(end + 0.03 * width), {animation: false});
+    }
+  },
   async refresh() {
     const w = farm.chart.getWindow(), margin = 60 * 1000;
     const since = Math.max(0, (w.start.getTime() - margin) / 1000);
@@ -158,16 +174,23 @@ views.timeline = {
 
 // ---- a tree in time -------------------------------------------------------------------
 const tree = {chart: null, items: new vis.DataSet(), groups: new vis.DataSet(), root: null,
-  fitted: false, key: ""};
+  moved: false, key: ""};
 
 function waitedFor(task) { return task.waiting_reason || task.waited_for || ""; }
-function taskTimes(task, now) {
-  let waited = 0, ran = 0;
-  for (const a of task.attempts) {
-    if (a.queued != null) waited += Math.max(0, a.start - a.queued);
-    ran += (a.end ?? now) - a.start;
+// The waits of a task as `vespid timeline` draws them: before each attempt, and the wait
+// going on now for a task not started (since its creation or its last attempt's end).
+function waits(task, now) {
+  const spans = task.attempts.filter(a => a.queued != null && a.queued < a.start)
+    .map(a => ({begin: a.queued, end: a.start, attempt: a.attempt, node: a.node}));
+  if (task.status == null) {
+    const ends = task.attempts.map(a => a.end).filter(t => t != null);
+    spans.push({begin: Math.max(task["time-create"] ?? now, ...ends), end: now, attempt: 0, node: ""});
   }
-  if (!task.attempts.length && task["time-create"] != null) waited = now - task["time-create"];
+  return spans;
+}
+function taskTimes(task, now) {
+  const waited = waits(task, now).reduce((sum, w) => sum + w.end - w.begin, 0);
+  const ran = task.attempts.reduce((sum, a) => sum + (a.end ?? now) - a.start, 0);
   return {waited, ran};
 }
 function treeLabel(task, depth, critical, now) {
@@ -176,20 +199,19 @@ function treeLabel(task, depth, critical, now) {
   el.dataset.task = task.name;
   el.style.paddingLeft = `${depth * 12}px`;
   el.title = `${task.name}\nwaited ${duration(waited)}${why ? ` (${why})` : ""}\nran ${duration(ran)}`;
-  el.append(element("b", null, task.name),
+  el.append(element("b", null, task.label || task.name),
             element("small", null, `waited ${duration(waited)} · ran ${duration(ran)}` +
                                    (why ? ` · ${why}` : "")));
   return el;
 }
-function waitBar(task, a, now, critical) {
-  const end = a ? a.start : now, begin = a ? a.queued : task["time-create"];
-  if (begin == null || end - begin < 0.01) return null;
+function waitBar(task, wait, critical) {
   const why = waitedFor(task);
-  return {id: `wait\u0000${task.name}\u0000${a ? a.attempt : 0}`, group: task.name,
-    start: ms(begin), end: ms(end), className: `wait${critical ? " critical" : ""}`,
-    label: why ? `waits: ${why}` : "waits", task: task.name, attempt: a ? a.attempt : 0,
-    node: a ? a.node : "", outcome: "waiting",
-    title: `${task.name} waited ${duration(end - begin)}${why ? `\nfor: ${why}` : ""}`};
+  return {id: `wait\u0000${task.name}\u0000${wait.attempt}`, group: task.name,
+    start: ms(wait.begin), end: ms(Math.max(wait.end, wait.begin + 0.05)),
+    className: `wait${critical ? " critical" : ""}`, label: why ? `waits: ${why}` : "waits",
+    task: task.name, attempt: wait.attempt, node: wait.node, outcome: "waiting",
+    title: `${task.name} ${wait.attempt ? "waited" : "waiting for"} ${duration(wait.end - wait.begin)}` +
+           (why ? `\nfor: ${why}` : "")};
 }
 function drawTree(data) {
   const now = data.now, critical = new Set(data.critical), depth = {};
@@ -199,24 +221,25 @@ function drawTree(data) {
     const hot = critical.has(task.name);
     groups.push({id: task.name, order, content: treeLabel(task, depth[task.name], hot, now),
                  className: hot ? "critical" : ""});
-    const waits = task.attempts.length ? task.attempts.map(a => waitBar(task, a, now, hot))
-                                       : [waitBar(task, null, now, hot)];
-    items.push(...waits.filter(Boolean),
+    items.push(...waits(task, now).map(w => waitBar(task, w, hot)),
                ...task.attempts.map(a => attemptBar(a, task.name, now, hot ? " critical" : "")));
   });
   const key = JSON.stringify(groups.map(g => [g.id, g.className, g.content.textContent]));
   if (key !== tree.key) { tree.key = key; replaceAll(tree.groups, groups); }
   replaceAll(tree.items, items);
   tree.chart.setCurrentTime(ms(now));
-  if (!tree.fitted && items.length) { tree.chart.fit({animation: false}); tree.fitted = true; }
-  document.getElementById("tree-note").textContent = `${data.root}: ${data.total} tasks · critical path ` +
-    data.critical.join(" → ") + (data.total > data.tasks.length ? ` · first ${data.tasks.length} shown` : "");
+  // The whole tree stays in view as it grows, until the user zooms or pans.
+  if (!tree.moved && items.length) tree.chart.fit({animation: false});
+  const label = Object.fromEntries(data.tasks.map(t => [t.name, t.label || t.name]));
+  document.getElementById("tree-note").textContent = `${label[data.root] || data.root}: ` +
+    `${data.total} tasks · critical path ${data.critical.map(n => label[n] || n).join(" → ")}` + (data.total > data.tasks.length ? ` · first ${data.tasks.length} shown` : "");
 }
 function makeTreeChart() {
   tree.chart = new vis.Timeline(document.getElementById("tree-chart"), tree.items, tree.groups, {
     ...ITEM_OPTIONS, groupOrder: "order", maxHeight: 600, verticalScroll: true});
   tree.chart.on("click", props => { const item = props.item && tree.items.get(props.item);
     if (item) openTask(item.task); });
+  tree.chart.on("rangechanged", props => { if (props.byUser) tree.moved = true; });
 }
 function fillRoots() {
   const names = new Set((snap.tasks || []).map(t => t.name));
@@ -228,7 +251,7 @@ views.tree = {
     if (!tree.chart) makeTreeChart();
     fillRoots();
     if (root && root !== tree.root) {
-      tree.root = root; tree.fitted = false; tree.key = "";
+      tree.root = root; tree.moved = false; tree.key = "";
       tree.items.clear(); tree.groups.clear();
       document.getElementById("tree-root").value = root;
     }
