@@ -4,10 +4,13 @@ the farm charts. VESPID_TIMELINE_SCREENSHOT=docs/timeline.png keeps the README's
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -299,3 +302,40 @@ def _running_on(raw: RawPeer, node: str, names: set[str]) -> bool:
     listed = raw.request({"command": "node-list"})["nodes"]
     return any(n["name"] == node and any(base(t) in names for t in n["activetasks"])
                for n in listed)
+
+
+def test_the_api_and_static_routes_answer_and_refuse_plainly(
+        coordinator: VespidProcess, start_node: Callable[..., VespidProcess], raw: RawPeer,
+        dashboard_port: int) -> None:
+    start_node("box1", {"memory": 4000, "cores": 3})
+    raw.request({"command": "task-create", "name": "quick", "executable_pyscript": "pass"})
+    raw.wait_for("quick", lambda i: i["status"] == "complete")
+    root = f"http://127.0.0.1:{dashboard_port}"
+
+    def get(path: str) -> tuple[int, str, bytes]:
+        try:
+            with urllib.request.urlopen(root + path, timeout=15) as reply:
+                return reply.status, reply.headers["Content-Type"], reply.read()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.headers["Content-Type"], refused.read()
+
+    status, kind, script = get("/static/vendor/vis-timeline/vis-timeline-graph2d.min.js")
+    licence = get("/static/vendor/vis-timeline/LICENSE.md")[2]
+    timeline = json.loads(get("/api/timeline")[2])
+    tree = json.loads(get("/api/tree/quick")[2])
+    history = json.loads(get("/api/history")[2])
+
+    assert (status, kind) == (200, "text/javascript; charset=utf-8") and b"Graph2d" in script
+    assert b"Apache-2.0" in licence and b"MIT" in licence
+    for outside in ("/static/../dashboard.py", "/static/%2e%2e/dashboard.py",
+                    "/static/__init__.py", "/static/vendor/"):
+        assert get(outside)[0] == 404, outside
+    assert [(n["name"], n["cores"]) for n in timeline["nodes"]] == [("box1", 3.0)]
+    assert [(a["task"], a["attempt"], a["node"], a["outcome"], a["slot"])
+            for a in timeline["attempts"]] == [("quick", 1, "box1", "ok", 0)]
+    assert tree["critical"] == ["quick"] and [t["name"] for t in tree["tasks"]] == ["quick"]
+    assert history["interval"] == 1.0 and isinstance(history["samples"], list)
+    bad_since = get("/api/timeline?since=yesterday")
+    unknown = get("/api/tree/nope")
+    assert bad_since[0] == 400 and b"since must be Unix seconds" in bad_since[2]
+    assert unknown[0] == 400 and b"nope" in unknown[2]
