@@ -54,18 +54,19 @@ from bench.common import (
     Deadline,
     Peer,
     base_url,
+    bench_parser,
     broker_pid,
     describe_log,
     fmt,
-    install_signal_handlers,
     log,
     markdown_table,
-    private_vhost,
     process_cpu_seconds,
     rate,
-    setup_logging,
+    run_bench,
+    size_options,
+    start_bench,
     task_create,
-    write_report,
+    vespid_farm,
 )
 from bench.probes import profile_tables, py_spy, read_profile, spying
 from bench.throughput import wait_for_nodes
@@ -308,13 +309,8 @@ def run_vespid(run: Run, deadline: Deadline,
     """One coordinator and one real agent on a private vhost; `during` wraps the measured
     part (a profiler)."""
     with ExitStack() as stack:
-        url = stack.enter_context(private_vhost("vespid-bench-at"))
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-at-")))
-        coordinator = Coordinator(url, workdir)
-        stack.callback(coordinator.stop)
-        coordinator.start()
-        peer = Peer(url)
-        stack.callback(peer.close)
+        farm = vespid_farm(stack, "vespid-bench-at")
+        url, workdir, coordinator, peer = farm.url, farm.workdir, farm.coordinator, farm.peer
         agent = Agent(url, workdir, f"bench-at-{uuid.uuid4().hex[:8]}",
                       {"cores": run.parallel, "memory": max(4000, 200 * run.parallel)})
         try:
@@ -465,24 +461,20 @@ def report_sections(runs: list[Run], profile: tuple[Run, str] | None) -> list[st
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.agent_tasks",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"N={QUICK_TASKS}")
-    parser.add_argument("--tasks", type=int, help=f"N (default {FULL_TASKS})")
+    parser = bench_parser("bench.agent_tasks", __doc__)
+    size_options(parser, QUICK_TASKS, FULL_TASKS, "tasks (N)",
+                 "wall-clock cap for each run (default 5, --quick 2)")
     parser.add_argument("--parallel", type=int, default=None,
                         help="P, tasks at a time (default: the cores this process may use)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help=f"rounds of baseline, launch line and Vespid (default {ROUNDS})")
     parser.add_argument("--profile", action="store_true",
                         help="one more Vespid run under py-spy (agent and coordinator)")
-    parser.add_argument("--cap-minutes", type=float, default=None,
-                        help="wall-clock cap for each run (default 5, --quick 2)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    install_signal_handlers()
+    start_bench()
     args = parse_args(argv)
     tasks = args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS)
     parallel = args.parallel or len(os.sched_getaffinity(0))
@@ -494,17 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     profile: tuple[Run, str] | None = None
     title = "Vespid node agent: trivial tasks against bare interpreter starts"
-    try:
+
+    def measure() -> None:
+        nonlocal profile
         for number, config in plan(args.rounds):
             runs.append(run_one(number, config, tasks, parallel, cap))
         if args.profile:
             log.info("profile: one more Vespid run under py-spy")
             profile = run_profile(tasks, parallel, cap)
-    except KeyboardInterrupt:
-        write_report(title + " (interrupted)", report_sections(runs, profile))
-        return 130
-    write_report(title, report_sections(runs, profile))
-    return 0
+
+    return run_bench(title, measure, lambda: report_sections(runs, profile))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ can be subtracted from each other.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import heapq
@@ -24,11 +25,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -172,29 +174,22 @@ def connection_parameters(url: str, name: str) -> pika.URLParameters:
 
 
 # ---- the coordinator process --------------------------------------------------------------
-class Coordinator:
-    """`vespid coordinator` with a fresh state file, its output in a log file."""
+class VespidChild:
+    """A `vespid …` process of the bench's own, in a session of its own (so a stop reaches
+    its children too), its output in a log file."""
 
-    def __init__(self, url: str, workdir: Path, env: dict[str, str] | None = None,
-                 log_level: str = "warning") -> None:
-        self.url = url
-        self.workdir = workdir
-        self.log_level = log_level  # "info" adds its start-up milestones to the log
-        self.log_path = workdir / "coordinator.log"
+    what = "process"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
-        self.extra_env = dict(env or {})  # settings of its own, e.g. VESPID_MAX_FILE_BYTES
 
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
-        env.update(VESPID_AMQP_URL=self.url, VESPID_LOG_LEVEL=self.log_level,
-                   VESPID_LOG_FORMAT="json")
-        env.update(self.extra_env)
-        command = [sys.executable, "-m", "vespid.client.cli", "coordinator",
-                   "--state", str(self.workdir / "state.sqlite3")]
+    def launch(self, arguments: list[str], cwd: Path, env: dict[str, str]) -> None:
         with self.log_path.open("ab") as handle:
             self.process = subprocess.Popen(
-                command, cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+                [sys.executable, "-m", "vespid.client.cli", *arguments], cwd=cwd, env=env,
+                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent)
 
     @property
     def pid(self) -> int | None:
@@ -205,33 +200,23 @@ class Coordinator:
 
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise BenchError(f"the coordinator exited with code {self.process.returncode}: "
+            raise BenchError(f"the {self.what} exited with code {self.process.returncode}: "
                              f"{self.log_tail(3)}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL to its whole session after `timeout`."""
         if not self.alive():
             return
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            log.warning("coordinator ignored SIGTERM for 20 s; killing it")
-            self.process.kill()
+            log.warning("the %s did not stop %.0f s after SIGTERM; killing it", self.what,
+                        timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
-
-    def wait_ready(self, peer: Peer, deadline: Deadline) -> None:
-        """Until it consumes its queue and answers a node-list."""
-        while not deadline.expired():
-            self.check_alive()
-            depth = peer.queue_depth(COORDINATOR_QUEUE)
-            if depth is not None and depth[1] >= 1:
-                reply = peer.request({"command": "node-list"}, deadline.within(10))
-                if reply is not None:
-                    return
-            peer.pump(0.1)
-        raise BenchError("the coordinator did not start consuming within the deadline: "
-                         f"{self.log_tail(3)}")
 
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.pid)
@@ -249,29 +234,77 @@ class Coordinator:
         """Warnings and errors it logged, counted by event (non-JSON lines as `raw output`)."""
         return log_summary(self.log_lines())
 
+    def log_records(self, event: str) -> list[dict[str, Any]]:
+        """Its JSON log records of one event (e.g. task_process_exited)."""
+        found = []
+        for line in self.log_lines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == event:
+                    found.append(record)
+        return found
+
+
+def clean_environment(url: str, **settings: str) -> dict[str, str]:
+    """This process's environment without VESPID_* settings, plus the broker URL, JSON
+    logs and the settings given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
+    env.update(VESPID_AMQP_URL=url, VESPID_LOG_FORMAT="json", **settings)
+    return env
+
+
+class Coordinator(VespidChild):
+    """`vespid coordinator` with a fresh state file, its output in a log file."""
+
+    what = "coordinator"
+
+    def __init__(self, url: str, workdir: Path, env: dict[str, str] | None = None,
+                 log_level: str = "warning") -> None:
+        super().__init__(workdir / "coordinator.log")
+        self.url = url
+        self.workdir = workdir
+        self.log_level = log_level  # "info" adds its start-up milestones to the log
+        self.extra_env = dict(env or {})  # settings of its own, e.g. VESPID_MAX_FILE_BYTES
+
+    def start(self) -> None:
+        env = clean_environment(self.url, VESPID_LOG_LEVEL=self.log_level, **self.extra_env)
+        self.launch(["coordinator", "--state", str(self.workdir / "state.sqlite3")],
+                    self.workdir, env)
+
+    def wait_ready(self, peer: Peer, deadline: Deadline) -> None:
+        """Until it consumes its queue and answers a node-list."""
+        while not deadline.expired():
+            self.check_alive()
+            depth = peer.queue_depth(COORDINATOR_QUEUE)
+            if depth is not None and depth[1] >= 1:
+                reply = peer.request({"command": "node-list"}, deadline.within(10))
+                if reply is not None:
+                    return
+            peer.pump(0.1)
+        raise BenchError("the coordinator did not start consuming within the deadline: "
+                         f"{self.log_tail(3)}")
+
 
 def process_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds a live process has used (Linux /proc), or None."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return _stat_seconds(pid, 11)
 
 
 def children_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a live process's reaped children (cutime + cstime)."""
+    return _stat_seconds(pid, 13)
+
+
+def _stat_seconds(pid: int | None, first: int) -> float | None:
+    """Two adjacent clock-tick fields of /proc/PID/stat (counted after the command), summed
+    as seconds."""
     if pid is None:
         return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[13]) + int(fields[14])) / ticks
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def broker_pid() -> int | None:
@@ -313,10 +346,12 @@ def log_summary(lines: Sequence[str]) -> Counter[str]:
 
 
 # ---- a real node agent process ------------------------------------------------------------
-class Agent:
+class Agent(VespidChild):
     """`vespid node --config FILE`, the project's own node agent, as docs/examples and
     README start it: a TOML file with its name, work folder and capabilities, its output
     (JSON log lines, at its default level) in a log file. Tasks it runs are its children."""
+
+    what = "node agent"
 
     def __init__(self, url: str, workdir: Path, name: str,
                  capabilities: dict[str, int | float | bool]) -> None:
@@ -324,9 +359,8 @@ class Agent:
         self.name = name
         self.home = workdir / name
         self.work_dir = self.home / "work"
-        self.log_path = self.home / "agent.log"
         self.capabilities = capabilities
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(self.home / "agent.log")
 
     def config_text(self) -> str:
         lines = [f'name = "{self.name}"', f'work_dir = "{self.work_dir}"', "[capabilities]"]
@@ -335,78 +369,54 @@ class Agent:
         return "\n".join(lines) + "\n"
 
     def environment(self) -> dict[str, str]:
-        """What the agent runs with (and so what its tasks inherit): this process's
-        environment without VESPID_* settings, plus the broker URL and JSON logs."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VESPID_")}
-        env.update(VESPID_AMQP_URL=self.url, VESPID_LOG_FORMAT="json")
-        return env
+        """What the agent runs with (and so what its tasks inherit)."""
+        return clean_environment(self.url)
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         config = self.home / "node.toml"
         config.write_text(self.config_text())
-        command = [sys.executable, "-m", "vespid.client.cli", "node", "--config", str(config)]
-        with self.log_path.open("ab") as handle:
-            self.process = subprocess.Popen(
-                command, cwd=self.home, env=self.environment(), stdin=subprocess.DEVNULL,
-                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=die_with_parent)
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise BenchError(f"the node agent exited with code {self.process.returncode}: "
-                             f"{self.log_tail(3)}")
+        self.launch(["node", "--config", str(config)], self.home, self.environment())
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM drains it (it finishes what runs, then exits); SIGKILL after `timeout`."""
-        if not self.alive():
-            return
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("node agent %s did not stop %.0f s after SIGTERM; killing it",
-                        self.name, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.pid)
+        super().stop(timeout)
 
     def children_cpu_seconds(self) -> float | None:
         """CPU of the task processes it has reaped so far (cutime + cstime)."""
         return children_cpu_seconds(self.pid)
 
-    def log_lines(self) -> list[str]:
-        if not self.log_path.exists():
-            return []
-        return self.log_path.read_text(errors="replace").splitlines()
 
-    def log_tail(self, lines: int) -> str:
-        tail = [line.strip() for line in self.log_lines()[-lines:]]
-        return " | ".join(tail)[:600] or "(no output)"
+@dataclass
+class Farm:
+    """A private vhost with a started coordinator and a client peer on it."""
 
-    def log_summary(self) -> Counter[str]:
-        return log_summary(self.log_lines())
+    url: str
+    workdir: Path
+    coordinator: Coordinator
+    peer: Peer
 
-    def log_records(self, event: str) -> list[dict[str, Any]]:
-        """Its JSON log records of one event (e.g. task_process_exited)."""
-        found = []
-        for line in self.log_lines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("event") == event:
-                    found.append(record)
-        return found
+
+def vespid_farm(stack: contextlib.ExitStack, vhost_prefix: str) -> Farm:
+    """Made inside `stack`, which stops and deletes all of it in the right order."""
+    url = stack.enter_context(private_vhost(vhost_prefix))
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=vhost_prefix + "-")))
+    coordinator = Coordinator(url, workdir)
+    stack.callback(coordinator.stop)
+    coordinator.start()
+    peer = Peer(url)
+    stack.callback(peer.close)
+    return Farm(url, workdir, coordinator, peer)
+
+
+def wind_down(sim: ChildProcess, coordinator: Coordinator, notes: list[str]) -> None:
+    """Stop the simulator and the coordinator, noting the warnings and errors it logged."""
+    if sim.process.pid:
+        sim.stop()
+    coordinator.stop()
+    note = describe_log(coordinator.log_summary())
+    if note:
+        notes.append(note)
 
 
 # ---- a raw AMQP peer (client side) --------------------------------------------------------
@@ -829,6 +839,39 @@ def command_line() -> str:
     module = (sys.modules["__main__"].__spec__.name if sys.modules["__main__"].__spec__
               else sys.argv[0])
     return shlex.join([executable, "-m", module, *sys.argv[1:]])
+
+
+def start_bench() -> None:
+    """What every bench's main does first: progress to stderr, clean stops on signals."""
+    setup_logging()
+    install_signal_handlers()
+
+
+def run_bench(title: str, measure: Callable[[], None],
+              sections: Callable[[], Sequence[str]]) -> int:
+    """Measure, then print the report; interrupted (Ctrl-C, SIGTERM), print what was
+    measured so far under a title that says so. The exit status for main()."""
+    try:
+        measure()
+    except KeyboardInterrupt:
+        write_report(f"{title} (interrupted)", sections())
+        return 130
+    write_report(title, sections())
+    return 0
+
+
+def size_options(parser: argparse.ArgumentParser, quick: int, full: int, what: str,
+                 cap_help: str, cap_default: float | None = None) -> None:
+    """--quick, --tasks and --cap-minutes, as every bench names them."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{quick:,} {what} instead of {full:,}")
+    parser.add_argument("--tasks", type=int, help=f"{what} (overrides --quick)")
+    parser.add_argument("--cap-minutes", type=float, default=cap_default, help=cap_help)
+
+
+def bench_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m {prog}",
+                                   description=doc.splitlines()[0] if doc else None)
 
 
 def write_report(title: str, sections: Sequence[str]) -> None:

@@ -57,16 +57,16 @@ from bench.common import (
     Coordinator,
     Deadline,
     Peer,
+    bench_parser,
     broker_pid,
     child_setup,
     describe_log,
     fmt,
-    install_signal_handlers,
     log,
     markdown_table,
     private_vhost,
-    setup_logging,
-    write_report,
+    run_bench,
+    start_bench,
 )
 from bench.probes import (
     RssSampler,
@@ -556,8 +556,7 @@ def report_sections(result: Result, profiled_run: Result | None) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.files",
-                                     description=__doc__.split("\n\n")[0])
+    parser = bench_parser("bench.files", __doc__)
     parser.add_argument("--mb", type=int, default=None,
                         help=f"file size in MB of 2^20 bytes (default {FULL_MB}, at most 1024)")
     parser.add_argument("--quick", action="store_true", help=f"--mb {QUICK_MB}")
@@ -575,8 +574,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    install_signal_handlers()
+    start_bench()
     args = parse_args(argv)
     size = (args.mb or (QUICK_MB if args.quick else FULL_MB)) * MIB
     cap = 60 * (args.cap_minutes or (3 if args.quick else 10))
@@ -586,17 +584,16 @@ def main(argv: list[str] | None = None) -> int:
     title = "Vespid files: a resource to a node and a result back"
     result: Result | None = None
     profiled_run: Result | None = None
-    try:
+
+    def measure() -> None:
+        nonlocal result, profiled_run
         result = run(size, max(1, args.window), Deadline.after(cap))
         if args.profile:
             log.info("profile: one more run under py-spy")
             profiled_run = run(size, max(1, args.window), Deadline.after(cap), profile=True)
-    except KeyboardInterrupt:
-        sections = report_sections(result, None) if result is not None else []
-        write_report(title + " (interrupted)", sections)
-        return 130
-    write_report(title, report_sections(result, profiled_run))
-    return 0
+
+    return run_bench(title, measure, lambda: [] if result is None else
+                     report_sections(result, profiled_run))
 
 
 if __name__ == "__main__":

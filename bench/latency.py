@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -37,24 +36,25 @@ import pika
 from bench.common import (
     BenchError,
     ChildProcess,
-    Coordinator,
     Deadline,
     Peer,
     SimSpec,
+    bench_parser,
     broker_pid,
     child_setup,
     connection_parameters,
-    describe_log,
     fmt,
-    install_signal_handlers,
     log,
     markdown_table,
     private_vhost,
     process_cpu_seconds,
-    setup_logging,
+    run_bench,
     simulator_main,
+    size_options,
+    start_bench,
     task_create,
-    write_report,
+    vespid_farm,
+    wind_down,
 )
 from bench.throughput import (
     QUORUM,
@@ -188,13 +188,8 @@ def measure(peer: Peer, send: Send, check: Check, receiver: ChildProcess,
 
 def run_vespid(run: Run, deadline: Deadline) -> None:
     with ExitStack() as stack:
-        url = stack.enter_context(private_vhost("vespid-bench-lat"))
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-")))
-        coordinator = Coordinator(url, workdir)
-        stack.callback(coordinator.stop)
-        coordinator.start()
-        peer = Peer(url)
-        stack.callback(peer.close)
+        farm = vespid_farm(stack, "vespid-bench-lat")
+        url, coordinator, peer = farm.url, farm.coordinator, farm.peer
         spec = SimSpec(url, node_specs(run.nodes), run.warmup + run.tasks, record_runs=True)
         sim = ChildProcess(simulator_main, (spec,), "node simulator")
 
@@ -217,12 +212,7 @@ def run_vespid(run: Run, deadline: Deadline) -> None:
         except BenchError as exc:
             run.notes.append(str(exc))
         finally:
-            if sim.process.pid:
-                sim.stop()
-            coordinator.stop()
-            note = describe_log(coordinator.log_summary())
-            if note:
-                run.notes.append(note)
+            wind_down(sim, coordinator, run.notes)
 
 
 # ---- the raw pika floor -------------------------------------------------------------------
@@ -377,11 +367,9 @@ def report_sections(runs: list[Run]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.latency",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_TASKS:,} measured tasks instead of {FULL_TASKS:,}")
-    parser.add_argument("--tasks", type=int, help="measured tasks (after the warm-up)")
+    parser = bench_parser("bench.latency", __doc__)
+    size_options(parser, QUICK_TASKS, FULL_TASKS, "measured tasks (after the warm-up)",
+                 "wall-clock cap for each pipeline (default 10)", 10.0)
     parser.add_argument("--rate", type=float, default=RATE,
                         help=f"task-creates per second (default {RATE:g})")
     parser.add_argument("--nodes", type=int, default=NODES,
@@ -390,8 +378,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"messages sent first and not counted (default {WARMUP})")
     parser.add_argument("--no-raw", action="store_true",
                         help="skip the raw pika relay (the broker's floor)")
-    parser.add_argument("--cap-minutes", type=float, default=10.0,
-                        help="wall-clock cap for each pipeline (default 10)")
     args = parser.parse_args(argv)
     if args.rate <= 0:
         parser.error("--rate must be positive")
@@ -399,22 +385,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    install_signal_handlers()
+    start_bench()
     args = parse_args(argv)
     tasks = args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS)
     runs = [Run("vespid (coordinator + raw nodes)", tasks, args.rate, args.nodes, args.warmup)]
     if not args.no_raw:
         runs.append(Run("raw pika relay (floor)", tasks, args.rate, args.nodes, args.warmup))
-    try:
+
+    def measure() -> None:
         run_vespid(runs[0], Deadline.after(60 * args.cap_minutes))
         if len(runs) > 1:
             run_raw(runs[1], Deadline.after(60 * args.cap_minutes))
-    except KeyboardInterrupt:
-        write_report("Vespid latency benchmark (interrupted)", report_sections(runs))
-        return 130
-    write_report("Vespid latency benchmark", report_sections(runs))
-    return 0
+
+    return run_bench("Vespid latency benchmark", measure, lambda: report_sections(runs))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import contextlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -42,18 +41,19 @@ from bench.common import (
     Peer,
     SimSpec,
     SimStats,
+    bench_parser,
     count_status,
-    describe_log,
     fmt,
-    install_signal_handlers,
     log,
     markdown_table,
-    private_vhost,
-    setup_logging,
+    run_bench,
     simulator_main,
+    size_options,
+    start_bench,
     task_create,
+    vespid_farm,
     wait_for_total,
-    write_report,
+    wind_down,
 )
 from bench.throughput import wait_for_nodes
 
@@ -329,13 +329,8 @@ def read_milestones(coordinator: Coordinator, probes: Probes, result: Result) ->
 def run(result: Result, keep_state: Path | None, deadline: Deadline) -> None:
     mix = make_mix(result.tasks)
     with ExitStack() as stack:
-        url = stack.enter_context(private_vhost("vespid-bench-restart"))
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-")))
-        coordinator = Coordinator(url, workdir)
-        stack.callback(coordinator.stop)
-        coordinator.start()
-        peer = Peer(url)
-        stack.callback(peer.close)
+        farm = vespid_farm(stack, "vespid-bench-restart")
+        url, coordinator, peer = farm.url, farm.coordinator, farm.peer
         spec = SimSpec(url, make_nodes(result.nodes), mix.runnable + 1)
         sim = ChildProcess(simulator_main, (spec,), "node simulator")
         try:
@@ -356,12 +351,7 @@ def run(result: Result, keep_state: Path | None, deadline: Deadline) -> None:
         except BenchError as exc:
             result.notes.append(str(exc))
         finally:
-            if sim.process.pid:
-                sim.stop()
-            coordinator.stop()
-            note = describe_log(coordinator.log_summary())
-            if note:
-                result.notes.append(note)
+            wind_down(sim, coordinator, result.notes)
 
 
 def keep(coordinator: Coordinator, target: Path) -> None:
@@ -467,32 +457,23 @@ def report_sections(result: Result) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.restart",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_TASKS:,} tasks instead of {FULL_TASKS:,}")
-    parser.add_argument("--tasks", type=int, help="tasks in the state (N)")
+    parser = bench_parser("bench.restart", __doc__)
+    size_options(parser, QUICK_TASKS, FULL_TASKS, "tasks in the state (N)",
+                 "wall-clock cap for the run (default 15)", 15.0)
     parser.add_argument("--nodes", type=int, default=NODES,
                         help=f"simulated nodes (default {NODES})")
     parser.add_argument("--keep-state", type=Path,
                         help="copy the state file here at the end (to profile a load alone)")
-    parser.add_argument("--cap-minutes", type=float, default=15.0,
-                        help="wall-clock cap for the run (default 15)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    install_signal_handlers()
+    start_bench()
     args = parse_args(argv)
     result = Result(args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS), args.nodes)
-    try:
-        run(result, args.keep_state, Deadline.after(60 * args.cap_minutes))
-    except KeyboardInterrupt:
-        write_report("Vespid restart benchmark (interrupted)", report_sections(result))
-        return 130
-    write_report("Vespid restart benchmark", report_sections(result))
-    return 0
+    return run_bench("Vespid restart benchmark",
+                     lambda: run(result, args.keep_state, Deadline.after(60 * args.cap_minutes)),
+                     lambda: report_sections(result))
 
 
 if __name__ == "__main__":

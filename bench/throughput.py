@@ -16,18 +16,15 @@ queue. Measured the same way: first publish to the T-th message drained.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -42,23 +39,25 @@ from bench.common import (
     Peer,
     SimSpec,
     SimStats,
+    bench_parser,
     broker_pid,
     child_setup,
     connection_parameters,
     count_status,
     describe_log,
     fmt,
-    install_signal_handlers,
     log,
     markdown_table,
     private_vhost,
     process_cpu_seconds,
     rate,
-    setup_logging,
+    run_bench,
     simulator_main,
+    size_options,
+    start_bench,
     task_create,
+    vespid_farm,
     wait_for_total,
-    write_report,
 )
 
 FULL_TASKS, QUICK_TASKS = 20_000, 3_000
@@ -144,13 +143,8 @@ def run_vespid(count: int, deadline: Deadline, nodes: int = NODES,
     result = Pipeline(f"vespid (coordinator + {nodes} raw nodes)", count)
     bodies = make_bodies(count)
     with ExitStack() as stack:
-        url = stack.enter_context(private_vhost("vespid-bench-tp"))
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-")))
-        coordinator = Coordinator(url, workdir)
-        stack.callback(coordinator.stop)
-        coordinator.start()
-        peer = Peer(url)
-        stack.callback(peer.close)
+        farm = vespid_farm(stack, "vespid-bench-tp")
+        url, coordinator, peer = farm.url, farm.coordinator, farm.peer
         sim = ChildProcess(simulator_main, (SimSpec(url, node_specs(nodes), count),),
                            "node simulator")
         try:
@@ -392,25 +386,20 @@ def report_sections(results: list[Pipeline]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    install_signal_handlers()
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput")
-    parser.add_argument("--quick", action="store_true", help=f"T={QUICK_TASKS}")
-    parser.add_argument("--tasks", type=int, help=f"T (default {FULL_TASKS})")
-    parser.add_argument("--cap-minutes", type=float, default=None,
-                        help="wall-clock cap for each pipeline (default 10, --quick 3)")
+    start_bench()
+    parser = bench_parser("bench.throughput", __doc__)
+    size_options(parser, QUICK_TASKS, FULL_TASKS, "tasks (T)",
+                 "wall-clock cap for each pipeline (default 10, --quick 3)")
     args = parser.parse_args(argv)
     count = args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS)
     cap = 60 * (args.cap_minutes or (3 if args.quick else 10))
     results: list[Pipeline] = []
-    try:
+
+    def measure() -> None:
         results.append(run_vespid(count, Deadline.after(cap)))
         results.append(run_raw(count, Deadline.after(cap)))
-    except KeyboardInterrupt:
-        write_report("Vespid throughput benchmark (interrupted)", report_sections(results))
-        return 130
-    write_report("Vespid throughput benchmark", report_sections(results))
-    return 0
+
+    return run_bench("Vespid throughput benchmark", measure, lambda: report_sections(results))
 
 
 if __name__ == "__main__":

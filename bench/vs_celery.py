@@ -661,7 +661,7 @@ def plan(rounds: int, only: list[str] | None) -> list[tuple[int, Config]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.vs_celery")
+    parser = common.bench_parser("bench.vs_celery", __doc__)
     parser.add_argument("--tasks", type=int, help=f"N, the tasks of each run "
                         f"(default {FULL_TASKS:,}; --quick {QUICK_TASKS:,})")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
@@ -678,14 +678,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    common.setup_logging()
-    common.install_signal_handlers()
+    common.start_bench()
     count = args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS)
     cap = 60 * (args.cap_minutes or (2 if args.quick else 5))
     runs: list[Run] = []
     profile: Profile | str | None = None
     title = "Vespid vs Celery: no-op tasks per second on one broker"
-    try:
+
+    def measure() -> None:
+        nonlocal profile
         for number, config in plan(max(1, args.rounds), args.only):
             log.info("round %d: %s, %d tasks", number, config.label, count)
             runs.append(config(number, count, Deadline.after(cap)))
@@ -694,11 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("profile: one more Vespid 1-node run with py-spy on the coordinator")
             profile = run_profile(count, Deadline.after(cap)) if py_spy() else \
                 "py-spy is not installed"
-    except KeyboardInterrupt:
-        common.write_report(title + " (interrupted)", report_sections(runs, count, profile))
-        return 130
-    common.write_report(title, report_sections(runs, count, profile))
-    return 0
+
+    return common.run_bench(title, measure, lambda: report_sections(runs, count, profile))
 
 
 if __name__ == "__main__":

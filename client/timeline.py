@@ -215,7 +215,7 @@ def _svg_element(tree: TreeTimelineResponse, critical: list[str]) -> ET.Element:
     _title(svg, tree, critical)
     _legend(svg)
     _axis(svg, scale, len(tree.tasks))
-    for index, task in enumerate(tree.tasks):
+    for index, task in enumerate(_rows(tree)):
         label = (PAD + INDENT * depths[task.name], labels[task.name])
         _task_row(svg, scale, index, task, label, task.name in on_path, tree.now)
     return svg
@@ -347,6 +347,21 @@ def _attempt_hover(task: TimelineTask, attempt: TimelineAttempt, end: float) -> 
     if attempt.late:
         lines.append("its node reported on it after it had been replaced")
     return "\n".join(lines)
+
+
+def _rows(tree: TreeTimelineResponse) -> list[TimelineTask]:
+    """The tasks in drawing order: each followed by its subtree (depth first), so a
+    task's row sits under its parent's, siblings in the order the coordinator listed them
+    (the reply lists a tree level by level)."""
+    names = {task.name for task in tree.tasks}
+    children = _children(tree)
+    stack = [t for t in reversed(tree.tasks) if t.parent not in names or t.name == tree.root]
+    rows: list[TimelineTask] = []
+    while stack:  # not recursive: a chain of thousands of tasks is a valid tree
+        task = stack.pop()
+        rows.append(task)
+        stack.extend(reversed(children.get(task.name, [])))
+    return rows
 
 
 def _depths(tree: TreeTimelineResponse) -> dict[str, int]:

@@ -23,10 +23,11 @@ gained room since (`dirty`).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +91,14 @@ class Shape:
     # fields each time was a tenth of a pass.
     local_types: Counter[str] = field(init=False, repr=False, compare=False)
     repo_types: Counter[str] = field(init=False, repr=False, compare=False)
+    # What `compatible` reads: shapes that differ only in what they consume may run on
+    # the same nodes, so a pass finds those nodes once for all of them.
+    reach: tuple[Any, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "reach", (self.labels, self.bid, self.pinned,
+                                           self.unplaceable))
         object.__setattr__(self, "local_types", Counter(r.type for r in self.repos if r.local))
         object.__setattr__(self, "repo_types", Counter(r.type for r in self.repos))
         object.__setattr__(self, "_hash", hash((self.needs, self.cores_max, self.labels,
@@ -254,16 +260,118 @@ def allocate(shape: Shape, node: NodeOffer) -> dict[str, float]:
 
 
 def _claim(shape: Shape, node: NodeOffer, offers: Sequence[NodeOffer],
-           pool: RepoPool) -> dict[str, str]:
-    claimed = {}
+           pool: RepoPool) -> tuple[dict[str, str], set[str]]:
+    """The repositories claimed, and the nodes they were taken from."""
+    claimed, sources_used = {}, set()
     # Local requests first: a non-local one must not take the repository a local one
     # of the same type needs on this node.
     for request in sorted(shape.repos, key=lambda r: not r.local):
         sources = [node] if request.local else [node, *offers]
         source = next(o for o in sources if o.free_repos.get(request.type))
         claimed[request.key] = source.free_repos[request.type].pop(0)
+        sources_used.add(source.name)
         pool.count[request.type] -= 1
-    return claimed
+    return claimed, sources_used
+
+
+Rank = tuple[bool, int, float, float, str]
+
+
+@dataclass
+class _Fitting:
+    """The nodes a shape fits now, best first: a heap of (rank, node) that is brought up to
+    date with the nodes changed since it last looked, not rebuilt per decision. At 1,000
+    nodes, filtering and ranking every node for every decision was most of a pass.
+
+    A node's entry goes stale when a decision changes its room (its rank only improves as
+    room shrinks, so the fresh entry comes first); stale entries are dropped as they surface.
+    """
+
+    heap: list[tuple[Rank, str]]
+    members: dict[str, NodeOffer]
+    synced: int  # how much of the pass's change log it has seen
+
+    @classmethod
+    def of(cls, shape: Shape, offers: _Roomiest, pool: RepoPool, synced: int) -> _Fitting:
+        members = {o.name: o for o in offers.with_room(shape.need)
+                   if fits_now(shape, o, pool)}
+        heap = [(_rank(shape, o), name) for name, o in members.items()]
+        heapq.heapify(heap)
+        return cls(heap, members, synced)
+
+    def catch_up(self, shape: Shape, changed: Iterable[str], pool: RepoPool) -> None:
+        for name in changed:
+            offer = self.members.get(name)
+            if offer is None:
+                continue
+            if fits_now(shape, offer, pool):
+                heapq.heappush(self.heap, (_rank(shape, offer), name))
+            else:
+                del self.members[name]
+
+    def best(self, shape: Shape, pool: RepoPool, usable: Callable[[str], bool]
+             ) -> NodeOffer | None:
+        skipped: list[tuple[Rank, str]] = []
+        found = None
+        while self.heap:
+            rank, name = self.heap[0]
+            offer = self.members.get(name)
+            if offer is None or rank != _rank(shape, offer):
+                heapq.heappop(self.heap)  # gone, or an older entry of a changed node
+            elif not fits_now(shape, offer, pool):  # the pool of repositories ran out
+                heapq.heappop(self.heap)
+                del self.members[name]
+            elif not usable(name):  # kept free for another task
+                skipped.append(heapq.heappop(self.heap))
+            else:
+                found = offer
+                break
+        for entry in skipped:
+            heapq.heappush(self.heap, entry)
+        return found
+
+
+class _Roomiest:
+    """Offers with the most free cores first, as they were when listed. Room only shrinks
+    during a pass, so the offers listed with fewer cores or less memory than a shape needs
+    cannot take it now either: most of a busy farm is skipped without a full look."""
+
+    def __init__(self, offers: Iterable[NodeOffer]) -> None:
+        listed = sorted(((-o.free.get("cores", 0.0), o.free.get("memory", 0.0), o)
+                         for o in offers), key=lambda entry: entry[0])
+        self.offers = [offer for _, _, offer in listed]
+        self._less = [less for less, _, _ in listed]
+        self._memory = [memory for _, memory, _ in listed]
+
+    def with_room(self, need: dict[str, float]) -> list[NodeOffer]:
+        """The offers that had the cores and memory the need asks for when listed."""
+        end = bisect.bisect_right(self._less, -need["cores"])
+        memory = need.get("memory", 0.0)
+        return [offer for offer, had in zip(self.offers[:end], self._memory[:end], strict=True)
+                if had >= memory]
+
+
+class _MostFree:
+    """The most any accepting node has free of one resource, kept through a pass: a shape
+    that needs more than that fits nowhere, and is blocked without looking at a node. In a
+    busy farm most shapes are, and looking cost a scan of the nodes per shape per pass."""
+
+    def __init__(self, resource: str, offers: Iterable[NodeOffer]) -> None:
+        self.resource = resource
+        self.offers = {o.name: o for o in offers}
+        self.heap = [(-o.free.get(resource, 0.0), o.name) for o in self.offers.values()]
+        heapq.heapify(self.heap)
+
+    def changed(self, offer: NodeOffer) -> None:
+        heapq.heappush(self.heap, (-offer.free.get(self.resource, 0.0), offer.name))
+
+    def most(self) -> float:
+        while self.heap:
+            amount, name = self.heap[0]
+            if -amount == self.offers[name].free.get(self.resource, 0.0):
+                return -amount
+            heapq.heappop(self.heap)  # an entry from before the node's room changed
+        return 0.0
 
 
 @dataclass
@@ -273,9 +381,20 @@ class _Pass:
     blocked_before: frozenset[Shape]
     previous: Reservation | None
     pool: RepoPool
-    compatible: dict[Shape, list[NodeOffer]] = field(default_factory=dict)
-    live: dict[Shape, list[NodeOffer]] = field(default_factory=dict)
+    compatible: dict[tuple[Any, ...], _Roomiest] = field(default_factory=dict)
+    dirty_compatible: dict[tuple[Any, ...], _Roomiest] = field(default_factory=dict)
+    live: dict[Shape, _Fitting] = field(default_factory=dict)
     reservation: Reservation | None = None
+    changed: list[str] = field(default_factory=list)  # nodes whose room a decision took
+    most_free: list[_MostFree] | None = None
+
+    @property
+    def by_name(self) -> dict[str, NodeOffer]:
+        if self._by_name is None:
+            self._by_name = {o.name: o for o in self.offers}
+        return self._by_name
+
+    _by_name: dict[str, NodeOffer] | None = None
 
     @property
     def dirty_offers(self) -> list[NodeOffer]:
@@ -285,36 +404,61 @@ class _Pass:
 
     _dirty_offers: list[NodeOffer] | None = None
 
-    def candidates(self, shape: Shape) -> list[NodeOffer]:
+    def candidates(self, shape: Shape) -> _Roomiest:
         anywhere = any(not r.local for r in shape.repos)  # a repository freed on any node
         if self.dirty is not None and shape in self.blocked_before and not anywhere:
             # Nothing changed for this shape but the nodes that gained room.
-            return [o for o in self.dirty_offers if compatible(shape, o)]
+            found = self.dirty_compatible.get(shape.reach)
+            if found is None:
+                found = _Roomiest(o for o in self.dirty_offers if compatible(shape, o))
+                self.dirty_compatible[shape.reach] = found
+            return found
         return self.all_compatible(shape)
 
-    def all_compatible(self, shape: Shape) -> list[NodeOffer]:
-        if shape not in self.compatible:
-            self.compatible[shape] = [o for o in self.offers if compatible(shape, o)]
-        return self.compatible[shape]
+    def all_compatible(self, shape: Shape) -> _Roomiest:
+        found = self.compatible.get(shape.reach)
+        if found is None:
+            found = self.compatible[shape.reach] = _Roomiest(o for o in self.offers
+                                                             if compatible(shape, o))
+        return found
+
+    def room_somewhere(self, shape: Shape) -> bool:
+        if self.most_free is None:
+            self.most_free = [_MostFree(r, self.offers) for r in ("cores", "memory")]
+        need = shape.need
+        return all(need.get(m.resource, 0.0) <= m.most() for m in self.most_free)
+
+    def note_change(self, offer: NodeOffer) -> None:
+        self.changed.append(offer.name)
+        for most in self.most_free or ():
+            most.changed(offer)
 
     def best_node(self, shape: Shape, task: str) -> NodeOffer | None:
-        if shape not in self.live:
-            self.live[shape] = self.candidates(shape)
+        if not self.room_somewhere(shape):
+            return None
         # Room only shrinks during a pass: a node that cannot take the shape now will not
-        # later in this pass, so each shape looks at each node about once per pass.
-        fitting = [o for o in self.live[shape] if fits_now(shape, o, self.pool)]
-        self.live[shape] = fitting
+        # later in this pass, so each shape looks at each node about once per pass, and
+        # again only at the nodes a decision changed since.
+        fitting = self.live.get(shape)
+        if fitting is None:
+            fitting = self.live[shape] = _Fitting.of(shape, self.candidates(shape), self.pool,
+                                                     len(self.changed))
+        elif fitting.synced < len(self.changed):
+            fitting.catch_up(shape, set(self.changed[fitting.synced:]), self.pool)
+            fitting.synced = len(self.changed)
         taken = self.reservation
-        usable = [o for o in fitting
-                  if taken is None or o.name != taken.node or taken.task == task]
-        return min(usable, key=lambda o: _rank(shape, o)) if usable else None
+
+        def usable(name: str) -> bool:
+            return taken is None or name != taken.node or taken.task == task
+
+        return fitting.best(shape, self.pool, usable)
 
     def reserve_for(self, shape: Shape, task: str) -> None:
         if self.reservation is not None:
             return
         # Only a wait for room is helped by keeping a node free: a repository comes back
         # when its holder's tree ends, whatever else runs there.
-        room = [o for o in self.all_compatible(shape)
+        room = [o for o in self.all_compatible(shape).offers
                 if fits_empty(shape, o) and repositories_free(shape, o, self.pool)]
         if not room:
             return
@@ -350,9 +494,12 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
             run.reserve_for(shape, key[-1])
             continue
         allocated = allocate(shape, node)
-        repos = _claim(shape, node, accepting, run.pool)
+        repos, sources = _claim(shape, node, accepting, run.pool)
         for resource, granted in allocated.items():
             node.free[resource] = node.free.get(resource, 0.0) - granted
+        run.note_change(node)
+        for source in sources - {node.name}:
+            run.note_change(run.by_name[source])
         assignments.append(Assignment(key[-1], node.name, allocated, repos))
         tasks = queue[shape]
         if index + 1 < len(tasks):

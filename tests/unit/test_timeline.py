@@ -18,6 +18,7 @@ from vespid.client.timeline import (
     slot_lanes,
     total_seconds,
 )
+from vespid.shared import logs
 from vespid.shared.errors import RemoteError
 from vespid.shared.protocol import TimelineAttempt, TimelineTask, TreeTimelineResponse
 
@@ -52,14 +53,15 @@ def tree(*tasks: TimelineTask, now: float = NOW) -> TreeTimelineResponse:
 
 def build_tree() -> TreeTimelineResponse:
     """root waits for a (short), b (long, its child b1 longest) and c (made last, short):
-    the longest child is not the last created."""
+    the longest child is not the last created. Listed level by level, as the coordinator
+    does."""
     return tree(
         task("root", None, 10, 60, created=9),
         task("a", "root", 11, 20, created=10.5),
         task("b", "root", 12, 40, created=11),
+        task("c", "root", 15, 25, created=14),
         task("b1", "b", 13, 55, created=12.5),
         task("b2", "b", 14, 30, created=12.6),
-        task("c", "root", 15, 25, created=14),
     )
 
 
@@ -209,6 +211,16 @@ def test_the_picture_has_a_title_an_axis_in_seconds_and_a_legend_of_every_outcom
     assert "★ b1" in texts  # a critical task's label is starred
 
 
+def test_each_row_sits_under_its_parent_indented_by_depth() -> None:
+    root = ET.fromstring(render_svg(build_tree(), ["root", "b", "b1"]))
+    labels = [(t.text, float(t.get("x", 0))) for t in root.iter(f"{SVG}text")
+              if "label" in t.get("class", "").split()]
+
+    assert [text for text, _ in labels] == ["★ root", "a", "★ b", "★ b1", "b2", "c"]
+    x = dict(labels)
+    assert x["★ root"] < x["a"] == x["★ b"] == x["c"] < x["★ b1"] == x["b2"]
+
+
 def test_markup_in_a_task_name_or_reason_stays_text() -> None:
     timeline = tree(task("root", None, 0, 5), task("x", "root", 1, 2,
                                                    waited_for="<b>&\"quotes\"</b>"))
@@ -254,6 +266,9 @@ def answer(monkeypatch: pytest.MonkeyPatch) -> list[TreeTimelineResponse | Excep
     """What the coordinator will answer the command's tree-timeline request."""
     given: list[TreeTimelineResponse | Exception] = []
     monkeypatch.setattr(cli, "_client", lambda args: FakeClient(given[0]))
+    # main() points the logs at this test's captured stderr, closed after it: later tests
+    # would log into a closed file.
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
     return given
 
 
