@@ -213,13 +213,27 @@ function waitBar(task, wait, critical) {
     title: `${task.name} ${wait.attempt ? "waited" : "waiting for"} ${duration(wait.end - wait.begin)}` +
            (why ? `\nfor: ${why}` : "")};
 }
+// The coordinator lists a tree level by level; rows go depth first, each task followed by
+// its subtree (as `vespid timeline` draws it). A task whose parent was cut by the limit
+// starts a subtree of its own.
+function depthFirst(tasks, root) {
+  const kids = {}, known = new Set(tasks.map(t => t.name)), rows = [];
+  for (const t of tasks) if (t.name !== root && known.has(t.parent)) (kids[t.parent] ||= []).push(t);
+  const tops = tasks.filter(t => t.name === root || !known.has(t.parent));
+  const stack = tops.reverse().map(t => [t, 0]);
+  while (stack.length) {
+    const [task, depth] = stack.pop();
+    rows.push([task, depth]);
+    for (const kid of [...(kids[task.name] || [])].reverse()) stack.push([kid, depth + 1]);
+  }
+  return rows;
+}
 function drawTree(data) {
-  const now = data.now, critical = new Set(data.critical), depth = {};
+  const now = data.now, critical = new Set(data.critical);
   const groups = [], items = [];
-  data.tasks.forEach((task, order) => {
-    depth[task.name] = task.parent in depth ? depth[task.parent] + 1 : 0;
+  depthFirst(data.tasks, data.root).forEach(([task, depth], order) => {
     const hot = critical.has(task.name);
-    groups.push({id: task.name, order, content: treeLabel(task, depth[task.name], hot, now),
+    groups.push({id: task.name, order, content: treeLabel(task, depth, hot, now),
                  className: hot ? "critical" : ""});
     items.push(...waits(task, now).map(w => waitBar(task, w, hot)),
                ...task.attempts.map(a => attemptBar(a, task.name, now, hot ? " critical" : "")));

@@ -236,14 +236,18 @@ def test_the_tree_view_marks_the_chain_that_took_longest_and_the_farm_charts_fil
           `#chart-${id} path.vis-graph-group0, #chart-${id} rect.vis-graph-group0`).length);
         return drawn.every(n => n > 0) ? document.getElementById('farm-charts').innerText : null;
         """), "four charts drawn", timeout=20)
+    farm_overflow = browser.execute_script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
 
     assert info["success"] == "ok"
     assert {base(task) for task, critical, _ in labels if critical} == {"root", "slow", "slower"}
     assert {base(b["task"]) for b in tree_bars if "critical" in b["classes"]} \
         == {"root", "slow", "slower"}
     assert len(tree_bars) == 5 and {outcome(b) for b in tree_bars} == {"ok"}
+    # Depth first: slower right under its parent slow, not under its uncle fast2.
+    assert [base(task) for task, _, _ in labels] == ["root", "fast1", "slow", "slower", "fast2"]
     assert all("waited " in text and "ran " in text for _, _, text in labels)
-    assert overflow <= 0
+    assert overflow <= 0 and farm_overflow <= 0
     assert "box1" in charts and "queued" in charts and "started per minute" in charts
 
 
