@@ -107,9 +107,17 @@ def lanes(browser: Any) -> list[str]:
 
 def open_lane(browser: Any, node: str) -> None:
     """Click a node's lane label: it opens to a lane per core slot."""
-    label = browser.find_element("css selector", f'#timeline .lane[data-node="{node}"]')
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", label)
-    label.click()
+    def click() -> bool:  # a label being redrawn can't be clicked for a moment: again
+        label = browser.find_element("css selector", f'#timeline .lane[data-node="{node}"]')
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", label)
+        label.click()
+        return True
+
+    until(click, f"a click on {node}'s lane")
+    until(lambda: browser.execute_script(
+        "return document.querySelector(`#timeline .lane[data-node='${arguments[0]}']`)"
+        ".closest('.vis-label').className", node),
+        f"{node}'s lane open", good=lambda classes: "expanded" in classes.split())
 
 
 def rgb(colour: str) -> str:
@@ -277,6 +285,7 @@ def test_a_farm_of_three_for_the_readme_picture(
                 time.sleep(0.3)
             vespid.wait_all([k.name for k in kids], timeout=120)
     """)
+    began = time.time()
     raw.request({"command": "task-create", "name": "nightly", "executable_pyscript": builds})
     raw.wait_for("nightly", lambda i: i["status"] == "working")
     mac = start_node("mac-01", {"memory": 8000, "cores": 2})  # joins with the builds, not root
@@ -286,7 +295,8 @@ def test_a_farm_of_three_for_the_readme_picture(
     raw.wait_for("nightly", lambda i: i["status"] == "complete" and i["tree_complete"],
                  timeout=120)
     browser.set_window_size(1280, 800)
-    browser.get(f"http://127.0.0.1:{dashboard_port}/#timeline/0.6")
+    minutes = (time.time() - began + 3) / 60  # the window the whole run fills
+    browser.get(f"http://127.0.0.1:{dashboard_port}/#timeline/{minutes:.2f}")
     found = until(lambda: bars(browser), "every bar ended", good=lambda b: len(b) >= 14
                   and not any("outcome-running" in x["classes"] for x in b))
     open_lane(browser, "linux-01")
