@@ -46,6 +46,17 @@ def browser() -> Iterator[Any]:
     driver.quit()
 
 
+@pytest.fixture
+def dashboard_port(amqp_url: str, tmp_path: Path, started: list[VespidProcess]) -> int:
+    """A running `vespid dashboard`; returns its HTTP port on 127.0.0.1."""
+    port = free_port()
+    dashboard = VespidProcess(["dashboard", "--port", str(port)], tmp_path / "dashboard.log",
+                              base_env(amqp_url), tmp_path).start()
+    started.append(dashboard)
+    dashboard.wait_for_log("dashboard_serving")
+    return port
+
+
 def wait_for_text(browser: Any, selector: str, expected: str, timeout: float = 20) -> str:
     deadline = time.monotonic() + timeout
     text = ""
@@ -61,16 +72,11 @@ def wait_for_text(browser: Any, selector: str, expected: str, timeout: float = 2
 
 
 def test_the_page_shows_tasks_and_nodes_and_follows_a_task_to_completion(
-        amqp_url: str, tmp_path: Path, coordinator: VespidProcess,
-        start_node: Callable[..., VespidProcess], raw: RawPeer,
-        started: list[VespidProcess], browser: Any) -> None:
+        tmp_path: Path, coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
+        raw: RawPeer, dashboard_port: int, browser: Any) -> None:
+    port = dashboard_port
     start_node("box1")
     doomed = start_node("box2", repositories={"//box2/ws": {"path": tmp_path / "ws", "type": "ws"}})
-    port = free_port()
-    dashboard = VespidProcess(["dashboard", "--port", str(port)], tmp_path / "dashboard.log",
-                              base_env(amqp_url), tmp_path).start()
-    started.append(dashboard)
-    dashboard.wait_for_log("dashboard_serving")
     raw.request({"command": "task-create", "name": "slow-build", "name_pretty": "Slow build",
                  "executable_pyscript": "import time; time.sleep(3)"})
     raw.request({"command": "task-create", "name": "whale", "executable_pyscript": "pass",
