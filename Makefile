@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python -m vespid.client.demo
 
 test: $(STAMP) lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

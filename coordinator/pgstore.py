@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 
 from vespid.coordinator.store import SCHEMA, Store
-from vespid.shared.errors import StoreUnavailable, Superseded
+from vespid.shared.errors import StoreError, StoreUnavailable, Superseded
 from vespid.shared.logs import get_logger
 from vespid.shared.transport import redact
 
@@ -53,6 +53,7 @@ class PostgresStore(Store):
     def __init__(self, url: str) -> None:
         super().__init__()
         self.location = redact(url)
+        self._url = url
         self.epoch: int | None = None  # set by take_over; None: not fenced (--check, tests)
         try:
             self._db = psycopg.connect(url, autocommit=True,
@@ -125,6 +126,24 @@ class PostgresStore(Store):
         self.epoch = int(row[0])
         log.info("state_taken_over", epoch=self.epoch, holder=holder)
         return self.epoch
+
+    def explain_loss(self, error: StoreError) -> StoreError:
+        """A connection that broke may have been ended by a coordinator taking over (its
+        take_over ends a session stuck holding the lease): a fresh connection reads the lease
+        so that the operator is told which it was."""
+        if self.epoch is None or isinstance(error, Superseded):
+            return error
+        try:
+            with psycopg.connect(self._url, autocommit=True,
+                                 connect_timeout=CONNECT_TIMEOUT_SECONDS) as fresh:
+                row = fresh.execute(
+                    "SELECT epoch, holder FROM coordinator_lease WHERE id = 1").fetchone()
+        except psycopg.Error:
+            return error
+        if row is None or int(row[0]) == self.epoch:
+            return error
+        return Superseded(f"coordinator {row[1]} took over this state (epoch {row[0]}, this "
+                          f"one held {self.epoch}); this one's connection was ended")
 
     def verify_lease(self) -> None:
         with self._translated(), self._db.transaction():

@@ -164,9 +164,10 @@ class CoordinatorService:
             log.info("coordinator_standing_by", state=self.store.location)
         try:
             keep_reconnecting(self._run_connection, log)
-        except StoreError as exc:
+        except StoreError as lost:
             # Whatever this process still holds in memory may be ahead of the store or
             # behind another coordinator: it must stop before it publishes anything more.
+            exc = self.store.explain_loss(lost)
             log.error("coordinator_stopping_store_lost", reason=str(exc),
                       superseded=isinstance(exc, Superseded))
             return SUPERSEDED_EXIT

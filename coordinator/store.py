@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vespid.coordinator.state import Node, State, Task
+from vespid.shared.errors import StoreError
 
 # Both dialects: {integer} and {blob} are their names for a 64-bit integer and for bytes.
 SCHEMA = """
@@ -102,6 +103,11 @@ class Store(ABC):
     @abstractmethod
     def in_transaction(self) -> bool:
         """Whether a transaction is open now (what must run after commit can check it)."""
+
+    def explain_loss(self, error: StoreError) -> StoreError:
+        """Why the store was lost, as precisely as can be told afterwards: a store nobody
+        else writes has only the error itself."""
+        return error
 
     def take_over(self, holder: str) -> int:
         """Become the one coordinator writing this state; returns the epoch now held. A

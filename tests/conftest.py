@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,38 @@ from tests.broker import Broker, find_broker
 from tests.postgres import fresh_database
 from tests.processes import VespidProcess
 from tests.raw import RawPeer
+
+# A run that goes on past this (a broker that blocks publishers makes every test wait for its
+# timeout) stops with what it has, so CI reports failures instead of running out of time.
+SESSION_BUDGET_SECONDS = float(os.environ.get("VESPID_TEST_BUDGET_SECONDS", "3600"))
+_session_started = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    spent = time.monotonic() - _session_started
+    if spent > SESSION_BUDGET_SECONDS:
+        pytest.exit(f"the test run has taken {spent:.0f} s, over its budget of "
+                    f"{SESSION_BUDGET_SECONDS:.0f} s (VESPID_TEST_BUDGET_SECONDS), after "
+                    f"{nodeid}: stopping here", returncode=1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A thread a test left running (a consumer still blocked on a socket) would keep the
+    interpreter from exiting after the summary, and CI would wait for it until its own
+    timeout: name it and leave with pytest's status."""
+    left = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if left:
+        sys.stderr.write("threads left running by the tests (ended with the process): "
+                         f"{', '.join(t.name for t in left)}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        status = getattr(config, "_vespid_exitstatus", 1)
+        os._exit(int(status))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._vespid_exitstatus = exitstatus  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

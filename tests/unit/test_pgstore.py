@@ -97,5 +97,17 @@ def test_a_coordinator_paused_inside_a_batch_cannot_hold_off_a_takeover(
     standby.take_over("standby")  # the server ends the idle transaction after 5 s
 
     assert time.monotonic() - started < 30
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable) as lost:
         batch.__exit__(None, None, None)
+    # The operator is told the session was ended by a takeover, not just that it broke.
+    explained = paused.explain_loss(lost.value)
+    assert isinstance(explained, Superseded) and "standby took over" in str(explained)
+
+
+def test_a_lost_connection_without_a_takeover_stays_a_lost_connection(
+        url: str, opened: list[PostgresStore]) -> None:
+    store = open_(url, opened)
+    store.take_over("only")
+    lost = StoreUnavailable("PostgreSQL at x: server closed the connection unexpectedly")
+
+    assert store.explain_loss(lost) is lost
