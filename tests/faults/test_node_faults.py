@@ -75,8 +75,9 @@ def test_sigterm_drains_an_agent_which_finishes_its_task_then_exits(
         coordinator: VespidProcess, start_node: Callable[..., VespidProcess],
         raw: RawPeer, amqp_url: str) -> None:
     agent = start_node("box1")
+    # Long enough that two CLI calls on a loaded machine see the node before it leaves.
     raw.request({"command": "task-create", "name": "finishing",
-                 "executable_pyscript": "import time; time.sleep(2)"})
+                 "executable_pyscript": "import time; time.sleep(8)"})
     raw.wait_for("finishing", lambda i: i["status"] == "working")
 
     assert agent.process is not None
@@ -85,6 +86,7 @@ def test_sigterm_drains_an_agent_which_finishes_its_task_then_exits(
     while not json.loads(cli(amqp_url, "nodes", "--json").stdout)[0]["draining"]:
         assert time.monotonic() < deadline, "vespid nodes never showed the node draining"
     shown = cli(amqp_url, "nodes").stdout
+    assert raw.info("finishing")["status"] == "working", "the task ended before the check"
     raw.request({"command": "task-create", "name": "after-drain", "executable_pyscript": "pass"})
     info = raw.wait_for("finishing", lambda i: i["status"] == "complete")
     code = agent.process.wait(timeout=30)
