@@ -67,6 +67,7 @@ class Options:
     heartbeat: float
     delay: float
     seed: int
+    coordinator_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,7 +288,7 @@ def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
     with ExitStack() as stack:
         url = stack.enter_context(private_vhost("vespid-bench-sched"))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-")))
-        coordinator = Coordinator(url, workdir)
+        coordinator = Coordinator(url, workdir, env=options.coordinator_env)
         stack.callback(coordinator.stop)
         coordinator.start()
         peer = Peer(url)
@@ -411,7 +412,8 @@ def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
             f"Settings: node-set every {options.heartbeat:g} s per simulated node, "
             f"task-complete {options.delay * 1000:g} ms after each task-run, grid cap "
             f"{options.cap / 60:g} min, cell cap {CELL_CAP / 60:g} min, stall limit "
-            f"{STALL:g} s, task mix seed {options.seed}.")
+            f"{STALL:g} s, task mix seed {options.seed}"
+            + "".join(f", {k}={v}" for k, v in options.coordinator_env.items()) + ".")
     sections.append(
         "How to read it: *decisions/s* = W / (time from the first to the W-th task-run seen "
         "by the simulated nodes); *ms/decision* is its inverse. *node-list at join* is a "
@@ -439,11 +441,16 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="task-complete this long after the task-run (default 0)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a coordinator setting for every cell, e.g. node_batch=25 "
+                             "(passed as VESPID_NODE_BATCH)")
     args = parser.parse_args(argv)
     nodes, tasks, cap = QUICK_GRID if args.quick else FULL_GRID
     return Options(args.nodes or nodes, args.tasks or tasks,
                    60 * args.cap_minutes if args.cap_minutes else cap,
-                   args.heartbeat, args.delay_ms / 1000, args.seed)
+                   args.heartbeat, args.delay_ms / 1000, args.seed,
+                   {"VESPID_" + k.strip().upper(): v for k, v in
+                    (item.split("=", 1) for item in args.set)})
 
 
 def main(argv: list[str] | None = None) -> int:
