@@ -4,7 +4,7 @@ For every cell of the grid (simulated nodes x queued tasks), in a private vhost 
 coordinator: W task-creates are queued and taken by the coordinator before any node exists
 (ingestion), then N simulated raw nodes join at once and complete every task-run they get
 immediately. Measured: first task-run to W-th task-run (decisions per second), and how long
-a node-list request waits for its reply while the queue is full.
+client requests (a task-info and a node-list every 100 ms) wait for their replies meanwhile.
 
     .venv/bin/python -m bench.scheduling [--quick] [--nodes 10 100] [--tasks 1000] ...
 """
@@ -12,6 +12,7 @@ a node-list request waits for its reply while the queue is full.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -53,8 +54,9 @@ FULL_GRID = ([10, 100, 1000], [1_000, 10_000, 100_000], 20 * 60)
 QUICK_GRID = ([10, 100], [1_000, 10_000], 3 * 60)
 CELL_CAP = 10 * 60  # one cell never takes longer than this, whatever the grid cap leaves
 STALL = 60.0  # no new task-run for this long ends the cell's drain
-PROBE_EVERY = 1.0  # seconds between node-list requests during the drain
+PROBE_EVERY = 0.1  # seconds between rounds of requests (one of each kind) during the drain
 PROBE_TIMEOUT = 60.0
+PROBE_KINDS = ("task-info", "node-list")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Options:
     heartbeat: float
     delay: float
     seed: int
+    coordinator_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,9 +79,11 @@ class Cell:
     first_after_join: float | None = None
     drain_seconds: float | None = None
     decisions: int = 0
-    join_latency: float | None = None
-    probe_latencies: list[float] = field(default_factory=list)
-    probe_timeouts: int = 0
+    join_latency: float | None = None  # the first node-list, sent right behind the join
+    probe_latencies: dict[str, list[float]] = field(
+        default_factory=lambda: {kind: [] for kind in PROBE_KINDS})
+    probe_timeouts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(PROBE_KINDS, 0))
     completed: int | None = None
     coordinator_cpu: float | None = None
     simulator_cpu: float | None = None
@@ -150,29 +155,44 @@ def ingest(peer: Peer, coordinator: Coordinator, bodies: list[bytes], cell: Cell
 
 
 @dataclass
-class Probe:
-    """node-list requests sent one at a time during the drain."""
+class Probes:
+    """A task-info and a node-list request every PROBE_EVERY during the drain, each sent on
+    time whether or not the earlier ones were answered (a client does not wait for another's
+    reply), so a slow reply shows as itself and not as fewer samples."""
 
-    correlation_id: str | None = None
-    sent: float = 0.0
+    tasks: int  # task-info asks about bench-000000 .. this many, spread over the queue
+    outstanding: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> kind, sent
     next_at: float = 0.0
+    rounds: int = 0
+    join_id: str | None = None  # the first node-list, right behind the joining node-sets
+
+    def task_name(self) -> str:
+        return f"bench-{(self.rounds * 7919) % max(1, self.tasks):06d}"
 
 
-def probe_step(peer: Peer, probe: Probe, cell: Cell) -> None:
+def probe_step(peer: Peer, probes: Probes, cell: Cell, send: bool = True) -> None:
     now = time.monotonic()
-    if probe.correlation_id is not None:
-        reply = peer.take_reply(probe.correlation_id)
+    for correlation_id, (kind, sent) in list(probes.outstanding.items()):
+        reply = peer.take_reply(correlation_id)
         if reply is not None:
-            if cell.join_latency is None:
+            if correlation_id == probes.join_id:
                 cell.join_latency = reply.latency
-            cell.probe_latencies.append(reply.latency)
-            probe.correlation_id, probe.next_at = None, now + PROBE_EVERY
-        elif now - probe.sent > PROBE_TIMEOUT:
-            peer.forget(probe.correlation_id)
-            cell.probe_timeouts += 1
-            probe.correlation_id, probe.next_at = None, now
-    if probe.correlation_id is None and now >= probe.next_at:
-        probe.correlation_id, probe.sent = peer.ask({"command": "node-list"}), now
+            cell.probe_latencies[kind].append(reply.latency)
+            del probes.outstanding[correlation_id]
+        elif now - sent > PROBE_TIMEOUT:
+            peer.forget(correlation_id)
+            cell.probe_timeouts[kind] += 1
+            del probes.outstanding[correlation_id]
+    if send and now >= probes.next_at:
+        asks = {"node-list": {"command": "node-list"},
+                "task-info": {"command": "task-info", "name": probes.task_name()}}
+        for kind in ("node-list", "task-info"):
+            correlation_id = peer.ask(asks[kind])
+            probes.outstanding[correlation_id] = (kind, now)
+            if probes.join_id is None:
+                probes.join_id = correlation_id
+        probes.rounds += 1
+        probes.next_at = max(probes.next_at + PROBE_EVERY, now)
 
 
 def drain(peer: Peer, sim: ChildProcess, coordinator: Coordinator, cell: Cell,
@@ -183,11 +203,11 @@ def drain(peer: Peer, sim: ChildProcess, coordinator: Coordinator, cell: Cell,
     broker = broker_pid()
     cpu_before = (coordinator.cpu_seconds(), sim.latest["progress"].cpu_seconds,
                   process_cpu_seconds(broker))
-    probe = Probe()
-    probe_step(peer, probe, cell)  # lands right behind the N joining node-sets
+    probes = Probes(cell.tasks)
+    probe_step(peer, probes, cell)  # lands right behind the N joining node-sets
     try:
-        wait_for_last_run(peer, sim, coordinator, probe, cell, deadline)
-        finish_probe(peer, probe, cell, deadline)
+        wait_for_last_run(peer, sim, coordinator, probes, cell, deadline)
+        finish_probes(peer, probes, cell, deadline)
     finally:  # also on Ctrl-C: keep what was measured
         stats: SimStats = sim.latest.get("progress", SimStats())
         cpu_after = (coordinator.cpu_seconds(), stats.cpu_seconds,
@@ -195,14 +215,14 @@ def drain(peer: Peer, sim: ChildProcess, coordinator: Coordinator, cell: Cell,
         record_drain(cell, stats, joined, cpu_before, cpu_after)
 
 
-def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Coordinator, probe: Probe,
-                      cell: Cell, deadline: Deadline) -> None:
+def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Coordinator,
+                      probes: Probes, cell: Cell, deadline: Deadline) -> None:
     last_progress, last_distinct = time.monotonic(), 0
     while not deadline.expired():
-        peer.pump(0.05)
+        peer.pump(min(0.05, max(0.0, probes.next_at - time.monotonic())))
         sim.poll(0.0)
         stats: SimStats = sim.latest.get("progress", SimStats())
-        probe_step(peer, probe, cell)
+        probe_step(peer, probes, cell)
         if stats.expected_run is not None:
             return
         if stats.distinct > last_distinct:
@@ -214,17 +234,16 @@ def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Coordinator, p
     cell.notes.append("cell deadline reached during the drain")
 
 
-def finish_probe(peer: Peer, probe: Probe, cell: Cell, deadline: Deadline) -> None:
-    if probe.correlation_id is None:
-        return
-    limit = deadline.within(max(0.0, PROBE_TIMEOUT - (time.monotonic() - probe.sent)))
-    while probe.correlation_id is not None and not limit.expired():
+def finish_probes(peer: Peer, probes: Probes, cell: Cell, deadline: Deadline) -> None:
+    """Wait for the replies still due (no new requests), each up to PROBE_TIMEOUT."""
+    limit = deadline.within(PROBE_TIMEOUT)
+    while probes.outstanding and not limit.expired():
         peer.pump(0.05)
-        probe.next_at = float("inf")
-        probe_step(peer, probe, cell)
-    if probe.correlation_id is not None:
-        cell.probe_timeouts += 1
-        peer.forget(probe.correlation_id)
+        probe_step(peer, probes, cell, send=False)
+    for correlation_id, (kind, _sent) in probes.outstanding.items():
+        cell.probe_timeouts[kind] += 1
+        peer.forget(correlation_id)
+    probes.outstanding.clear()
 
 
 # CPU seconds used so far by (coordinator, simulator, broker)
@@ -269,7 +288,7 @@ def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
     with ExitStack() as stack:
         url = stack.enter_context(private_vhost("vespid-bench-sched"))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vespid-bench-")))
-        coordinator = Coordinator(url, workdir)
+        coordinator = Coordinator(url, workdir, env=options.coordinator_env)
         stack.callback(coordinator.stop)
         coordinator.start()
         peer = Peer(url)
@@ -337,25 +356,36 @@ def report_interrupted(cells: list[Cell]) -> None:
 
 def row(cell: Cell) -> list[str]:
     if cell.skipped:
-        return [str(cell.nodes), f"{cell.tasks:,}", *["—"] * 9, "; ".join(cell.notes)]
+        return [str(cell.nodes), f"{cell.tasks:,}", *["—"] * 10, "; ".join(cell.notes)]
     per_second = rate(cell.decisions, cell.drain_seconds)
     partial = cell.decisions < cell.tasks
     decided = (f"{fmt(per_second)} (partial: {cell.decisions:,}/{cell.tasks:,})" if partial
                else fmt(per_second))
-    worst = max(cell.probe_latencies) if cell.probe_latencies else None
-    median = statistics.median(cell.probe_latencies) if cell.probe_latencies else None
-    probes = f"{fmt(ms(median))} / {fmt(ms(worst))}"
-    if cell.probe_timeouts:
-        probes += f" ({cell.probe_timeouts} unanswered in {PROBE_TIMEOUT:.0f} s)"
     return [str(cell.nodes), f"{cell.tasks:,}",
             fmt(rate(cell.tasks, cell.ingest_seconds)),
             fmt(cell.first_after_join, 2), fmt(cell.drain_seconds, 2), decided,
             fmt(ms(1 / per_second) if per_second else None, 3),
-            fmt(ms(cell.join_latency)), probes,
+            fmt(ms(cell.join_latency)),
+            *(latencies(cell.probe_latencies[kind], cell.probe_timeouts[kind])
+              for kind in PROBE_KINDS),
             " / ".join(percent(x) for x in (cell.coordinator_cpu, cell.simulator_cpu,
                                             cell.broker_cpu)),
             "—" if cell.completed is None else f"{cell.completed:,}",
             "; ".join(cell.notes) or ""]
+
+
+def latencies(samples: list[float], timeouts: int) -> str:
+    """median / p95 / max in ms (n samples), and how many went unanswered."""
+    if not samples:
+        text = "—"
+    else:
+        ordered = sorted(samples)
+        p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+        text = (f"{fmt(ms(statistics.median(ordered)))} / {fmt(ms(p95))} / "
+                f"{fmt(ms(ordered[-1]))} (n={len(ordered)})")
+    if timeouts:
+        text += f" ({timeouts} unanswered in {PROBE_TIMEOUT:.0f} s)"
+    return text
 
 
 def percent(share: float | None) -> str:
@@ -368,7 +398,9 @@ def ms(seconds: float | None) -> float | None:
 
 HEADERS = ["nodes", "queued tasks", "ingest (creates/s)", "1st run after join (s)",
            "1st→W-th run (s)", "decisions/s", "ms/decision", "node-list at join (ms)",
-           "node-list during drain, median / max (ms)", "CPU coordinator / simulator / RabbitMQ",
+           "task-info during drain, median / p95 / max (ms)",
+           "node-list during drain, median / p95 / max (ms)",
+           "CPU coordinator / simulator / RabbitMQ",
            "complete",
            "notes"]
 
@@ -380,17 +412,19 @@ def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
             f"Settings: node-set every {options.heartbeat:g} s per simulated node, "
             f"task-complete {options.delay * 1000:g} ms after each task-run, grid cap "
             f"{options.cap / 60:g} min, cell cap {CELL_CAP / 60:g} min, stall limit "
-            f"{STALL:g} s, task mix seed {options.seed}.")
+            f"{STALL:g} s, task mix seed {options.seed}"
+            + "".join(f", {k}={v}" for k, v in options.coordinator_env.items()) + ".")
     sections.append(
         "How to read it: *decisions/s* = W / (time from the first to the W-th task-run seen "
         "by the simulated nodes); *ms/decision* is its inverse. *node-list at join* is a "
         "request sent right behind the N joining node-sets, so it waits for the first "
-        "scheduling pass over the full queue; the next column samples one request a second "
-        "until the W-th run. *CPU* is each process's CPU time over the wall time from join to "
-        "the W-th run (100% = one core; the machine has the cores listed above, shared "
-        "with RabbitMQ). *ingest* counts from the first publish to the "
-        "task-list reply that saw all W tasks idle. *complete* is task-list status complete "
-        "once the drain ended.")
+        "scheduling pass over the full queue; the next two columns are a task-info and a "
+        f"node-list sent every {PROBE_EVERY * 1000:g} ms from the join until the W-th run "
+        "(each on time, answered or not), with the number of samples. *CPU* is each "
+        "process's CPU time over the wall time from join to the W-th run (100% = one "
+        "core; the machine has the cores listed above, shared with RabbitMQ). *ingest* "
+        "counts from the first publish to the task-list reply that saw all W tasks idle. "
+        "*complete* is task-list status complete once the drain ended.")
     return sections
 
 
@@ -407,11 +441,16 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="task-complete this long after the task-run (default 0)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="a coordinator setting for every cell, e.g. node_batch=25 "
+                             "(passed as VESPID_NODE_BATCH)")
     args = parser.parse_args(argv)
     nodes, tasks, cap = QUICK_GRID if args.quick else FULL_GRID
     return Options(args.nodes or nodes, args.tasks or tasks,
                    60 * args.cap_minutes if args.cap_minutes else cap,
-                   args.heartbeat, args.delay_ms / 1000, args.seed)
+                   args.heartbeat, args.delay_ms / 1000, args.seed,
+                   {"VESPID_" + k.strip().upper(): v for k, v in
+                    (item.split("=", 1) for item in args.set)})
 
 
 def main(argv: list[str] | None = None) -> int:

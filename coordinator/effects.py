@@ -68,8 +68,9 @@ class Effects:
         self.outgoing.append(Outgoing(topology.EVENTS_EXCHANGE, routing_key, kind,
                                       encode(body_of(body))))
 
-    def reply(self, reply_to: str, correlation_id: str | None, message: BaseModel) -> None:
-        body = body_of(message)
+    def reply(self, reply_to: str, correlation_id: str | None,
+              message: BaseModel | dict[str, Any]) -> None:
+        body = message if isinstance(message, dict) else body_of(message)
         self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
 
     def to_node(self, node: str, message: NodeMessage) -> None:

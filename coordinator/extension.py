@@ -11,7 +11,7 @@ scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,7 +33,9 @@ class ReplyLater:
     produce: Callable[[], BaseModel]
 
 
-Reply = BaseModel | ReplyLater | None  # a model of shared/; None: the plain `ack`
+# A model of shared/, or a body built by hand as the dict such a model describes (for a
+# large, frequent reply; a unit test holds it to its model); None: the plain `ack`.
+Reply = BaseModel | dict[str, Any] | ReplyLater | None
 Handler = Callable[["Context", Any], Reply]
 E = TypeVar("E", bound="Extension")
 
@@ -47,6 +49,12 @@ class Extension:
     def handlers(self) -> Mapping[type, Handler]:
         """The messages it answers: model type -> handler, merged into the dispatch table."""
         return {}
+
+    def reads(self) -> Collection[type]:
+        """Which of its messages only read (change no state, send nothing but the reply):
+        the coordinator answers those from the committed state in a turn of their own,
+        ahead of the nodes' traffic."""
+        return ()
 
     def load(self, store: Store, state: State) -> None:
         """Read its slice of state from its own tables (at start, and after a failed batch
@@ -93,6 +101,9 @@ class Extensions:
                                      "already handled")
                 table[kind] = handler
         return table
+
+    def reads(self, core: Collection[type]) -> frozenset[type]:
+        return frozenset(core).union(*(extension.reads() for extension in self.members))
 
     def load(self, store: Store, state: State) -> None:
         for extension in self.members:

@@ -22,7 +22,6 @@ from vespid.shared.protocol import (
     AckReply,
     NodeDrain,
     NodeList,
-    NodeListResponse,
     NodeSet,
     Severity,
     StateCheck,
@@ -239,11 +238,13 @@ def handle_task_list(ctx: Context, msg: TaskList) -> Reply:
 
 
 def handle_node_list(ctx: Context, msg: NodeList) -> Reply:
+    # Built as the dicts NodeListResponse describes, not as models: at 1,000 nodes the
+    # models cost 60 ms a request (tests/unit/test_wire_models.py holds the two equal).
     nodes = []
     for node in sorted(ctx.state.nodes.values(), key=lambda n: n.name):
         why_not = engine.why_not_accepting(node)
         nodes.append(views.node_summary(node, why_not is None, why_not))
-    return NodeListResponse(command="node-list-response", nodes=nodes)
+    return {"command": "node-list-response", "nodes": nodes}
 
 
 def _known_task(ctx: Context, name: str) -> Task:
@@ -266,3 +267,6 @@ HANDLERS: dict[type, Handler] = {
     TaskList: handle_task_list,
     NodeList: handle_node_list,
 }
+
+# The messages that only read: answered from the committed state, ahead of node traffic.
+READS: frozenset[type] = frozenset({TaskInfo, TaskList, NodeList, StateCheck})

@@ -48,6 +48,8 @@ OUTBOX_MESSAGE_ID = "vespid-out-{}"
 # File chunks (256 KB each) published and not yet confirmed, at most: a large file streams
 # from disk at the broker's pace instead of piling up in pika's buffer.
 FILE_WINDOW_CHUNKS = 16
+# A turn handles at least this many node messages, however slow they were lately.
+MIN_NODE_BATCH = 20
 # The exit status of a coordinator that stopped because it may no longer write the state:
 # a supervisor restarting it makes it a standby.
 SUPERSEDED_EXIT = 3
@@ -104,12 +106,22 @@ class CoordinatorService:
 
     def _reset_link(self) -> None:
         self._channel: Any = None
-        self._pending: list[Delivery] = []
+        # Deliveries not handled yet, by queue: requests in the order they came, and the
+        # nodes' messages, of which a turn takes what fits its time (_batch_size).
+        self._requests: list[Delivery] = []
+        self._from_nodes: deque[Delivery] = deque()
         self._flush_scheduled = False
+        self._batch_due = False  # a turn answered reads: the next one handles a batch
+        self._message_seconds = 0.001  # what handling one message costs, lately
         self._seq = 0
         self._in_flight: dict[int, int | None] = {}  # publish seq -> outbox id (None: reply)
         self._in_flight_heap: list[int] = []
-        self._ack_after: deque[tuple[int, int]] = deque()  # (publish seq, delivery tag)
+        # Delivery tags handled, once all published up to that seq is confirmed. Both queues
+        # share the channel's tags and a turn takes them out of order, so what is acked is
+        # the prefix of settled tags (multiple=True up to the last of it), never beyond.
+        self._ack_after: deque[tuple[int, list[int]]] = deque()  # (publish seq, tags)
+        self._settled: set[int] = set()
+        self._acked = 0  # every tag up to this one is acked
         self._resend: set[int] = set()
         self._returned: set[int] = set()
         self._close_reason: str | None = None
@@ -271,23 +283,37 @@ class CoordinatorService:
         self._resume()
 
     def _consume_nodes(self) -> None:
-        # A smaller window for the node channel (the qos applies to consumers made after
-        # it): a request waits at most for a batch of that many node messages.
+        # The node channel's own window (the qos applies to consumers made after it); a
+        # turn takes node_batch of them, so requests wait for no more than that.
         self._channel.basic_qos(prefetch_count=self.settings.node_prefetch,
                                 callback=lambda _frame: self._consume_node_queue())
 
     def _consume_node_queue(self) -> None:
-        self._channel.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_message)
+        self._channel.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_node_message)
         log.info("coordinator_consuming",
                  queues=[topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE])
 
     # ---- consuming -------------------------------------------------------------------
     @_stop_on_store_error
     def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        """A request (the request queue)."""
+        self._receive(self._requests, method, props, body)
+
+    @_stop_on_store_error
+    def _on_node_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        """A node's message (the node channel)."""
+        self._receive(self._from_nodes, method, props, body)
+
+    def _receive(self, into: list[Delivery] | deque[Delivery], method: Any, props: Any,
+                 body: bytes) -> None:
         if not self.active:  # the broker made this consumer the active one
             self._become_active()
-        self._pending.append(Delivery(body, props.reply_to, props.correlation_id,
-                                      method.delivery_tag, props.user_id, props.message_id))
+        into.append(Delivery(body, props.reply_to, props.correlation_id,
+                             method.delivery_tag, props.user_id, props.message_id))
+
+        self._schedule_turn()
+
+    def _schedule_turn(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             # Runs after pika dispatched every frame it already read: a natural batch.
@@ -295,14 +321,51 @@ class CoordinatorService:
 
     @_stop_on_store_error
     def _process_pending(self) -> None:
+        """One turn, either of two kinds. Reads at the head of the requests are answered in
+        a turn of their own, from the committed state (no batch in hand). Else a batch:
+        the requests (writes, and reads sent after them), then the node messages that fit
+        the turn's time, committed as one. Between two turns pika sends what was published
+        and reads what came, so a request waits for at most one batch, and the turn after a
+        read's is always a batch, so reads never starve the nodes."""
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch or self._channel is None or not self._channel.is_open:
+        if self._channel is None or not self._channel.is_open:
+            self._requests, self._from_nodes = [], deque()
             return
-        outcome = self.processor.process(batch, time.time())
-        self._publish(outcome)
-        self._ack_after.append((self._seq, batch[-1].tag))
+        reads, writes = self.processor.split_reads(self._requests)
+        if reads and not self._batch_due:
+            self._requests = writes
+            self._publish(self.processor.answer(reads, time.time()))
+            self._settle([delivery.tag for delivery, _ in reads])
+            self._batch_due = True  # the next turn is a batch, whatever came meanwhile
+        else:
+            batch, self._requests = (self._requests, []) if writes else ([], self._requests)
+            nodes = [self._from_nodes.popleft()
+                     for _ in range(min(self._batch_size(), len(self._from_nodes)))]
+            batch += nodes
+            if batch:
+                started = time.perf_counter()
+                self._publish(self.processor.process(batch, time.time()))
+                self._settle([delivery.tag for delivery in batch])
+                self._learn_cost(time.perf_counter() - started, len(batch))
+            self._batch_due = False
+        if self._requests or self._from_nodes:
+            self._schedule_turn()
         self._ack_settled()
+
+    def _batch_size(self) -> int:
+        """How many node messages fit the turn's time (turn_seconds), by what a message
+        cost lately (its share of its batch's commit and scheduling included); never fewer
+        than MIN_NODE_BATCH, so a slow machine still keeps up with its nodes."""
+        most = self.settings.node_batch
+        fits = int(self.settings.turn_seconds / self._message_seconds)
+        return max(min(MIN_NODE_BATCH, most), min(most, fits))
+
+    def _learn_cost(self, seconds: float, messages: int) -> None:
+        self._message_seconds += (seconds / messages - self._message_seconds) / 8
+
+    def _settle(self, tags: list[int]) -> None:
+        """These deliveries are handled: ack them once all published so far is confirmed."""
+        self._ack_after.append((self._seq, tags))
 
     @_stop_on_store_error
     def _tick(self) -> None:
@@ -471,5 +534,12 @@ class CoordinatorService:
             heapq.heappop(self._in_flight_heap)
         lowest_open = self._in_flight_heap[0] if self._in_flight_heap else self._seq + 1
         while self._ack_after and self._ack_after[0][0] < lowest_open:
-            _seq, tag = self._ack_after.popleft()
-            self._channel.basic_ack(delivery_tag=tag, multiple=True)
+            _seq, tags = self._ack_after.popleft()
+            self._settled.update(tags)
+        acked = self._acked
+        while acked + 1 in self._settled:
+            acked += 1
+            self._settled.discard(acked)
+        if acked > self._acked:
+            self._acked = acked
+            self._channel.basic_ack(delivery_tag=acked, multiple=True)

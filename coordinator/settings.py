@@ -35,10 +35,18 @@ class CoordinatorSettings(ProcessSettings):
                           description="requests in flight at most (node messages: node_prefetch)")
     node_prefetch: int = Field(
         default=500, ge=1, le=65535,
-        description="messages from nodes (node-set, task-complete) in flight at most: the "
-                    "most a request can find ahead of it in a batch. At 1,000 nodes, 100 "
-                    "bounds a request's wait (node-list max 140-305 ms against 900) for "
-                    "about 15% of the decision rate")
+        description="messages from nodes (node-set, task-complete) in flight at most (a "
+                    "turn handles node_batch of them)")
+    node_batch: int = Field(
+        default=500, ge=1, le=65535,
+        description="node messages handled (and committed) in one turn at most")
+    turn_seconds: float = Field(
+        default=0.03, gt=0, le=10,
+        description="how long a turn of node messages may take, about: a turn takes as "
+                    "many as fit by what they cost lately (at least 20, at most "
+                    "node_batch). Requests are answered between turns, so this bounds how "
+                    "long one waits behind the nodes' traffic; longer turns commit less "
+                    "often")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     results_dir: Path | None = Field(default=None,
                                      description="where Golem-style results are kept: "

@@ -14,7 +14,6 @@ from typing import Any, Literal
 from vespid.coordinator.state import Node, State, Task
 from vespid.shared.protocol import (
     NodeRepository,
-    NodeSummary,
     TaskInfoResponse,
     TaskStatus,
     TaskSummary,
@@ -99,13 +98,21 @@ def task_summary(state: State, task: Task) -> TaskSummary:
         **tree_outcome(state, task))
 
 
-def node_summary(node: Node, accepting: bool, why_not: str | None) -> NodeSummary:
-    return NodeSummary(
-        name=node.name, alive=node.alive, draining=node.draining, left=node.left,
-        accepting=accepting, why_not_accepting=why_not, version=node.version,
-        protocol=node.protocol, last_seen=node.last_seen, capabilities=node.capabilities,
-        free=node.free_resources(), activetasks=sorted(node.running),
-        repositories={k: NodeRepository.model_validate(v) for k, v in node.repositories.items()})
+def node_summary(node: Node, accepting: bool, why_not: str | None) -> dict[str, Any]:
+    """One node-list entry, as the dict NodeSummary describes: encoded in the turn that
+    builds it, so it may share the node's own dicts (capabilities, repositories)."""
+    return {
+        "name": node.name, "alive": node.alive, "draining": node.draining, "left": node.left,
+        "accepting": accepting, "why_not_accepting": why_not, "version": node.version,
+        "protocol": node.protocol, "last_seen": node.last_seen,
+        "capabilities": node.capabilities, "free": node.free_resources(),
+        "repositories": {k: {f: v[f] for f in REPOSITORY_FIELDS if f in v}
+                         for k, v in node.repositories.items()},
+        "activetasks": sorted(node.running)}
+
+
+# What a node-list shows of a repository (NodeRepository's fields, nothing a node added).
+REPOSITORY_FIELDS = tuple(NodeRepository.model_fields)
 
 
 def shown_status(task: Task) -> Literal["working", "complete"] | None:

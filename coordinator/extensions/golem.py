@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -146,6 +146,9 @@ class Golem(Extension):
                 AbortTask: self.handle_abort, RestartTask: self.handle_restart,
                 RestartSubtasks: self.handle_restart_subtasks, ListTasks: self.handle_list,
                 GetTaskState: self.handle_state}
+
+    def reads(self) -> Collection[type]:
+        return (ListTasks, GetTaskState)
 
     # ---- persistence -----------------------------------------------------------------
     def load(self, store: Store, state: State) -> None:

@@ -19,7 +19,7 @@ import itertools
 import math
 from array import array
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from vespid.coordinator import engine, views
@@ -159,6 +159,9 @@ class Timeline(Extension):
     def handlers(self) -> Mapping[type, Handler]:
         return {TreeTimeline: self.handle_tree, AttemptList: self.handle_attempts,
                 FarmHistory: self.handle_history}
+
+    def reads(self) -> Collection[type]:
+        return (TreeTimeline, AttemptList, FarmHistory)  # all three: read-only views
 
     # ---- following the tasks -----------------------------------------------------------
     def load(self, store: Store, state: State) -> None:

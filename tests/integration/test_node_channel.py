@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pika
 
@@ -70,3 +71,39 @@ def test_a_request_is_answered_while_a_flood_of_node_traffic_still_waits(
 
     assert reply["status"] == "invalid"
     assert waiting.method.message_count > flood // 2, "the request waited for the node-sets"
+
+
+def test_a_request_behind_a_full_window_of_node_messages_is_answered_before_they_are_handled(
+        amqp_url: str, coordinator: VespidProcess) -> None:
+    """The coordinator already holds a full window of node-sets from new nodes (delivered,
+    not yet handled) when a node-list comes: the reply lists fewer nodes than came ahead of
+    it, because a request is answered between batches and not behind all the node
+    messages in hand. Then every node is still heard (nothing is lost or left unacked)."""
+    flood = 400  # within the node channel's window (node_prefetch 500): all delivered
+    peer = RawPeer(amqp_url)
+    props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+    os.kill(coordinator.pid, signal.SIGSTOP)
+    try:
+        for index in range(flood):
+            body = json.dumps({"command": "node-set", "name": f"flood{index:03d}",
+                               "capabilities": {"cores": 1}, "repositories": {},
+                               "activetasks": {}}).encode()
+            peer.channel.basic_publish("vespid", NODE_KEY, body, props)
+        while peer.channel.queue_declare("vespid.coordinator.node",
+                                         passive=True).method.message_count:
+            peer.connection.process_data_events(time_limit=0.05)  # all handed over
+        asked = peer.send({"command": "node-list"}, reply=True)
+    finally:
+        os.kill(coordinator.pid, signal.SIGCONT)
+    while asked not in peer.replies:
+        peer.connection.process_data_events(time_limit=0.1)
+    listed = json.loads(peer.replies[asked])["nodes"]
+    everyone = peer.request({"command": "node-list"})["nodes"]
+    deadline = time.monotonic() + 30
+    while len(everyone) < flood and time.monotonic() < deadline:
+        peer.connection.process_data_events(time_limit=0.2)
+        everyone = peer.request({"command": "node-list"})["nodes"]
+    peer.close()
+
+    assert len(listed) < flood, "the request waited for every node message ahead of it"
+    assert len(everyone) == flood

@@ -123,13 +123,26 @@ class FakeConnection:
 # --- driving the service --------------------------------------------------------------------
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[CoordinatorService]:
+def make_service(tmp_path: Path, **options: Any) -> CoordinatorService:
     settings = CoordinatorSettings(state=tmp_path / "s.db", blob_dir=tmp_path / "blobs",
-                                   amqp_url=f"amqp://{USER}:secret@localhost:5672/")
+                                   amqp_url=f"amqp://{USER}:secret@localhost:5672/", **options)
     made = CoordinatorService(settings)
     made._connection = FakeConnection()
     made._channel = FakeChannel()
+    return made
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[CoordinatorService]:
+    made = make_service(tmp_path)
+    yield made
+    made.store.close()
+
+
+@pytest.fixture
+def small_turns(tmp_path: Path) -> Iterator[CoordinatorService]:
+    """A coordinator that handles at most 2 node messages a turn."""
+    made = make_service(tmp_path, node_batch=2)
     yield made
     made.store.close()
 
@@ -152,6 +165,13 @@ def deliver(service: CoordinatorService, tag: int, message: dict[str, Any],
                             user_id=None, message_id=None)
     service._on_message(service._channel, SimpleNamespace(delivery_tag=tag), props,
                         json.dumps(message).encode("utf-8"))
+
+
+def deliver_from_node(service: CoordinatorService, tag: int, message: dict[str, Any]) -> None:
+    """A message on the node channel (`vespid.coordinator.node`)."""
+    props = SimpleNamespace(reply_to=None, correlation_id=None, user_id=None, message_id=None)
+    service._on_node_message(service._channel, SimpleNamespace(delivery_tag=tag), props,
+                             json.dumps(message).encode("utf-8"))
 
 
 def run_batch(service: CoordinatorService) -> list[Published]:
@@ -281,7 +301,7 @@ def test_a_later_batch_confirmed_first_waits_for_the_earlier_one(
     ack(service, 5)
     assert channel.acks == [(1, True)]  # the batch of tag 3 waits behind the one of tag 2
     ack(service, 4, multiple=True)
-    assert channel.acks == [(1, True), (2, True), (3, True)]
+    assert channel.acks == [(1, True), (3, True)]  # both batches settled: one ack for both
 
 
 def test_a_multiple_confirm_settles_every_publish_up_to_its_tag_and_no_further(
@@ -614,3 +634,76 @@ def test_after_a_nacked_chunk_the_node_still_gets_the_whole_file_before_its_task
     reached = [p for p in channel.published if delivered[p.seq]]
     first_run = next(i for i, p in enumerate(reached) if p.outbox_id == run_row.id)
     assert {p.chunk().index for p in reached[:first_run]} == {0, 1, 2}
+
+
+# --- requests beside the nodes' traffic ---------------------------------------------------
+
+
+def test_a_read_is_answered_first_from_the_committed_state_and_node_messages_wait_their_turn(
+        small_turns: CoordinatorService) -> None:
+    service = small_turns
+    join_node(service, tag=1)
+    channel = channel_of(service)
+    for tag in range(2, 7):  # five node-sets on the node channel, then a request
+        deliver_from_node(service, tag, node_set(f"m{tag}"))
+    deliver(service, 7, {"command": "node-list"}, reply_to="client")
+
+    [reply] = run_batch(service)  # a turn of its own, ahead of the five
+    listed = [n["name"] for n in json.loads(reply.body)["nodes"]]
+    assert (reply.routing_key, listed) == ("client", ["n1"])
+    assert sorted(service.processor.state.nodes) == ["n1"]
+    ack(service, 1)
+    assert channel.acks == [(1, True)]  # 7 is settled, but 2-6 come before it
+
+    assert run_batch(service) == []  # the next turn came by itself: a batch of two
+    assert sorted(service.processor.state.nodes) == ["m2", "m3", "n1"]
+    assert channel.acks[-1] == (3, True)
+    assert run_batch(service) == []  # 4 and 5
+    assert channel.acks[-1] == (5, True)
+    assert run_batch(service) == []  # 6, and with it the prefix reaches 7
+    assert channel.acks[-1] == (7, True)
+    assert loop_of(service).run_soon() == 0
+    assert sorted(service.processor.state.nodes) == ["m2", "m3", "m4", "m5", "m6", "n1"]
+
+
+def test_reads_never_starve_the_nodes_a_batch_follows_every_turn_of_reads(
+        small_turns: CoordinatorService) -> None:
+    service = small_turns
+    for tag in range(1, 4):
+        deliver_from_node(service, tag, node_set(f"m{tag}"))
+    deliver(service, 4, {"command": "node-list"}, reply_to="client")
+    run_batch(service)  # the read
+    deliver(service, 5, {"command": "node-list"}, reply_to="client")  # came meanwhile
+    assert run_batch(service) == []  # a batch all the same
+    assert sorted(service.processor.state.nodes) == ["m1", "m2"]
+    [reply] = run_batch(service)  # then the read that waited
+    assert [n["name"] for n in json.loads(reply.body)["nodes"]] == ["m1", "m2"]
+
+
+def test_a_read_never_shows_a_write_not_yet_committed_and_one_sent_after_a_write_sees_it(
+        service: CoordinatorService) -> None:
+    join_node(service, tag=1)
+    deliver(service, 2, {"command": "task-info", "name": "t1"}, reply_to="client")
+    deliver(service, 3, task_create(), reply_to="client")
+    deliver(service, 4, {"command": "task-info", "name": "t1"}, reply_to="client")
+    [first] = run_batch(service)
+    assert json.loads(first.body)["status"] == "invalid"  # answered ahead of the write
+
+    ack_reply, after = (json.loads(p.body) for p in run_batch(service)[:2])
+    assert ack_reply["command"] == "ack"
+    # Behind the write, in its batch: sees the task made (the batch's decision to start it
+    # comes after, at the end of the batch)
+    assert after["name"] == "t1" and after["status"] is None
+    confirm_all(service)
+    assert channel_of(service).acks[-1] == (4, True)
+
+
+def test_the_same_read_twice_in_a_turn_is_built_once_and_answered_twice(
+        service: CoordinatorService) -> None:
+    join_node(service, tag=1)
+    deliver(service, 2, {"command": "node-list"}, reply_to="a")
+    deliver(service, 3, {"command": "node-list"}, reply_to="b")
+    one, two = run_batch(service)
+    assert (one.routing_key, two.routing_key) == ("a", "b")
+    assert one.body == two.body
+    assert (one.properties.correlation_id, two.properties.correlation_id) == ("corr-2", "corr-3")
