@@ -103,6 +103,7 @@ class NodeAgent:
         if resumed:
             self.log.info("earlier_attempt_logs_to_ship", attempts=resumed)
         keep_reconnecting(self._session, self.log)
+        self.supervisor.close()
         self.containment.release()
         self.log.info("node_stopped")
 
