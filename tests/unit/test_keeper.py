@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_supervisor import alive
 from vespid.node_agent.containment import CgroupV1
 
 # A stand-in agent: a supervisor that starts one task, then waits to be killed. The task
@@ -47,14 +48,6 @@ TASK = textwrap.dedent("""\
 """)
 
 
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("kind", ["cgroup-v1", "process-group"])
 def test_an_agent_killed_by_sigkill_leaves_no_process_of_its_tasks(
         kind: str, tmp_path: Path) -> None:
@@ -79,13 +72,13 @@ def test_an_agent_killed_by_sigkill_leaves_no_process_of_its_tasks(
         agent.wait(timeout=10)
 
         deadline = time.monotonic() + 10
-        while running(task) or running(child):
-            assert time.monotonic() < deadline, (running(task), running(child))
+        while alive(task) or alive(child):
+            assert time.monotonic() < deadline, (alive(task), alive(child))
             time.sleep(0.05)
     finally:
         agent.kill()
         agent.wait(timeout=10)
         if (tmp_path / "pids").exists():
             for pid in (int(p) for p in (tmp_path / "pids").read_text().split()[:2]):
-                if running(pid):
+                if alive(pid):
                     os.kill(pid, signal.SIGKILL)
