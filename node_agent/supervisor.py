@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +198,7 @@ class Supervisor:
     on_exit: Callable[[], None] = lambda: None
     _watcher: ExitWatcher | None = field(default=None, init=False, repr=False)
     _keeper: Keeper | None = field(default=None, init=False, repr=False)
+    _spawner: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def start(self, run: TaskRun, launch: Launch) -> Finished | None:
         """Start a task; a task that cannot start is returned as finished (fatal)."""
@@ -209,7 +211,17 @@ class Supervisor:
             cell = self.containment.cell(f"{run.name}-a{run.attempt}", limit)
             launch.log_file.parent.mkdir(parents=True, exist_ok=True)
             with launch.log_file.open("ab") as log_handle:
-                process = self._spawn(cell, launch, log_handle.fileno())
+                if cell.join_files:
+                    # From a thread of its own, never the main one: while a thread of the
+                    # agent is in a cell, memory the agent allocates is charged to the cell
+                    # if that thread is the one the kernel charges the process's memory to
+                    # (its mm's owner, the main thread), and could meet the task's limit.
+                    if self._spawner is None:
+                        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="spawn")
+                    process = self._spawner.submit(
+                        self._spawn, cell, launch, log_handle.fileno()).result()
+                else:
+                    process = self._spawn(cell, launch, log_handle.fileno())
         except (OSError, subprocess.SubprocessError) as exc:
             cell.remove()
             message = f"could not start the task: {exc}"
@@ -227,8 +239,8 @@ class Supervisor:
 
     @staticmethod
     def _spawn(cell: Cell, launch: Launch, output: int) -> subprocess.Popen[bytes]:
-        """`python script`, born in its cell: where the cgroup moves one thread (v1) this
-        thread steps into the cell for the spawn, so Python can vfork with no code run
+        """`python script`, born in its cell: where the cgroup moves one thread (v1) the
+        spawning thread steps into the cell for the spawn, so Python can vfork with no code run
         between fork and exec (about 2.7 ms a task less than a fork with a preexec_fn on
         this project's machine);
         else the child joins the cell between fork and exec."""
@@ -247,6 +259,9 @@ class Supervisor:
 
     def close(self) -> None:
         """At the owner's exit: the keeper goes, ending whatever is left."""
+        if self._spawner is not None:
+            self._spawner.shutdown(wait=False)
+            self._spawner = None
         if self._keeper is not None:
             self._keeper.close()
 
