@@ -1,15 +1,17 @@
 """Starting, watching and killing task processes. No broker code here.
 
 Each attempt runs as plain `python script` with the agent's own Python, in its own process
-group and, where the machine allows, its own cgroup (containment.py), which it joins between
-fork and exec, so ending it ends everything it spawned, even processes that called setsid or
+group and, where the machine allows, its own cgroup (containment.py), which it is born in
+(cgroup v1: spawned by a thread that steps into the cell) or joins between fork and exec
+(cgroup v2), so ending it ends everything it spawned, even processes that called setsid or
 double-forked. If the agent dies, even by SIGKILL, its keeper (keeper.py: one small process
-per agent, watching a pipe from it) ends every cell, or process group, the agent left, and
-the kernel's parent-death signal ends each task's own process at once, so no grandchild (a
-compiler, a test runner, a build daemon) is left orphaned. Exits are watched by one thread
-on the tasks' pidfds. Its stdout and stderr go to the attempt's log file. Running time
-(`timeout`) and memory (what the task asked for times a margin: the kernel's limit in the
-cgroup, else the polled resident memory of the group) are enforced here.
+per agent, watching a pipe from it) ends every cell, or process group, the agent left (where
+the child joins between fork and exec, the kernel's parent-death signal also ends the task's
+own process at once), so no grandchild (a compiler, a test runner, a build daemon) is left
+orphaned. Exits are watched by one thread on the tasks' pidfds. Its stdout and stderr go to
+the attempt's log file. Running time (`timeout`) and memory (what the task asked for times a
+margin: the kernel's limit in the cgroup, else the polled resident memory of the group) are
+enforced here.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ class Keeper:
         self.tracks_groups = not containment.contains_detached
         self.process: subprocess.Popen[bytes] | None = None
 
-    def ensure(self) -> None:
+    def ensure(self, running: list[int]) -> None:
+        """Start it, or start it again if it died (then tell it the `running` groups)."""
         if self.process is not None and self.process.poll() is None:
             return
         if self.process is not None:
@@ -166,6 +169,8 @@ class Keeper:
             [sys.executable, "-m", "vespid.node_agent.keeper",
              json.dumps(self.containment.spec())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+        for pgid in running:
+            self.started(pgid)
 
     def started(self, pgid: int) -> None:
         self._say(f"+{pgid}\n")
@@ -207,7 +212,7 @@ class Supervisor:
         try:
             if self._keeper is None:
                 self._keeper = Keeper(self.containment)
-            self._keeper.ensure()
+            self._keeper.ensure([entry.process.pid for entry in self.running.values()])
             cell = self.containment.cell(f"{run.name}-a{run.attempt}", limit)
             launch.log_file.parent.mkdir(parents=True, exist_ok=True)
             with launch.log_file.open("ab") as log_handle:
