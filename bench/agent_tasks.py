@@ -8,10 +8,11 @@ same parallelism).
   no flags, the agent's environment plus the variables it adds for a task (VESPID_TASK,
   VESPID_AMQP_URL, VESPID_CORES, VESPID_NODE, VESPID_ATTEMPT, PYTHONUNBUFFERED=1).
 - Launch line: the same pool running exactly the command the agent runs for a task,
-  `python -c BOOTSTRAP - <script>` (node_agent/supervisor.py: a bootstrap that runs the
-  script file, here holding `pass`, with runpy), in a new session with the parent-death
-  signal set between fork and exec, output appended to a log file; without the agent. It
-  says how much of the gap is the launch itself and how much the agent around it.
+  `python <script>` (node_agent/supervisor.py; the script file holds `pass`), in a new
+  session, output appended to a log file, with no code between fork and exec (the agent
+  spawns from inside the task's cgroup v1 cell, so Python can vfork); without the agent and
+  without a cgroup. It says how much of the gap is the launch itself and how much the agent
+  around it.
 - Vespid: a coordinator (`vespid coordinator`) and one real node agent (`vespid node
   --config`, cores = P) on a private vhost; N task-creates with `executable_pyscript: "pass"`
   and requirements {"cores": 1, "memory": 100} published at once (raw pika, bodies built
@@ -30,7 +31,6 @@ agent (wall-clock, waiting included) and on the coordinator (CPU).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -70,7 +70,6 @@ from bench.common import (
 )
 from bench.probes import profile_tables, py_spy, read_profile, spying
 from bench.throughput import wait_for_nodes
-from vespid.node_agent.supervisor import BOOTSTRAP, DEATH_SIGNAL, PR_SET_PDEATHSIG
 
 FULL_TASKS, QUICK_TASKS = 600, 200
 ROUNDS = 2
@@ -124,19 +123,13 @@ def task_environment() -> dict[str, str]:
     return env
 
 
-def set_death_signal() -> None:
-    """Between fork and exec, as the agent's _child_setup does (no cgroup to join here)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL)
-
-
 @dataclass(frozen=True)
 class Launch:
     command: list[str]
     env: dict[str, str]
     cwd: Path
     output: Path | None = None  # appended to, as the agent appends to the attempt's log
-    agent_like: bool = False  # new session and parent-death signal, as the agent does
+    agent_like: bool = False  # a new session, as the agent gives a task
 
 
 def children_cpu() -> float:
@@ -152,8 +145,7 @@ def spawn(launch: Launch) -> subprocess.Popen[bytes]:
     with launch.output.open("ab") as handle:
         return subprocess.Popen(launch.command, cwd=launch.cwd, env=launch.env,
                                 stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=launch.agent_like,
-                                preexec_fn=set_death_signal if launch.agent_like else None)
+                                stderr=subprocess.STDOUT, start_new_session=launch.agent_like)
 
 
 def run_pool(run: Run, launch: Launch, deadline: Deadline) -> None:
@@ -204,7 +196,7 @@ def run_local(config: str, run: Run, deadline: Deadline) -> None:
         else:
             script = cwd / "task.py"
             script.write_text("pass\n")
-            launch = Launch([sys.executable, "-c", BOOTSTRAP, "-", str(script)],
+            launch = Launch([sys.executable, str(script)],
                             task_environment(), cwd, cwd / "attempt-1.log", agent_like=True)
         run_pool(Run(config, 0, 2 * run.parallel, run.parallel), launch, deadline)  # warm-up
         run_pool(run, launch, deadline)

@@ -103,6 +103,7 @@ class NodeAgent:
         if resumed:
             self.log.info("earlier_attempt_logs_to_ship", attempts=resumed)
         keep_reconnecting(self._session, self.log)
+        self.supervisor.close()
         self.containment.release()
         self.log.info("node_stopped")
 
@@ -170,8 +171,13 @@ class NodeAgent:
     def _step(self) -> None:
         guarded(lambda: self._connection.process_data_events(time_limit=0.2))
         self._reap()
+        if self.unsent:
+            # A task's whole output reaches the broker before its task-complete; then the
+            # task-complete, which the coordinator's next decision for this slot waits on;
+            # the log's end, its note and the task's files after it, off that path.
+            self._stream_logs(ends=False)
+            self._flush_results()
         self._stream_logs()
-        self._flush_results()
         if time.time() >= self._next_heartbeat:
             # A log server started after this agent connected is seen within a heartbeat,
             # so what ends from then on counts as shipped and is kept for retain_after_shipped.
@@ -332,8 +338,8 @@ class NodeAgent:
             if newer is not None:
                 self._start(newer)
 
-    def _stream_logs(self) -> None:
-        for chunk in self.logs.pending():
+    def _stream_logs(self, ends: bool = True) -> None:
+        for chunk in self.logs.pending(ends):
             # Not mandatory: with no log server listening the local copy is the log.
             publish_confirmed(self._channel, topology.LOGS_EXCHANGE,
                               topology.log_key(chunk.task), encode(chunk),
@@ -343,10 +349,13 @@ class NodeAgent:
                 self._remove_due(only=chunk.task)
 
     def _record(self, result: Finished) -> None:
-        self.logs.finish(result.name, result.attempt)
-        log_file = attempt_log(self.settings.log_dir, result.name, result.attempt)
-        if log_file.exists():  # what retention decides on, kept beside the log
-            note(log_file, ended=time.time(), success=result.success.value)
+        # What retention decides on, kept beside the log: with the log's end when it streams
+        # (one write, after the task-complete), else now.
+        ended = {"ended": time.time(), "success": result.success.value}
+        if not self.logs.finish(result.name, result.attempt, **ended):
+            log_file = attempt_log(self.settings.log_dir, result.name, result.attempt)
+            if log_file.exists():
+                note(log_file, **ended)
         folder = self.folders.pop(result.name, None)
         if folder is not None and result.success is Severity.OK:
             self.produced[result.name] = collect_results(self.blobs, folder)

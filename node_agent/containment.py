@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("freezer", "memory", "pids")
@@ -46,6 +47,14 @@ class Cell(Protocol):
     @property
     def kill_file(self) -> Path | None:
         """Writing "1" there kills the whole cell (cgroup v2), else None."""
+
+    def enter(self) -> bool:
+        """Move the calling thread into the cell, so that a child it spawns is born there
+        (and the spawn needs no code between fork and exec: Python can vfork); False where
+        the hierarchy moves whole processes only (then the child joins `join_files`)."""
+
+    def leave(self) -> None:
+        """Move the calling thread back where it was before `enter`."""
 
     def kill(self) -> None: ...
     def pids(self) -> list[int]: ...
@@ -69,6 +78,8 @@ class Containment(Protocol):
 
     def cell(self, name: str, memory_limit_mb: float | None) -> Cell: ...
     def sweep(self) -> int: ...
+    def end_all(self) -> int: ...
+    def spec(self) -> dict[str, Any]: ...
     def release(self) -> None: ...
 
 
@@ -90,6 +101,12 @@ class NoCell:
     join_files: list[Path] = field(default_factory=list)
     procs_file: Path | None = None
     kill_file: Path | None = None
+
+    def enter(self) -> bool:
+        return False
+
+    def leave(self) -> None:
+        return None
 
     def kill(self) -> None:
         return None
@@ -119,8 +136,23 @@ class ProcessGroupOnly:
     def sweep(self) -> int:
         return 0
 
+    def end_all(self) -> int:
+        return 0
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
     def release(self) -> None:
         return None
+
+
+def revive(spec: dict[str, Any]) -> Containment:
+    """The containment a `spec()` describes, in another process (the keeper)."""
+    if spec["kind"] == "cgroup-v1":
+        return CgroupV1({c: Path(p) for c, p in spec["bases"].items()})
+    if spec["kind"] == "cgroup-v2":
+        return CgroupV2(Path(spec["base"]))
+    return ProcessGroupOnly()
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -158,12 +190,29 @@ def _oom_kills(counters: Path) -> int:
 
 
 def _rmdir(path: Path) -> None:
+    try:  # a cell holds no folder of its own unless a task made one: one call, mostly
+        os.rmdir(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
     with contextlib.suppress(FileNotFoundError):
         for child in sorted(path.iterdir(), reverse=True):
             if child.is_dir():
                 _rmdir(child)
         with contextlib.suppress(OSError):  # still busy: the next sweep takes it
             path.rmdir()
+
+
+def _rmdir_patiently(path: Path, seconds: float = 2.0) -> None:
+    """Remove a folder whose cells were just removed: the kernel lets a cgroup go a moment
+    after its last process and its last child cgroup went, and refuses until then."""
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        _rmdir(path)
+        if path.exists():
+            time.sleep(0.02)
 
 
 def own_cgroup(controller: str | None) -> str:
@@ -201,6 +250,33 @@ def _stale(agent_dir: Path) -> bool:
 @dataclass
 class V1Cell:
     dirs: dict[str, Path]  # controller -> this cell's folder
+    homes: dict[str, Path] = field(default_factory=dict)  # controller -> the agent's own
+
+    def enter(self) -> bool:
+        """cgroup v1 moves one thread through `tasks`: the agent's spawning thread steps in
+        for the fork and out again; its memory stays charged where it was (v1 charges the
+        memory of a process to its mm's owner, never to one of its threads)."""
+        if not self.homes:
+            return False
+        thread = str(threading.get_native_id())
+        try:
+            for path in self.dirs.values():
+                (path / "tasks").write_text(thread)
+        except OSError:
+            self.leave()
+            return False
+        return True
+
+    def leave(self) -> None:
+        thread = str(threading.get_native_id())
+        for attempt in range(3):
+            try:
+                for home in self.homes.values():
+                    (home / "tasks").write_text(thread)
+                return
+            except OSError:
+                if attempt == 2:  # still in the cell, whose end would be this agent's end
+                    raise
 
     @property
     def join_files(self) -> list[Path]:
@@ -220,7 +296,7 @@ class V1Cell:
     def kill(self) -> None:
         """Freeze, so nothing forks while we kill, kill everything, thaw: all gone."""
         freezer = self.dirs["freezer"]
-        if not freezer.exists():
+        if not self.pids():  # gone or empty (the usual end): nothing can join it any more
             return
         state = freezer / "freezer.state"
         with contextlib.suppress(OSError):
@@ -289,28 +365,46 @@ class CgroupV1:
         if memory_limit_mb is not None and "memory" in dirs:
             limit = str(int(memory_limit_mb * 1024 * 1024))
             (dirs["memory"] / "memory.limit_in_bytes").write_text(limit)
-            swap = dirs["memory"] / "memory.memsw.limit_in_bytes"
-            if swap.exists():  # memory + swap: a task cannot dodge its limit into swap
-                with contextlib.suppress(OSError):
-                    swap.write_text(limit)
-        return V1Cell(dirs)
+            # memory + swap: a task cannot dodge its limit into swap (where swap is counted)
+            with contextlib.suppress(OSError):
+                (dirs["memory"] / "memory.memsw.limit_in_bytes").write_text(limit)
+        # The agent's own folders, where a spawning thread goes back to (`leave`).
+        homes = {controller: base.parent.parent for controller, base in self.bases.items()}
+        return V1Cell(dirs, homes)
 
     def sweep(self) -> int:
         """End what agents that died left in their cells; returns how many processes."""
         ended = 0
         node_dir = self.bases["freezer"].parent
         for agent_dir in sorted(node_dir.iterdir()) if node_dir.exists() else []:
-            if not (agent_dir.is_dir() and _stale(agent_dir)):
-                continue
-            for cell_dir in sorted(p for p in agent_dir.iterdir() if p.is_dir()):
-                cell = V1Cell({c: b.parent / agent_dir.name / cell_dir.name
-                               for c, b in self.bases.items()})
-                ended += len(cell.pids())
-                cell.kill()
-                cell.remove()
-            for base in self.bases.values():
-                _rmdir(base.parent / agent_dir.name)
+            if agent_dir.is_dir() and _stale(agent_dir):
+                ended += self._end_agent(agent_dir.name)
         return ended
+
+    def end_all(self) -> int:
+        """End every cell of this agent (the keeper, once the agent is gone)."""
+        ended = self._end_agent(self.bases["freezer"].name)
+        for base in self.bases.values():
+            with contextlib.suppress(OSError):
+                base.parent.rmdir()  # the node's folder, when no other agent uses it
+        return ended
+
+    def _end_agent(self, agent: str) -> int:
+        ended = 0
+        agent_dir = self.bases["freezer"].parent / agent
+        cells = sorted(p for p in agent_dir.iterdir() if p.is_dir()) \
+            if agent_dir.exists() else []
+        for cell_dir in cells:
+            cell = V1Cell({c: b.parent / agent / cell_dir.name for c, b in self.bases.items()})
+            ended += len(cell.pids())
+            cell.kill()
+            cell.remove()
+        for base in self.bases.values():
+            _rmdir_patiently(base.parent / agent)
+        return ended
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bases": {c: str(p) for c, p in self.bases.items()}}
 
     def release(self) -> None:
         """At agent exit: remove this agent's (empty) folders."""
@@ -340,6 +434,12 @@ class V2Cell:
 
     def pids(self) -> list[int]:
         return _read_pids(self.path / "cgroup.procs")
+
+    def enter(self) -> bool:
+        return False  # a domain cgroup v2 takes whole processes only
+
+    def leave(self) -> None:
+        return None
 
     def kill(self) -> None:
         if not self.path.exists():
@@ -419,17 +519,34 @@ class CgroupV2:
         node_dir = self.base.parent
         for agent_dir in sorted(node_dir.iterdir()):
             if agent_dir.is_dir() and _stale(agent_dir):
-                for cell_dir in sorted(p for p in agent_dir.iterdir() if p.is_dir()):
-                    cell = V2Cell(cell_dir)
-                    ended += len(cell.pids())
-                    cell.kill()
-                _rmdir(agent_dir)
+                ended += _end_v2_agent(agent_dir)
         return ended
+
+    def end_all(self) -> int:
+        """End every cell of this agent (the keeper, once the agent is gone)."""
+        ended = _end_v2_agent(self.base)
+        with contextlib.suppress(OSError):
+            self.base.parent.rmdir()
+        return ended
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "base": str(self.base)}
 
     def release(self) -> None:
         _rmdir(self.base)
         with contextlib.suppress(OSError):
             self.base.parent.rmdir()
+
+
+def _end_v2_agent(agent_dir: Path) -> int:
+    ended = 0
+    cells = sorted(p for p in agent_dir.iterdir() if p.is_dir()) if agent_dir.exists() else []
+    for cell_dir in cells:
+        cell = V2Cell(cell_dir)
+        ended += len(cell.pids())
+        cell.kill()
+    _rmdir_patiently(agent_dir)
+    return ended
 
 
 def detect(node: str, wanted: str = "auto", root: Path = CGROUP_ROOT) -> Containment:

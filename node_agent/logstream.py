@@ -57,6 +57,7 @@ class Stream:
     path: Path
     sent: int = 0
     finished: bool = False  # the process exited: send the rest, then the end
+    ended: dict[str, Any] | None = None  # what to note of the end, with the shipping
 
 
 class LogStreams:
@@ -71,10 +72,16 @@ class LogStreams:
         self.streams.setdefault((task, attempt), Stream(task, attempt, path))
         return path
 
-    def finish(self, task: str, attempt: int) -> None:
+    def finish(self, task: str, attempt: int, **ended: Any) -> bool:
+        """The attempt's process exited: its end (`ended`, `success`) is noted beside the log
+        with its shipping, in one write, once the end is sent; False when the attempt has no
+        stream (the caller notes it itself)."""
         stream = self.streams.get((task, attempt))
-        if stream is not None:
-            stream.finished = True
+        if stream is None:
+            return False
+        stream.finished = True
+        stream.ended = ended
+        return True
 
     def resume_unshipped(self, running: set[tuple[str, int]]) -> int:
         """At agent start: ship again, from the start, every attempt whose end never reached
@@ -89,15 +96,16 @@ class LogStreams:
             resumed += 1
         return resumed
 
-    def pending(self) -> list[LogChunk]:
-        """The next chunks to send; call `sent()` for each once the broker has it."""
+    def pending(self, ends: bool = True) -> list[LogChunk]:
+        """The next chunks to send; call `sent()` for each once the broker has it. Without
+        `ends`, output only (what must reach the broker before the task-complete)."""
         out = []
         for stream in list(self.streams.values()):
             data = _read(stream.path, stream.sent)
             if data:
                 out.append(LogChunk.carrying(stream.task, stream.attempt, self.node,
                                              stream.sent, data))
-            elif stream.finished:
+            elif stream.finished and ends:
                 out.append(LogChunk.end(stream.task, stream.attempt, self.node, stream.sent))
         return out
 
@@ -110,8 +118,8 @@ class LogStreams:
         if chunk.eof:
             del self.streams[key]
             if stream.path.exists():
-                note(stream.path, shipped=time.time() if delivered else None,
-                     logserver=delivered)
+                note(stream.path, **(stream.ended or {}),
+                     shipped=time.time() if delivered else None, logserver=delivered)
         else:
             stream.sent = chunk.offset + len(chunk.content())
 

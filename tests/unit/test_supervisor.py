@@ -128,6 +128,7 @@ def end_everything(supervisor: Tracked) -> None:
     for group in supervisor.groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
+    supervisor.close()  # its keeper too, before another test's cells share its folder
 
 
 @pytest.fixture
