@@ -145,8 +145,8 @@ class Task:
         return TaskDefinition.model_validate(self.definition_json())
 
     def definition_json(self) -> dict[str, Any]:
-        """The definition as the wire shows it, kept while the task lives: every event of
-        it carries this. A complete task's is read back from the store when asked."""
+        """The definition as the wire shows it: every event of the task carries it. A
+        complete task's is read back from the store when asked."""
         if self._definition_json is not None:
             return self._definition_json
         if self._definition is None:
@@ -154,7 +154,9 @@ class Task:
                 raise StoreError(f"task {self.name!r} has no definition in memory or store")
             return self._stored(self.name)
         built = self._definition.model_dump(mode="json")
-        if self.status is not TaskStatus.COMPLETE:
+        if self.status is TaskStatus.WORKING:
+            # Kept while it runs, when most of its events are sent; not while it waits (a
+            # queue of 100,000 would keep 100 MB of them) nor once it is complete.
             self._definition_json = built
         return built
 
@@ -477,6 +479,7 @@ class State:
     children: dict[str, list[str]] = field(default_factory=dict)
     queue: dict[Shape, SortedList[QueueKey]] = field(default_factory=dict)
     waiting_shape: dict[str, tuple[Shape, QueueKey]] = field(default_factory=dict)
+    shapes: dict[Shape, Shape] = field(default_factory=dict)  # the one object of each queued
     holds: dict[str, str] = field(default_factory=dict)  # repository -> holding task
     hosts: dict[str, set[str]] = field(default_factory=dict)  # repository -> its nodes
     next_seq: int = 1
@@ -518,6 +521,8 @@ class State:
 
     def enqueue(self, task: Task) -> None:
         shape = task.shape()
+        # Waiting tasks of one kind share one shape object, not one each.
+        shape = self.shapes.setdefault(shape, shape)
         parent = self.tasks.get(task.parent or "")
         key = task.queue_key(parent is not None and parent.status is TaskStatus.WORKING)
         self.waiting_shape[task.name] = (shape, key)
@@ -533,6 +538,7 @@ class State:
         group.discard(key)
         if not group:
             del self.queue[shape]
+            del self.shapes[shape]
             self.blocked.discard(shape)
 
     def add_node(self, node: Node) -> None:
