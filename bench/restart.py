@@ -66,7 +66,7 @@ SETTLE = 2.0  # seconds of quiet before the memory is read
 AFTER = 5.0  # seconds after the restart's last answer before its memory is read again
 # What the coordinator logs at level info while it starts, in order.
 MILESTONES = [("settings", "settings read"),
-              ("coordinator_started", "state loaded"),
+              ("coordinator_active", "state loaded"),
               ("coordinator_consuming", "consuming")]
 SCRIPT = """\
 import os
@@ -321,7 +321,7 @@ def read_milestones(coordinator: Coordinator, probes: Probes, result: Result) ->
             label = labels.get(record["event"])
             if label and at >= probes.started_wall and label not in result.milestones:
                 result.milestones[label] = at - probes.started_wall
-            if record["event"] == "coordinator_started" and at >= probes.started_wall:
+            if record["event"] == "coordinator_active" and at >= probes.started_wall:
                 result.loaded_tasks = int(record["tasks"])
 
 

@@ -261,41 +261,39 @@ class Task:
     def from_record(cls, name: str, parent: str | None, status: str, record: dict[str, Any],
                     definition: TaskDefinition | None, stored: DefinitionSource | None
                     ) -> Task:
-        """A task as the store has it; raises KeyError, TypeError or ValueError on a
-        record this code cannot read."""
-        data = dict(record)
-        attempts = data.pop("attempts", None)
-        success = data.pop("success", None)
-        task = cls(name, parent=parent, status=TaskStatus(status), **data,
+        """A task as the store has it (takes `record` over); raises KeyError, TypeError or
+        ValueError on a record this code cannot read."""
+        attempts = record.pop("attempts", None)
+        success = record.pop("success", None)
+        task = cls(name, parent=parent, status=_STATUSES[status], **record,
                    _definition=definition, _stored=stored)
         if attempts:
-            task.attempts = [Attempt.from_record(a) for a in attempts]
+            task.attempts = [Attempt(**a) for a in attempts]
         if success:
-            task.success = Severity(success)
+            task.success = _SEVERITIES[success]
         task._share_values()
         return task
 
     def _share_values(self) -> None:
         """A loaded task holds one object for each value it repeats (its times, what it was
-        allocated, its node's name), not one per place JSON had it: a third less memory per
-        complete task. Nothing changes these in place, they are only ever replaced."""
-        if self.node is not None:
-            self.node = sys.intern(self.node)
-        if self.dispatched_at == self.time_start:
-            self.dispatched_at = self.time_start
-        self.allocated = _shared_allocation(self.allocated)
+        allocated), not one per place JSON had it (the parser already shares short strings,
+        such as node names): a third less memory per complete task. Nothing changes these
+        in place, they are only ever replaced."""
+        start, finish = self.time_start, self.time_finish
+        if self.dispatched_at == start:
+            self.dispatched_at = start
+        allocated = self.allocated = _shared_allocation(self.allocated)
         for attempt in self.attempts:
-            attempt.node = sys.intern(attempt.node)
-            if attempt.start == self.time_start:
-                attempt.start = self.time_start
-            if attempt.end is not None and attempt.end == self.time_finish:
-                attempt.end = self.time_finish
-            attempt.allocated = _shared_allocation(attempt.allocated)
-            if attempt.why is not None and len(attempt.why) <= SHARED_TEXT:
-                attempt.why = sys.intern(attempt.why)
+            if attempt.start == start:
+                attempt.start = start
+            if attempt.end == finish:
+                attempt.end = finish
+            attempt.allocated = (allocated if attempt.allocated == allocated
+                                 else _shared_allocation(attempt.allocated))
 
 
-SHARED_TEXT = 40  # an attempt's `why` up to this long is shared ("ok", "fatal", ...)
+_STATUSES = {s.value: s for s in TaskStatus}
+_SEVERITIES = {s.value: s for s in Severity}
 _ALLOCATIONS: dict[tuple[tuple[str, float], ...], dict[str, float]] = {}
 MAX_ALLOCATIONS = 10_000
 
@@ -755,11 +753,18 @@ class State:
         return raised
 
     def _spread_severity(self, task: Task, severity: Severity) -> None:
-        for name in self._tree_of(task):
-            worst = severity.worst(self.tree_worst.get(name))
-            if worst == self.tree_worst.get(name):
+        # Up the tree by hand, not through _tree_of: this runs for every task at a load.
+        name, parent = task.name, task.parent
+        while True:
+            current = self.tree_worst.get(name)
+            worst = severity.worst(current)
+            if worst == current:
                 return  # every ancestor above is at least this bad already
             self.tree_worst[name] = worst
+            above = self.tasks.get(parent) if parent is not None else None
+            if above is None:
+                return
+            name, parent = above.name, above.parent
 
     def tree_complete(self, task: Task) -> bool:
         return self.tree_open.get(task.name, 0) == 0
