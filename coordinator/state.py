@@ -142,7 +142,7 @@ class Task:
     def definition(self) -> TaskDefinition:
         if self._definition is not None:
             return self._definition
-        return TaskDefinition.model_validate(self.definition_json())
+        return stored_definition(self.definition_json())  # a complete task's, from the store
 
     def definition_json(self) -> dict[str, Any]:
         """The definition as the wire shows it: every event of the task carries it. A
