@@ -117,8 +117,8 @@ def explain(state: State, task: Task) -> list[str]:
 
 def add_task(ctx: Context, definition: TaskDefinition) -> Task:
     parent = ctx.state.tasks.get(definition.parent or "")
-    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
-                owner=parent.owner if parent is not None else ctx.sender)
+    task = Task.new(definition, ctx.state.next_seq, ctx.now,
+                    owner=parent.owner if parent is not None else ctx.sender)
     ctx.state.create(task)
     ctx.event("created", task)
     log.info("task_created", task=task.name, parent=task.parent)
@@ -132,9 +132,9 @@ def add_virtual_task(ctx: Context, name: str, pretty: str, owner: str | None = N
         raise ProtocolError("conflict", f"a task named {name!r} already exists")
     definition = TaskDefinition(name=name, name_pretty=pretty, executable_pyscript="",
                                 retries=0)
-    task = Task(definition=definition, seq=ctx.state.next_seq, time_create=ctx.now,
-                status=TaskStatus.WORKING, time_start=ctx.now, virtual=True,
-                owner=owner if owner is not None else ctx.sender)
+    task = Task.new(definition, ctx.state.next_seq, ctx.now,
+                    status=TaskStatus.WORKING, time_start=ctx.now, virtual=True,
+                    owner=owner if owner is not None else ctx.sender)
     ctx.state.create(task)
     ctx.event("created", task)
     return task

@@ -65,6 +65,7 @@ class PostgresStore(Store):
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(7531)")
                 self._db.execute(SCHEMA.format(integer="BIGINT", blob="BYTEA") + LEASE)
+                self._migrate()
         except psycopg.Error as exc:
             raise StoreUnavailable(f"PostgreSQL at {self.location}: {_reason(exc)}") from None
 
@@ -86,6 +87,11 @@ class PostgresStore(Store):
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])
         return (f"INSERT INTO {table} ({names}) VALUES ({marks}) "
                 f"ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}")
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return bool(self._execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = ? AND column_name = ?", (table, column)))
 
     def close(self) -> None:
         self._db.close()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from sortedcontainers import SortedList
@@ -25,7 +26,8 @@ from vespid.coordinator.matcher import (
     Reservation,
     Shape,
 )
-from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
+from vespid.shared.errors import StoreError
+from vespid.shared.protocol import RepositoryRequest, Severity, TaskDefinition, TaskStatus
 
 TaskIdentity = tuple[str, str, str]  # ("child", parent, key) or ("root", owner, key)
 
@@ -38,7 +40,7 @@ def identity(parent: str | None, owner: str | None, key: str | None) -> TaskIden
     return ("child", parent, key) if parent is not None else ("root", owner or "", key)
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     """One start of a task: where, when, and how it ended."""
 
@@ -65,16 +67,45 @@ class Attempt:
                 "end": self.end, "why": self.why, "lost": self.lost, "cause": self.cause,
                 "allocated": dict(self.allocated), "late": list(self.late)}
 
+    def compact(self) -> dict[str, Any]:
+        """As the store keeps it: what differs from the defaults (to_record is the wire's)."""
+        record: dict[str, Any] = {"attempt": self.attempt, "node": self.node, "start": self.start}
+        for name, default in _ATTEMPT_DEFAULTS:
+            value = getattr(self, name)
+            if value != default:
+                record[name] = value
+        return record
+
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Attempt:
         return cls(**record)
 
 
-@dataclass
+_ATTEMPT_DEFAULTS: list[tuple[str, Any]] = [
+    ("end", None), ("why", None), ("lost", False), ("cause", None), ("allocated", {}),
+    ("late", [])]
+
+
+# Reads back the definition (as JSON) of a task whose definition was written to the store.
+DefinitionSource = Callable[[str], dict[str, Any]]
+# What a task keeps of its definition once it is complete, besides its name and parent:
+# what list views, keyed creates and failures show (Task.HEAD).
+HEAD = ("key", "name_pretty", "priority")
+
+
+@dataclass(slots=True)
 class Task:
-    definition: TaskDefinition
+    """A task. A complete task's definition lives in the store only (a copy in memory of
+    each would be most of the coordinator's memory at 100,000 tasks): what it keeps is its
+    name, parent and HEAD, and `definition` reads the rest back when asked (a task-info)."""
+
+    name: str
     seq: int
     time_create: float
+    parent: str | None = None
+    key: str | None = None
+    name_pretty: str | None = None
+    priority: int = 0
     status: TaskStatus = TaskStatus.IDLE
     success: Severity | None = None
     node: str | None = None
@@ -95,18 +126,50 @@ class Task:
     owner: str | None = None  # the authenticated user who created its tree
     resources: list[dict[str, str]] = field(default_factory=list)  # files to place: sha256, path
     results: list[dict[str, Any]] = field(default_factory=list)  # files it produced
+    _definition: TaskDefinition | None = field(default=None, repr=False, compare=False)
     _definition_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Set once its definition is in the store: how to read it back.
+    _stored: DefinitionSource | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def new(cls, definition: TaskDefinition, seq: int, time_create: float,
+            **fields: Any) -> Task:
+        return cls(definition.name, seq, time_create, definition.parent, definition.key,
+                   definition.name_pretty, definition.priority, **fields,
+                   _definition=definition)
+
+    @property
+    def definition(self) -> TaskDefinition:
+        if self._definition is not None:
+            return self._definition
+        return stored_definition(self.definition_json())  # a complete task's, from the store
 
     def definition_json(self) -> dict[str, Any]:
-        """The definition as the wire shows it, kept while the task lives: every event of
-        it carries this. A complete task's is built when asked (rarely, and 100,000
-        complete tasks would keep 130 MB of it)."""
+        """The definition as the wire shows it: every event of the task carries it. A
+        complete task's is read back from the store when asked."""
         if self._definition_json is not None:
             return self._definition_json
-        built = self.definition.model_dump(mode="json")
-        if self.status is not TaskStatus.COMPLETE:
+        if self._definition is None:
+            if self._stored is None:
+                raise StoreError(f"task {self.name!r} has no definition in memory or store")
+            return self._stored(self.name)
+        built = self._definition.model_dump(mode="json")
+        if self.status is TaskStatus.WORKING:
+            # Kept while it runs, when most of its events are sent; not while it waits (a
+            # queue of 100,000 would keep 100 MB of them) nor once it is complete.
             self._definition_json = built
         return built
+
+    @property
+    def stored(self) -> bool:
+        """Whether its definition was written to the store."""
+        return self._stored is not None
+
+    def definition_stored(self, source: DefinitionSource) -> None:
+        """Its definition is in the store now; a complete task lets go of its copy."""
+        self._stored = source
+        if self.status is TaskStatus.COMPLETE:
+            self._definition = self._definition_json = None
 
     @property
     def losses(self) -> int:
@@ -128,21 +191,12 @@ class Task:
         return self.last_attempt.cause if self.last_attempt else None
 
     @property
-    def name(self) -> str:
-        return self.definition.name
-
-    @property
     def identity(self) -> TaskIdentity | None:
-        return identity(self.parent, self.owner, self.definition.key)
-
-    @property
-    def parent(self) -> str | None:
-        return self.definition.parent
+        return identity(self.parent, self.owner, self.key)
 
     def queue_key(self, parent_running: bool) -> QueueKey:
         bid = self.definition.requirements.get("bid") or 0
-        return (-self.definition.priority, 0 if parent_running else 1, -float(bid), self.seq,
-                self.name)
+        return (-self.priority, 0 if parent_running else 1, -float(bid), self.seq, self.name)
 
     @property
     def environment(self) -> dict[str, str]:
@@ -189,22 +243,110 @@ class Task:
         return changed
 
     def to_record(self) -> dict[str, Any]:
-        record = {k: v for k, v in self.__dict__.items()
-                  if k not in ("definition", "attempts", "_definition_json")}
-        record["definition"] = self.definition_json()
-        record["attempts"] = [a.to_record() for a in self.attempts]
-        record["status"] = self.status.value
-        record["success"] = self.success.value if self.success else None
+        """What the store keeps of it besides its name, parent, status and definition (each
+        a column of its own): only what differs from a new task's, so that a record is
+        small to write and quick to read back."""
+        record: dict[str, Any] = {}
+        for name, default in _RECORDED:
+            value = getattr(self, name)
+            if value != default:
+                record[name] = value
+        if self.attempts:
+            record["attempts"] = [a.compact() for a in self.attempts]
+        if self.success is not None:
+            record["success"] = self.success.value
         return record
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Task:
-        data = dict(record)
-        data["definition"] = TaskDefinition.model_validate(data["definition"])
-        data["attempts"] = [Attempt.from_record(a) for a in data.get("attempts", [])]
-        data["status"] = TaskStatus(data["status"])
-        data["success"] = Severity(data["success"]) if data["success"] else None
-        return cls(**data)
+    def from_record(cls, name: str, parent: str | None, status: str, record: dict[str, Any],
+                    definition: TaskDefinition | None, stored: DefinitionSource | None
+                    ) -> Task:
+        """A task as the store has it (takes `record` over); raises KeyError, TypeError or
+        ValueError on a record this code cannot read."""
+        attempts = record.pop("attempts", None)
+        success = record.pop("success", None)
+        task = cls(name, parent=parent, status=_STATUSES[status], **record,
+                   _definition=definition, _stored=stored)
+        if attempts:
+            task.attempts = [Attempt(**a) for a in attempts]
+        if success:
+            task.success = _SEVERITIES[success]
+        task._share_values()
+        return task
+
+    def _share_values(self) -> None:
+        """A loaded task holds one object for each value it repeats (its times, what it was
+        allocated), not one per place JSON had it (the parser already shares short strings,
+        such as node names): a third less memory per complete task. Nothing changes these
+        in place, they are only ever replaced."""
+        start, finish = self.time_start, self.time_finish
+        if self.dispatched_at == start:
+            self.dispatched_at = start
+        allocated = self.allocated = _shared_allocation(self.allocated)
+        for attempt in self.attempts:
+            if attempt.start == start:
+                attempt.start = start
+            if attempt.end == finish:
+                attempt.end = finish
+            attempt.allocated = (allocated if attempt.allocated == allocated
+                                 else _shared_allocation(attempt.allocated))
+
+
+_STATUSES = {s.value: s for s in TaskStatus}
+_SEVERITIES = {s.value: s for s in Severity}
+_ALLOCATIONS: dict[tuple[tuple[str, float], ...], dict[str, float]] = {}
+MAX_ALLOCATIONS = 10_000
+
+
+def _shared_allocation(allocated: dict[str, float]) -> dict[str, float]:
+    """One dict for every equal allocation (tasks mostly ask for a few sizes): callers
+    never change an allocation in place, they replace it."""
+    if not allocated:
+        return allocated
+    key = tuple(allocated.items())
+    shared = _ALLOCATIONS.get(key)
+    if shared is None:
+        if len(_ALLOCATIONS) >= MAX_ALLOCATIONS:
+            return allocated
+        shared = _ALLOCATIONS[key] = allocated
+    return shared
+
+
+# The fields a record holds when they differ from these, a new task's (Task.to_record).
+_RECORDED: list[tuple[str, Any]] = [
+    (f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+    for f in fields(Task)
+    if f.name not in ("name", "parent", "status", "success", "attempts")
+    and not f.name.startswith("_")
+]
+
+
+def stored_definition(data: Any) -> TaskDefinition:
+    """A definition as the store has it, made without validating it again: it was valid
+    when the task was created, and validating 100,000 of them was most of a restart. Only
+    its form is checked, so that a damaged row is an error when it is read rather than a
+    crash later on (ValueError or TypeError)."""
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise ValueError("its definition has no name")
+    unknown = data.keys() - TaskDefinition.model_fields.keys()
+    if unknown:
+        raise ValueError(f"its definition has unknown fields {sorted(unknown)}")
+    given = dict(data)
+    for key in ("requirements", "repositories", "environment"):
+        if given.get(key) is None:
+            given.pop(key, None)
+        elif not isinstance(given[key], dict):
+            raise TypeError(f"its definition's {key} is not an object")
+    if "repositories" in given:
+        given["repositories"] = {key: RepositoryRequest.model_construct(**request)
+                                 for key, request in given["repositories"].items()}
+    requirements = given.get("requirements")
+    if requirements and "cores_max" in requirements and requirements["cores_max"] is None:
+        given["requirements"] = {**requirements, "cores_max": math.inf}  # JSON's unbounded
+    if isinstance(given.get("executable_pyscript"), str):
+        # Waiting tasks of one kind mostly run one script: kept once.
+        given["executable_pyscript"] = sys.intern(given["executable_pyscript"])
+    return TaskDefinition.model_construct(**given)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -335,6 +477,7 @@ class State:
     children: dict[str, list[str]] = field(default_factory=dict)
     queue: dict[Shape, SortedList[QueueKey]] = field(default_factory=dict)
     waiting_shape: dict[str, tuple[Shape, QueueKey]] = field(default_factory=dict)
+    shapes: dict[Shape, Shape] = field(default_factory=dict)  # the one object of each queued
     holds: dict[str, str] = field(default_factory=dict)  # repository -> holding task
     hosts: dict[str, set[str]] = field(default_factory=dict)  # repository -> its nodes
     next_seq: int = 1
@@ -376,6 +519,8 @@ class State:
 
     def enqueue(self, task: Task) -> None:
         shape = task.shape()
+        # Waiting tasks of one kind share one shape object, not one each.
+        shape = self.shapes.setdefault(shape, shape)
         parent = self.tasks.get(task.parent or "")
         key = task.queue_key(parent is not None and parent.status is TaskStatus.WORKING)
         self.waiting_shape[task.name] = (shape, key)
@@ -391,6 +536,7 @@ class State:
         group.discard(key)
         if not group:
             del self.queue[shape]
+            del self.shapes[shape]
             self.blocked.discard(shape)
 
     def add_node(self, node: Node) -> None:
@@ -580,7 +726,6 @@ class State:
         self._leave_node(task)
         task.close_attempt(now, message or severity.value, cause=cause)
         task.status = TaskStatus.COMPLETE
-        task._definition_json = None  # see Task.definition_json
         task.lent_cores = 0.0
         self.raise_severity(task, severity)
         task.time_finish = now
@@ -608,11 +753,18 @@ class State:
         return raised
 
     def _spread_severity(self, task: Task, severity: Severity) -> None:
-        for name in self._tree_of(task):
-            worst = severity.worst(self.tree_worst.get(name))
-            if worst == self.tree_worst.get(name):
+        # Up the tree by hand, not through _tree_of: this runs for every task at a load.
+        name, parent = task.name, task.parent
+        while True:
+            current = self.tree_worst.get(name)
+            worst = severity.worst(current)
+            if worst == current:
                 return  # every ancestor above is at least this bad already
             self.tree_worst[name] = worst
+            above = self.tasks.get(parent) if parent is not None else None
+            if above is None:
+                return
+            name, parent = above.name, above.parent
 
     def tree_complete(self, task: Task) -> bool:
         return self.tree_open.get(task.name, 0) == 0

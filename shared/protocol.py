@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -194,11 +195,22 @@ def _check_requirement(key: str, value: Any, unbounded_ok: bool = True) -> None:
         raise ValueError(f"{key!r} must be finite (only a task's cores_max may be unbounded)")
 
 
+# Which fields a definition was given, one object for each combination: each waiting task
+# would otherwise keep a set of its own (a model never changes it: they are frozen).
+_FIELDS_SETS: dict[frozenset[str], Any] = {}
+
+
 class TaskCreate(TaskDefinition):
     command: Literal["task-create"]
 
     def definition(self) -> TaskDefinition:
-        return TaskDefinition.model_validate(self.model_dump(exclude={"command"}))
+        # Validated once, as this message: its fields are a valid definition already.
+        fields = {name: getattr(self, name) for name in TaskDefinition.model_fields}
+        if self.executable_pyscript is not None:
+            # Tasks of one kind mostly run one script: one copy for all of them.
+            fields["executable_pyscript"] = sys.intern(self.executable_pyscript)
+        given = frozenset(self.model_fields_set - {"command"})
+        return TaskDefinition.model_construct(_FIELDS_SETS.setdefault(given, given), **fields)
 
 
 class TaskInfo(_Message):

@@ -1,0 +1,175 @@
+"""How the store keeps tasks: a complete task's definition in the store only, a state file
+of the form before the definition column upgraded when opened, a damaged row refused with
+a sentence. SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.unit.test_processor import T0, info, node_set, send, settings, task_create
+from vespid.coordinator.processor import Processor
+from vespid.coordinator.store import Store, open_store
+from vespid.shared.errors import StoreError
+from vespid.shared.protocol import TaskStatus
+
+# The tables as a state before the definition column had them.
+OLD_SCHEMA = """
+CREATE TABLE tasks (name TEXT PRIMARY KEY, seq {integer} NOT NULL, status TEXT NOT NULL,
+                    parent TEXT, record TEXT NOT NULL);
+CREATE TABLE nodes (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+"""
+SCRIPT = "print('hi')\n"
+
+
+def old_definition(name: str, parent: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "name_pretty": name.upper(), "parent": parent,
+            "executable_pyscript": SCRIPT, "executable_pyfile": None,
+            "requirements": {"cores": 1}, "repositories": {}, "environment": {"A": "1"},
+            "priority": 0, "timeout": None, "retries": 1, "avoid_nodes": [], "key": None,
+            **fields}
+
+
+def old_record(definition: dict[str, Any], seq: int, status: str, **fields: Any
+               ) -> dict[str, Any]:
+    """Every field, the definition among them, as the store wrote a task before."""
+    record = {"seq": seq, "time_create": T0, "status": status, "success": None,
+              "node": None, "allocated": {}, "attempt": 0, "time_start": None,
+              "time_finish": None, "message": None, "log": None, "path": None,
+              "dispatched_at": None, "seen_on_node": False, "cancel_requested": False,
+              "holds": {}, "lent_cores": 0.0, "virtual": False, "owner": None,
+              "resources": [], "results": [], "definition": definition, "attempts": []}
+    record.update(fields)
+    return record
+
+
+def attempt(node: str, start: float, end: float | None, why: str | None) -> dict[str, Any]:
+    return {"attempt": 1, "node": node, "start": start, "end": end, "why": why,
+            "lost": False, "cause": None, "allocated": {"cores": 1.0}, "late": []}
+
+
+OLD_TASKS = [
+    old_record(old_definition("root", key="build-1"), 1, "complete", success="warning",
+               node="n1", allocated={"cores": 1.0}, attempt=1, time_start=T0 + 1,
+               time_finish=T0 + 2, message="done, with warnings", owner="alice",
+               attempts=[attempt("n1", T0 + 1, T0 + 2, "done, with warnings")]),
+    old_record(old_definition("child", parent="root"), 2, "complete", success="ok",
+               node="n1", allocated={"cores": 1.0}, attempt=1, time_start=T0 + 1,
+               time_finish=T0 + 2, owner="alice", attempts=[attempt("n1", T0 + 1, T0 + 2, "ok")]),
+    old_record(old_definition("waiting", requirements={"cores": 1, "cores_max": None,
+                                                       "memory": 99999},
+                              repositories={"env": {"request": "general", "local": False}}),
+               3, "idle", owner="alice"),
+]
+
+
+def write_old_state(location: Path | str, rows: list[tuple[str, str, str | None, str]]) -> None:
+    """A state file (or database) as the coordinator wrote it before; rows: name, status,
+    parent, record."""
+    values = [(name, seq, status, parent, record)
+              for seq, (name, status, parent, record) in enumerate(rows, 1)]
+    if isinstance(location, Path):
+        with sqlite3.connect(location) as db:
+            db.executescript(OLD_SCHEMA.format(integer="INTEGER"))
+            db.executemany("INSERT INTO tasks VALUES (?,?,?,?,?)", values)
+        return
+    with psycopg.connect(location, autocommit=True) as db:
+        db.execute(OLD_SCHEMA.format(integer="BIGINT"))
+        with db.cursor() as cursor:
+            cursor.executemany("INSERT INTO tasks VALUES (%s,%s,%s,%s,%s)", values)
+
+
+def old_rows() -> list[tuple[str, str, str | None, str]]:
+    return [(r["definition"]["name"], r["status"], r["definition"]["parent"], json.dumps(r))
+            for r in OLD_TASKS]
+
+
+def reopened(location: Path | str, tmp_path: Path) -> tuple[Store, Processor]:
+    store = open_store(location)
+    return store, Processor(store, settings(tmp_path), now=T0 + 60)
+
+
+def test_a_state_of_the_old_form_is_upgraded_and_reads_as_before(
+        state_location: Path | str, tmp_path: Path) -> None:
+    write_old_state(state_location, old_rows())
+
+    store, proc = reopened(state_location, tmp_path)
+    try:
+        root, child, waiting = (info(proc, n, T0 + 60) for n in ("root", "child", "waiting"))
+        kept = {name: task.stored for name, task in proc.state.tasks.items()}
+    finally:
+        store.close()
+
+    assert (root["status"], root["success"], root["name_pretty"], root["key"]) == \
+        ("complete", "warning", "ROOT", "build-1")
+    assert root["executable_pyscript"] == SCRIPT and root["environment"] == {"A": "1"}
+    assert root["children"] == ["child"] and root["tree_complete"] is True
+    assert root["attempts"] == [attempt("n1", T0 + 1, T0 + 2, "done, with warnings")]
+    assert (child["status"], child["parent"], child["owner"]) == ("complete", "root", "alice")
+    assert waiting["status"] is None
+    assert waiting["requirements"] == {"cores": 1, "cores_max": None, "memory": 99999,
+                                       "usage_user_alice": True}
+    assert waiting["repositories"] == {"env": {"request": "general", "local": False}}
+    assert kept == {"root": True, "child": True, "waiting": True}
+
+
+def test_an_upgraded_state_opens_again_unchanged(
+        state_location: Path | str, tmp_path: Path) -> None:
+    write_old_state(state_location, old_rows())
+    for _ in range(2):
+        store, proc = reopened(state_location, tmp_path)
+        try:
+            root = info(proc, "root", T0 + 60)
+        finally:
+            store.close()
+        assert (root["status"], root["name_pretty"]) == ("complete", "ROOT")
+
+
+def test_a_damaged_row_of_the_old_form_is_refused_with_its_name(
+        state_location: Path | str) -> None:
+    rows = old_rows()
+    rows[1] = ("child", "complete", "root", '{"seq": 2, "status": "complete"}')
+    write_old_state(state_location, rows)
+
+    with pytest.raises(StoreError, match=r"task .child. .* cannot be upgraded: KeyError"):
+        open_store(state_location)
+
+
+@pytest.mark.parametrize("record, definition", [
+    ("{not json", None),
+    ('{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None),
+    ('{"seq": 2, "time_create": 1.0}', '{"name": "t2", "requirements": "lots"}'),
+    ('{"seq": 2, "time_create": 1.0}', None),  # a waiting task without a definition
+])
+def test_a_damaged_row_is_refused_with_its_name_not_a_traceback(
+        store: Store, proc: Processor, record: str, definition: str | None) -> None:
+    send(proc, task_create("t1"))
+    with store.transaction():
+        store._execute("INSERT INTO tasks VALUES (?,?,?,?,?,?)",
+                       ("t2", 2, "idle", None, record, definition))
+
+    with pytest.raises(StoreError, match=r"task .t2. in the state at .* cannot be read"):
+        store.load_state()
+
+
+def test_a_complete_task_keeps_its_definition_in_the_store_only(proc: Processor) -> None:
+    send(proc, node_set())
+    send(proc, task_create("t1", name_pretty="first", priority=3, environment={"B": "2"}))
+    send(proc, {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok",
+                "attempt": 1})
+    task = proc.state.tasks["t1"]
+
+    assert task.status is TaskStatus.COMPLETE and task._definition is None
+    assert (task.name_pretty, task.priority) == ("first", 3)
+    shown = info(proc, "t1")
+    assert (shown["executable_pyscript"], shown["environment"]) == ("print('hi')", {"B": "2"})
+    assert task.definition.environment == {"B": "2"}
+    # The same create again is recognised as the same task, read back from the store.
+    again = send(proc, task_create("t1", name_pretty="first", priority=3,
+                                   environment={"B": "2"}), reply_to="c")
+    assert again.replies[0].body == {"command": "ack", "name": "t1"}
