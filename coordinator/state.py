@@ -69,21 +69,31 @@ class Attempt:
 
     def compact(self) -> dict[str, Any]:
         """As the store keeps it: what differs from the defaults (to_record is the wire's)."""
-        record: dict[str, Any] = {"attempt": self.attempt, "node": self.node, "start": self.start}
-        for name, default in _ATTEMPT_DEFAULTS:
-            value = getattr(self, name)
-            if value != default:
-                record[name] = value
-        return record
+        return _differing(self, _ATTEMPT_DEFAULTS,
+                          {"attempt": self.attempt, "node": self.node, "start": self.start})
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Attempt:
         return cls(**record)
 
 
-_ATTEMPT_DEFAULTS: list[tuple[str, Any]] = [
-    ("end", None), ("why", None), ("lost", False), ("cause", None), ("allocated", {}),
-    ("late", [])]
+def _defaults(cls: type, leave_out: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """(name, default) of a dataclass's public fields, but those left out."""
+    return [(f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+            for f in fields(cls) if f.name not in leave_out and not f.name.startswith("_")]
+
+
+def _differing(item: Any, defaults: list[tuple[str, Any]], record: dict[str, Any]
+               ) -> dict[str, Any]:
+    """`record`, plus each of `defaults`' fields whose value in `item` is not its default."""
+    for name, default in defaults:
+        value = getattr(item, name)
+        if value != default:
+            record[name] = value
+    return record
+
+
+_ATTEMPT_DEFAULTS = _defaults(Attempt, leave_out=("attempt", "node", "start"))
 
 
 # Reads back the definition (as JSON) of a task whose definition was written to the store.
@@ -246,11 +256,7 @@ class Task:
         """What the store keeps of it besides its name, parent, status and definition (each
         a column of its own): only what differs from a new task's, so that a record is
         small to write and quick to read back."""
-        record: dict[str, Any] = {}
-        for name, default in _RECORDED:
-            value = getattr(self, name)
-            if value != default:
-                record[name] = value
+        record = _differing(self, _RECORDED, {})
         if self.attempts:
             record["attempts"] = [a.compact() for a in self.attempts]
         if self.success is not None:
@@ -313,12 +319,7 @@ def _shared_allocation(allocated: dict[str, float]) -> dict[str, float]:
 
 
 # The fields a record holds when they differ from these, a new task's (Task.to_record).
-_RECORDED: list[tuple[str, Any]] = [
-    (f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
-    for f in fields(Task)
-    if f.name not in ("name", "parent", "status", "success", "attempts")
-    and not f.name.startswith("_")
-]
+_RECORDED = _defaults(Task, leave_out=("name", "parent", "status", "success", "attempts"))
 
 
 def stored_definition(data: Any) -> TaskDefinition:

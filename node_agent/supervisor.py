@@ -101,9 +101,6 @@ class ChildSetup:
         self.fds = []
 
 
-def _child_setup(join_files: list[Path]) -> ChildSetup:
-    return ChildSetup(join_files)
-
 
 def group_rss_mb(pgid: int) -> float:
     """Resident memory of every process in a process group, in MB (Linux /proc)."""

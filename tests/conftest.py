@@ -20,6 +20,7 @@ from tests.raw import RawPeer
 # timeout) stops with what it has, so CI reports failures instead of running out of time.
 SESSION_BUDGET_SECONDS = float(os.environ.get("VESPID_TEST_BUDGET_SECONDS", "3600"))
 _session_started = time.monotonic()
+EXIT_STATUS = pytest.StashKey[int]()  # pytest's, kept for pytest_unconfigure
 
 
 def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
@@ -41,12 +42,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
                          f"{', '.join(t.name for t in left)}\n")
         sys.stderr.flush()
         sys.stdout.flush()
-        status = getattr(config, "_vespid_exitstatus", 1)
-        os._exit(int(status))
+        os._exit(config.stash.get(EXIT_STATUS, 1))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    session.config._vespid_exitstatus = exitstatus  # type: ignore[attr-defined]
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
 
 
 @pytest.fixture(scope="session")

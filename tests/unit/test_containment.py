@@ -13,7 +13,7 @@ import pytest
 
 from vespid.node_agent import containment
 from vespid.node_agent.containment import CgroupV1, CgroupV2, Containment
-from vespid.node_agent.supervisor import _child_setup
+from vespid.node_agent.supervisor import ChildSetup
 
 UNIFIED = Path("/sys/fs/cgroup/unified")  # a hybrid machine's v2 hierarchy (no controllers)
 DETACH = ("import os, subprocess, sys, time\n"
@@ -34,7 +34,7 @@ def test_killing_a_cell_ends_a_process_that_left_its_session(
         pytest.skip(f"no writable {kind} hierarchy on this machine")
     cell = found.cell("detacher-a1", None)
     process = subprocess.Popen([sys.executable, "-c", DETACH], stdout=subprocess.PIPE,
-                               preexec_fn=_child_setup(cell.join_files))
+                               preexec_fn=ChildSetup(cell.join_files))
     assert process.stdout is not None
     detached = int(process.stdout.readline())
     assert os.getsid(detached) != os.getsid(process.pid)
@@ -56,7 +56,7 @@ def test_a_cell_of_an_agent_that_died_is_swept_by_the_next(tmp_path: Path) -> No
         pytest.skip("no writable cgroup-v1 hierarchy on this machine")
     dead_agent = {c: b.parent / "999999999" for c, b in found.bases.items()}  # no such pid
     stale = CgroupV1({c: d for c, d in dead_agent.items()}).cell("left-behind-a1", None)
-    process = subprocess.Popen(["sleep", "600"], preexec_fn=_child_setup(stale.join_files))
+    process = subprocess.Popen(["sleep", "600"], preexec_fn=ChildSetup(stale.join_files))
     time.sleep(0.1)
 
     ended = found.sweep()
