@@ -498,15 +498,20 @@ class State:
     tree_open: dict[str, int] = field(default_factory=dict)
 
     def add_task(self, task: Task) -> None:
-        self.tasks[task.name] = task
-        self.next_seq = max(self.next_seq, task.seq + 1)
-        if task.parent is not None:
-            self.children.setdefault(task.parent, []).append(task.name)
-        if task.identity is not None:
-            self.keys.setdefault(task.identity, task.name)
+        # Written for speed: a restart runs it for every task in the store.
+        name, parent, seq = task.name, task.parent, task.seq
+        self.tasks[name] = task
+        if seq >= self.next_seq:
+            self.next_seq = seq + 1
+        if parent is not None:
+            self.children.setdefault(parent, []).append(name)
+        if task.key is not None:
+            keyed = identity(parent, task.owner, task.key)
+            if keyed is not None:
+                self.keys.setdefault(keyed, name)
         if task.status is not TaskStatus.COMPLETE:
-            for name in self._tree_of(task):
-                self.tree_open[name] = self.tree_open.get(name, 0) + 1
+            for above in self._tree_of(task):
+                self.tree_open[above] = self.tree_open.get(above, 0) + 1
         if task.success is not None:
             self._spread_severity(task, task.success)
         for repo in task.holds.values():
