@@ -378,3 +378,21 @@ def test_a_task_or_node_named_like_a_folder_link_is_refused(name: str) -> None:
 
     assert task.value.code == node.value.code == "invalid_message"
     assert "names a folder" in task.value.message
+
+
+def test_encode_gives_what_the_standard_encoder_gives_read_back() -> None:
+    body = {"command": "task-info-response", "name": "a.b:c-1", "name_pretty": "naïve ✓",
+            "time_create": 1795682254.7299554, "tiny": 1e-05, "huge": 1e16,
+            "big": 10**30, "requirements": {"cores": 2.0, "cores_max": None},
+            "children": ["x", "y"], "success": Severity.WARNING, "ok": True}
+
+    encoded = encode(body)
+
+    assert json.loads(encoded.decode("utf-8")) == json.loads(json.dumps(body))
+    assert b" " not in encoded.replace("naïve ✓".encode(), b"")
+
+
+def test_encode_takes_strings_that_spell_nan_or_infinity() -> None:
+    body = {"command": "ack", "name": "NaN-Infinity-build"}
+
+    assert json.loads(encode(body)) == body

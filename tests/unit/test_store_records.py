@@ -5,16 +5,18 @@ a sentence. SQLite and PostgreSQL alike."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from pydantic_core import from_json
 
 from tests.unit.test_processor import T0, info, node_set, send, settings, task_create
 from vespid.coordinator.processor import Processor
-from vespid.coordinator.store import Store, open_store
+from vespid.coordinator.store import Store, dumps, open_store
 from vespid.shared.errors import StoreError
 from vespid.shared.protocol import TaskStatus
 
@@ -173,3 +175,14 @@ def test_a_complete_task_keeps_its_definition_in_the_store_only(proc: Processor)
     again = send(proc, task_create("t1", name_pretty="first", priority=3,
                                    environment={"B": "2"}), reply_to="c")
     assert again.replies[0].body == {"command": "ack", "name": "t1"}
+
+
+def test_a_record_is_written_as_json_that_reads_back_as_json_dumps_would() -> None:
+    record = {"seq": 7, "time_start": 1795682254.7299554, "name_pretty": "naïve ✓",
+              "allocated": {"cores": math.inf, "memory": 1e-05}, "attempts": [{"why": None}]}
+
+    text = dumps(record)
+
+    assert isinstance(text, str)
+    assert json.loads(text) == json.loads(json.dumps(record))
+    assert from_json(text) == record
