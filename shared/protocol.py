@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticSerializationError, to_json
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from vespid.shared.errors import ProtocolError
 from vespid.shared.wire import Said, body_of, describe_validation_error
@@ -636,13 +636,20 @@ def parse_body(body: bytes, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str
             "ship large scripts as executable_pyfile on the node instead",
         )
     try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError("invalid_json", f"the body is not UTF-8 JSON: {exc}") from None
+        data = from_json(body)  # pydantic-core's parser: 3 times as fast as json's
+    except ValueError:
+        data = _standard_json(body)  # what json.loads takes (a lone surrogate), or its error
     if not isinstance(data, dict):
         raise ProtocolError("invalid_json", "the body must be a JSON object, not "
                             f"{type(data).__name__}")
     return data
+
+
+def _standard_json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("invalid_json", f"the body is not UTF-8 JSON: {exc}") from None
 
 
 def decode_command(data: dict[str, Any]) -> Any:

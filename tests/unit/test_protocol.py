@@ -22,6 +22,7 @@ from vespid.shared.protocol import (
     TaskList,
     TaskUpdate,
     encode,
+    parse_body,
 )
 
 
@@ -222,6 +223,18 @@ def test_a_body_that_is_not_utf8_json_is_invalid_json(raw: bytes) -> None:
 
     assert error.code == "invalid_json"
     assert "JSON" in error.message
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'{"cores_max": Infinity, "x": -Infinity}', {"cores_max": math.inf, "x": -math.inf}),
+    (b'{"name": "\\ud800"}', {"name": "\ud800"}),  # a lone surrogate, as json.loads takes it
+    (b'{"a": 1, "a": 2}', {"a": 2}),
+    (b'{"big": 100000000000000000000000000000}', {"big": 10**29}),
+    ('{"name": "na\u00efve \u2713"}'.encode(), {"name": "na\u00efve \u2713"}),
+], ids=["infinity", "lone-surrogate", "repeated-key", "big-int", "utf-8"])
+def test_a_body_reads_as_the_standard_parser_reads_it(raw: bytes, expected: dict[str, Any]
+                                                      ) -> None:
+    assert parse_body(raw) == expected == json.loads(raw)
 
 
 @pytest.mark.parametrize(("raw", "kind"), [(b"[1, 2]", "list"), (b'"task-info"', "str"),
