@@ -7,17 +7,19 @@ same parallelism).
   agent's own interpreter (`sys.executable` of this venv, which `vespid node` runs under),
   no flags, the agent's environment plus the variables it adds for a task (VESPID_TASK,
   VESPID_AMQP_URL, VESPID_CORES, VESPID_NODE, VESPID_ATTEMPT, PYTHONUNBUFFERED=1).
-- Launch line: the same pool running exactly the command the agent runs for a task,
-  `python <script>` (node_agent/supervisor.py; the script file holds `pass`), in a new
-  session, output appended to a log file, with no code between fork and exec (the agent
+- Launch line: the same pool running exactly the command the agent spawns for a task when it
+  does not fork it (`launch = "spawn"`, or an environment that changes how an interpreter
+  starts): `python <script>` (node_agent/supervisor.py; the script file holds `pass`), in a
+  new session, output appended to a log file, with no code between fork and exec (the agent
   spawns from inside the task's cgroup v1 cell, so Python can vfork); without the agent and
-  without a cgroup. It says how much of the gap is the launch itself and how much the agent
-  around it.
+  without a cgroup. It says what a new interpreter a task costs.
 - Vespid: a coordinator (`vespid coordinator`) and one real node agent (`vespid node
-  --config`, cores = P) on a private vhost; N task-creates with `executable_pyscript: "pass"`
-  and requirements {"cores": 1, "memory": 100} published at once (raw pika, bodies built
-  before the clock starts); measured from the first publish to the N-th `task.completed`
-  event (exchange vespid.events), each stamped as it arrives.
+  --config`, cores = P, default `launch = "fork"`: each task a fork of the agent's fork
+  server, node_agent/forkserver.py, so no interpreter starts a task) on a private vhost; N
+  task-creates with `executable_pyscript: "pass"` and requirements {"cores": 1, "memory":
+  100} published at once (raw pika, bodies built before the clock starts); measured from
+  the first publish to the N-th `task.completed` event (exchange vespid.events), each
+  stamped as it arrives.
 
 Each configuration is warmed up with 2 x P tasks first (not timed). The configurations take
 turns, round after round, every other round in reverse order, so drift in the machine's

@@ -77,11 +77,16 @@ class ForkServer:
         self.on_exit = on_exit
         self.startup = startup_variables(dict(os.environ))  # what the server starts with
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
+        try:
             self.process = subprocess.Popen(
                 [sys.executable, str(SERVER_FILE), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self.channel = ours
         self.null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.children: dict[int, Forked] = {}  # request id -> its child

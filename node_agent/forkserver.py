@@ -44,6 +44,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is one more module in every task: for the type checker only
+    from collections.abc import Callable
     from types import TracebackType
     from typing import Any, NoReturn, TextIO
 
@@ -101,6 +102,7 @@ class Server:
             os.close(ready_read)
             self._become_task(request, fds, ready_write)
             return str(request["script"])
+        gc.unfreeze()  # the server's own garbage stays collectable
         for fd in (*fds, ready_write):
             os.close(fd)
         with open(ready_read, "rb") as ready:
@@ -278,16 +280,10 @@ def _finish(status: int | None, server_modules: set[str]) -> NoReturn:
     task. None: die of SIGINT, as after an uncaught KeyboardInterrupt."""
     threading = sys.modules.get("threading")
     if threading is not None:
-        threading._shutdown()
+        _reporting(threading._shutdown)
     import atexit
     atexit._run_exitfuncs()
-    made = [name for name in sys.modules if name not in server_modules]
-    for name in [*reversed(made), "__main__"]:
-        module = sys.modules.pop(name, None)
-        if module is not None:
-            _clear(module.__dict__)
-    del module
-    gc.collect()
+    _reporting(lambda: _clear_modules(server_modules))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -298,6 +294,26 @@ def _finish(status: int | None, server_modules: set[str]) -> NoReturn:
         os.kill(os.getpid(), signal.SIGINT)
         status = 128 + signal.SIGINT  # not reached: the signal ends it
     os._exit(status & 0xFF)
+
+
+def _reporting(step: Callable[[], object]) -> None:
+    """A step of the end: what goes wrong is printed, and the end goes on (as the
+    interpreter's own)."""
+    try:
+        step()
+    except BaseException as exc:  # noqa: BLE001 - every error at the end is only reported
+        _report(exc)
+
+
+def _clear_modules(server_modules: set[str]) -> None:
+    made = [name for name in sys.modules if name not in server_modules]
+    for name in [*reversed(made), "__main__"]:
+        module = sys.modules.pop(name, None)
+        # sys.modules may hold anything: only a module's own dict is cleared
+        if isinstance(module, type(sys)) and type(module.__dict__) is dict:
+            _clear(module.__dict__)
+    del module
+    gc.collect()
 
 
 def _clear(namespace: dict[str, Any]) -> None:

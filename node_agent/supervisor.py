@@ -1,15 +1,20 @@
 """Starting, watching and killing task processes. No broker code here.
 
-Each attempt runs as plain `python script` with the agent's own Python, in its own process
-group and, where the machine allows, its own cgroup (containment.py), which it is born in
-(cgroup v1: spawned by a thread that steps into the cell) or joins between fork and exec
-(cgroup v2), so ending it ends everything it spawned, even processes that called setsid or
-double-forked. If the agent dies, even by SIGKILL, its keeper (keeper.py: one small process
-per agent, watching a pipe from it) ends every cell, or process group, the agent left (where
-the child joins between fork and exec, the kernel's parent-death signal also ends the task's
-own process at once), so no grandchild (a compiler, a test runner, a build daemon) is left
-orphaned. Exits are watched by one thread on the tasks' pidfds. Its stdout and stderr go to
-the attempt's log file. Running time (`timeout`) and memory (what the task asked for times a
+Each attempt runs as `python script` would with the agent's own Python: by default as a fork
+of the agent's fork server (forks.py), which saves the interpreter's start, 22-25 ms of CPU a
+task; spawned where the task's environment would start an interpreter otherwise, or the server
+cannot help (`launch = "spawn"` spawns every task). Either way in its own process group and,
+where the machine allows, its own cgroup (containment.py), which a fork joins before the
+script's first line and a spawn is born in (cgroup v1: spawned by a thread that steps into the
+cell) or joins between fork and exec (cgroup v2), so ending it ends everything it spawned, even
+processes that called setsid or double-forked. If the agent dies, even by SIGKILL, its
+keeper (keeper.py: one small process per agent, watching a pipe from it) ends every cell, or
+process group, the agent left (where the child joins between fork and exec, the kernel's
+parent-death signal also ends the task's own process at once; the fork server kills the
+groups of its forks), so no grandchild (a compiler, a test runner, a build daemon) is left
+orphaned. Exits are watched by one thread on the spawned tasks' pidfds, and reported by the
+fork server for its forks (only a parent can learn a status). Its stdout and stderr go to the
+attempt's log file. Running time (`timeout`) and memory (what the task asked for times a
 margin: the kernel's limit in the cgroup, else the polled resident memory of the group) are
 enforced here.
 """

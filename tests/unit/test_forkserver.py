@@ -127,6 +127,20 @@ def test_the_end_joins_threads_runs_atexit_and_flushes_an_unclosed_file(
     assert (cwd / "unclosed.txt").read_text() == "flushed at exit"
 
 
+def test_the_end_copes_with_anything_in_sys_modules_and_reports_errors_in_atexit(
+        server: ForkServer, tmp_path: Path) -> None:
+    code, log = ended(server, tmp_path, """\
+        import atexit
+        sys.modules['not_a_module'] = type('NotAModule', (), {})  # its __dict__ is read-only
+        def failing():
+            raise ValueError('at exit')
+        atexit.register(failing)
+    """)
+
+    assert code == 0
+    assert "ValueError: at exit" in log and "forkserver" not in log
+
+
 # ---- what the script sees ---------------------------------------------------------------
 def test_the_environment_is_exactly_the_tasks(
         server: ForkServer, tmp_path: Path) -> None:
