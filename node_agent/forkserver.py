@@ -21,8 +21,9 @@ exits with SETUP_FAILED). It runs the script as `python script` would: as `__mai
 `sys.argv == [script]`, `sys.path[0]` the script's folder, stdout and stderr unbuffered under
 PYTHONUNBUFFERED, and the interpreter's own ends (SystemExit; an uncaught exception's
 traceback and status 1; KeyboardInterrupt as death by SIGINT; threads joined, atexit run).
-The one known difference: every child has the server's hash seed (str hashes, set order),
-which a fork cannot draw again.
+The known differences: every child has the server's hash seed (str hashes, set order), which
+a fork cannot draw again; objects reachable only from modules the server imported are not
+finalized at the end; `ps` shows the server's command line.
 
 It ignores SIGINT, SIGTERM and SIGHUP (it is in its own session; the agent, which drains,
 is the one they are meant for). When the agent's end of the socket closes (it exited, or
