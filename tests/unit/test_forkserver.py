@@ -31,9 +31,12 @@ from tests.unit.test_supervisor import (
     wait_for,
     wait_text,
 )
+from vespid.node_agent.agent import NodeAgent
 from vespid.node_agent.containment import Cell, NoCell, ProcessGroupOnly
 from vespid.node_agent.forks import Forked, ForkServer
+from vespid.node_agent.settings import NodeSettings
 from vespid.node_agent.supervisor import Launch, Supervisor
+from vespid.shared.errors import ConfigError
 from vespid.shared.protocol import Severity
 
 
@@ -383,3 +386,18 @@ def test_many_forks_in_turn_each_report_their_own_status(
     while server.children and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.children == {}
+
+
+def test_the_launch_setting_comes_from_toml_or_env_and_reaches_the_supervisor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'name = "n1"\nwork_dir = "{tmp_path / "work"}"\nlaunch = "spawn"\n')
+    assert NodeSettings.load(config).launch == "spawn"
+    assert NodeSettings(name="n1").launch == "fork"
+    monkeypatch.setenv("VESPID_LAUNCH", "spawn")
+    settings = NodeSettings.load(None, name="n1", containment="process-group",
+                                 work_dir=tmp_path / "work")
+    assert NodeAgent(settings).supervisor.launch == "spawn"
+    monkeypatch.setenv("VESPID_LAUNCH", "exec")
+    with pytest.raises(ConfigError, match="launch"):
+        NodeSettings.load(None, name="n1")
