@@ -7,17 +7,19 @@ same parallelism).
   agent's own interpreter (`sys.executable` of this venv, which `vespid node` runs under),
   no flags, the agent's environment plus the variables it adds for a task (VESPID_TASK,
   VESPID_AMQP_URL, VESPID_CORES, VESPID_NODE, VESPID_ATTEMPT, PYTHONUNBUFFERED=1).
-- Launch line: the same pool running exactly the command the agent runs for a task,
-  `python <script>` (node_agent/supervisor.py; the script file holds `pass`), in a new
-  session, output appended to a log file, with no code between fork and exec (the agent
+- Launch line: the same pool running exactly the command the agent spawns for a task when it
+  does not fork it (`launch = "spawn"`, or an environment that changes how an interpreter
+  starts): `python <script>` (node_agent/supervisor.py; the script file holds `pass`), in a
+  new session, output appended to a log file, with no code between fork and exec (the agent
   spawns from inside the task's cgroup v1 cell, so Python can vfork); without the agent and
-  without a cgroup. It says how much of the gap is the launch itself and how much the agent
-  around it.
+  without a cgroup. It says what a new interpreter a task costs.
 - Vespid: a coordinator (`vespid coordinator`) and one real node agent (`vespid node
-  --config`, cores = P) on a private vhost; N task-creates with `executable_pyscript: "pass"`
-  and requirements {"cores": 1, "memory": 100} published at once (raw pika, bodies built
-  before the clock starts); measured from the first publish to the N-th `task.completed`
-  event (exchange vespid.events), each stamped as it arrives.
+  --config`, cores = P, default `launch = "fork"`: each task a fork of the agent's fork
+  server, node_agent/forkserver.py, so no interpreter starts a task) on a private vhost; N
+  task-creates with `executable_pyscript: "pass"` and requirements {"cores": 1, "memory":
+  100} published at once (raw pika, bodies built before the clock starts); measured from
+  the first publish to the N-th `task.completed` event (exchange vespid.events), each
+  stamped as it arrives.
 
 Each configuration is warmed up with 2 x P tasks first (not timed). The configurations take
 turns, round after round, every other round in reverse order, so drift in the machine's
@@ -25,12 +27,13 @@ load falls on all of them. `--profile` adds one Vespid run (not counted) with py
 agent (wall-clock, waiting included) and on the coordinator (CPU).
 
     .venv/bin/python -m bench.agent_tasks [--quick] [--tasks N] [--parallel P] [--rounds R]
-                                          [--profile]
+                                          [--launch fork|spawn] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -56,6 +59,7 @@ from bench.common import (
     base_url,
     bench_parser,
     broker_pid,
+    children_cpu_seconds,
     describe_log,
     fmt,
     log,
@@ -89,6 +93,7 @@ class Run:
     round: int
     tasks: int
     parallel: int
+    launch: str = "fork"  # the agent's `launch` setting (Vespid runs)
     seconds: float | None = None
     done: int = 0
     failed: int = 0
@@ -262,9 +267,26 @@ def record_agent(run: Run, agent: Agent, names: list[str]) -> None:
         run.notes.append(f"the agent contains tasks by {record.get('kind')}")
 
 
+def fork_server_pid(agent: int | None) -> int | None:
+    """The agent's fork server (node_agent/forkserver.py), its child, if it runs one."""
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"forkserver.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    return None
+
+
 def cpu_snapshot(pids: dict[str, int | None], agent: Agent) -> dict[str, float]:
     found = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
     found["tasks"] = agent.children_cpu_seconds()
+    server = fork_server_pid(agent.pid)
+    if server is not None and found["tasks"] is not None:  # its forks, and its own forking
+        found["tasks"] += (process_cpu_seconds(server) or 0.0) + \
+            (children_cpu_seconds(server) or 0.0)
     return {name: value for name, value in found.items() if value is not None}
 
 
@@ -304,7 +326,8 @@ def run_vespid(run: Run, deadline: Deadline,
         farm = vespid_farm(stack, "vespid-bench-at")
         url, workdir, coordinator, peer = farm.url, farm.workdir, farm.coordinator, farm.peer
         agent = Agent(url, workdir, f"bench-at-{uuid.uuid4().hex[:8]}",
-                      {"cores": run.parallel, "memory": max(4000, 200 * run.parallel)})
+                      {"cores": run.parallel, "memory": max(4000, 200 * run.parallel)},
+                      {"launch": run.launch})
         try:
             coordinator.wait_ready(peer, deadline.within(90))
             stack.callback(agent.stop)
@@ -337,8 +360,9 @@ def plan(rounds: int) -> list[tuple[int, str]]:
     return order
 
 
-def run_one(number: int, config: str, tasks: int, parallel: int, cap: float) -> Run:
-    run = Run(config, number, tasks, parallel)
+def run_one(number: int, config: str, tasks: int, parallel: int, cap: float,
+            launch: str = "fork") -> Run:
+    run = Run(config, number, tasks, parallel, launch)
     log.info("round %d: %s, %d tasks, %d at a time", number, config, tasks, parallel)
     deadline = Deadline.after(cap)
     if config == "vespid":
@@ -434,13 +458,16 @@ HOW_TO_READ = (
     "Vespid, the way from the agent's task-complete through the coordinator to the next "
     "task-run. tasks/s = P / (mean lifetime + slot empty). *Task CPU* is the CPU of the "
     "task processes themselves (children reaped, cutime + cstime of the agent for "
-    "Vespid); the notes give the CPU of the agent, the coordinator and RabbitMQ a task, and "
+    "Vespid, plus the CPU of its fork server and of the forks it reaped, with `launch = "
+    "fork`); the notes give the CPU of the agent, the coordinator and RabbitMQ a task, and "
     "their shares of one core over the timed part. Everything shares the machine's cores, "
     "as it would on a build machine that runs its agent.")
 
 
 def report_sections(runs: list[Run], profile: tuple[Run, str] | None) -> list[str]:
-    sections = [markdown_table(HEADERS, [row(r) for r in runs]),
+    launches = sorted({r.launch for r in runs if r.config == "vespid"})
+    sections = [f"The agent's `launch`: {', '.join(launches) or '-'}.",
+                markdown_table(HEADERS, [row(r) for r in runs]),
                 "Vespid / baseline, round by round (issue 14, target 6):",
                 "\n".join(verdicts(runs)), HOW_TO_READ]
     if profile is not None:
@@ -460,6 +487,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="P, tasks at a time (default: the cores this process may use)")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help=f"rounds of baseline, launch line and Vespid (default {ROUNDS})")
+    parser.add_argument("--launch", choices=("fork", "spawn"), default="fork",
+                        help="the agent's launch setting: fork (its default: tasks are forks "
+                             "of its fork server) or spawn (a new interpreter a task)")
     parser.add_argument("--profile", action="store_true",
                         help="one more Vespid run under py-spy (agent and coordinator)")
     return parser.parse_args(argv)
@@ -482,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     def measure() -> None:
         nonlocal profile
         for number, config in plan(args.rounds):
-            runs.append(run_one(number, config, tasks, parallel, cap))
+            runs.append(run_one(number, config, tasks, parallel, cap, args.launch))
         if args.profile:
             log.info("profile: one more Vespid run under py-spy")
             profile = run_profile(tasks, parallel, cap)

@@ -354,16 +354,20 @@ class Agent(VespidChild):
     what = "node agent"
 
     def __init__(self, url: str, workdir: Path, name: str,
-                 capabilities: dict[str, int | float | bool]) -> None:
+                 capabilities: dict[str, int | float | bool],
+                 settings: dict[str, str] | None = None) -> None:
         self.url = url
         self.name = name
+        self.settings = settings or {}  # more of its TOML: name -> a string value
         self.home = workdir / name
         self.work_dir = self.home / "work"
         self.capabilities = capabilities
         super().__init__(self.home / "agent.log")
 
     def config_text(self) -> str:
-        lines = [f'name = "{self.name}"', f'work_dir = "{self.work_dir}"', "[capabilities]"]
+        lines = [f'name = "{self.name}"', f'work_dir = "{self.work_dir}"',
+                 *(f'{key} = "{value}"' for key, value in self.settings.items()),
+                 "[capabilities]"]
         lines += [f"{key} = {str(value).lower() if isinstance(value, bool) else value}"
                   for key, value in self.capabilities.items()]
         return "\n".join(lines) + "\n"

@@ -64,6 +64,7 @@ class NodeAgent:
         self.supervisor = Supervisor(kill_grace=settings.kill_grace,
                                      memory_margin=settings.memory_margin,
                                      containment=self.containment,
+                                     launch=settings.launch,
                                      on_exit=lambda: wake(self._connection))
         self.superseded: dict[str, TaskRun] = {}  # newer attempts waiting for the old to die
         self.blobs = BlobStore(settings.work_dir / "blobs")

@@ -55,6 +55,13 @@ class NodeSettings(ProcessSettings):
         default="auto",
         description="how a task's processes are kept together: auto takes the best the "
                     "machine allows (a cgroup per attempt), else the process group alone")
+    launch: Literal["fork", "spawn"] = Field(
+        default="fork",
+        description="how a task's `python script` starts: fork, as a fork of one warm "
+                    "interpreter per agent (no interpreter start a task), except where the "
+                    "task's environment changes how an interpreter starts (a PYTHON* "
+                    "variable, the locale), which is then spawned; spawn, a new interpreter "
+                    "each task")
     retain_after_shipped: float = Field(
         default=3600.0, ge=0,
         description="seconds a finished task's scratch folder, script and local log stay "

@@ -101,3 +101,8 @@ class GolemTaskTimedOut(GolemTaskFailed):
 
 class GolemTaskAborted(GolemTaskFailed):
     """The requester aborted the task."""
+
+
+class ForkServerUnavailable(VespidError):
+    """The node agent's fork server cannot start a task (gone, stuck, or the request did not
+    fit its channel): the agent spawns the task instead."""

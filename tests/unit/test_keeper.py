@@ -19,7 +19,7 @@ from vespid.node_agent.containment import CgroupV1
 
 # A stand-in agent: a supervisor that starts one task, then waits to be killed. The task
 # starts a child (in a new session where a cgroup holds it) and writes its own pid, that
-# child's, and its parent's (the agent's).
+# child's, and its parent's (the agent's, or where it is a fork, the agent's fork server's).
 AGENT = textwrap.dedent("""\
     import os, sys, time
     from pathlib import Path
@@ -27,10 +27,10 @@ AGENT = textwrap.dedent("""\
     from vespid.node_agent.supervisor import Launch, Supervisor
     from vespid.shared.protocol import TaskRun
 
-    kind, folder = sys.argv[1], Path(sys.argv[2])
+    kind, folder, launch = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     found = containment.detect("unit-keeper", kind)
     assert found.kind == kind, found.kind
-    supervisor = Supervisor(kill_grace=0.3, containment=found)
+    supervisor = Supervisor(kill_grace=0.3, containment=found, launch=launch)
     script = folder / "task.py"
     run = TaskRun(command="task-run", name="orphan", log="logs/orphan", cores=1)
     failed = supervisor.start(run, Launch(script=script, cwd=folder, env=dict(os.environ),
@@ -48,9 +48,14 @@ TASK = textwrap.dedent("""\
 """)
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("launch", ["fork", "spawn"])
 @pytest.mark.parametrize("kind", ["cgroup-v1", "process-group"])
 def test_an_agent_killed_by_sigkill_leaves_no_process_of_its_tasks(
-        kind: str, tmp_path: Path) -> None:
+        kind: str, launch: str, tmp_path: Path) -> None:
     if kind == "cgroup-v1":
         probe = CgroupV1.detect("unit-keeper")
         if probe is None:
@@ -58,7 +63,7 @@ def test_an_agent_killed_by_sigkill_leaves_no_process_of_its_tasks(
         probe.release()
     detach = kind == "cgroup-v1"
     (tmp_path / "task.py").write_text(f"DETACH = {detach}\n" + TASK)
-    agent = subprocess.Popen([sys.executable, "-c", AGENT, kind, str(tmp_path)])
+    agent = subprocess.Popen([sys.executable, "-c", AGENT, kind, str(tmp_path), launch])
     try:
         deadline = time.monotonic() + 20
         while not (tmp_path / "pids").exists():
@@ -66,7 +71,8 @@ def test_an_agent_killed_by_sigkill_leaves_no_process_of_its_tasks(
             assert time.monotonic() < deadline, "the task never started"
             time.sleep(0.02)
         task, child, parent = (int(p) for p in (tmp_path / "pids").read_text().split())
-        assert parent == agent.pid and (os.getsid(child) != os.getsid(task)) == detach
+        started_by = agent.pid if launch == "spawn" else parent_of(parent)
+        assert started_by == agent.pid and (os.getsid(child) != os.getsid(task)) == detach
 
         agent.kill()
         agent.wait(timeout=10)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from vespid.node_agent.agent import NodeAgent
-from vespid.node_agent.containment import CgroupV1, Containment, ProcessGroupOnly
+from vespid.node_agent.containment import CgroupV1
 from vespid.node_agent.settings import NodeSettings, RepositoryConfig
 from vespid.node_agent.supervisor import Finished, Launch, Supervisor
 from vespid.shared.protocol import Severity, TaskRun
@@ -129,30 +129,6 @@ def end_everything(supervisor: Tracked) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
     supervisor.close()  # its keeper too, before another test's cells share its folder
-
-
-@pytest.fixture
-def supervisor() -> Iterator[Supervisor]:
-    made = Tracked(kill_grace=GRACE)
-    yield made
-    end_everything(made)
-
-
-@pytest.fixture(params=["process-group", "cgroup-v1"])
-def contained(request: pytest.FixtureRequest) -> Iterator[Supervisor]:
-    """A supervisor with the process group alone, then with a cgroup-v1 cell per attempt."""
-    found: Containment
-    if request.param == "cgroup-v1":
-        detected = CgroupV1.detect("unit-supervisor")
-        if detected is None:
-            pytest.skip("no writable cgroup-v1 hierarchy on this machine")
-        found = detected
-    else:
-        found = ProcessGroupOnly()
-    made = Tracked(kill_grace=GRACE, containment=found)
-    yield made
-    end_everything(made)
-    found.release()
 
 
 # ---- how a script ends ------------------------------------------------------------------
