@@ -39,6 +39,7 @@ class Delivery:
     tag: int = 0
     user_id: str | None = None  # validated by RabbitMQ: who sent it
     message_id: str | None = None  # the sender's id of this message: a redelivery repeats it
+    received: float = 0.0  # time.monotonic() when the broker handed it over
 
 
 @dataclass
@@ -157,11 +158,13 @@ class Processor:
         self._observe(ctx.effects)
         return Outcome(ctx.effects.replies)
 
-    def tick(self, now: float) -> Outcome:
-        """Periodic work: lose silent nodes, start what can start, forget confirmed sends."""
+    def tick(self, now: float, lose_silent_nodes: bool = True) -> Outcome:
+        """Periodic work: lose silent nodes (unless told their messages may be waiting
+        unhandled), start what can start, forget confirmed sends."""
         self._freeze_survivors()
+        sweep = self._sweep if lose_silent_nodes else self._sweep_extensions
         try:
-            return self._in_transaction(self._sweep, now)
+            return self._in_transaction(sweep, now)
         except StoreError:
             raise
         except Exception:
@@ -170,9 +173,13 @@ class Processor:
             self._reload()
             return Outcome()
 
-    @staticmethod
-    def _sweep(ctx: Context) -> None:
+    @classmethod
+    def _sweep(cls, ctx: Context) -> None:
         engine.sweep_nodes(ctx)
+        cls._sweep_extensions(ctx)
+
+    @staticmethod
+    def _sweep_extensions(ctx: Context) -> None:
         ctx.extensions.tick(ctx)
 
     def _one_by_one(self, batch: Sequence[Delivery], now: float) -> Outcome:

@@ -49,6 +49,10 @@ OUTBOX_MESSAGE_ID = "vespid-out-{}"
 # File chunks (256 KB each) published and not yet confirmed, at most: a large file streams
 # from disk at the broker's pace instead of piling up in pika's buffer.
 FILE_WINDOW_CHUNKS = 16
+# A node message in hand longer than this means the coordinator is behind on them: no node
+# is declared lost until it catches up (_caught_up_with_nodes).
+NODE_LAG_SECONDS = 1.0
+LAG_WARNING_SECONDS = 10.0
 # A turn handles at least this many node messages, however slow they were lately.
 MIN_NODE_BATCH = 20
 # The exit status of a coordinator that stopped because it may no longer write the state:
@@ -130,6 +134,7 @@ class CoordinatorService:
         self._brokers = rotation(settings.broker_parameters(
             APP_ID, heartbeat=settings.broker_heartbeat))
         self._connection: Any = None
+        self._next_lag_warning = 0.0
         self._reset_link()
 
     def _reset_link(self) -> None:
@@ -340,7 +345,8 @@ class CoordinatorService:
         if not self.active:  # the broker made this consumer the active one
             self._become_active()
         into.append(Delivery(body, props.reply_to, props.correlation_id,
-                             method.delivery_tag, props.user_id, props.message_id))
+                             method.delivery_tag, props.user_id, props.message_id,
+                             time.monotonic()))
 
         self._schedule_turn()
 
@@ -402,7 +408,7 @@ class CoordinatorService:
     def _tick(self) -> None:
         if self._channel is None or not self._channel.is_open:
             return
-        outcome = self.processor.tick(time.time())
+        outcome = self.processor.tick(time.time(), self._caught_up_with_nodes())
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
                   if self._resend else [])
         self._resend.clear()
@@ -413,6 +419,20 @@ class CoordinatorService:
                                      if e.routing_key.startswith("node.")})
         self._publish(outcome)
         self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
+
+    def _caught_up_with_nodes(self) -> bool:
+        """Whether the nodes' messages are handled about as they come. If not (the oldest
+        one in hand waited longer than NODE_LAG_SECONDS), no node may be declared lost: its
+        heartbeat may be among them, or behind them in the queue. Losing every node of a
+        farm because this process fell behind ran each of their tasks twice."""
+        waited = time.monotonic() - self._from_nodes[0].received if self._from_nodes else 0.0
+        if waited <= NODE_LAG_SECONDS:
+            return True
+        if time.monotonic() >= self._next_lag_warning:
+            self._next_lag_warning = time.monotonic() + LAG_WARNING_SECONDS
+            log.warning("node_sweep_deferred", behind_seconds=round(waited, 1),
+                        waiting=len(self._from_nodes))
+        return False
 
     # ---- publishing ------------------------------------------------------------------
     def _publish(self, outcome: Outcome) -> None:

@@ -11,8 +11,10 @@ outbox row is done only once every chunk is confirmed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -707,3 +709,22 @@ def test_the_same_read_twice_in_a_turn_is_built_once_and_answered_twice(
     assert (one.routing_key, two.routing_key) == ("a", "b")
     assert one.body == two.body
     assert (one.properties.correlation_id, two.properties.correlation_id) == ("corr-2", "corr-3")
+
+
+def test_no_node_is_lost_while_node_messages_wait_unhandled_longer_than_a_second(
+        service: CoordinatorService) -> None:
+    deliver_from_node(service, 1, node_set("quiet"))
+    run_batch(service)
+    nodes = service.processor.state.nodes
+    nodes["quiet"].last_seen -= 1000  # silent far past the heartbeat timeout
+    deliver_from_node(service, 2, node_set("busy"))  # in hand, not handled yet
+    service._from_nodes[0] = dataclasses.replace(service._from_nodes[0],
+                                                 received=time.monotonic() - 5)
+
+    tick(service)
+    assert nodes["quiet"].alive, "lost while its heartbeat may have been waiting in hand"
+
+    run_batch(service)  # caught up: a silent node is lost at the next tick
+    tick(service)
+    assert not nodes["quiet"].alive
+    assert nodes["busy"].alive
