@@ -14,7 +14,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedList
 
@@ -140,6 +140,17 @@ class Task:
     _definition_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Set once its definition is in the store: how to read it back.
     _stored: DefinitionSource | None = field(default=None, repr=False, compare=False)
+    # A complete task as loaded: its stored record, until a field it holds is first read.
+    _pending: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    if not TYPE_CHECKING:  # the type checker must keep seeing Task's fields, and only those
+        def __getattr__(self, name: str) -> Any:
+            # Called only for a slot not set: the unread part of a complete task as loaded.
+            pending = _SLOTS["_pending"].__get__(self, Task)
+            if pending is None or name not in _LAZY_FIELDS:
+                raise AttributeError(name)
+            self._read_pending(pending)
+            return _SLOTS[name].__get__(self, Task)
 
     @classmethod
     def new(cls, definition: TaskDefinition, seq: int, time_create: float,
@@ -280,6 +291,54 @@ class Task:
         task._share_values()
         return task
 
+    @classmethod
+    def complete_from_record(cls, name: str, parent: str | None, record: dict[str, Any],
+                             stored: DefinitionSource) -> Task:
+        """A complete task as the store has it, of which only what loading the state needs
+        is read now (its seq, identity, success and holds); the rest of `record` is read the
+        first time any of it is (a task-info, a list, the check). Making every field of
+        100,000 complete tasks was half of a restart, for tasks few will be asked about.
+        Raises KeyError or ValueError on a record this code cannot read, as from_record."""
+        _check_fields(record)
+        task = cls.__new__(cls)
+        task.name, task.parent, task.status = name, parent, TaskStatus.COMPLETE
+        task.seq = record.pop("seq")
+        task.key, task.owner = record.pop("key", None), record.pop("owner", None)
+        success = record.pop("success", None)
+        task.success = _SEVERITIES[success] if success else None
+        task.holds = record.pop("holds", None) or {}
+        task._definition = task._definition_json = None
+        task._stored, task._pending = stored, record
+        return task
+
+    def _read_pending(self, record: dict[str, Any]) -> None:
+        """Set every field not set yet from the loaded record, or to its default."""
+        self._pending = None
+        for name, default, factory in _LAZY_DEFAULTS:
+            slot = _SLOTS[name]
+            try:
+                slot.__get__(self, Task)
+                continue  # set before anything read it: that value stands
+            except AttributeError:
+                pass
+            value: Any
+            if name == "attempts":
+                value = [Attempt(**a) for a in record.get(name, ())]
+            elif name in record:
+                value = record[name]
+            else:
+                value = factory() if factory is not None else default
+            slot.__set__(self, value)
+        self._share_values()
+
+    def attempt_spans(self) -> list[tuple[float, int, float | None]]:
+        """(start, attempt, end) of each attempt, without reading the rest of a loaded
+        complete task."""
+        pending = self._pending
+        if pending is not None:
+            return [(a["start"], a["attempt"], a.get("end")) for a in pending.get("attempts", ())]
+        return [(a.start, a.attempt, a.end) for a in self.attempts]
+
     def _share_values(self) -> None:
         """A loaded task holds one object for each value it repeats (its times, what it was
         allocated), not one per place JSON had it (the parser already shares short strings,
@@ -320,6 +379,27 @@ def _shared_allocation(allocated: dict[str, float]) -> dict[str, float]:
 
 # The fields a record holds when they differ from these, a new task's (Task.to_record).
 _RECORDED = _defaults(Task, leave_out=("name", "parent", "status", "success", "attempts"))
+_SLOTS = {f.name: Task.__dict__[f.name] for f in fields(Task)}
+# What Task.complete_from_record sets at once; the others wait for their first reading.
+_LOADED_AT_ONCE = frozenset({"name", "parent", "status", "seq", "key", "owner", "success",
+                             "holds", "_definition", "_definition_json", "_stored", "_pending"})
+_LAZY_DEFAULTS = [(f.name, f.default, None if f.default_factory is MISSING else f.default_factory)
+                  for f in fields(Task) if f.name not in _LOADED_AT_ONCE]
+_LAZY_FIELDS = frozenset(name for name, _, _ in _LAZY_DEFAULTS)
+_RECORD_FIELDS = frozenset(f.name for f in fields(Task) if not f.name.startswith("_"))
+_ATTEMPT_FIELDS = frozenset(f.name for f in fields(Attempt))
+
+
+def _check_fields(record: dict[str, Any]) -> None:
+    """What from_record's constructors would refuse, checked before the fields are read:
+    a damaged row must stop the load naming its task, not fail a batch later on."""
+    if not _RECORD_FIELDS.issuperset(record) or "time_create" not in record:
+        raise ValueError(f"unknown fields {sorted(record.keys() - _RECORD_FIELDS)} or no "
+                         "time_create")
+    for attempt in record.get("attempts", ()):
+        if not _ATTEMPT_FIELDS.issuperset(attempt):
+            raise ValueError("an attempt has unknown fields "
+                             f"{sorted(attempt.keys() - _ATTEMPT_FIELDS)}")
 
 
 def stored_definition(data: Any) -> TaskDefinition:
@@ -580,7 +660,8 @@ class State:
         for node in self.nodes.values():
             node.last_seen = max(node.last_seen, now)
         for task in self.tasks.values():
-            if task.dispatched_at is not None and not task.seen_on_node:
+            if task.status is TaskStatus.WORKING and task.dispatched_at is not None \
+                    and not task.seen_on_node:
                 task.dispatched_at = max(task.dispatched_at, now)
 
     # ---- what nodes say ------------------------------------------------------------------

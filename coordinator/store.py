@@ -164,6 +164,9 @@ class Store(ABC):
         try:
             if definition is None and status != TaskStatus.COMPLETE.value:
                 raise ValueError("it is not complete and has no definition")
+            if definition is None:
+                return Task.complete_from_record(name, parent, from_json(record),
+                                                 self.definition_of)
             return Task.from_record(
                 name, parent, status, from_json(record),
                 None if definition is None else stored_definition(from_json(definition)),

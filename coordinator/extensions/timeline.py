@@ -168,8 +168,8 @@ class Timeline(Extension):
         """Index the attempts of the last `keep` seconds (and every running one) anew: this
         runs at start and after a rolled-back batch."""
         index = AttemptIndex(self.index.keep)
-        everything = [(a.start, t.name, a.attempt, a.end) for t in state.tasks.values()
-                      for a in t.attempts]
+        everything = [(start, t.name, attempt, end) for t in state.tasks.values()
+                      for start, attempt, end in t.attempt_spans()]
         since = max((start for start, *_ in everything), default=0.0) - index.keep
         for start, _, _, end in everything:
             if end is not None:

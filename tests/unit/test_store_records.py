@@ -186,3 +186,81 @@ def test_a_record_is_written_as_json_that_reads_back_as_json_dumps_would() -> No
     assert isinstance(text, str)
     assert json.loads(text) == json.loads(json.dumps(record))
     assert from_json(text) == record
+
+
+@pytest.mark.parametrize("record", [
+    "{not json",
+    '{"seq": 2, "time_create": 1.0, "no_such_field": 1}',
+    '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1", "start": 1.0, '
+    '"no_such_field": 1}]}',
+    '{"seq": 2}',  # no time_create
+    '{"time_create": 1.0}',  # no seq
+])
+def test_a_damaged_row_of_a_complete_task_is_refused_at_the_load_with_its_name(
+        store: Store, proc: Processor, record: str) -> None:
+    send(proc, task_create("t1"))
+    with store.transaction():
+        store._execute("INSERT INTO tasks VALUES (?,?,?,?,?,?)",
+                       ("t2", 2, "complete", None, record, None))
+
+    with pytest.raises(StoreError, match=r"task .t2. in the state at .* cannot be read"):
+        store.load_state()
+
+
+def finished_farm(proc: Processor) -> None:
+    """Complete tasks of every kind: a tree with a repository hold, a keyed root, a child
+    that failed, one cancelled before it ran; and one still waiting."""
+    send(proc, {**node_set(), "repositories": {"ws": {"type": "workspace"}}})
+    send(proc, task_create("root", key="build-7", name_pretty="Root",
+                           repositories={"env": {"request": "workspace", "local": True}}))
+    send(proc, task_create("kid", parent="root", environment={"B": "2"}))
+    send(proc, task_create("gone", requirements={"cores": 1, "memory": 10**9}))
+    send(proc, {"command": "task-cancel", "name": "gone"}, now=T0 + 1)
+    send(proc, task_create("waits", requirements={"cores": 1, "memory": 10**9}))
+    send(proc, {"command": "task-update", "name": "kid", "success": "warning",
+                "message": "slow"}, now=T0 + 2)
+    send(proc, {"command": "task-complete", "name": "kid", "node": "n1", "success": "error",
+                "attempt": 1}, now=T0 + 3)
+    send(proc, {"command": "task-complete", "name": "root", "node": "n1", "success": "ok",
+                "attempt": 1}, now=T0 + 4)
+
+
+def test_loaded_complete_tasks_read_their_records_only_when_asked_and_show_the_same(
+        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+    finished_farm(proc)
+    names = sorted(proc.state.tasks)
+    before = {name: info(proc, name, T0 + 10) for name in names}
+    listed = send(proc, {"command": "task-list", "limit": 100}, T0 + 10, reply_to="c")
+    store.close()
+
+    again, reloaded = reopened(state_location, tmp_path)
+    try:
+        complete = [t for t in reloaded.state.tasks.values() if t.status is TaskStatus.COMPLETE]
+        assert {t.name for t in complete} == {"root", "kid", "gone"}
+        assert all(t._pending is not None for t in complete), "read before anyone asked"
+        assert reloaded.state.tree_worst["root"].value == "error"
+        assert reloaded.state.keys, "the keyed root is known by its key"
+        assert {name: info(reloaded, name, T0 + 10) for name in names} == before
+        assert all(t._pending is None for t in complete)
+        relisted = send(reloaded, {"command": "task-list", "limit": 100}, T0 + 10,
+                        reply_to="c")
+        assert relisted.replies[0].body == listed.replies[0].body
+    finally:
+        again.close()
+
+
+def test_a_field_set_before_a_loaded_task_was_read_is_kept_when_the_rest_is_read(
+        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+    finished_farm(proc)
+    store.close()
+    again, reloaded = reopened(state_location, tmp_path)
+    try:
+        kid = reloaded.state.tasks["kid"]
+        kid.message = "written first"
+
+        assert kid.node == "n1"  # reads the rest of the record
+        assert kid.message == "written first"
+        assert [a.attempt for a in kid.attempts] == [1]
+        assert kid.attempt_spans() == [(a.start, a.attempt, a.end) for a in kid.attempts]
+    finally:
+        again.close()
