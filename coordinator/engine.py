@@ -37,6 +37,8 @@ class Context:
     now: float
     sender: str | None = None  # the authenticated user of the message being handled
     message_id: str | None = None  # its message_id property, when the sender set one
+    # When it reached this coordinator: behind on its messages, that is earlier than `now`.
+    arrived: float = 0.0
     extensions: Extensions = field(default_factory=lambda: Extensions(()))
 
     def may_control(self, owner: str | None) -> bool:
@@ -273,9 +275,11 @@ def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) ->
             ctx.state.seen_on_node(task)
             continue
         # A task-run may still be on its way: only a task the node once reported, or one
-        # sent long enough ago, is really gone (task-complete travels before node-set).
+        # sent long enough before this node-set reached us, is really gone (task-complete
+        # travels before node-set). Reached us, not handled: a coordinator behind on the
+        # nodes' messages would take a node-set older than its task-run for a loss.
         sent = task.dispatched_at or 0.0
-        if task.seen_on_node or ctx.now - sent > ctx.settings.dispatch_grace:
+        if task.seen_on_node or (ctx.arrived or ctx.now) - sent > ctx.settings.dispatch_grace:
             lost_under(ctx, task, f"node {node.name} no longer reports this task")
     for name, attempt in sorted(reported.items()):
         if name not in node.running:

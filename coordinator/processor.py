@@ -39,7 +39,7 @@ class Delivery:
     tag: int = 0
     user_id: str | None = None  # validated by RabbitMQ: who sent it
     message_id: str | None = None  # the sender's id of this message: a redelivery repeats it
-    received: float = 0.0  # time.monotonic() when the broker handed it over
+    received: float = 0.0  # time.time() when the broker handed it over (0: not known)
 
 
 @dataclass
@@ -257,6 +257,7 @@ class Processor:
     def _handle(self, ctx: Context, delivery: Delivery, decoded: Any = None) -> None:
         """`decoded`: the message, when split_reads already decoded (and checked) it."""
         ctx.sender, ctx.message_id = delivery.user_id, delivery.message_id
+        ctx.arrived = delivery.received or ctx.now
         try:
             if self.settings.require_user_id and delivery.user_id is None:
                 raise ProtocolError("unauthenticated", "this coordinator requires the user_id "

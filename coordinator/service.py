@@ -346,7 +346,7 @@ class CoordinatorService:
             self._become_active()
         into.append(Delivery(body, props.reply_to, props.correlation_id,
                              method.delivery_tag, props.user_id, props.message_id,
-                             time.monotonic()))
+                             time.time()))
 
         self._schedule_turn()
 
@@ -425,11 +425,12 @@ class CoordinatorService:
         one in hand waited longer than NODE_LAG_SECONDS), no node may be declared lost: its
         heartbeat may be among them, or behind them in the queue. Losing every node of a
         farm because this process fell behind ran each of their tasks twice."""
-        waited = time.monotonic() - self._from_nodes[0].received if self._from_nodes else 0.0
+        now = time.time()
+        waited = now - self._from_nodes[0].received if self._from_nodes else 0.0
         if waited <= NODE_LAG_SECONDS:
             return True
-        if time.monotonic() >= self._next_lag_warning:
-            self._next_lag_warning = time.monotonic() + LAG_WARNING_SECONDS
+        if now >= self._next_lag_warning:
+            self._next_lag_warning = now + LAG_WARNING_SECONDS
             log.warning("node_sweep_deferred", behind_seconds=round(waited, 1),
                         waiting=len(self._from_nodes))
         return False

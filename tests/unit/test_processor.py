@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -420,6 +421,22 @@ def test_a_node_set_that_still_omits_a_task_after_the_grace_ends_it_terminated(
     reply = info(proc, "t1", T0 + GRACE + 1)
     assert reply["status"] == "complete"
     assert reply["success"] == "terminated"
+
+
+def test_a_node_set_that_came_within_the_grace_leaves_it_working_even_if_handled_late(
+        proc: Processor) -> None:
+    """A coordinator behind on the nodes' messages handles an old node-set long after it
+    came: what counts is when it came, which may be before the node got the task-run."""
+    start_one(proc, retries=0)
+    old = dataclasses.replace(deliver(node_set(activetasks=[])), received=T0 + GRACE - 1)
+    proc.process([old], T0 + GRACE + 30)
+
+    assert info(proc, "t1", T0 + GRACE + 30)["status"] == "working"
+
+    late = dataclasses.replace(deliver(node_set(activetasks=[])), received=T0 + GRACE + 1)
+    proc.process([late], T0 + GRACE + 31)
+
+    assert info(proc, "t1", T0 + GRACE + 31)["success"] == "terminated"
 
 
 def test_a_node_reporting_a_task_it_should_not_run_is_told_to_kill_it(
