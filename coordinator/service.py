@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -69,28 +68,6 @@ class FileStream:
     next: int = 0
 
 
-class Declaration:
-    """The topology declared from a thread of its own while the main one loads the state."""
-
-    def __init__(self, declare: Callable[[], None]) -> None:
-        self._declare = declare
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="declare", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._declare()
-        except BaseException as exc:  # noqa: BLE001 - told to the main thread, which retries
-            self._error = exc
-
-    def succeeded(self) -> bool:
-        self._thread.join()
-        if self._error is not None:
-            log.info("declaring_again", reason=str(self._error))
-        return self._error is None
-
-
 def _stop_on_store_error(callback: Callable[..., None]) -> Callable[..., None]:
     """For the broker loop's callbacks that use the store: a store that failed (or fenced
     this coordinator out) stops the loop at once, and run() stops the process. Raised
@@ -120,12 +97,7 @@ class CoordinatorService:
         self._started = time.time()
         self.store = open_store(settings.state)
         self._processor: Processor | None = None
-        self._declaring: Declaration | None = None
         if not self.store.shared:
-            # The broker's round trips (one a known node) overlap the load, which is all
-            # CPU: at 1,000 nodes they were a second of every restart.
-            self._declaring = Declaration(partial(self._declare_topology,
-                                                  self.store.node_names()))
             self._activate_store()
         self.files = BlobStore(settings.blobs_path, settings.max_file_bytes)
         self._stopping = False
@@ -236,10 +208,7 @@ class CoordinatorService:
     def _run_connection(self) -> None:
         if self._stopping:
             return
-        declaring, self._declaring = self._declaring, None
-        if declaring is None or not declaring.succeeded():
-            # Again, here, where a failure says why and the connection is retried.
-            self._declare_topology(self.processor.state.nodes if self.active else ())
+        self._declare_topology(self.processor.state.nodes if self.active else ())
         self._reset_link()
         params = next(self._brokers)  # after a lost connection, the cluster's next node
         self._connection = pika.SelectConnection(

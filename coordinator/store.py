@@ -140,10 +140,6 @@ class Store(ABC):
         """The rows of a query, for reading many: a dialect may stream them."""
         return self._execute(sql)
 
-    def node_names(self) -> list[str]:
-        """The nodes the state knows, without loading it."""
-        return [name for (name,) in self._execute("SELECT name FROM nodes")]
-
     def load_state(self) -> State:
         state = State()
         for (record,) in self._execute("SELECT record FROM nodes"):
