@@ -395,7 +395,10 @@ class CoordinatorService:
         heartbeat may be among them, or behind them in the queue. Losing every node of a
         farm because this process fell behind ran each of their tasks twice."""
         now = time.time()
-        waited = now - self._from_nodes[0].received if self._from_nodes else 0.0
+        # Both queues: a node of contract v1 sends its node-sets with the requests.
+        oldest = min((queue[0].received for queue in (self._from_nodes, self._requests)
+                      if queue), default=now)
+        waited = now - oldest
         if waited <= NODE_LAG_SECONDS:
             return True
         if now >= self._next_lag_warning:

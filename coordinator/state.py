@@ -388,6 +388,8 @@ _LAZY_DEFAULTS = [(f.name, f.default, None if f.default_factory is MISSING else 
 _LAZY_FIELDS = frozenset(name for name, _, _ in _LAZY_DEFAULTS)
 _RECORD_FIELDS = frozenset(f.name for f in fields(Task) if not f.name.startswith("_"))
 _ATTEMPT_FIELDS = frozenset(f.name for f in fields(Attempt))
+_ATTEMPT_REQUIRED = frozenset(f.name for f in fields(Attempt)
+                              if f.default is MISSING and f.default_factory is MISSING)
 
 
 def _check_fields(record: dict[str, Any]) -> None:
@@ -397,9 +399,10 @@ def _check_fields(record: dict[str, Any]) -> None:
         raise ValueError(f"unknown fields {sorted(record.keys() - _RECORD_FIELDS)} or no "
                          "time_create")
     for attempt in record.get("attempts", ()):
-        if not _ATTEMPT_FIELDS.issuperset(attempt):
-            raise ValueError("an attempt has unknown fields "
-                             f"{sorted(attempt.keys() - _ATTEMPT_FIELDS)}")
+        if not _ATTEMPT_FIELDS.issuperset(attempt) or not _ATTEMPT_REQUIRED.issubset(attempt):
+            raise ValueError(f"an attempt has fields {sorted(attempt)}: it needs "
+                             f"{sorted(_ATTEMPT_REQUIRED)}, and may have only "
+                             f"{sorted(_ATTEMPT_FIELDS)}")
 
 
 def stored_definition(data: Any) -> TaskDefinition:

@@ -728,3 +728,17 @@ def test_no_node_is_lost_while_node_messages_wait_unhandled_longer_than_a_second
     tick(service)
     assert not nodes["quiet"].alive
     assert nodes["busy"].alive
+
+
+def test_no_node_is_lost_while_requests_wait_unhandled_either(
+        service: CoordinatorService) -> None:
+    # A node of contract v1 sends its node-sets with the requests, not on the node channel.
+    deliver(service, 1, node_set("quiet"))
+    run_batch(service)
+    service.processor.state.nodes["quiet"].last_seen -= 1000
+    deliver(service, 2, node_set("busy"))
+    service._requests[0] = dataclasses.replace(service._requests[0],
+                                               received=time.time() - 5)
+
+    tick(service)
+    assert service.processor.state.nodes["quiet"].alive

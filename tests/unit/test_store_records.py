@@ -16,7 +16,7 @@ from pydantic_core import from_json
 
 from tests.unit.test_processor import T0, info, node_set, send, settings, task_create
 from vespid.coordinator.processor import Processor
-from vespid.coordinator.store import Store, dumps, open_store
+from vespid.coordinator.store import Store, dumps, loads, open_store
 from vespid.shared.errors import StoreError
 from vespid.shared.protocol import TaskStatus
 
@@ -153,6 +153,10 @@ def test_a_damaged_row_of_the_old_form_is_refused_with_its_name(
     ("complete", '{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None),
     ("complete", '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1", '
                  '"start": 1.0, "no_such_field": 1}]}', None),
+    ("complete", '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "start": 1.0}]}',
+     None),  # an attempt without its node
+    ("complete", '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1"}]}',
+     None),  # nor its start
     ("complete", '{"seq": 2}', None),  # no time_create
     ("complete", '{"time_create": 1.0}', None),  # no seq
 ])
@@ -254,3 +258,23 @@ def test_a_field_set_before_a_loaded_task_was_read_is_kept_when_the_rest_is_read
         assert kid.attempt_spans() == [(a.start, a.attempt, a.end) for a in kid.attempts]
     finally:
         again.close()
+
+
+def test_text_only_the_standard_parser_takes_is_written_and_read_back_across_a_restart(
+        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+    # A lone surrogate: what a result file whose name is not UTF-8 becomes in Python.
+    send(proc, node_set())
+    send(proc, task_create("t1"))
+    send(proc, b'{"command": "task-update", "name": "t1", "success": "warning", '
+               b'"message": "r\\udce9sum"}')
+    send(proc, {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok",
+                "attempt": 1})
+    assert proc.state.tasks["t1"].message == "r\udce9sum"
+    store.close()
+
+    again, reloaded = reopened(state_location, tmp_path)
+    try:
+        assert info(reloaded, "t1")["message"] == "r\udce9sum"
+    finally:
+        again.close()
+    assert loads(dumps({"name": "r\udce9sum"})) == {"name": "r\udce9sum"}
