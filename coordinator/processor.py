@@ -257,7 +257,7 @@ class Processor:
     def _handle(self, ctx: Context, delivery: Delivery, decoded: Any = None) -> None:
         """`decoded`: the message, when split_reads already decoded (and checked) it."""
         ctx.sender, ctx.message_id = delivery.user_id, delivery.message_id
-        ctx.arrived = delivery.received or ctx.now
+        ctx.arrived = delivery.received
         try:
             if self.settings.require_user_id and delivery.user_id is None:
                 raise ProtocolError("unauthenticated", "this coordinator requires the user_id "

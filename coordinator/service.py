@@ -12,7 +12,7 @@ import heapq
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial, wraps
 from typing import Any
@@ -208,7 +208,7 @@ class CoordinatorService:
     def _run_connection(self) -> None:
         if self._stopping:
             return
-        self._declare_topology(self.processor.state.nodes if self.active else ())
+        self._declare_topology()
         self._reset_link()
         params = next(self._brokers)  # after a lost connection, the cluster's next node
         self._connection = pika.SelectConnection(
@@ -220,14 +220,14 @@ class CoordinatorService:
         if not self._stopping:
             raise BrokerError(self._close_reason or "connection closed")
 
-    def _declare_topology(self, nodes: Iterable[str]) -> None:
+    def _declare_topology(self) -> None:
         connection = connect(self.settings.broker_parameters(APP_ID + "-setup"),
                              give_up_after=10)
         try:
             channel = declared(connection.channel, "opening a channel")
             declared(lambda: topology.declare_coordinator(channel),
                      "declaring the coordinator's exchanges and queues")
-            for node in nodes:
+            for node in self.processor.state.nodes if self.active else ():
                 declared(partial(topology.declare_node, channel, node),
                          f"declaring the queue of node {node}")
         finally:
@@ -404,7 +404,7 @@ class CoordinatorService:
         if now >= self._next_lag_warning:
             self._next_lag_warning = now + LAG_WARNING_SECONDS
             log.warning("node_sweep_deferred", behind_seconds=round(waited, 1),
-                        waiting=len(self._from_nodes))
+                        waiting=len(self._from_nodes) + len(self._requests))
         return False
 
     # ---- publishing ------------------------------------------------------------------
