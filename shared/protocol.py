@@ -694,10 +694,14 @@ def encode(payload: BaseModel | dict[str, Any]) -> bytes:
     try:
         encoded = to_json(data, inf_nan_mode="constants")
     except PydanticSerializationError:
-        encoded = b"NaN"
+        return _standard_encoding(data)
     if b"Infinity" in encoded or b"NaN" in encoded:  # perhaps only inside a string
-        return _STRICT_JSON.encode(data).encode("utf-8")
+        return _standard_encoding(data)
     return encoded
+
+
+def _standard_encoding(data: Any) -> bytes:
+    return _STRICT_JSON.encode(data).encode("utf-8")
 
 
 def ack_reply(name: str | None) -> dict[str, Any]:
