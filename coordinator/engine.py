@@ -166,6 +166,8 @@ def _log_location(template: str | None, node: Node, task: Task) -> str:
 def _path(task: Task) -> str | None:
     """The repository the task works in: its `env` one (the seed's name for the workspace),
     else a local claim, else any claim, else the one it inherited and must run next to."""
+    if not task.holds and not task.definition.repositories:
+        return None  # most tasks: no repository at all (and no shape to build for it)
     shape = task.shape()
     local = [task.holds[r.key] for r in shape.repos if r.local and r.key in task.holds]
     env = [task.holds["env"]] if "env" in task.holds else []

@@ -94,9 +94,16 @@ class Shape:
     # What `compatible` reads: shapes that differ only in what they consume may run on
     # the same nodes, so a pass finds those nodes once for all of them.
     reach: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+    # The cores and memory it needs, which ranking a node reads (a dict each time was a
+    # fifth of a one-task pass).
+    cores: float = field(init=False, repr=False, compare=False)
+    memory: float = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        needs = dict(self.needs)
+        object.__setattr__(self, "cores", needs.get("cores", 0.0))
+        object.__setattr__(self, "memory", needs.get("memory", 0.0))
         object.__setattr__(self, "reach", (self.labels, self.bid, self.pinned,
                                            self.unplaceable))
         object.__setattr__(self, "local_types", Counter(r.type for r in self.repos if r.local))
@@ -246,10 +253,10 @@ def fits_empty(shape: Shape, node: NodeOffer) -> bool:
 
 
 def _rank(shape: Shape, node: NodeOffer) -> tuple[bool, int, float, float, str]:
-    need = shape.need
+    free = node.free
     return (node.name in shape.avoid, -preference_score(shape.labels, node.labels),
-            node.free.get("cores", 0.0) - need["cores"],
-            node.free.get("memory", 0.0) - need.get("memory", 0.0), node.name)
+            free.get("cores", 0.0) - shape.cores, free.get("memory", 0.0) - shape.memory,
+            node.name)
 
 
 def allocate(shape: Shape, node: NodeOffer) -> dict[str, float]:
@@ -293,7 +300,7 @@ class _Fitting:
 
     @classmethod
     def of(cls, shape: Shape, offers: _Roomiest, pool: RepoPool, synced: int) -> _Fitting:
-        members = {o.name: o for o in offers.with_room(shape.need)
+        members = {o.name: o for o in offers.with_room(shape.cores, shape.memory)
                    if fits_now(shape, o, pool)}
         heap = [(_rank(shape, o), name) for name, o in members.items()]
         heapq.heapify(heap)
@@ -343,10 +350,9 @@ class _Roomiest:
         self._less = [less for less, _, _ in listed]
         self._memory = [memory for _, memory, _ in listed]
 
-    def with_room(self, need: dict[str, float]) -> list[NodeOffer]:
-        """The offers that had the cores and memory the need asks for when listed."""
-        end = bisect.bisect_right(self._less, -need["cores"])
-        memory = need.get("memory", 0.0)
+    def with_room(self, cores: float, memory: float) -> list[NodeOffer]:
+        """The offers that had these cores and memory free when listed."""
+        end = bisect.bisect_right(self._less, -cores)
         return [offer for offer, had in zip(self.offers[:end], self._memory[:end], strict=True)
                 if had >= memory]
 

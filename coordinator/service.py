@@ -441,9 +441,8 @@ class CoordinatorService:
 
     @staticmethod
     def _entry_properties(entry: OutboxEntry) -> Any:
-        props = properties(entry.command, app_id=APP_ID, headers=entry.headers)
-        props.message_id = OUTBOX_MESSAGE_ID.format(entry.id)
-        return props
+        return properties(entry.command, app_id=APP_ID, headers=entry.headers,
+                          message_id=OUTBOX_MESSAGE_ID.format(entry.id))
 
     def _chunks_of(self, sha: str) -> int:
         if self.files.has(sha):

@@ -175,9 +175,10 @@ class Task:
                 raise StoreError(f"task {self.name!r} has no definition in memory or store")
             return self._stored(self.name)
         built = self._definition.model_dump(mode="json")
-        if self.status is TaskStatus.WORKING:
-            # Kept while it runs, when most of its events are sent; not while it waits (a
-            # queue of 100,000 would keep 100 MB of them) nor once it is complete.
+        if self.status is TaskStatus.WORKING or self._stored is None:
+            # Kept while it runs, when most of its events are sent, and through the batch
+            # that made it (its created and started events, its first row); not while it
+            # waits (a queue of 100,000 would keep 100 MB of them) nor once it is complete.
             self._definition_json = built
         return built
 
@@ -191,6 +192,8 @@ class Task:
         self._stored = source
         if self.status is TaskStatus.COMPLETE:
             self._definition = self._definition_json = None
+        elif self.status is not TaskStatus.WORKING:
+            self._definition_json = None  # waiting: see definition_json
 
     @property
     def losses(self) -> int:

@@ -334,6 +334,7 @@ def properties(
     correlation_id: str | None = None,
     headers: dict[str, Any] | None = None,
     user_id: str | None = None,
+    message_id: str | None = None,
 ) -> pika.BasicProperties:
     """Every message carries type, app_id, message_id and timestamp, so the UI reads well,
     and the sender's login as user_id where it is known (the broker checks it)."""
@@ -343,7 +344,7 @@ def properties(
         delivery_mode=2 if persistent else 1,
         type=command,
         app_id=app_id,
-        message_id=uuid.uuid4().hex,
+        message_id=message_id or uuid.uuid4().hex,
         timestamp=int(time.time()),
         reply_to=reply_to,
         correlation_id=correlation_id,
