@@ -143,6 +143,11 @@ class CoordinatorService:
         # Replies are in no outbox: what was published, by publish seq, to send again if
         # the broker refuses it (a nack), instead of leaving the client to time out.
         self._replies: dict[int, tuple[str, bytes, Any]] = {}
+        # Events wait for the loop's next turn, in commit order (_send_events), and so do
+        # the acks of the deliveries that caused them.
+        self._events: deque[OutboxEntry] = deque()
+        self._events_scheduled = False
+        self._settle_after_events: list[int] = []
 
     @property
     def processor(self) -> Processor:
@@ -278,7 +283,7 @@ class CoordinatorService:
         backlog = self.store.pending_outbox()
         if backlog:
             log.info("outbox_resent", messages=len(backlog))
-        self._publish(Outcome(outbox=backlog))
+        self._publish(Outcome(outbox=backlog), defer_events=False)  # all in order, at once
         self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
 
     def _become_active(self) -> None:
@@ -370,8 +375,12 @@ class CoordinatorService:
         self._message_seconds += (seconds / messages - self._message_seconds) / 8
 
     def _settle(self, tags: list[int]) -> None:
-        """These deliveries are handled: ack them once all published so far is confirmed."""
-        self._ack_after.append((self._seq, tags))
+        """These deliveries are handled: ack them once all published so far is confirmed
+        (events waiting for the loop's next turn included)."""
+        if self._events:
+            self._settle_after_events += tags
+        else:
+            self._ack_after.append((self._seq, tags))
 
     @_stop_on_store_error
     def _tick(self) -> None:
@@ -408,7 +417,7 @@ class CoordinatorService:
         return False
 
     # ---- publishing ------------------------------------------------------------------
-    def _publish(self, outcome: Outcome) -> None:
+    def _publish(self, outcome: Outcome, defer_events: bool = True) -> None:
         for node in outcome.new_nodes:
             # Same channel, so the broker declares and binds before the task-run arrives.
             topology.declare_node(self._channel, node)
@@ -417,9 +426,32 @@ class CoordinatorService:
             self._send_reply(reply.reply_to, reply.data,
                              properties(kind, app_id=APP_ID, persistent=False,
                                         correlation_id=reply.correlation_id))
+        if not defer_events:
+            self._send_events()  # any still waiting first: events keep their order
         for entry in outcome.outbox:
-            self._send_entry(entry)
+            if defer_events and entry.exchange == topology.EVENTS_EXCHANGE:
+                self._events.append(entry)
+            else:
+                self._send_entry(entry)
+        if self._events and not self._events_scheduled:
+            self._events_scheduled = True
+            self._connection.ioloop.call_later(0, self._send_events)
         self._pump_files()
+
+    def _send_events(self) -> None:
+        """Events go out on the loop's next turn, after pika wrote what the batch sent to
+        nodes: a task-run waited behind its task's created and started events before (a
+        tenth of the time from task-create to task-run at light load). Their order among
+        themselves stays the commit order; they are in the outbox like the rest, so a
+        delivery acked before its events are confirmed loses none of them."""
+        self._events_scheduled = False  # (a call at once leaves a scheduled one nothing)
+        if self._channel is None or not self._channel.is_open:
+            return  # the outbox sends them again on the next connection
+        while self._events:
+            self._send_entry(self._events.popleft())
+        if self._settle_after_events:
+            self._ack_after.append((self._seq, self._settle_after_events))
+            self._settle_after_events = []
 
     def _send_reply(self, reply_to: str, data: bytes, props: Any) -> None:
         self._send("", reply_to, data, props, None, mandatory=False)

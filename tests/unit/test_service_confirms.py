@@ -115,6 +115,13 @@ class FakeIOLoop:
             callback()
         return len(soon)
 
+    def run_events(self, send_events: Callable[[], None]) -> None:
+        """Run the events' turn the batch asked for, and nothing else."""
+        events = [cb for delay, cb in self.later if delay == 0 and cb == send_events]
+        self.later = [(delay, cb) for delay, cb in self.later if cb not in events]
+        for callback in events:
+            callback()
+
 
 @dataclass
 class FakeConnection:
@@ -181,6 +188,7 @@ def run_batch(service: CoordinatorService) -> list[Published]:
     channel = channel_of(service)
     before = len(channel.published)
     assert loop_of(service).run_soon() == 1
+    loop_of(service).run_events(service._send_events)  # the loop's next turn
     return channel.published[before:]
 
 
@@ -276,9 +284,9 @@ def test_a_batch_is_acked_with_its_last_tag_only_once_every_publish_is_confirmed
     deliver(service, 3, {"command": "task-info", "name": "t1"}, reply_to="client")
     sent = run_batch(service)
 
-    # Two replies, then created event, task-run, started event.
+    # Two replies and the task-run, then (the loop's next turn) created and started events.
     assert [p.seq for p in sent] == [1, 2, 3, 4, 5]
-    assert [p.routing_key for p in sent] == ["client", "client", "task.created.t1", "node.n1",
+    assert [p.routing_key for p in sent] == ["client", "client", "node.n1", "task.created.t1",
                                              "task.started.t1"]
     assert all(p.properties.user_id == USER for p in sent)
     assert channel.acks == [(1, True)]
@@ -287,6 +295,27 @@ def test_a_batch_is_acked_with_its_last_tag_only_once_every_publish_is_confirmed
         assert channel.acks == [(1, True)], f"acked early, after the confirm of {seq}"
     ack(service, 5)
     assert channel.acks == [(1, True), (3, True)]
+
+
+def test_a_batch_sends_to_nodes_at_once_and_its_events_on_the_loops_next_turn_in_order(
+        service: CoordinatorService) -> None:
+    join_node(service, tag=1)
+    channel = channel_of(service)
+    deliver(service, 2, task_create(), reply_to="client")
+    assert loop_of(service).run_soon() == 1  # the batch alone
+    assert [p.routing_key for p in channel.published] == ["client", "node.n1"]
+    deliver(service, 3, task_create("t2"))  # a second batch before the events' turn
+    assert loop_of(service).run_soon() == 2  # the events' turn, then the second batch
+    assert [p.routing_key for p in channel.published] == [
+        "client", "node.n1", "task.created.t1", "task.started.t1", "node.n1"]
+    loop_of(service).run_events(service._send_events)
+    assert [p.routing_key for p in channel.published[5:]] == ["task.created.t2",
+                                                              "task.started.t2"]
+    for seq in range(1, 7):  # all but the second batch's last event
+        ack(service, seq)
+    assert channel.acks == [(1, True), (2, True)]  # the first batch, once its events were
+    ack(service, 7)
+    assert channel.acks == [(1, True), (2, True), (3, True)]
 
 
 def test_a_later_batch_confirmed_first_waits_for_the_earlier_one(
