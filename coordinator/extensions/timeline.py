@@ -149,7 +149,11 @@ class Timeline(Extension):
         self.interval = settings.history_interval
         self.samples: deque[Sample] = deque(
             maxlen=max(1, math.ceil(settings.history_keep / settings.history_interval)))
-        self.index = AttemptIndex(settings.timeline_keep)
+        self.keep = settings.timeline_keep
+        # Built on the first window asked for, from the state, not at start: indexing every
+        # attempt of 100,000 tasks was a tenth of a restart, for a view few open. Until then
+        # nothing needs keeping up to date: the state holds every attempt it would index.
+        self._index: AttemptIndex | None = AttemptIndex(self.keep)
         self.started_since_sample = 0
         self.next_sample = 0.0
         self.waited_for: dict[str, str] = {}  # task -> the last reason seen while it waited
@@ -165,9 +169,17 @@ class Timeline(Extension):
 
     # ---- following the tasks -----------------------------------------------------------
     def load(self, store: Store, state: State) -> None:
-        """Index the attempts of the last `keep` seconds (and every running one) anew: this
-        runs at start and after a rolled-back batch."""
-        index = AttemptIndex(self.index.keep)
+        """At start and after a rolled-back batch: the index is made anew when next asked."""
+        self._index = None
+
+    def _attempts(self, state: State) -> AttemptIndex:
+        if self._index is None:
+            self._index = self._indexed(state)
+        return self._index
+
+    def _indexed(self, state: State) -> AttemptIndex:
+        """The attempts of the last `keep` seconds (and every running one)."""
+        index = AttemptIndex(self.keep)
         everything = [(start, t.name, attempt, end) for t in state.tasks.values()
                       for start, attempt, end in t.attempt_spans()]
         since = max((start for start, *_ in everything), default=0.0) - index.keep
@@ -177,21 +189,23 @@ class Timeline(Extension):
         recent = sorted(e for e in everything if e[0] >= since or e[3] is None)
         index.starts = [start for start, *_ in recent]
         index.entries = [(name, number) for _, name, number, _ in recent]
-        self.index = index
+        return index
 
     def started(self, ctx: Context, task: Task) -> None:
         attempt = task.last_attempt
         if attempt is None:
             return
-        self.index.add(attempt.start, task.name, attempt.attempt)
+        if self._index is not None:
+            self._index.add(attempt.start, task.name, attempt.attempt)
         self.started_since_sample += 1
         reason = self.reasons.pop(task.name, None)
         if reason is not None:
             self.waited_for[task.name] = reason
 
     def ended(self, ctx: Context, task: Task) -> None:
-        for attempt in task.attempts:
-            self.index.ended(attempt)
+        if self._index is not None:
+            for attempt in task.attempts:
+                self._index.ended(attempt)
 
     def tick(self, ctx: Context) -> None:
         if ctx.now >= self.next_sample:
@@ -199,7 +213,8 @@ class Timeline(Extension):
             self.samples.append(self._sample(ctx.state, ctx.now))
             self.started_since_sample = 0
             self.next_sample = ctx.now + self.interval
-            self.index.prune(ctx.now)
+            if self._index is not None:
+                self._index.prune(ctx.now)
 
     def _note_reasons(self, state: State, now: float) -> None:
         """Why the head of each waiting group waits, for the first groups: tasks of one
@@ -275,7 +290,7 @@ class Timeline(Extension):
         seen: set[tuple[str, int]] = set()
         running = ((name, state.tasks[name].attempt) for node in state.nodes.values()
                    for name in node.running if name in state.tasks)
-        for name, number in (*self.index.between(since, until), *running):
+        for name, number in (*self._attempts(state).between(since, until), *running):
             task = state.tasks.get(name)
             if task is None or (name, number) in seen:
                 continue

@@ -157,6 +157,34 @@ def test_a_restarted_coordinator_finds_the_same_attempts(tmp_path: Path) -> None
                                                                    ("running", None)]
 
 
+def test_the_index_is_made_on_the_first_ask_and_then_follows_new_attempts(
+        tmp_path: Path) -> None:
+    settings = settings_in(tmp_path)
+    first = processor(settings)
+    timeline = first.extensions.find(Timeline)
+    send(first, node_set("n1"), T0)
+    send(first, create("before"), T0)
+    send(first, complete("before", "n1"), T0 + 500)  # the longest attempt: 500 s
+    assert timeline._index is None  # nothing asked yet: no index made
+
+    def window(proc: Processor, since: float, now: float) -> list[tuple[str, float | None]]:
+        reply = ask(proc, {"command": "attempt-list", "since": since}, now)
+        return [(a["task"], a["end"]) for a in reply["attempts"]]
+
+    assert window(first, T0, T0 + 600) == [("before", T0 + 500)]
+    assert timeline._index is not None
+    send(first, create("after"), T0 + 700)  # followed by the index made above
+    send(first, create("long"), T0 + 800)
+    send(first, complete("long", "n1"), T0 + 2000)  # longer than any before it
+    seen = window(first, T0 + 1900, T0 + 2100)
+    first.store.close()
+
+    assert seen == [("after", None), ("long", T0 + 2000)]
+    again = processor(settings, T0 + 2100)  # a fresh index over the same state agrees
+    assert window(again, T0 + 1900, T0 + 2100) == seen
+    again.store.close()
+
+
 def test_farm_history_samples_queue_starts_and_node_use_each_interval(
         proc: Processor) -> None:
     send(proc, node_set("n1", cores=4), T0)
