@@ -250,6 +250,12 @@ class Task:
 
     def shape(self) -> Shape:
         d = self.definition
+        if not d.repositories and not self.holds:
+            # Most tasks: what decides where they run is their requirements alone, and a
+            # farm's tasks come in few kinds, so their shapes are made once per kind.
+            # (The type is in the key: 1 and True are equal, but a label is only True.)
+            return _plain_shape(tuple((k, v, type(v)) for k, v in self.requirements.items()),
+                                tuple(d.avoid_nodes))
         repositories: dict[str, Any] = dict(d.repositories)
         environment = dict(d.environment)
         if self.holds and self.status is TaskStatus.IDLE:
@@ -406,6 +412,13 @@ def _check_fields(record: dict[str, Any]) -> None:
             raise ValueError(f"an attempt has fields {sorted(attempt)}: it needs "
                              f"{sorted(_ATTEMPT_REQUIRED)}, and may have only "
                              f"{sorted(_ATTEMPT_FIELDS)}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_shape(requirements: tuple[tuple[str, Any, type], ...], avoid: tuple[str, ...]
+                 ) -> Shape:
+    """The shape of a task that claims and holds no repository (shapes never change)."""
+    return Shape.of({k: v for k, v, _ in requirements}, avoid=avoid)
 
 
 def stored_definition(data: Any) -> TaskDefinition:

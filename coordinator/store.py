@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 EXTENSION_TABLE = "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, record TEXT NOT NULL)"
 OUTBOX_COLUMNS = "id, exchange, routing_key, command, body, headers, file"
 TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_COMPLETE = TaskStatus.COMPLETE.value  # read once per task at a load: not through the enum
 
 
 def dumps(value: Any) -> str:
@@ -171,7 +172,7 @@ class Store(ABC):
     def _task(self, name: str, parent: str | None, status: str, record: str,
               definition: str | None) -> Task:
         try:
-            if definition is None and status != TaskStatus.COMPLETE.value:
+            if definition is None and status != _COMPLETE:
                 raise ValueError("it is not complete and has no definition")
             if definition is None:
                 return Task.complete_from_record(name, parent, loads(record),

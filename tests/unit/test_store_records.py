@@ -278,3 +278,21 @@ def test_text_only_the_standard_parser_takes_is_written_and_read_back_across_a_r
     finally:
         again.close()
     assert loads(dumps({"name": "r\udce9sum"})) == {"name": "r\udce9sum"}
+
+
+def test_tasks_of_one_kind_share_a_shape_and_a_label_is_never_taken_for_a_number() -> None:
+    from vespid.coordinator.state import Task
+    from vespid.shared.protocol import TaskDefinition
+
+    def made(name: str, requirements: dict[str, Any], owner: str | None = None) -> Task:
+        # Unvalidated, as a definition read back from the store is: 1 would be refused.
+        definition = TaskDefinition.model_construct(name=name, executable_pyscript="pass",
+                                                    requirements=requirements)
+        return Task.new(definition, 1, T0, owner=owner)
+
+    first = made("a", {"cores": 2, "usage_gpu": True}).shape()
+    assert made("b", {"cores": 2, "usage_gpu": True}).shape() is first  # made once per kind
+    counted = made("c", {"cores": 2, "usage_gpu": 1}).shape()  # equal to True, not a label
+    assert "gpu" in first.labels.carried and "gpu" not in counted.labels.carried
+    owned = made("d", {"cores": 2, "usage_gpu": True}, owner="alice").shape()
+    assert "user_alice" in owned.labels.carried and owned is not first
