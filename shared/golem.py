@@ -52,7 +52,7 @@ def default_task_name() -> str:
 class GolemTaskSpec(BaseModel):
     """`task` of a CreateTask: the seed's fields with their defaults, extras kept as given."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     type: str
     bid: float = Field(default=1.0, ge=0)
@@ -118,8 +118,10 @@ class GolemTaskSpec(BaseModel):
         return self.model_dump(mode="json")
 
 
+# Built on first use, as shared/protocol.py's models are: most coordinators never meet this
+# dialect.
 class _Golem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class CreateTask(_Golem):
@@ -317,7 +319,7 @@ GolemMessage = Annotated[
     | GetTaskState,
     Field(discriminator="type"),
 ]
-_golem = TypeAdapter[Any](GolemMessage)
+_golem = TypeAdapter[Any](GolemMessage, config=ConfigDict(defer_build=True))
 GOLEM_TYPES = ("CreateTask", "VerifyResults", "AbortTask", "RestartTask", "RestartSubtasks",
                "ListTasks", "GetTaskState")
 

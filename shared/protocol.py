@@ -83,14 +83,20 @@ class TaskStatus(StrEnum):
     COMPLETE = "complete"
 
 
+# Every model and adapter here is built (its validator and serializer made) on first use,
+# not at import (defer_build): a process uses few of them (a coordinator answers its first
+# request with a handful; a node never meets the replies), and building all of them at
+# import was the costliest part of the coordinator's imports. Same schemas either way.
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              defer_build=True)
 
 
 class _OpenMessage(BaseModel):
     """Messages from nodes may carry fields newer agents add; we keep them, we don't fail."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True,
+                              defer_build=True)
 
 
 RequirementValue = bool | int | float | None
@@ -618,8 +624,8 @@ InboundMessage = Annotated[
 NodeMessage = Annotated[TaskRun | TaskKill | RepositoryClean | NodeDrain | BlobChunk,
                         Field(discriminator="command")]
 
-_inbound = TypeAdapter[Any](InboundMessage)
-_node_inbound = TypeAdapter[Any](NodeMessage)
+_inbound = TypeAdapter[Any](InboundMessage, config=ConfigDict(defer_build=True))
+_node_inbound = TypeAdapter[Any](NodeMessage, config=ConfigDict(defer_build=True))
 INBOUND_COMMANDS = ("task-create", "task-info", "task-cancel", "task-update", "task-wait",
                     "task-list", "node-list", "node-set", "task-complete", "node-drain",
                     "state-check", "blob-chunk", "blob-get", "tree-timeline", "attempt-list",

@@ -51,7 +51,9 @@ class Said(BaseModel):
     rather than by a serializer of each model's own: a wrap serializer runs Python per
     instance, and a node-list of 1,000 entries took three times as long to dump through it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # Built on first use, as the messages are (see shared/protocol.py, _Message).
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              defer_build=True)
 
     def model_dump(self, **options: Any) -> dict[str, Any]:
         options.setdefault("exclude_unset", True)
