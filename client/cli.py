@@ -25,6 +25,7 @@ from vespid.shared.errors import (
     VespidError,
     WaitTimeout,
 )
+from vespid.shared.startup import collector_paused
 from vespid.shared.text import amount
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(6)
@@ -532,8 +533,9 @@ def _options_after_command(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_options_after_command(
-        sys.argv[1:] if argv is None else argv))
+    with collector_paused():  # building the parser imports most of what any command runs
+        args = build_parser().parse_args(_options_after_command(
+            sys.argv[1:] if argv is None else argv))
     if args.command not in SERVICES:  # a command's own warnings: readable, on stderr
         from vespid.shared.logs import configure
 
