@@ -98,7 +98,9 @@ def build(model: Callable[Fields, Message], *args: Fields.args,
 class TaskState(BaseModel):
     """A task as task-info reports it (the wire names with `-` become `_`)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+    # Built on first use: every `vespid` command imports this module, the coordinator too.
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True,
+                              defer_build=True)
 
     name: str
     status: str | None = None

@@ -24,8 +24,9 @@ CHUNK_BYTES = 256 * 1024
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
 
 
+# Built on first use, as the messages of shared/protocol.py are.
 class BlobChunk(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     command: Literal["blob-chunk"]
     sha256: str = Field(pattern=DIGEST_PATTERN)
@@ -38,7 +39,7 @@ class BlobChunk(BaseModel):
 class BlobGet(BaseModel):
     """Ask the coordinator for one chunk of a file it keeps (a result, say)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     command: Literal["blob-get"]
     sha256: str = Field(pattern=DIGEST_PATTERN)

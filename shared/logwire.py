@@ -37,8 +37,9 @@ M = TypeVar("M", bound="_LogMessage")
 
 class _LogMessage(BaseModel):
     # Fields a newer peer adds are ignored, as they were before these models: an older log
-    # server keeps storing what a newer agent streams.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # server keeps storing what a newer agent streams. Built on first use, as the messages
+    # of shared/protocol.py are: the coordinator imports these and never uses them.
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 class LogChunk(_LogMessage):
