@@ -13,7 +13,12 @@ client sends a task-info (a tree's parent), a node-list and a new, runnable task
 wait in the coordinator's durable queue, so each reply (and the new task's task-run at a
 node) comes the first moment the coordinator can give it. Times are from the process start.
 
-    .venv/bin/python -m bench.restart [--quick] [--tasks N] [--nodes M] [--keep-state PATH]
+After it, the same state is restarted again (`--restarts`, 5 in all by default), each time
+timing only the first task-info: one start on a shared machine varies by a third, so the
+target is judged on their median.
+
+    .venv/bin/python -m bench.restart [--quick] [--tasks N] [--nodes M] [--restarts K]
+                                      [--keep-state PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import uuid
@@ -60,6 +66,7 @@ from bench.throughput import wait_for_nodes
 
 FULL_TASKS, QUICK_TASKS = 100_000, 10_000
 NODES = 100
+RESTARTS = 5
 CHILDREN = 4  # per tree: a parent and this many children
 TARGET_ANSWER, TARGET_RSS_MB = 2.0, 400.0
 STALL = 60.0  # no new task-run for this long ends the fill
@@ -120,7 +127,13 @@ class Result:
     after: Memory = field(default_factory=Memory)
     milestones: dict[str, float] = field(default_factory=dict)  # label -> s after start
     loaded_tasks: int | None = None
+    restarts: int = 1
+    to_info_again: list[float] = field(default_factory=list)  # the restarts after the first
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def to_info_all(self) -> list[float]:
+        return ([] if self.to_info is None else [self.to_info]) + self.to_info_again
 
 
 # ---- the workload -------------------------------------------------------------------------
@@ -294,6 +307,24 @@ def restart(peer: Peer, sim: ChildProcess, coordinator: Coordinator, mix: Mix,
     return probes
 
 
+def restart_again(peer: Peer, coordinator: Coordinator, mix: Mix, result: Result,
+                  deadline: Deadline) -> None:
+    """Stop and start it once more; only the first task-info is timed."""
+    coordinator.stop()
+    started = time.monotonic()
+    coordinator.start()
+    assert mix.a_parent is not None
+    asked = peer.ask(task_info(mix.a_parent))
+    while not deadline.expired():
+        peer.pump(0.005)
+        reply = peer.take_reply(asked)
+        if reply is not None:
+            result.to_info_again.append(reply.received - started)
+            return
+        coordinator.check_alive()
+    result.notes.append("a further restart's task-info was not answered before the deadline")
+
+
 def wait_for_answers(peer: Peer, sim: ChildProcess, coordinator: Coordinator, probes: Probes,
                      result: Result, deadline: Deadline) -> None:
     while not deadline.expired():
@@ -360,6 +391,8 @@ def run(result: Result, keep_state: Path | None, deadline: Deadline) -> None:
             peer.pump(AFTER)
             result.after = memory_of(coordinator.pid)
             read_milestones(coordinator, probes, result)
+            for _ in range(result.restarts - 1):
+                restart_again(peer, coordinator, mix, result, deadline.within(120))
             if keep_state is not None:
                 keep(coordinator, keep_state)
         except BenchError as exc:
@@ -390,10 +423,15 @@ def seconds(value: float | None) -> str:
 
 
 def answer_rows(result: Result) -> list[list[str]]:
-    answered = None if result.to_info is None else result.to_info <= TARGET_ANSWER
+    times = result.to_info_all
+    median = statistics.median(times) if times else None
+    answered = None if median is None else median <= TARGET_ANSWER
     return [
-        ["first task-info answered", seconds(result.to_info),
-         f"≤ {TARGET_ANSWER:g} s: {verdict(answered)}"],
+        [f"first task-info answered, median of {len(times)} restarts",
+         f"{seconds(median)} ({seconds(min(times, default=None))} to "
+         f"{seconds(max(times, default=None))})", f"≤ {TARGET_ANSWER:g} s: {verdict(answered)}"],
+        ["first task-info answered, first restart (the rows below are of it)",
+         seconds(result.to_info), ""],
         ["CPU the process had used by its first task-info", seconds(result.cpu_at_info),
          "user + system; the wall-clock rows also hold waiting for a shared CPU"],
         ["first node-list answered", seconds(result.to_node_list), ""],
@@ -478,6 +516,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "wall-clock cap for the run (default 15)", 15.0)
     parser.add_argument("--nodes", type=int, default=NODES,
                         help=f"simulated nodes (default {NODES})")
+    parser.add_argument("--restarts", type=int, default=RESTARTS,
+                        help=f"restarts in all; the target is judged on the median of their "
+                             f"first task-info (default {RESTARTS})")
     parser.add_argument("--keep-state", type=Path,
                         help="copy the state file here at the end (to profile a load alone)")
     return parser.parse_args(argv)
@@ -486,7 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     start_bench()
     args = parse_args(argv)
-    result = Result(args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS), args.nodes)
+    result = Result(args.tasks or (QUICK_TASKS if args.quick else FULL_TASKS), args.nodes,
+                    restarts=max(1, args.restarts))
     return run_bench("Vespid restart benchmark",
                      lambda: run(result, args.keep_state, Deadline.after(60 * args.cap_minutes)),
                      lambda: report_sections(result))
