@@ -442,8 +442,8 @@ class CoordinatorService:
         """Events go out on the loop's next turn, after pika wrote what the batch sent to
         nodes: a task-run waited behind its task's created and started events before (a
         tenth of the time from task-create to task-run at light load). Their order among
-        themselves stays the commit order; they are in the outbox like the rest, so a
-        delivery acked before its events are confirmed loses none of them."""
+        themselves stays the commit order, and the deliveries that caused them are acked
+        only once they are confirmed too (_settle)."""
         self._events_scheduled = False  # (a call at once leaves a scheduled one nothing)
         if self._channel is None or not self._channel.is_open:
             return  # the outbox sends them again on the next connection
