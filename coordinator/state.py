@@ -9,6 +9,7 @@ priority then age, so scheduling never scans every queued task.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -254,8 +255,9 @@ class Task:
             # Most tasks: what decides where they run is their requirements alone, and a
             # farm's tasks come in few kinds, so their shapes are made once per kind.
             # (The type is in the key: 1 and True are equal, but a label is only True.)
-            return _plain_shape(tuple((k, v, type(v)) for k, v in self.requirements.items()),
-                                tuple(d.avoid_nodes))
+            kind = tuple((k, v, type(v)) for k, v in self.requirements.items())
+            with contextlib.suppress(TypeError):  # a value no key can hold: a damaged row's
+                return _plain_shape(kind, tuple(d.avoid_nodes))
         repositories: dict[str, Any] = dict(d.repositories)
         environment = dict(d.environment)
         if self.holds and self.status is TaskStatus.IDLE:

@@ -153,7 +153,7 @@ class Timeline(Extension):
         # Built on the first window asked for, from the state, not at start: indexing every
         # attempt of 100,000 tasks was a tenth of a restart, for a view few open. Until then
         # nothing needs keeping up to date: the state holds every attempt it would index.
-        self._index: AttemptIndex | None = AttemptIndex(self.keep)
+        self._index: AttemptIndex | None = None
         self.started_since_sample = 0
         self.next_sample = 0.0
         self.waited_for: dict[str, str] = {}  # task -> the last reason seen while it waited

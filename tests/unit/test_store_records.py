@@ -296,3 +296,5 @@ def test_tasks_of_one_kind_share_a_shape_and_a_label_is_never_taken_for_a_number
     assert "gpu" in first.labels.carried and "gpu" not in counted.labels.carried
     owned = made("d", {"cores": 2, "usage_gpu": True}, owner="alice").shape()
     assert "user_alice" in owned.labels.carried and owned is not first
+    # A value that cannot be a key (only a damaged stored row has one) is shaped as before.
+    assert made("e", {"cores": 2, "odd": [1]}).shape().cores == 2.0
