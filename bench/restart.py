@@ -314,14 +314,11 @@ def restart_again(peer: Peer, coordinator: Coordinator, mix: Mix, result: Result
     started = time.monotonic()
     coordinator.start()
     assert mix.a_parent is not None
-    asked = peer.ask(task_info(mix.a_parent))
-    while not deadline.expired():
-        peer.pump(0.005)
-        reply = peer.take_reply(asked)
-        if reply is not None:
-            result.to_info_again.append(reply.received - started)
-            return
-        coordinator.check_alive()
+    reply = peer.request(task_info(mix.a_parent), deadline)  # stamped as it arrives
+    if reply is not None:
+        result.to_info_again.append(reply.received - started)
+        return
+    coordinator.check_alive()
     result.notes.append("a further restart's task-info was not answered before the deadline")
 
 
