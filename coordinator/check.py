@@ -56,6 +56,11 @@ def _repositories(state: State) -> list[str]:
 def _tasks(state: State) -> list[str]:
     problems = []
     for task in state.tasks.values():
+        if task.status is TaskStatus.COMPLETE and task.unreadable:
+            # Loading reads only its columns (store.HEAD_COLUMNS): here is where it shows.
+            problems.append(f"task {task.name}: its stored record cannot be read "
+                            f"({task.unreadable})")
+            continue
         if task.status is TaskStatus.IDLE and task.name not in state.waiting_shape:
             problems.append(f"task {task.name}: idle but not in the queue")
         if task.status is not TaskStatus.IDLE and task.name in state.waiting_shape:

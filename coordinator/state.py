@@ -27,9 +27,12 @@ from vespid.coordinator.matcher import (
     Reservation,
     Shape,
 )
+from vespid.coordinator.records import loads
 from vespid.shared.errors import StoreError
+from vespid.shared.logs import get_logger
 from vespid.shared.protocol import RepositoryRequest, Severity, TaskDefinition, TaskStatus
 
+log = get_logger(__name__)
 TaskIdentity = tuple[str, str, str]  # ("child", parent, key) or ("root", owner, key)
 
 
@@ -141,8 +144,11 @@ class Task:
     _definition_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Set once its definition is in the store: how to read it back.
     _stored: DefinitionSource | None = field(default=None, repr=False, compare=False)
-    # A complete task as loaded: its stored record, until a field it holds is first read.
-    _pending: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # A complete task as loaded: its stored record (JSON text, or parsed once its attempts
+    # were asked for), until a field it holds is first read.
+    _pending: str | dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Why that record could not be read, once that was found out (Task.unreadable).
+    _unreadable: str | None = field(default=None, repr=False, compare=False)
 
     if not TYPE_CHECKING:  # the type checker must keep seeing Task's fields, and only those
         def __getattr__(self, name: str) -> Any:
@@ -150,7 +156,7 @@ class Task:
             pending = _SLOTS["_pending"].__get__(self, Task)
             if pending is None or name not in _LAZY_FIELDS:
                 raise AttributeError(name)
-            self._read_pending(pending)
+            self._read_pending(self._parsed(pending))
             return _SLOTS[name].__get__(self, Task)
 
     @classmethod
@@ -303,24 +309,50 @@ class Task:
         return task
 
     @classmethod
-    def complete_from_record(cls, name: str, parent: str | None, record: dict[str, Any],
-                             stored: DefinitionSource) -> Task:
-        """A complete task as the store has it, of which only what loading the state needs
-        is read now (its seq, identity, success and holds); the rest of `record` is read the
-        first time any of it is (a task-info, a list, the check). Making every field of
-        100,000 complete tasks was half of a restart, for tasks few will be asked about.
-        Raises KeyError or ValueError on a record this code cannot read, as from_record."""
-        _check_fields(record)
+    def complete_loaded(cls, name: str, parent: str | None, seq: int, key: str | None,
+                        owner: str | None, success: str | None, holds: dict[str, str],
+                        record: str, stored: DefinitionSource) -> Task:
+        """A complete task as the store has it: what loading the state needs (its seq,
+        identity, success and holds) comes from columns of their own, and its record is
+        kept as the store's JSON text, parsed the first time any of it is read (a task-info,
+        a list, the check). Parsing 100,000 records was a third of a restart, for tasks few
+        will be asked about, and the text takes less memory than what it parses to.
+        Raises KeyError on a success this code does not know."""
         task = cls.__new__(cls)
         task.name, task.parent, task.status = name, parent, TaskStatus.COMPLETE
-        task.seq = record.pop("seq")
-        task.key, task.owner = record.pop("key", None), record.pop("owner", None)
-        success = record.pop("success", None)
+        task.seq, task.key, task.owner = seq, key, owner
         task.success = _SEVERITIES[success] if success else None
-        task.holds = record.pop("holds", None) or {}
+        task.holds = holds
         task._definition = task._definition_json = None
-        task._stored, task._pending = stored, record
+        task._stored, task._pending, task._unreadable = stored, record, None
         return task
+
+    @property
+    def unreadable(self) -> str | None:
+        """Why its loaded record could not be read, if it could not (read now if need be)."""
+        if self._pending is not None:
+            self._parsed(self._pending)
+        return self._unreadable
+
+    def _parsed(self, pending: str | dict[str, Any]) -> dict[str, Any]:
+        """The loaded record, parsed and checked (kept so until it is read). A record that
+        cannot be read was damaged after it was written: the task is complete, so nothing
+        is decided from it, and it shows what its columns hold and why the rest is missing
+        rather than stopping the coordinator (or its start) over its history."""
+        if isinstance(pending, dict):
+            return pending
+        try:
+            record: dict[str, Any] = loads(pending)
+            _check_fields(record)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("task_record_unreadable", task=self.name, reason=reason)
+            self._unreadable = reason
+            record = {"time_create": 0.0,
+                      "message": f"the coordinator could not read this task's stored record "
+                                 f"({reason}); how it ran is not known"}
+        self._pending = record
+        return record
 
     def _read_pending(self, record: dict[str, Any]) -> None:
         """Set every field not set yet from the loaded record, or to its default."""
@@ -347,7 +379,8 @@ class Task:
         complete task."""
         pending = self._pending
         if pending is not None:
-            return [(a["start"], a["attempt"], a.get("end")) for a in pending.get("attempts", ())]
+            return [(a["start"], a["attempt"], a.get("end"))
+                    for a in self._parsed(pending).get("attempts", ())]
         return [(a.start, a.attempt, a.end) for a in self.attempts]
 
     def _share_values(self) -> None:
@@ -391,9 +424,10 @@ def _shared_allocation(allocated: dict[str, float]) -> dict[str, float]:
 # The fields a record holds when they differ from these, a new task's (Task.to_record).
 _RECORDED = _defaults(Task, leave_out=("name", "parent", "status", "success", "attempts"))
 _SLOTS = {f.name: Task.__dict__[f.name] for f in fields(Task)}
-# What Task.complete_from_record sets at once; the others wait for their first reading.
+# What Task.complete_loaded sets at once; the others wait for their first reading.
 _LOADED_AT_ONCE = frozenset({"name", "parent", "status", "seq", "key", "owner", "success",
-                             "holds", "_definition", "_definition_json", "_stored", "_pending"})
+                             "holds", "_definition", "_definition_json", "_stored", "_pending",
+                             "_unreadable"})
 _LAZY_DEFAULTS = [(f.name, f.default, None if f.default_factory is MISSING else f.default_factory)
                   for f in fields(Task) if f.name not in _LOADED_AT_ONCE]
 _LAZY_FIELDS = frozenset(name for name, _, _ in _LAZY_DEFAULTS)
@@ -403,9 +437,11 @@ _ATTEMPT_REQUIRED = frozenset(f.name for f in fields(Attempt)
                               if f.default is MISSING and f.default_factory is MISSING)
 
 
-def _check_fields(record: dict[str, Any]) -> None:
-    """What from_record's constructors would refuse, checked before the fields are read:
-    a damaged row must stop the load naming its task, not fail a batch later on."""
+def _check_fields(record: Any) -> None:
+    """What from_record's constructors would refuse, checked before the fields are read: a
+    damaged record must be found out in one place, not fail a batch later on."""
+    if not isinstance(record, dict):
+        raise TypeError(f"it is {type(record).__name__}, not an object")
     if not _RECORD_FIELDS.issuperset(record) or "time_create" not in record:
         raise ValueError(f"unknown fields {sorted(record.keys() - _RECORD_FIELDS)} or no "
                          "time_create")

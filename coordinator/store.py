@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic_core import PydanticSerializationError, from_json, to_json
-
+from vespid.coordinator.records import dumps, loads
 from vespid.coordinator.state import Attempt, Node, State, Task, stored_definition
 from vespid.shared.errors import StoreError
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
@@ -38,7 +37,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     status TEXT NOT NULL,
     parent TEXT,
     record TEXT NOT NULL,
-    definition TEXT
+    definition TEXT,
+    task_key TEXT,
+    owner TEXT,
+    success TEXT,
+    holds TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent);
 CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq);
@@ -59,29 +62,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 # An extension's table: one JSON record per key.
 EXTENSION_TABLE = "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, record TEXT NOT NULL)"
 OUTBOX_COLUMNS = "id, exchange, routing_key, command, body, headers, file"
+# What loading the state needs of a complete task besides its name, parent and seq, each in
+# a column of its own (also in its record), so that a load need not parse its record.
+HEAD_COLUMNS = ("task_key", "owner", "success", "holds")
+TASK_COLUMNS = ("name", "seq", "status", "parent", "record", "definition", *HEAD_COLUMNS)
 TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _COMPLETE = TaskStatus.COMPLETE.value  # read once per task at a load: not through the enum
-
-
-def dumps(value: Any) -> str:
-    """A record as JSON text, as json.dumps writes it (NaN and Infinity as those words), by
-    pydantic-core's encoder: 4 times as fast, and every batch writes a record for each task
-    and node it changed. What it cannot write (a lone surrogate: a result file whose name
-    is not UTF-8) json.dumps writes as an escape."""
-    try:
-        return to_json(value, inf_nan_mode="constants").decode()
-    except PydanticSerializationError:
-        return json.dumps(value)
-
-
-def loads(text: str) -> Any:
-    """A stored record, read by pydantic-core's parser (3 times as fast as json.loads; the
-    strings it saw before are shared), or by json.loads where only it reads the text (the
-    escape of a lone surrogate)."""
-    try:
-        return from_json(text)
-    except ValueError:
-        return json.loads(text)
 
 
 @dataclass(frozen=True)
@@ -158,29 +144,29 @@ class Store(ABC):
         state = State()
         for (record,) in self._execute("SELECT record FROM nodes"):
             state.add_node(Node.from_record(json.loads(record)))
-        # A complete task's definition stays in the store (Task.definition reads it back):
-        # reading and keeping 100,000 of them was most of a restart's time and memory.
-        # Records are parsed by pydantic's JSON parser, 3 times as fast as json.loads (the
-        # same values; strings it saw before are shared), and read in order of the seq index
-        # (sorting them was a third of reading them).
-        for row in self._rows("SELECT name, parent, status, record, CASE WHEN status = "
-                              "'complete' THEN NULL ELSE definition END FROM tasks ORDER BY seq"):
+        # A complete task is loaded from its columns, its record kept as text until it is
+        # read (Task.complete_loaded), its definition left in the store (Task.definition
+        # reads it back): parsing and keeping 100,000 of either was most of a restart's
+        # time and memory. Rows come in order of the seq index (sorting them was a third of
+        # reading them).
+        for row in self._rows(f"SELECT name, parent, status, seq, {', '.join(HEAD_COLUMNS)}, "
+                              "record, CASE WHEN status = 'complete' THEN NULL ELSE definition "
+                              "END FROM tasks ORDER BY seq"):
             state.add_task(self._task(*row))
         state.drop_released_holds()
         return state
 
-    def _task(self, name: str, parent: str | None, status: str, record: str,
+    def _task(self, name: str, parent: str | None, status: str, seq: int, key: str | None,
+              owner: str | None, success: str | None, holds: str | None, record: str,
               definition: str | None) -> Task:
         try:
-            if definition is None and status != _COMPLETE:
-                raise ValueError("it is not complete and has no definition")
+            if status == _COMPLETE:
+                return Task.complete_loaded(name, parent, seq, key, owner, success,
+                                            _holds(holds), record, self.definition_of)
             if definition is None:
-                return Task.complete_from_record(name, parent, loads(record),
-                                                 self.definition_of)
-            return Task.from_record(
-                name, parent, status, loads(record),
-                None if definition is None else stored_definition(loads(definition)),
-                self.definition_of)
+                raise ValueError("it is not complete and has no definition")
+            return Task.from_record(name, parent, status, loads(record),
+                                    stored_definition(loads(definition)), self.definition_of)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StoreError(f"task {name!r} in the state at {self.location} cannot be read: "
                              f"{type(exc).__name__}: {exc}") from None
@@ -194,8 +180,14 @@ class Store(ABC):
         return definition
 
     def _migrate(self) -> None:
+        """Bring a state written by an earlier version to this one's form, once, in the
+        transaction that opens it."""
+        self._split_definitions()
+        self._add_heads()
+
+    def _split_definitions(self) -> None:
         """A state written before definitions had a column of their own keeps each in its
-        task's record, with every other field: split them, once, in one transaction."""
+        task's record, with every other field: split them."""
         if self._has_column("tasks", "definition"):
             return
         self._execute("ALTER TABLE tasks ADD COLUMN definition TEXT")
@@ -209,6 +201,23 @@ class Store(ABC):
             rows.append((dumps(upgraded), dumps(definition), name))
         self._execute_many(self._sql("UPDATE tasks SET record = ?, definition = ? "
                                      "WHERE name = ?"), rows)
+
+    def _add_heads(self) -> None:
+        """A state written before the head columns (HEAD_COLUMNS) has them only in records:
+        copy them out."""
+        if self._has_column("tasks", HEAD_COLUMNS[0]):
+            return
+        for column in HEAD_COLUMNS:
+            self._execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
+        rows = []
+        for name, record in self._execute("SELECT name, record FROM tasks"):
+            try:
+                rows.append((*_head(loads(record)), name))
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise StoreError(f"task {name!r} in the state at {self.location} cannot be "
+                                 f"upgraded: {type(exc).__name__}: {exc}") from None
+        sets = ", ".join(f"{column} = ?" for column in HEAD_COLUMNS)
+        self._execute_many(self._sql(f"UPDATE tasks SET {sets} WHERE name = ?"), rows)
 
     @abstractmethod
     def _has_column(self, table: str, column: str) -> bool: ...
@@ -238,18 +247,15 @@ class Store(ABC):
         new, changed = [], []
         tasks = [state.tasks[name] for name in state.dirty_tasks]
         for t in tasks:
-            record = dumps(t.to_record())
+            record = t.to_record()
+            head = _head(record)
             if t.stored:
-                changed.append((t.seq, t.status.value, record, t.name))
+                changed.append((t.seq, t.status.value, dumps(record), *head, t.name))
             else:
-                new.append((t.name, t.seq, t.status.value, t.parent, record,
-                            dumps(t.definition_json())))
-        self._execute_many(
-            self._upsert("tasks", ("name", "seq", "status", "parent", "record", "definition")),
-            new)
-        self._execute_many(
-            self._sql("UPDATE tasks SET seq = ?, status = ?, record = ? WHERE name = ?"),
-            changed)
+                new.append((t.name, t.seq, t.status.value, t.parent, dumps(record),
+                            dumps(t.definition_json()), *head))
+        self._execute_many(self._upsert("tasks", TASK_COLUMNS), new)
+        self._execute_many(self._sql(_UPDATE_TASK), changed)
         for t in tasks:
             t.definition_stored(self.definition_of)
         self._execute_many(
@@ -354,6 +360,24 @@ def upgrade_record(old: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
                     status=TaskStatus(data.pop("status")), attempts=attempts,
                     success=Severity(success) if success else None, **data)
     return task.to_record(), task.definition_json()
+
+
+def _head(record: dict[str, Any]) -> tuple[str | None, ...]:
+    """A task's HEAD_COLUMNS, from its record (Task.to_record)."""
+    holds = record.get("holds")
+    return (record.get("key"), record.get("owner"), record.get("success"),
+            dumps(holds) if holds else None)
+
+
+def _holds(column: str | None) -> dict[str, str]:
+    holds = loads(column) if column else {}
+    if not isinstance(holds, dict):
+        raise TypeError(f"its holds are {type(holds).__name__}, not an object")
+    return holds
+
+
+_UPDATE_TASK = ("UPDATE tasks SET seq = ?, status = ?, record = ?, "
+                + ", ".join(f"{column} = ?" for column in HEAD_COLUMNS) + " WHERE name = ?")
 
 
 def default_holder() -> str:

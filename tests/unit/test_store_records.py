@@ -15,10 +15,12 @@ import pytest
 from pydantic_core import from_json
 
 from tests.unit.test_processor import T0, info, node_set, send, settings, task_create
+from vespid.coordinator.check import check_state
 from vespid.coordinator.processor import Processor
-from vespid.coordinator.store import Store, dumps, loads, open_store
+from vespid.coordinator.records import dumps, loads
+from vespid.coordinator.store import HEAD_COLUMNS, Store, open_store
 from vespid.shared.errors import StoreError
-from vespid.shared.protocol import TaskStatus
+from vespid.shared.protocol import Severity, TaskStatus
 
 # The tables as a state before the definition column had them.
 OLD_SCHEMA = """
@@ -142,34 +144,65 @@ def test_a_damaged_row_of_the_old_form_is_refused_with_its_name(
         open_store(state_location)
 
 
-@pytest.mark.parametrize("status, record, definition", [
-    ("idle", "{not json", None),
-    ("idle", '{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None),
-    ("idle", '{"seq": 2, "time_create": 1.0}', '{"name": "t2", "requirements": "lots"}'),
-    ("idle", '{"seq": 2, "time_create": 1.0}', None),  # a waiting task without a definition
-    # A complete task reads most of its record only when asked: what would fail then
-    # must fail at the load.
-    ("complete", "{not json", None),
-    ("complete", '{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None),
-    ("complete", '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1", '
-                 '"start": 1.0, "no_such_field": 1}]}', None),
-    ("complete", '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "start": 1.0}]}',
-     None),  # an attempt without its node
-    ("complete", '{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1"}]}',
-     None),  # nor its start
-    ("complete", '{"seq": 2}', None),  # no time_create
-    ("complete", '{"time_create": 1.0}', None),  # no seq
+def insert_task(store: Store, name: str, status: str, record: str,
+                definition: str | None = None, success: str | None = None,
+                holds: str | None = None) -> None:
+    with store.transaction():
+        store._execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (name, 2, status, None, record, definition, None, None, success, holds))
+
+
+@pytest.mark.parametrize("status, record, definition, success, holds", [
+    ("idle", "{not json", None, None, None),
+    ("idle", '{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None, None, None),
+    ("idle", '{"seq": 2, "time_create": 1.0}', '{"name": "t2", "requirements": "lots"}',
+     None, None),
+    ("idle", '{"seq": 2, "time_create": 1.0}', None, None, None),  # waiting, no definition
+    # What loading a complete task reads: its columns.
+    ("complete", '{"seq": 2, "time_create": 1.0}', None, "great", None),
+    ("complete", '{"seq": 2, "time_create": 1.0}', None, "ok", "{not json"),
+    ("complete", '{"seq": 2, "time_create": 1.0}', None, "ok", '["ws"]'),
 ])
 def test_a_damaged_row_is_refused_with_its_name_not_a_traceback(
-        store: Store, proc: Processor, status: str, record: str, definition: str | None
-) -> None:
+        store: Store, proc: Processor, status: str, record: str, definition: str | None,
+        success: str | None, holds: str | None) -> None:
     send(proc, task_create("t1"))
-    with store.transaction():
-        store._execute("INSERT INTO tasks VALUES (?,?,?,?,?,?)",
-                       ("t2", 2, status, None, record, definition))
+    insert_task(store, "t2", status, record, definition, success, holds)
 
     with pytest.raises(StoreError, match=r"task .t2. in the state at .* cannot be read"):
         store.load_state()
+
+
+@pytest.mark.parametrize("record, reason", [
+    ("{not json", "JSONDecodeError"),
+    ("[1, 2]", "it is list, not an object"),
+    ('{"seq": 2, "time_create": 1.0, "no_such_field": 1}', "no_such_field"),
+    ('{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1", '
+     '"start": 1.0, "no_such_field": 1}]}', "an attempt has fields"),
+    ('{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "start": 1.0}]}',
+     "an attempt has fields"),  # an attempt without its node
+    ('{"seq": 2}', "no time_create"),
+])
+def test_a_complete_task_whose_record_is_damaged_loads_and_says_so_when_read(
+        store: Store, proc: Processor, record: str, reason: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Its history is damaged, not what anything is decided from: the coordinator starts,
+    # and the task shows what its columns hold and why the rest is missing.
+    send(proc, task_create("t1"))
+    insert_task(store, "t2", "complete", record, success="error")
+    state = store.load_state()
+    task = state.tasks["t2"]
+    assert (task.status, task.success, task.seq) == (TaskStatus.COMPLETE, Severity.ERROR, 2)
+    assert "task_record_unreadable" not in capsys.readouterr().out, "read before anyone asked"
+    assert [p for p in check_state(state) if "t2" in p] == \
+        [f"task t2: its stored record cannot be read ({task.unreadable})"]
+    assert task.unreadable is not None and reason in task.unreadable
+
+    assert task.attempt_spans() == []
+    assert task.attempts == [] and task.node is None and task.time_create == 0.0
+    assert task.message is not None and reason in task.message
+    logged = capsys.readouterr().out
+    assert logged.count("task_record_unreadable") == 1 and "task=t2" in logged
 
 
 def test_a_complete_task_keeps_its_definition_in_the_store_only(proc: Processor) -> None:
@@ -241,6 +274,41 @@ def test_loaded_complete_tasks_read_their_records_only_when_asked_and_show_the_s
         assert relisted.replies[0].body == listed.replies[0].body
     finally:
         again.close()
+
+
+def drop_head_columns(location: Path | str) -> None:
+    """The state as a version before the head columns (HEAD_COLUMNS) wrote it."""
+    drops = [f"ALTER TABLE tasks DROP COLUMN {column}" for column in HEAD_COLUMNS]
+    if isinstance(location, Path):
+        with sqlite3.connect(location) as db:
+            for drop in drops:
+                db.execute(drop)
+        return
+    with psycopg.connect(location, autocommit=True) as db:
+        for drop in drops:
+            db.execute(drop)
+
+
+def test_a_state_without_head_columns_gets_them_and_loads_as_before(
+        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+    finished_farm(proc)
+    names = sorted(proc.state.tasks)
+    before = {name: info(proc, name, T0 + 10) for name in names}
+    holds, keys = dict(proc.state.holds), dict(proc.state.keys)
+    store.close()
+    drop_head_columns(state_location)
+
+    for _ in range(2):  # upgraded once, then opened as it is
+        again, reloaded = reopened(state_location, tmp_path)
+        try:
+            heads = again._execute("SELECT name, task_key, success, holds FROM tasks "
+                                   "WHERE name = 'root'")
+            assert heads == [("root", "build-7", "ok", '{"env":"ws"}')]
+            assert (reloaded.state.holds, reloaded.state.keys) == (holds, keys)
+            assert reloaded.state.tree_worst["root"].value == "error"
+            assert {name: info(reloaded, name, T0 + 10) for name in names} == before
+        finally:
+            again.close()
 
 
 def test_a_field_set_before_a_loaded_task_was_read_is_kept_when_the_rest_is_read(
