@@ -76,6 +76,39 @@ def test_a_coordinator_meeting_a_queue_with_other_arguments_stops_with_a_sentenc
     assert "PRECONDITION_FAILED" in said and "delete it" in said and "Traceback" not in said
 
 
+def test_a_known_node_whose_queue_has_other_arguments_is_named_when_the_coordinator_stops(
+        broker: Broker, amqp_url: str, tmp_path: Path) -> None:
+    # A start declares the known nodes' queues pipelined, without waiting for each answer;
+    # a queue the broker refuses must still end the process with a sentence naming it.
+    proc = coordinator_process(amqp_url, tmp_path / "coordinator").start()
+    proc.wait_for_log("coordinator_consuming")
+    peer = RawPeer(amqp_url)
+    try:
+        RawNode(peer, "box1", {"cores": 2}).node_set([])
+        listed = peer.request({"command": "node-list"})
+        deadline = time.monotonic() + 15
+        while [n["name"] for n in listed["nodes"]] != ["box1"]:
+            assert time.monotonic() < deadline, listed
+            listed = peer.request({"command": "node-list"})
+    finally:
+        peer.close()
+    proc.stop()
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.queue_delete("vespid.node.box1")
+    channel.queue_declare("vespid.node.box1", durable=True)  # classic: not what v1.1 says
+    connection.close()
+
+    again = coordinator_process(amqp_url, tmp_path / "coordinator").start()
+    assert again.process is not None
+    code = again.process.wait(timeout=60)  # stops, instead of retrying forever
+
+    said = again.log()
+    assert code == 2, said
+    assert "declaring the queue of node box1" in said and "PRECONDITION_FAILED" in said
+    assert "Traceback" not in said
+
+
 def test_a_node_agent_with_a_wrong_password_stops_with_a_sentence(
         amqp_url: str, tmp_path: Path) -> None:
     bad = amqp_url.replace("guest:guest@", "guest:wrong@")
