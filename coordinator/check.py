@@ -57,7 +57,7 @@ def _tasks(state: State) -> list[str]:
     problems = []
     for task in state.tasks.values():
         if task.status is TaskStatus.COMPLETE and task.unreadable:
-            # Loading reads only its columns (store.HEAD_COLUMNS): here is where it shows.
+            # Loading reads only its HEAD (store.HEAD): here is where a damaged record shows.
             problems.append(f"task {task.name}: its stored record cannot be read "
                             f"({task.unreadable})")
             continue

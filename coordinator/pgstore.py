@@ -64,7 +64,7 @@ class PostgresStore(Store):
             # would otherwise race on CREATE ... IF NOT EXISTS.
             with self._db.transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(7531)")
-                self._db.execute(SCHEMA.format(integer="BIGINT", blob="BYTEA") + LEASE)
+                self._db.execute(SCHEMA.format(integer="BIGINT", blob="BYTEA", head="") + LEASE)
                 self._migrate()
         except psycopg.Error as exc:
             raise StoreUnavailable(f"PostgreSQL at {self.location}: {_reason(exc)}") from None

@@ -313,10 +313,10 @@ class Task:
                         owner: str | None, success: str | None, holds: dict[str, str],
                         record: str, stored: DefinitionSource) -> Task:
         """A complete task as the store has it: what loading the state needs (its seq,
-        identity, success and holds) comes from columns of their own, and its record is
-        kept as the store's JSON text, parsed the first time any of it is read (a task-info,
-        a list, the check). Parsing 100,000 records was a third of a restart, for tasks few
-        will be asked about, and the text takes less memory than what it parses to.
+        identity, success and holds: store.HEAD) is given, and its record is kept as the
+        store's JSON text, parsed the first time any of it is read (a task-info, a list,
+        the check). Parsing 100,000 records was a third of a restart, for tasks few will be
+        asked about, and the text takes less memory than what it parses to.
         Raises KeyError on a success this code does not know."""
         task = cls.__new__(cls)
         task.name, task.parent, task.status = name, parent, TaskStatus.COMPLETE
@@ -334,11 +334,12 @@ class Task:
             self._parsed(self._pending)
         return self._unreadable
 
-    def _parsed(self, pending: str | dict[str, Any]) -> dict[str, Any]:
-        """The loaded record, parsed and checked (kept so until it is read). A record that
-        cannot be read was damaged after it was written: the task is complete, so nothing
-        is decided from it, and it shows what its columns hold and why the rest is missing
-        rather than stopping the coordinator (or its start) over its history."""
+    def _parsed(self, pending: str | dict[str, Any], keep: bool = True) -> dict[str, Any]:
+        """The loaded record, parsed and checked (kept so, unless `keep` is False, until it
+        is read). A record that cannot be read was damaged after it was written, or by a
+        newer version: the task is complete, so little is decided from it, and it shows its
+        HEAD and why the rest is missing rather than stopping the coordinator (or its start)
+        over its history; its record stays as it is in the store (Store.flush)."""
         if isinstance(pending, dict):
             return pending
         try:
@@ -351,7 +352,9 @@ class Task:
             record = {"time_create": 0.0,
                       "message": f"the coordinator could not read this task's stored record "
                                  f"({reason}); how it ran is not known"}
-        self._pending = record
+            keep = True
+        if keep:
+            self._pending = record
         return record
 
     def _read_pending(self, record: dict[str, Any]) -> None:
@@ -379,8 +382,10 @@ class Task:
         complete task."""
         pending = self._pending
         if pending is not None:
+            # Not kept: the timeline asks for every task's spans once, and 100,000 parsed
+            # records would hold more memory than their text.
             return [(a["start"], a["attempt"], a.get("end"))
-                    for a in self._parsed(pending).get("attempts", ())]
+                    for a in self._parsed(pending, keep=False).get("attempts", ())]
         return [(a.start, a.attempt, a.end) for a in self.attempts]
 
     def _share_values(self) -> None:

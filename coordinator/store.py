@@ -29,20 +29,19 @@ from vespid.coordinator.state import Attempt, Node, State, Task, stored_definiti
 from vespid.shared.errors import StoreError
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
-# Both dialects: {integer} and {blob} are their names for a 64-bit integer and for bytes.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
+# Both dialects: {integer} and {blob} are their names for a 64-bit integer and for bytes;
+# {head}, what a dialect derives from a task's record (SqliteStore.HEAD_COLUMN).
+TASKS = """
+CREATE TABLE IF NOT EXISTS {table} (
     name TEXT PRIMARY KEY,
     seq {integer} NOT NULL,
     status TEXT NOT NULL,
     parent TEXT,
     record TEXT NOT NULL,
-    definition TEXT,
-    task_key TEXT,
-    owner TEXT,
-    success TEXT,
-    holds TEXT
+    definition TEXT{head}
 );
+"""
+SCHEMA = TASKS.replace("{table}", "tasks") + """
 CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent);
 CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq);
 CREATE TABLE IF NOT EXISTS nodes (
@@ -62,10 +61,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 # An extension's table: one JSON record per key.
 EXTENSION_TABLE = "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, record TEXT NOT NULL)"
 OUTBOX_COLUMNS = "id, exchange, routing_key, command, body, headers, file"
-# What loading the state needs of a complete task besides its name, parent and seq, each in
-# a column of its own (also in its record), so that a load need not parse its record.
-HEAD_COLUMNS = ("task_key", "owner", "success", "holds")
-TASK_COLUMNS = ("name", "seq", "status", "parent", "record", "definition", *HEAD_COLUMNS)
+# What loading the state needs of a complete task besides its name, parent and seq: its
+# HEAD, read out of its record (Task.complete_loaded).
+HEAD = ("key", "owner", "success", "holds")
 TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _COMPLETE = TaskStatus.COMPLETE.value  # read once per task at a load: not through the enum
 
@@ -140,29 +138,35 @@ class Store(ABC):
         """The rows of a query, for reading many: a dialect may stream them."""
         return self._execute(sql)
 
+    # What a dialect's tasks table holds of a complete task's HEAD, derived from its record
+    # by the database on every write (whichever version of Vespid wrote it), as a JSON list
+    # of the values; NULL where it keeps none, and the record is parsed here.
+    HEAD_SQL = "NULL"
+
     def load_state(self) -> State:
+        """The state as the store has it. A complete task is loaded from its HEAD, its record
+        kept as text until it is read (Task.complete_loaded), its definition left in the
+        store (Task.definition reads it back): parsing and keeping 100,000 of either was
+        most of a restart's time and memory."""
         state = State()
         for (record,) in self._execute("SELECT record FROM nodes"):
             state.add_node(Node.from_record(json.loads(record)))
-        # A complete task is loaded from its columns, its record kept as text until it is
-        # read (Task.complete_loaded), its definition left in the store (Task.definition
-        # reads it back): parsing and keeping 100,000 of either was most of a restart's
-        # time and memory. Rows come in order of the seq index (sorting them was a third of
-        # reading them).
-        for row in self._rows(f"SELECT name, parent, status, seq, {', '.join(HEAD_COLUMNS)}, "
-                              "record, CASE WHEN status = 'complete' THEN NULL ELSE definition "
-                              "END FROM tasks ORDER BY seq"):
+        # In order of the seq index (sorting them was a third of reading them).
+        for row in self._rows(f"SELECT name, parent, status, seq, {self.HEAD_SQL}, record, CASE "
+                              "WHEN status = 'complete' THEN NULL ELSE definition END FROM "
+                              "tasks ORDER BY seq"):
             state.add_task(self._task(*row))
         state.drop_released_holds()
         return state
 
-    def _task(self, name: str, parent: str | None, status: str, seq: int, key: str | None,
-              owner: str | None, success: str | None, holds: str | None, record: str,
-              definition: str | None) -> Task:
+    def _task(self, name: str, parent: str | None, status: str, seq: int, head: str | None,
+              record: str, definition: str | None) -> Task:
         try:
             if status == _COMPLETE:
-                return Task.complete_loaded(name, parent, seq, key, owner, success,
-                                            _holds(holds), record, self.definition_of)
+                key, owner, success, holds = _head_of(loads(record)) if head is None \
+                    else _head_listed(loads(head))
+                return Task.complete_loaded(name, parent, seq, key, owner, success, holds,
+                                            record, self.definition_of)
             if definition is None:
                 raise ValueError("it is not complete and has no definition")
             return Task.from_record(name, parent, status, loads(record),
@@ -180,14 +184,8 @@ class Store(ABC):
         return definition
 
     def _migrate(self) -> None:
-        """Bring a state written by an earlier version to this one's form, once, in the
-        transaction that opens it."""
-        self._split_definitions()
-        self._add_heads()
-
-    def _split_definitions(self) -> None:
         """A state written before definitions had a column of their own keeps each in its
-        task's record, with every other field: split them."""
+        task's record, with every other field: split them, once, in one transaction."""
         if self._has_column("tasks", "definition"):
             return
         self._execute("ALTER TABLE tasks ADD COLUMN definition TEXT")
@@ -201,23 +199,6 @@ class Store(ABC):
             rows.append((dumps(upgraded), dumps(definition), name))
         self._execute_many(self._sql("UPDATE tasks SET record = ?, definition = ? "
                                      "WHERE name = ?"), rows)
-
-    def _add_heads(self) -> None:
-        """A state written before the head columns (HEAD_COLUMNS) has them only in records:
-        copy them out."""
-        if self._has_column("tasks", HEAD_COLUMNS[0]):
-            return
-        for column in HEAD_COLUMNS:
-            self._execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
-        rows = []
-        for name, record in self._execute("SELECT name, record FROM tasks"):
-            try:
-                rows.append((*_head(loads(record)), name))
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise StoreError(f"task {name!r} in the state at {self.location} cannot be "
-                                 f"upgraded: {type(exc).__name__}: {exc}") from None
-        sets = ", ".join(f"{column} = ?" for column in HEAD_COLUMNS)
-        self._execute_many(self._sql(f"UPDATE tasks SET {sets} WHERE name = ?"), rows)
 
     @abstractmethod
     def _has_column(self, table: str, column: str) -> bool: ...
@@ -246,16 +227,23 @@ class Store(ABC):
         never changes: it is written with the task's first row only."""
         new, changed = [], []
         tasks = [state.tasks[name] for name in state.dirty_tasks]
+        kept = []
         for t in tasks:
-            record = t.to_record()
-            head = _head(record)
-            if t.stored:
-                changed.append((t.seq, t.status.value, dumps(record), *head, t.name))
+            if t.unreadable:  # its record stays as it is on disk: it is all there is of it
+                kept.append((t.seq, t.status.value, t.name))
+            elif t.stored:
+                changed.append((t.seq, t.status.value, dumps(t.to_record()), t.name))
             else:
-                new.append((t.name, t.seq, t.status.value, t.parent, dumps(record),
-                            dumps(t.definition_json()), *head))
-        self._execute_many(self._upsert("tasks", TASK_COLUMNS), new)
-        self._execute_many(self._sql(_UPDATE_TASK), changed)
+                new.append((t.name, t.seq, t.status.value, t.parent, dumps(t.to_record()),
+                            dumps(t.definition_json())))
+        self._execute_many(
+            self._upsert("tasks", ("name", "seq", "status", "parent", "record", "definition")),
+            new)
+        self._execute_many(
+            self._sql("UPDATE tasks SET seq = ?, status = ?, record = ? WHERE name = ?"),
+            changed)
+        self._execute_many(self._sql("UPDATE tasks SET seq = ?, status = ? WHERE name = ?"),
+                           kept)
         for t in tasks:
             t.definition_stored(self.definition_of)
         self._execute_many(
@@ -292,6 +280,15 @@ class Store(ABC):
 
 
 class SqliteStore(Store):
+    # A stored generated column: SQLite derives it in C whenever a row is written, by any
+    # version (an older one's positional insert does not see it), so it always agrees with
+    # the record; reading it instead of parsing 100,000 records was a third of a restart.
+    # (A record that is not JSON cannot be written at all.)
+    HEAD_COLUMN = ("head TEXT GENERATED ALWAYS AS (CASE WHEN status = 'complete' THEN "
+                   "json_extract(record, " + ", ".join(f"'$.{field}'" for field in HEAD)
+                   + ") END) STORED")
+    HEAD_SQL = "head"
+
     def __init__(self, path: Path) -> None:
         super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,10 +299,31 @@ class SqliteStore(Store):
         # NORMAL in WAL mode is durable against a process crash, which is what we guard
         # against here; FULL would add an fsync per batch for power loss.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA.format(integer="INTEGER", blob="BLOB"))
+        self._db.executescript(SCHEMA.format(integer="INTEGER", blob="BLOB",
+                                             head=",\n    " + self.HEAD_COLUMN))
         self._add_missing_columns()
         with self.transaction():
             self._migrate()
+            self._add_head()
+
+    def _add_head(self) -> None:
+        """A state written before the head column: the table made again with it (SQLite adds
+        no stored generated column to a table), once, at about 15 µs a task."""
+        if "head" in {row[1] for row in self._db.execute("PRAGMA table_xinfo(tasks)")}:
+            return
+        damaged = self._execute("SELECT name FROM tasks WHERE status = 'complete' AND NOT "
+                                "json_valid(record) LIMIT 1")
+        if damaged:
+            raise StoreError(f"task {damaged[0][0]!r} in the state at {self.location} cannot be "
+                             "upgraded: its record is not JSON")
+        columns = "name, seq, status, parent, record, definition"
+        self._db.execute(TASKS.format(table="tasks_upgraded", integer="INTEGER",
+                                      head=",\n    " + self.HEAD_COLUMN))
+        self._db.execute(f"INSERT INTO tasks_upgraded ({columns}) SELECT {columns} FROM tasks")
+        self._db.execute("DROP TABLE tasks")
+        self._db.execute("ALTER TABLE tasks_upgraded RENAME TO tasks")
+        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq)")
 
     def _add_missing_columns(self) -> None:
         # A state file written before files were streamed has an outbox without `file`.
@@ -362,22 +380,20 @@ def upgrade_record(old: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return task.to_record(), task.definition_json()
 
 
-def _head(record: dict[str, Any]) -> tuple[str | None, ...]:
-    """A task's HEAD_COLUMNS, from its record (Task.to_record)."""
-    holds = record.get("holds")
-    return (record.get("key"), record.get("owner"), record.get("success"),
-            dumps(holds) if holds else None)
-
-
-def _holds(column: str | None) -> dict[str, str]:
-    holds = loads(column) if column else {}
+def _head_of(record: Any) -> tuple[Any, Any, Any, dict[str, str]]:
+    """A complete task's HEAD, from its parsed record (of JSON that is not an object, none,
+    as HEAD_SQL gives it then: the task says what is wrong when its record is read)."""
+    if not isinstance(record, dict):
+        return None, None, None, {}
+    holds = record.get("holds") or {}
     if not isinstance(holds, dict):
         raise TypeError(f"its holds are {type(holds).__name__}, not an object")
-    return holds
+    return record.get("key"), record.get("owner"), record.get("success"), holds
 
 
-_UPDATE_TASK = ("UPDATE tasks SET seq = ?, status = ?, record = ?, "
-                + ", ".join(f"{column} = ?" for column in HEAD_COLUMNS) + " WHERE name = ?")
+def _head_listed(values: list[Any]) -> tuple[Any, Any, Any, dict[str, str]]:
+    """A complete task's HEAD as HEAD_SQL gives it: a list of the values, null where none."""
+    return _head_of(dict(zip(HEAD, values, strict=True)))
 
 
 def default_holder() -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,14 @@ import pytest
 from pydantic_core import from_json
 
 from tests.unit.test_processor import T0, info, node_set, send, settings, task_create
+from vespid.coordinator import store as store_module
 from vespid.coordinator.check import check_state
 from vespid.coordinator.processor import Processor
 from vespid.coordinator.records import dumps, loads
-from vespid.coordinator.store import HEAD_COLUMNS, Store, open_store
+from vespid.coordinator.state import Task
+from vespid.coordinator.store import SqliteStore, Store, open_store
 from vespid.shared.errors import StoreError
-from vespid.shared.protocol import Severity, TaskStatus
+from vespid.shared.protocol import TaskStatus
 
 # The tables as a state before the definition column had them.
 OLD_SCHEMA = """
@@ -145,43 +149,46 @@ def test_a_damaged_row_of_the_old_form_is_refused_with_its_name(
 
 
 def insert_task(store: Store, name: str, status: str, record: str,
-                definition: str | None = None, success: str | None = None,
-                holds: str | None = None) -> None:
+                definition: str | None = None) -> None:
     with store.transaction():
-        store._execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (name, 2, status, None, record, definition, None, None, success, holds))
+        store._execute("INSERT INTO tasks VALUES (?,?,?,?,?,?)",
+                       (name, 2, status, None, record, definition))
 
 
-@pytest.mark.parametrize("status, record, definition, success, holds", [
-    ("idle", "{not json", None, None, None),
-    ("idle", '{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None, None, None),
-    ("idle", '{"seq": 2, "time_create": 1.0}', '{"name": "t2", "requirements": "lots"}',
-     None, None),
-    ("idle", '{"seq": 2, "time_create": 1.0}', None, None, None),  # waiting, no definition
-    # What loading a complete task reads: its columns.
-    ("complete", '{"seq": 2, "time_create": 1.0}', None, "great", None),
-    ("complete", '{"seq": 2, "time_create": 1.0}', None, "ok", "{not json"),
-    ("complete", '{"seq": 2, "time_create": 1.0}', None, "ok", '["ws"]'),
+@pytest.mark.parametrize("status, record, definition", [
+    ("idle", "{not json", None),
+    ("idle", '{"seq": 2, "time_create": 1.0, "no_such_field": 1}', None),
+    ("idle", '{"seq": 2, "time_create": 1.0}', '{"name": "t2", "requirements": "lots"}'),
+    ("idle", '{"seq": 2, "time_create": 1.0}', None),  # a waiting task without a definition
+    # What loading a complete task reads of its record (store.HEAD).
+    ("complete", "{not json", None),
+    ("complete", '{"seq": 2, "time_create": 1.0, "success": "great"}', None),
+    ("complete", '{"seq": 2, "time_create": 1.0, "holds": ["ws"]}', None),
 ])
 def test_a_damaged_row_is_refused_with_its_name_not_a_traceback(
-        store: Store, proc: Processor, status: str, record: str, definition: str | None,
-        success: str | None, holds: str | None) -> None:
+        store: Store, proc: Processor, status: str, record: str, definition: str | None
+) -> None:
     send(proc, task_create("t1"))
-    insert_task(store, "t2", status, record, definition, success, holds)
+    if isinstance(store, SqliteStore) and status == "complete" and record == "{not json":
+        # SQLite derives a complete task's head from its record: it refuses to store one
+        # that is not JSON at all.
+        with pytest.raises(sqlite3.OperationalError, match="malformed JSON"):
+            insert_task(store, "t2", status, record, definition)
+        return
+    insert_task(store, "t2", status, record, definition)
 
     with pytest.raises(StoreError, match=r"task .t2. in the state at .* cannot be read"):
         store.load_state()
 
 
 @pytest.mark.parametrize("record, reason", [
-    ("{not json", "JSONDecodeError"),
-    ("[1, 2]", "it is list, not an object"),
+    ('[1, 2]', "it is list, not an object"),
     ('{"seq": 2, "time_create": 1.0, "no_such_field": 1}', "no_such_field"),
     ('{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "node": "n1", '
      '"start": 1.0, "no_such_field": 1}]}', "an attempt has fields"),
     ('{"seq": 2, "time_create": 1.0, "attempts": [{"attempt": 1, "start": 1.0}]}',
      "an attempt has fields"),  # an attempt without its node
-    ('{"seq": 2}', "no time_create"),
+    ('{"seq": 2, "success": "error"}', "no time_create"),
 ])
 def test_a_complete_task_whose_record_is_damaged_loads_and_says_so_when_read(
         store: Store, proc: Processor, record: str, reason: str,
@@ -189,10 +196,10 @@ def test_a_complete_task_whose_record_is_damaged_loads_and_says_so_when_read(
     # Its history is damaged, not what anything is decided from: the coordinator starts,
     # and the task shows what its columns hold and why the rest is missing.
     send(proc, task_create("t1"))
-    insert_task(store, "t2", "complete", record, success="error")
+    insert_task(store, "t2", "complete", record)
     state = store.load_state()
     task = state.tasks["t2"]
-    assert (task.status, task.success, task.seq) == (TaskStatus.COMPLETE, Severity.ERROR, 2)
+    assert (task.status, task.seq) == (TaskStatus.COMPLETE, 2)
     assert "task_record_unreadable" not in capsys.readouterr().out, "read before anyone asked"
     assert [p for p in check_state(state) if "t2" in p] == \
         [f"task t2: its stored record cannot be read ({task.unreadable})"]
@@ -203,6 +210,12 @@ def test_a_complete_task_whose_record_is_damaged_loads_and_says_so_when_read(
     assert task.message is not None and reason in task.message
     logged = capsys.readouterr().out
     assert logged.count("task_record_unreadable") == 1 and "task=t2" in logged
+    # Changed later (a note, a late report), it keeps its record as the store has it.
+    task.message = "a note"
+    state.dirty_tasks.add("t2")
+    with store.transaction():
+        store.flush(state)
+    assert store._execute("SELECT record FROM tasks WHERE name = 't2'") == [(record,)]
 
 
 def test_a_complete_task_keeps_its_definition_in_the_store_only(proc: Processor) -> None:
@@ -276,56 +289,114 @@ def test_loaded_complete_tasks_read_their_records_only_when_asked_and_show_the_s
         again.close()
 
 
-def drop_head_columns(location: Path | str) -> None:
-    """The state as a version before the head columns (HEAD_COLUMNS) wrote it."""
-    drops = [f"ALTER TABLE tasks DROP COLUMN {column}" for column in HEAD_COLUMNS]
-    if isinstance(location, Path):
-        with sqlite3.connect(location) as db:
-            for drop in drops:
-                db.execute(drop)
-        return
-    with psycopg.connect(location, autocommit=True) as db:
-        for drop in drops:
-            db.execute(drop)
+def test_sqlite_loads_complete_tasks_without_parsing_their_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    location = tmp_path / "s.db"
+    store = open_store(location)
+    finished_farm(Processor(store, settings(tmp_path), now=T0))
+    store.close()
+    parsed: list[str] = []
+    real_loads = store_module.loads
+    monkeypatch.setattr(store_module, "loads", lambda text: parsed.append(text) or
+                        real_loads(text))
+
+    again, reloaded = reopened(location, tmp_path)
+    try:
+        complete = {r for (r,) in again._execute("SELECT record FROM tasks "
+                                                 "WHERE status = 'complete'")}
+        assert len(complete) == 3 and parsed, "the waiting task's record is parsed"
+        assert not complete & set(parsed), "a complete task's record was parsed at the load"
+        assert reloaded.state.tasks["root"].key == "build-7"
+        assert reloaded.state.tree_worst["root"].value == "error"
+    finally:
+        again.close()
 
 
-def test_a_state_without_head_columns_gets_them_and_loads_as_before(
-        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+def test_a_sqlite_state_without_the_head_column_gets_it_and_loads_as_before(
+        tmp_path: Path) -> None:
+    location = tmp_path / "s.db"
+    store = open_store(location)
+    proc = Processor(store, settings(tmp_path), now=T0)
     finished_farm(proc)
     names = sorted(proc.state.tasks)
     before = {name: info(proc, name, T0 + 10) for name in names}
-    holds, keys = dict(proc.state.holds), dict(proc.state.keys)
+    keys = dict(proc.state.keys)
     store.close()
-    drop_head_columns(state_location)
+    with sqlite3.connect(location) as db:  # the table as the version before wrote it
+        db.executescript("""
+            CREATE TABLE old_tasks (name TEXT PRIMARY KEY, seq INTEGER NOT NULL,
+                status TEXT NOT NULL, parent TEXT, record TEXT NOT NULL, definition TEXT);
+            INSERT INTO old_tasks SELECT name, seq, status, parent, record, definition
+                FROM tasks;
+            DROP TABLE tasks;
+            ALTER TABLE old_tasks RENAME TO tasks;""")
 
     for _ in range(2):  # upgraded once, then opened as it is
-        again, reloaded = reopened(state_location, tmp_path)
+        again, reloaded = reopened(location, tmp_path)
         try:
-            heads = again._execute("SELECT name, task_key, success, holds FROM tasks "
-                                   "WHERE name = 'root'")
-            assert heads == [("root", "build-7", "ok", '{"env":"ws"}')]
-            assert (reloaded.state.holds, reloaded.state.keys) == (holds, keys)
-            assert reloaded.state.tree_worst["root"].value == "error"
+            assert again._execute("SELECT head FROM tasks WHERE name = 'root'") == \
+                [('["build-7",null,"ok",{"env":"ws"}]',)]
+            assert reloaded.state.keys == keys
             assert {name: info(reloaded, name, T0 + 10) for name in names} == before
         finally:
             again.close()
+    # Written by a version that knows nothing of it (a positional insert, an update of the
+    # record alone), the head still follows the record.
+    with sqlite3.connect(location) as db:
+        db.execute("INSERT INTO tasks VALUES (?,?,?,?,?,?)",
+                   ("late", 9, "complete", None, '{"seq": 9, "time_create": 1.0, '
+                    '"key": "k9", "success": "warning"}', None))
+        db.execute("UPDATE tasks SET record = ? WHERE name = 'root'",
+                   ('{"seq": 1, "time_create": 1.0, "success": "error"}',))
+        heads = dict(db.execute("SELECT name, head FROM tasks WHERE name IN ('late', 'root')"))
+    assert heads == {"late": '["k9",null,"warning",null]', "root": '[null,null,"error",null]'}
 
 
-def test_a_field_set_before_a_loaded_task_was_read_is_kept_when_the_rest_is_read(
-        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+def test_a_sqlite_state_of_the_previous_form_with_a_record_not_json_is_refused_by_name(
+        tmp_path: Path) -> None:
+    location = tmp_path / "s.db"
+    with sqlite3.connect(location) as db:
+        db.executescript("""
+            CREATE TABLE tasks (name TEXT PRIMARY KEY, seq INTEGER NOT NULL,
+                status TEXT NOT NULL, parent TEXT, record TEXT NOT NULL, definition TEXT);
+            INSERT INTO tasks VALUES ('t7', 1, 'complete', NULL, '{not json', NULL);""")
+
+    with pytest.raises(StoreError, match=r"task 't7' .* cannot be upgraded: its record is "
+                                         r"not JSON"):
+        open_store(location)
+
+
+@contextmanager
+def loaded_kid(state_location: Path | str, store: Store, proc: Processor,
+               tmp_path: Path) -> Iterator[Task]:
+    """The child of a finished farm, as a restarted coordinator loads it."""
     finished_farm(proc)
     store.close()
     again, reloaded = reopened(state_location, tmp_path)
     try:
-        kid = reloaded.state.tasks["kid"]
+        yield reloaded.state.tasks["kid"]
+    finally:
+        again.close()
+
+
+def test_a_loaded_task_gives_its_attempt_spans_without_keeping_its_record_parsed(
+        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+    with loaded_kid(state_location, store, proc, tmp_path) as kid:
+        spans = kid.attempt_spans()
+
+        assert isinstance(kid._pending, str), "the timeline's reading kept the record parsed"
+        assert spans == [(a.start, a.attempt, a.end) for a in kid.attempts]
+
+
+def test_a_field_set_before_a_loaded_task_was_read_is_kept_when_the_rest_is_read(
+        state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
+    with loaded_kid(state_location, store, proc, tmp_path) as kid:
         kid.message = "written first"
 
         assert kid.node == "n1"  # reads the rest of the record
         assert kid.message == "written first"
         assert [a.attempt for a in kid.attempts] == [1]
         assert kid.attempt_spans() == [(a.start, a.attempt, a.end) for a in kid.attempts]
-    finally:
-        again.close()
 
 
 def test_text_only_the_standard_parser_takes_is_written_and_read_back_across_a_restart(
