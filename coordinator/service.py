@@ -247,9 +247,12 @@ class CoordinatorService:
             close_quietly(connection)
 
     def _declare_nodes(self) -> None:
-        """Every known node's queue, on the serving channel before anything is published on
-        it: no callback, so pika asks for no reply and the declarations go out at once; the
-        broker applies them in order, ahead of any task-run to those queues."""
+        """Every known node's queue, on the serving channel: no callback, so pika asks for no
+        reply. At start nothing else waits for a reply on the channel, so they go out at
+        once and the broker applies them in order, ahead of the task-runs published after
+        them. After a standby took over they may wait in pika behind the consumers' set-up,
+        and a task-run that reaches the broker first comes back unroutable and goes again
+        with its queue declared (_on_return, _tick)."""
         for node in self.processor.state.nodes:
             topology.declare_node(self._channel, node)
 
@@ -266,7 +269,9 @@ class CoordinatorService:
 
     def _on_channel_closed(self, _channel: Any, reason: Any) -> None:
         self._close_reason = f"channel closed: {reason!r}"
-        self._check_node_queues = self.active
+        # Closed by the broker, not with the connection: perhaps over a node's queue.
+        self._check_node_queues = self.active and isinstance(
+            reason, pika.exceptions.ChannelClosedByBroker)
         if self._connection.is_open:
             self._connection.close()
 
