@@ -289,8 +289,17 @@ class SqliteStore(Store):
                    + ") END) STORED")
     HEAD_SQL = "head"
 
+    # Stored generated columns came in 3.31; JSON functions are built in from 3.38 and in
+    # nearly every build before it.
+    MIN_VERSION = (3, 31, 0)
+
     def __init__(self, path: Path) -> None:
         super().__init__()
+        if sqlite3.sqlite_version_info < self.MIN_VERSION:
+            raise StoreError(
+                f"this Python's SQLite library is version {sqlite3.sqlite_version}; the "
+                "coordinator's state needs 3.31 or newer: upgrade the system's libsqlite3, or "
+                "keep the state in PostgreSQL (--state postgresql://...)")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.location = str(path)

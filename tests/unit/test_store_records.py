@@ -379,6 +379,17 @@ def loaded_kid(state_location: Path | str, store: Store, proc: Processor,
         again.close()
 
 
+def test_a_sqlite_library_too_old_for_the_state_is_said_in_a_sentence(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 30, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
+
+    with pytest.raises(StoreError, match=r"SQLite library is version 3\.30\.1; .* needs 3\.31 "
+                                         r"or newer"):
+        open_store(tmp_path / "s.db")
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_a_loaded_task_gives_its_attempt_spans_without_keeping_its_record_parsed(
         state_location: Path | str, store: Store, proc: Processor, tmp_path: Path) -> None:
     with loaded_kid(state_location, store, proc, tmp_path) as kid:
