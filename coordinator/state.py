@@ -144,8 +144,8 @@ class Task:
     _definition_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Set once its definition is in the store: how to read it back.
     _stored: DefinitionSource | None = field(default=None, repr=False, compare=False)
-    # A complete task as loaded: its stored record (JSON text, or parsed once its attempts
-    # were asked for), until a field it holds is first read.
+    # A complete task as loaded: its stored record (JSON text, or parsed once `unreadable`
+    # checked it), until a field it holds is first read.
     _pending: str | dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # Why that record could not be read, once that was found out (Task.unreadable).
     _unreadable: str | None = field(default=None, repr=False, compare=False)

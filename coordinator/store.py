@@ -41,9 +41,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     definition TEXT{head}
 );
 """
-SCHEMA = TASKS.replace("{table}", "tasks") + """
-CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent);
-CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq);
+TASK_INDEXES = ("CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent)",
+                "CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq)")
+SCHEMA = TASKS.replace("{table}", "tasks") + "".join(f"{index};\n" for index in TASK_INDEXES) + """
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     record TEXT NOT NULL
@@ -225,9 +225,8 @@ class Store(ABC):
     def flush(self, state: State) -> None:
         """Write what changed in `state`; call inside a transaction. A task's definition
         never changes: it is written with the task's first row only."""
-        new, changed = [], []
+        new, changed, kept = [], [], []
         tasks = [state.tasks[name] for name in state.dirty_tasks]
-        kept = []
         for t in tasks:
             if t.unreadable:  # its record stays as it is on disk: it is all there is of it
                 kept.append((t.seq, t.status.value, t.name))
@@ -284,8 +283,8 @@ class SqliteStore(Store):
     # version (an older one's positional insert does not see it), so it always agrees with
     # the record; reading it instead of parsing 100,000 records was a third of a restart.
     # (A record that is not JSON cannot be written at all.)
-    HEAD_COLUMN = ("head TEXT GENERATED ALWAYS AS (CASE WHEN status = 'complete' THEN "
-                   "json_extract(record, " + ", ".join(f"'$.{field}'" for field in HEAD)
+    HEAD_COLUMN = (",\n    head TEXT GENERATED ALWAYS AS (CASE WHEN status = 'complete' "
+                   "THEN json_extract(record, " + ", ".join(f"'$.{field}'" for field in HEAD)
                    + ") END) STORED")
     HEAD_SQL = "head"
 
@@ -309,7 +308,7 @@ class SqliteStore(Store):
         # against here; FULL would add an fsync per batch for power loss.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA.format(integer="INTEGER", blob="BLOB",
-                                             head=",\n    " + self.HEAD_COLUMN))
+                                             head=self.HEAD_COLUMN))
         self._add_missing_columns()
         with self.transaction():
             self._migrate()
@@ -327,12 +326,12 @@ class SqliteStore(Store):
                              "upgraded: its record is not JSON")
         columns = "name, seq, status, parent, record, definition"
         self._db.execute(TASKS.format(table="tasks_upgraded", integer="INTEGER",
-                                      head=",\n    " + self.HEAD_COLUMN))
+                                      head=self.HEAD_COLUMN))
         self._db.execute(f"INSERT INTO tasks_upgraded ({columns}) SELECT {columns} FROM tasks")
         self._db.execute("DROP TABLE tasks")
         self._db.execute("ALTER TABLE tasks_upgraded RENAME TO tasks")
-        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_parent ON tasks(parent)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS tasks_seq ON tasks(seq)")
+        for index in TASK_INDEXES:
+            self._db.execute(index)
 
     def _add_missing_columns(self) -> None:
         # A state file written before files were streamed has an outbox without `file`.
