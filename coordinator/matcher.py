@@ -18,7 +18,8 @@ Rules (docs/protocol.md, "Matching"):
 Waiting tasks come grouped by shape (tasks of one shape fit exactly the same nodes), each
 group in priority-then-age order, so a pass costs per group and per decision, not per
 queued task; a group that could not start last time is only tried against the nodes that
-gained room since (`dirty`).
+gained room since (`dirty`), and a group that asks at least as much as one found to fit
+nowhere in the pass is not tried at all (`Shape.covers`).
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ class Shape:
     # fifth of a one-task pass).
     cores: float = field(init=False, repr=False, compare=False)
     memory: float = field(init=False, repr=False, compare=False)
+    amounts: dict[str, float] = field(init=False, repr=False, compare=False)  # needs, by key
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         needs = dict(self.needs)
+        object.__setattr__(self, "amounts", needs)
         object.__setattr__(self, "cores", needs.get("cores", 0.0))
         object.__setattr__(self, "memory", needs.get("memory", 0.0))
         object.__setattr__(self, "reach", (self.labels, self.bid, self.pinned,
@@ -133,6 +136,17 @@ class Shape:
     @property
     def need(self) -> dict[str, float]:
         return dict(self.needs)
+
+    def covers(self, other: Shape) -> bool:
+        """Whether this shape asks at least as much as `other` of everything that decides
+        whether a task fits a node now, on the same nodes: wherever it fits, `other` fits
+        too, so when `other` fits nowhere, neither does this one."""
+        if self.reach != other.reach:
+            return False
+        amounts, repo_types, local_types = self.amounts, self.repo_types, self.local_types
+        return (all(amounts.get(key, 0.0) >= amount for key, amount in other.needs)
+                and all(repo_types[kind] >= n for kind, n in other.repo_types.items())
+                and all(local_types[kind] >= n for kind, n in other.local_types.items()))
 
 
 def _repositories(repositories: Mapping[str, Any], environment: Mapping[str, str]
@@ -369,6 +383,9 @@ class _Pass:
     live: dict[Shape, _Fitting] = field(default_factory=dict)
     reservation: Reservation | None = None
     changed: list[str] = field(default_factory=list)  # nodes whose room a decision took
+    # The shapes found to fit nowhere in this pass, by reach: only the least demanding
+    # (none covers another).
+    failed: dict[tuple[Any, ...], list[Shape]] = field(default_factory=dict)
 
     @property
     def by_name(self) -> dict[str, NodeOffer]:
@@ -425,6 +442,23 @@ class _Pass:
 
         return fitting.best(shape, self.pool, usable)
 
+    def fits_nowhere(self, shape: Shape, task: str) -> bool:
+        """Known without a look at any node: it covers a shape that already fit nowhere in
+        this pass (room only shrinks during a pass). On a full farm most shapes in the
+        queue are such, and looking each one over the nodes was most of a pass. The task
+        a node is kept for may use that node, which the failed shape could not."""
+        if shape in self.live:  # looked over once in this pass: its own heap says it
+            return False
+        taken = self.reservation
+        if taken is not None and taken.task == task:
+            return False
+        return any(shape.covers(smaller) for smaller in self.failed.get(shape.reach, ()))
+
+    def fit_nowhere(self, shape: Shape) -> None:
+        smaller = self.failed.setdefault(shape.reach, [])
+        smaller[:] = [known for known in smaller if not known.covers(shape)]
+        smaller.append(shape)
+
     def reserve_for(self, shape: Shape, task: str) -> None:
         if self.reservation is not None:
             return
@@ -460,9 +494,14 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
     blocked: set[Shape] = set()
     while heap:
         key, shape, index = heapq.heappop(heap)
+        if run.fits_nowhere(shape, key[-1]):
+            # Nor could it be kept a node: the shape it covers found none, or one is kept.
+            blocked.add(shape)
+            continue
         node = run.best_node(shape, key[-1])
         if node is None:
             blocked.add(shape)
+            run.fit_nowhere(shape)
             run.reserve_for(shape, key[-1])
             continue
         allocated = allocate(shape, node)

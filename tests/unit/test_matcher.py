@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +19,15 @@ from vespid.coordinator.matcher import (
     RepoPool,
     Reservation,
     Shape,
+    _claim,
+    _rank,
     allocate,
     compatible,
     explain,
     fits_empty,
     fits_now,
     match,
+    repositories_free,
 )
 
 # --- helpers --------------------------------------------------------------------------------
@@ -664,6 +668,103 @@ def test_a_repository_freed_on_one_node_lets_a_blocked_task_start_on_another() -
                  blocked_before=first.blocked, dirty=["x"], reservation=first.reservation)
 
     assert placed(result) == {"t": "y"}
+
+
+# --- the pass against its rules, the slow way -----------------------------------------------
+
+
+def reference_match(tasks: Iterable[Task], offers: list[NodeOffer]) -> MatchResult:
+    """The rules of one pass with nothing remembered or skipped: every task in priority-then-
+    age order is looked at against every node (match keeps heaps, shares candidate lists and
+    skips shapes it can tell fit nowhere; its choices must be these)."""
+    accepting = [o for o in offers if o.accepting]
+    pool = RepoPool(accepting)
+    assignments: list[Assignment] = []
+    blocked: set[Shape] = set()
+    reservation: Reservation | None = None
+    for t in sorted(tasks, key=lambda t: t.key):
+        if t.shape in blocked:  # a shape that fit nowhere is done for the pass
+            continue
+        usable = [o for o in accepting if compatible(t.shape, o) and fits_now(t.shape, o, pool)
+                  and (reservation is None or o.name != reservation.node)]
+        if not usable:
+            blocked.add(t.shape)
+            room = [o for o in accepting if compatible(t.shape, o) and fits_empty(t.shape, o)
+                    and repositories_free(t.shape, o, pool)]
+            if reservation is None and room:
+                chosen = max(room, key=lambda o: (o.free.get("cores", 0.0), o.name))
+                reservation = Reservation(t.name, chosen.name)
+            continue
+        best = min(usable, key=lambda o: _rank(t.shape, o))
+        allocated = allocate(t.shape, best)
+        repos, _ = _claim(t.shape, best, accepting, pool)
+        for resource, granted in allocated.items():
+            best.free[resource] = best.free.get(resource, 0.0) - granted
+        assignments.append(Assignment(t.name, best.name, allocated, repos))
+    return MatchResult(assignments, blocked, reservation)
+
+
+def random_farm(seed: int) -> tuple[list[Task], list[NodeOffer]]:
+    """A small mixed farm, part busy, and a queue of tasks of few kinds, so that many shapes
+    share the nodes they may run on and differ only in what they consume."""
+    rng = random.Random(seed)
+    nodes = []
+    for index in range(rng.randint(2, 9)):
+        labels: dict[str, Any] = {}
+        if rng.random() < 0.3:
+            labels.update(usage_gpu=True, gpus=rng.choice((1, 2)))
+        if rng.random() < 0.2:
+            labels["usage_require_alice"] = True
+        repos = {f"//n{index}/r{k}": rng.choice("ab") for k in range(rng.randint(0, 2))}
+        offer = node(f"n{index}", repos=repos, held=[r for r in repos if rng.random() < 0.3],
+                     cores=rng.choice((2, 4, 8)), memory=rng.choice((1000, 4000, 8000)),
+                     **labels)
+        if rng.random() < 0.5:
+            busy(offer, cores=rng.randint(0, int(offer.capacity["cores"])))
+        nodes.append(offer)
+    tasks = []
+    for seq in range(1, rng.randint(2, 40)):
+        requirements: dict[str, Any] = {"cores": rng.choice((1, 2, 4, 8)),
+                                        "memory": 500 * rng.randint(1, 12)}
+        if rng.random() < 0.2:
+            requirements.update(usage_require_gpu=True, gpus=1)
+        if rng.random() < 0.2:
+            requirements["usage_alice"] = True
+        if rng.random() < 0.15:
+            requirements["usage_prefer_gpu"] = True
+        wanted = ({"r": {"request": rng.choice("ab"), "local": rng.random() < 0.5}}
+                  if rng.random() < 0.2 else None)
+        tasks.append(task(f"t{seq}", priority=rng.choice((0, 0, 1, 2)), seq=seq,
+                          repositories=wanted, **requirements))
+    return tasks, nodes
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_a_pass_chooses_what_looking_at_every_task_and_node_would(seed: int) -> None:
+    tasks, offers = random_farm(seed)
+    expected = reference_match(tasks, random_farm(seed)[1])
+
+    result = run(tasks, offers)
+
+    assert result.assignments == expected.assignments
+    assert result.blocked == expected.blocked
+    assert result.reservation == expected.reservation
+
+
+def test_a_shape_needing_more_than_one_that_fit_nowhere_is_not_looked_at() -> None:
+    small, large = task("small", seq=1, cores=2), task("large", seq=2, cores=4, memory=100)
+    offers = [busy(node("a", cores=8, memory=1000), cores=1)]
+
+    result = run([small, large], offers)
+
+    assert result.blocked == {small.shape, large.shape}
+    assert large.shape.covers(small.shape) and not small.shape.covers(large.shape)
+
+
+def test_a_shape_is_not_covered_by_one_that_runs_on_other_nodes() -> None:
+    plain, alice = shape(cores=1), shape(cores=4, usage_alice=True)
+
+    assert not alice.covers(plain)
 
 
 # --- explain --------------------------------------------------------------------------------
