@@ -75,8 +75,10 @@ def why_not_accepting(node: Node) -> str | None:
     return None
 
 
-def node_offer(state: State, node: Node) -> matcher.NodeOffer:
-    return node.offer(partial(_build_offer, state))
+def node_offers(state: State) -> list[matcher.NodeOffer]:
+    """Every node's offer, each built again only if it changed since the last pass."""
+    build = partial(_build_offer, state)
+    return [node.offer(build) for node in state.nodes.values()]
 
 
 def _build_offer(state: State, node: Node) -> matcher.NodeOffer:
@@ -101,7 +103,7 @@ def schedule(ctx: Context) -> int:
     if not state.queue:
         state.roomier, state.reservation = set(), None
         return 0
-    offers = [node_offer(state, node) for node in state.nodes.values()]
+    offers = node_offers(state)
     result = matcher.match(state.queue, offers, blocked_before=state.blocked,
                            dirty=state.roomier, reservation=state.reservation)
     for assignment in result.assignments:
@@ -113,7 +115,7 @@ def schedule(ctx: Context) -> int:
 
 def explain(state: State, task: Task) -> list[str]:
     """Why an idle task is not running, one sentence per obstacle."""
-    offers = [node_offer(state, node) for node in state.nodes.values()]
+    offers = node_offers(state)
     return matcher.explain(task.shape(), offers, state.reservation, task.name)
 
 
