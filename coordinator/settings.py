@@ -41,7 +41,7 @@ class CoordinatorSettings(ProcessSettings):
         default=500, ge=1, le=65535,
         description="node messages handled (and committed) in one turn at most")
     turn_seconds: float = Field(
-        default=0.015, gt=0, le=10,
+        default=0.03, gt=0, le=10,
         description="how long a turn of node messages may take, about: a turn takes as "
                     "many as fit by what they cost lately (at least 20, at most "
                     "node_batch). Requests are answered between turns, so this bounds how "
