@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from tests import processes
 from tests.processes import VespidProcess
 from tests.raw import RawNode, RawPeer
 
@@ -156,25 +154,3 @@ def test_higher_bids_start_first_and_a_node_takes_only_bids_above_its_minimum(
     time.sleep(0.3)
     assert raw.info("cheap")["status"] is None
     assert any("bidding at least 1" in r for r in raw.info("cheap")["waiting_reason"])
-
-
-def test_tasks_past_pass_starts_start_in_the_next_turns_with_no_message_to_cause_them(
-        amqp_url: str, tmp_path: Path, started: list[VespidProcess], raw: RawPeer) -> None:
-    """A pass stops at pass_starts; the coordinator goes on by itself. Waiting for its
-    once-a-second tick instead, 40 tasks at one a pass would take 40 s."""
-    coordinator = processes.coordinator(amqp_url, tmp_path / "coordinator",
-                                        VESPID_PASS_STARTS="1").start()
-    started.append(coordinator)
-    coordinator.wait_for_log("coordinator_consuming")
-    names = [f"queued-{i:02d}" for i in range(40)]
-    for name in names:
-        create(raw, name)
-    node = RawNode(raw, "wide", {"cores": 64, "memory": 64000})
-
-    node.node_set([])  # the only message after the creates
-    deadline = time.monotonic() + 20
-    runs = []
-    while len(runs) < len(names) and time.monotonic() < deadline:
-        runs += node.runs(1)
-
-    assert runs == names
