@@ -105,21 +105,11 @@ def schedule(ctx: Context) -> int:
         return 0
     offers = node_offers(state)
     result = matcher.match(state.queue, offers, blocked_before=state.blocked,
-                           dirty=state.roomier, reservation=state.reservation,
-                           limit=ctx.settings.pass_starts)
+                           dirty=state.roomier, reservation=state.reservation)
     for assignment in result.assignments:
         start_task(ctx, state.tasks[assignment.task], state.nodes[assignment.node],
                    assignment.allocated, assignment.repos)
-    if result.finished:
-        state.blocked, state.reservation, state.roomier = (result.blocked, result.reservation,
-                                                           set())
-    else:
-        # The next turn goes on with the rest. What this pass did not reach keeps what
-        # is known of it: the nodes that gained room stay marked until a pass ends, so
-        # a shape that fit nowhere before is still tried on each of them.
-        state.blocked = state.blocked | result.blocked
-        state.reservation = result.reservation or state.reservation
-        state.needs_scheduling = True
+    state.blocked, state.reservation, state.roomier = result.blocked, result.reservation, set()
     return len(result.assignments)
 
 

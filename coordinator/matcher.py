@@ -206,7 +206,6 @@ class MatchResult:
     assignments: list[Assignment]
     blocked: set[Shape]
     reservation: Reservation | None
-    finished: bool = True  # False: stopped at its limit, with waiting tasks not looked at
 
 
 def _is_amount(value: Any) -> bool:
@@ -478,12 +477,11 @@ class _Pass:
 
 def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer], *,
           blocked_before: Iterable[Shape] = (), dirty: Iterable[str] | None = None,
-          reservation: Reservation | None = None, limit: int | None = None) -> MatchResult:
+          reservation: Reservation | None = None) -> MatchResult:
     """Start what can start now, in priority-then-age order across all shapes.
 
     `dirty` names the nodes that gained room since the last pass; a shape in
-    `blocked_before` is only tried on those (None: try every node). With a `limit`, the
-    pass stops after that many starts; a pass on the same offers goes on where it stopped."""
+    `blocked_before` is only tried on those (None: try every node)."""
     accepting = [o for o in offers if o.accepting]
     dirty_set = None if dirty is None else set(dirty)
     if dirty_set is not None and reservation is not None:
@@ -494,7 +492,7 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
     heapq.heapify(heap)
     assignments: list[Assignment] = []
     blocked: set[Shape] = set()
-    while heap and (limit is None or len(assignments) < limit):
+    while heap:
         key, shape, index = heapq.heappop(heap)
         if run.fits_nowhere(shape, key[-1]):
             # Nor could it be kept a node: the shape it covers found none, or one is kept.
@@ -517,7 +515,7 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
         tasks = queue[shape]
         if index + 1 < len(tasks):
             heapq.heappush(heap, (tasks[index + 1], shape, index + 1))
-    return MatchResult(assignments, blocked, run.reservation, finished=not heap)
+    return MatchResult(assignments, blocked, run.reservation)
 
 
 def explain(shape: Shape, offers: Iterable[NodeOffer],

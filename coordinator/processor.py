@@ -89,12 +89,6 @@ class Processor:
             gc.freeze()
             self._full_collections = full
 
-    @property
-    def scheduling_left(self) -> bool:
-        """Whether a pass is due with no message to cause it: the last one stopped at
-        pass_starts, and the next goes on (process with no deliveries)."""
-        return self.state.needs_scheduling
-
     def confirmed(self, outbox_ids: Sequence[int]) -> None:
         self._confirmed.extend(outbox_ids)
 

@@ -356,8 +356,7 @@ class CoordinatorService:
         """One turn, either of two kinds. Reads at the head of the requests are answered in
         a turn of their own, from the committed state (no batch in hand). Else a batch:
         the requests (writes, and reads sent after them), then the node messages that fit
-        the turn's time, committed as one (with none, when the last scheduling pass
-        stopped at pass_starts: this one goes on). Between two turns pika sends what was published
+        the turn's time, committed as one. Between two turns pika sends what was published
         and reads what came, so a request waits for at most one batch, and the turn after a
         read's is always a batch, so reads never starve the nodes."""
         self._flush_scheduled = False
@@ -375,14 +374,13 @@ class CoordinatorService:
             nodes = [self._from_nodes.popleft()
                      for _ in range(min(self._batch_size(), len(self._from_nodes)))]
             batch += nodes
-            if batch or self.processor.scheduling_left:
+            if batch:
                 started = time.perf_counter()
                 self._publish(self.processor.process(batch, time.time()))
                 self._settle([delivery.tag for delivery in batch])
-                if batch:
-                    self._learn_cost(time.perf_counter() - started, len(batch))
+                self._learn_cost(time.perf_counter() - started, len(batch))
             self._batch_due = False
-        if self._requests or self._from_nodes or self.processor.scheduling_left:
+        if self._requests or self._from_nodes:
             self._schedule_turn()
         self._ack_settled()
 

@@ -47,12 +47,6 @@ class CoordinatorSettings(ProcessSettings):
                     "node_batch). Requests are answered between turns, so this bounds how "
                     "long one waits behind the nodes' traffic; longer turns commit less "
                     "often")
-    pass_starts: int = Field(
-        default=100, ge=1, le=1_000_000,
-        description="tasks started by one scheduling pass at most; the rest start in the "
-                    "turns after it, with requests answered between (when a farm joins, "
-                    "one pass could otherwise start thousands and keep requests waiting "
-                    "for seconds)")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     results_dir: Path | None = Field(default=None,
                                      description="where Golem-style results are kept: "

@@ -751,40 +751,6 @@ def test_a_pass_chooses_what_looking_at_every_task_and_node_would(seed: int) -> 
     assert result.reservation == expected.reservation
 
 
-@pytest.mark.parametrize("seed", range(150))
-def test_passes_cut_short_by_a_limit_choose_what_one_whole_pass_would(seed: int) -> None:
-    tasks, offers = random_farm(seed)
-    expected = reference_match(tasks, random_farm(seed)[1])
-    limit = random.Random(seed).randint(1, 4)
-
-    assignments: list[Assignment] = []
-    blocked: set[Shape] = set()
-    reservation: Reservation | None = None
-    while True:  # as the engine carries a pass cut short over to the next
-        started = {a.task for a in assignments}
-        result = run([t for t in tasks if t.name not in started], offers,
-                     blocked_before=blocked, dirty=[], reservation=reservation, limit=limit)
-        assignments += result.assignments
-        blocked |= result.blocked
-        reservation = result.reservation or reservation
-        if result.finished:
-            break
-        assert len(result.assignments) == limit
-
-    assert assignments == expected.assignments
-    assert blocked == expected.blocked
-
-
-def test_a_pass_stops_at_its_limit_and_says_it_did_not_finish() -> None:
-    tasks = [task(f"t{i}", seq=i) for i in range(5)]
-
-    result = run(tasks, [node(cores=8)], limit=2)
-
-    assert placed(result) == {"t0": "n", "t1": "n"}
-    assert not result.finished
-    assert run(tasks, [node(cores=8)], limit=5).finished
-
-
 def test_a_shape_needing_more_than_one_that_fit_nowhere_is_not_looked_at() -> None:
     small, large = task("small", seq=1, cores=2), task("large", seq=2, cores=4, memory=100)
     offers = [busy(node("a", cores=8, memory=1000), cores=1)]

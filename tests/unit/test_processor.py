@@ -197,51 +197,6 @@ def test_a_task_that_needs_more_memory_than_any_node_stays_idle(proc: Processor)
     assert reply["node"] is None
 
 
-def limited(store: Store, tmp_path: Path, starts: int) -> Processor:
-    return Processor(store, settings(tmp_path).model_copy(update={"pass_starts": starts}),
-                     now=T0)
-
-
-def started(outcome: Outcome) -> list[str]:
-    return [json.loads(e.body)["name"] for e in outcome.outbox if e.command == "task-run"]
-
-
-def test_a_pass_starts_at_most_pass_starts_tasks_and_the_next_goes_on_without_a_message(
-        store: Store, tmp_path: Path) -> None:
-    proc = limited(store, tmp_path, starts=2)
-    send(proc, node_set(cores=8, memory=8000))
-
-    first = proc.process([deliver(task_create(f"t{i}", requirements={"cores": 1}))
-                          for i in range(5)], T0)
-
-    assert started(first) == ["t0", "t1"]
-    assert proc.scheduling_left
-    assert started(proc.process([], T0)) == ["t2", "t3"]
-    assert started(proc.process([], T0)) == ["t4"]
-    assert not proc.scheduling_left
-    assert started(proc.process([], T0)) == []
-
-
-def test_a_task_waiting_for_room_starts_on_a_node_freed_before_a_pass_was_cut_short(
-        store: Store, tmp_path: Path) -> None:
-    proc = limited(store, tmp_path, starts=1)
-    send(proc, node_set("n1", cores=4, memory=8000))
-    send(proc, node_set("n2", cores=2, memory=8000))
-    send(proc, task_create("big", requirements={"cores": 4}))
-    send(proc, task_create("other", requirements={"cores": 2}))
-    # Fits nowhere now, and n2 is kept for it (the nodes' cores free tie, n2 sorts last).
-    send(proc, task_create("waiting", requirements={"cores": 2}))
-
-    # n1 gains room, and an urgent task takes the only start of the pass.
-    cut = proc.process([deliver({"command": "task-complete", "name": "big", "node": "n1",
-                                 "attempt": 1, "success": "ok"}),
-                        deliver(task_create("urgent", priority=5,
-                                            requirements={"cores": 1}))], T0 + 1)
-
-    assert started(cut) == ["urgent"]
-    assert started(proc.process([], T0 + 1)) == ["waiting"]
-
-
 # --- malformed messages ---------------------------------------------------------------------
 
 
