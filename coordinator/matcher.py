@@ -144,7 +144,9 @@ class Shape:
         if self.reach != other.reach:
             return False
         amounts, repo_types, local_types = self.amounts, self.repo_types, self.local_types
-        return (all(amounts.get(key, 0.0) >= amount for key, amount in other.needs)
+        # A resource this one does not ask for covers nothing, not even an ask of 0: a node
+        # may have less than none of it free (its capacity lowered under running tasks).
+        return (all(amounts.get(key, -math.inf) >= amount for key, amount in other.needs)
                 and all(repo_types[kind] >= n for kind, n in other.repo_types.items())
                 and all(local_types[kind] >= n for kind, n in other.local_types.items()))
 
@@ -383,8 +385,8 @@ class _Pass:
     live: dict[Shape, _Fitting] = field(default_factory=dict)
     reservation: Reservation | None = None
     changed: list[str] = field(default_factory=list)  # nodes whose room a decision took
-    # The shapes found to fit nowhere in this pass, by reach: only the least demanding
-    # (none covers another).
+    # The shapes found to fit nowhere in this pass, by reach (one that covers another
+    # already there is dropped when it is added, so the lists stay short).
     failed: dict[tuple[Any, ...], list[Shape]] = field(default_factory=dict)
 
     @property
@@ -445,8 +447,9 @@ class _Pass:
     def fits_nowhere(self, shape: Shape, task: str) -> bool:
         """Known without a look at any node: it covers a shape that already fit nowhere in
         this pass (room only shrinks during a pass). On a full farm most shapes in the
-        queue are such, and looking each one over the nodes was most of a pass. The task
-        a node is kept for may use that node, which the failed shape could not."""
+        queue are such, and looking each one over the nodes was most of a pass. (The task
+        a node is kept for could use that node, which the failed shape could not; the
+        keeping task is never looked at again in its pass, so that check is defensive.)"""
         if shape in self.live:  # looked over once in this pass: its own heap says it
             return False
         taken = self.reservation

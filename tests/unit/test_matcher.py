@@ -721,6 +721,8 @@ def random_farm(seed: int) -> tuple[list[Task], list[NodeOffer]]:
                      **labels)
         if rng.random() < 0.5:
             busy(offer, cores=rng.randint(0, int(offer.capacity["cores"])))
+        if "gpus" in offer.free and rng.random() < 0.6:
+            busy(offer, gpus=-1)  # over-committed: its capacity went down under its tasks
         nodes.append(offer)
     tasks = []
     for seq in range(1, rng.randint(2, 40)):
@@ -728,6 +730,8 @@ def random_farm(seed: int) -> tuple[list[Task], list[NodeOffer]]:
                                         "memory": 500 * rng.randint(1, 12)}
         if rng.random() < 0.2:
             requirements.update(usage_require_gpu=True, gpus=1)
+        elif rng.random() < 0.3:
+            requirements["gpus"] = 0  # an ask of none, which a node with less than none fails
         if rng.random() < 0.2:
             requirements["usage_alice"] = True
         if rng.random() < 0.15:
@@ -739,7 +743,7 @@ def random_farm(seed: int) -> tuple[list[Task], list[NodeOffer]]:
     return tasks, nodes
 
 
-@pytest.mark.parametrize("seed", range(300))
+@pytest.mark.parametrize("seed", range(1000))
 def test_a_pass_chooses_what_looking_at_every_task_and_node_would(seed: int) -> None:
     tasks, offers = random_farm(seed)
     expected = reference_match(tasks, random_farm(seed)[1])
@@ -759,6 +763,20 @@ def test_a_shape_needing_more_than_one_that_fit_nowhere_is_not_looked_at() -> No
 
     assert result.blocked == {small.shape, large.shape}
     assert large.shape.covers(small.shape) and not small.shape.covers(large.shape)
+
+
+def test_a_shape_asking_nothing_of_a_resource_is_tried_where_an_ask_of_none_failed() -> None:
+    """A node whose capacity went down under its running tasks has less than none free: a
+    task asking 0 of it fails there, one not asking for it does not."""
+    def farm() -> list[NodeOffer]:
+        return [busy(node("m", cores=8), cores=0), busy(node("n", cores=4, gpus=0), gpus=-1)]
+    tasks = [task("big", seq=1, cores=8), task("zero", seq=2, cores=1, gpus=0),
+             task("plain", seq=3, cores=1)]
+
+    result = run(tasks, farm())
+
+    assert placed(result) == {"plain": "n"} == placed(reference_match(tasks, farm()))
+    assert not tasks[2].shape.covers(tasks[1].shape)
 
 
 def test_a_shape_is_not_covered_by_one_that_runs_on_other_nodes() -> None:
