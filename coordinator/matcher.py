@@ -316,7 +316,10 @@ class _Fitting:
 
     @classmethod
     def of(cls, shape: Shape, offers: _Roomiest, pool: RepoPool, synced: int) -> _Fitting:
-        members = {o.name: o for o in offers.with_room(shape.cores, shape.memory)
+        # A shape that asks no memory fits a node with less than none free (its memory
+        # lowered under running tasks), as fits_now has it.
+        memory = shape.amounts.get("memory", -math.inf)
+        members = {o.name: o for o in offers.with_room(shape.cores, memory)
                    if fits_now(shape, o, pool)}
         heap = [(_rank(shape, o), name) for name, o in members.items()]
         heapq.heapify(heap)

@@ -723,11 +723,14 @@ def random_farm(seed: int) -> tuple[list[Task], list[NodeOffer]]:
             busy(offer, cores=rng.randint(0, int(offer.capacity["cores"])))
         if "gpus" in offer.free and rng.random() < 0.6:
             busy(offer, gpus=-1)  # over-committed: its capacity went down under its tasks
+        if rng.random() < 0.1:
+            busy(offer, memory=-500)
         nodes.append(offer)
     tasks = []
     for seq in range(1, rng.randint(2, 40)):
-        requirements: dict[str, Any] = {"cores": rng.choice((1, 2, 4, 8)),
-                                        "memory": 500 * rng.randint(1, 12)}
+        requirements: dict[str, Any] = {"cores": rng.choice((1, 2, 4, 8))}
+        if rng.random() < 0.8:
+            requirements["memory"] = 500 * rng.randint(1, 12)
         if rng.random() < 0.2:
             requirements.update(usage_require_gpu=True, gpus=1)
         elif rng.random() < 0.3:
@@ -777,6 +780,14 @@ def test_a_shape_asking_nothing_of_a_resource_is_tried_where_an_ask_of_none_fail
 
     assert placed(result) == {"plain": "n"} == placed(reference_match(tasks, farm()))
     assert not tasks[2].shape.covers(tasks[1].shape)
+
+
+def test_a_task_asking_no_memory_fits_a_node_with_less_than_none_free() -> None:
+    over = busy(node("over", cores=4, memory=1000), memory=-200)  # lowered under its tasks
+
+    result = run([task("any", cores=1), task("some", seq=2, cores=1, memory=100)], [over])
+
+    assert placed(result) == {"any": "over"}
 
 
 def test_a_shape_is_not_covered_by_one_that_runs_on_other_nodes() -> None:
