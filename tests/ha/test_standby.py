@@ -72,12 +72,13 @@ def first_decision_after(proc: VespidProcess, offset: int, timeout: float = 60) 
     raise AssertionError(f"no task started within {timeout} s:\n{proc.log()[-2000:]}")
 
 
-def marker_script(folder: Path) -> str:
+def marker_script(folder: Path, seconds: float = 0.0) -> str:
     # Each run appends a line to a file named after its task: a file of two lines is a
-    # script that ran twice.
-    return ("import os, pathlib; t = os.environ['VESPID_TASK']; "
+    # script that ran twice. It then takes `seconds`, so that work is left however fast
+    # the machine forks.
+    return ("import os, pathlib, time; t = os.environ['VESPID_TASK']; "
             f"p = pathlib.Path({str(folder)!r}) / t; "
-            "p.open('a').write('ran\\n')")
+            f"p.open('a').write('ran\\n'); time.sleep({seconds})")
 
 
 def assert_each_ran_once(done: list[dict[str, Any]], runs: Path, total: int) -> None:
@@ -99,10 +100,14 @@ def test_three_sigkills_of_the_active_coordinator_lose_nothing_and_run_nothing_t
     active = wait_active(coordinators, {})  # the first message woke one of them
     runs = tmp_path / "runs"
     runs.mkdir()
+    # 2,000 tasks of 0.2 s on 12 cores: at least 33 s of work, so each of the three
+    # takeovers (3 s apart, a few seconds each) finds tasks still to start. With tasks of no
+    # length, a fast machine ran them all before the third and its test waited for a
+    # decision that could not come.
     total = 2000
     for i in range(total):
         raw.send({"command": "task-create", "name": f"flow-{i:04d}",
-                  "executable_pyscript": marker_script(runs)})
+                  "executable_pyscript": marker_script(runs, seconds=0.2)})
         if i % 400 == 399:
             raw.connection.process_data_events(time_limit=0)
 
