@@ -447,16 +447,13 @@ class _Pass:
 
         return fitting.best(shape, self.pool, usable)
 
-    def fits_nowhere(self, shape: Shape, task: str) -> bool:
+    def fits_nowhere(self, shape: Shape) -> bool:
         """Known without a look at any node: it covers a shape that already fit nowhere in
         this pass (room only shrinks during a pass). On a full farm most shapes in the
-        queue are such, and looking each one over the nodes was most of a pass. (The task
-        a node is kept for could use that node, which the failed shape could not; the
-        keeping task is never looked at again in its pass, so that check is defensive.)"""
+        queue are such, and looking each one over the nodes was most of a pass. (A node
+        kept in this pass is kept for a task whose shape fit nowhere and is not looked at
+        again, so no task asked about here may use a node the failed shape could not.)"""
         if shape in self.live:  # looked over once in this pass: its own heap says it
-            return False
-        taken = self.reservation
-        if taken is not None and taken.task == task:
             return False
         return any(shape.covers(smaller) for smaller in self.failed.get(shape.reach, ()))
 
@@ -500,7 +497,7 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
     blocked: set[Shape] = set()
     while heap:
         key, shape, index = heapq.heappop(heap)
-        if run.fits_nowhere(shape, key[-1]):
+        if run.fits_nowhere(shape):
             # Nor could it be kept a node: the shape it covers found none, or one is kept.
             blocked.add(shape)
             continue
