@@ -2,13 +2,15 @@
 
 Exit codes scripts can rely on: 0 success (a waited task and its tree ended ok or warning),
 1 something in the waited tree ended error/fatal/terminated, 2 bad usage or settings,
-3 broker or coordinator unreachable, 4 no such task, 5 timed out waiting.
+3 broker or coordinator unreachable, 4 no such task, 5 timed out waiting, 141 the reader
+of the output closed it early (as for any tool stopped by SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -417,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vespid", description="Vespid: a distributed task system for build farms.",
         epilog="--amqp-url and --request-timeout may also come before COMMAND. "
                "Exit codes: 0 ok, 1 a waited task or its tree failed, 2 usage, "
-               "3 broker/coordinator unreachable, 4 no such task, 5 wait timed out.")
+               "3 broker/coordinator unreachable, 4 no such task, 5 wait timed out, 141 output"
+               " closed by its reader (as `| head` does).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_options(p: argparse.ArgumentParser) -> None:
@@ -532,7 +535,25 @@ def _options_after_command(argv: list[str]) -> list[str]:
     return front + rest[:1] + moved + rest[1:]
 
 
+EXIT_PIPE_CLOSED = 128 + 13  # what a shell reports for a writer stopped by SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that closes the pipe early (`vespid tasks | head`) ends it
+    quietly, as it would end any other Unix tool, instead of with a traceback."""
+    try:
+        try:
+            return _run(argv)
+        finally:  # also after --help's exit: the interpreter's own flush would fail unseen
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # stdout is gone: point it at /dev/null so the flush at exit has nowhere to fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+
+
+def _run(argv: list[str] | None) -> int:
     with collector_paused():  # building the parser imports most of what any command runs
         args = build_parser().parse_args(_options_after_command(
             sys.argv[1:] if argv is None else argv))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -105,3 +108,19 @@ def test_children_keys_count_per_pretty_name_and_pins_are_recognised() -> None:
     assert len(child_key("p-test-keys", "x" * 300)) <= 200
     assert is_node_pin("usage_require_node_box1") and is_node_pin("usage_prefer_node_box1")
     assert not is_node_pin("usage_require_gpu") and not is_node_pin("usage_node_box1")
+
+
+@pytest.mark.parametrize("args", [["completion"]])
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(args: list[str]) -> None:
+    """`vespid tasks | head` on a long list: the reader goes away before the CLI is done
+    writing. The command stops as `yes | head` would, with no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        done = subprocess.run([sys.executable, "-m", "vespid.client.cli", *args],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+    assert done.stderr == ""
+    assert done.returncode == 141
