@@ -9,6 +9,10 @@ Vespid: the full lifecycle as bench.throughput runs it (task-create → decision
 a raw-protocol node → task-complete → complete), with 1 and with 10 simulated nodes, the same
 N. Measured from the first publish until task-list counts N tasks complete.
 
+The contract's floor (bench/floor.py): the same simulated nodes behind a raw-pika stand-in
+that does only what WIRE.md makes every coordinator do for a task; about the most any
+coordinator of this contract could reach here with pika.
+
 The configurations take turns, round after round (every other round in reverse order), so
 that the machine's drift falls on all of them; the report gives each one's median.
 
@@ -39,7 +43,7 @@ from urllib.parse import unquote, urlsplit
 import pika
 from kombu.serialization import dumps
 
-from bench import celery_app, common, throughput
+from bench import celery_app, common, floor, throughput
 from bench.common import BenchError, Coordinator, Deadline, Peer, fmt, log, rate
 from bench.throughput import Pipeline
 
@@ -314,6 +318,16 @@ def run_vespid(nodes: int, count: int, deadline: Deadline, usage: dict[str, Usag
     return throughput.run_vespid(count, deadline, nodes=nodes, measure=measured)
 
 
+def run_floor(nodes: int, count: int, deadline: Deadline, usage: dict[str, Usage],
+              events: bool = True) -> Pipeline:
+    """bench.floor: the contract's messages alone, a raw-pika stand-in for the coordinator."""
+
+    def measured(pids: dict[str, int | None]) -> contextlib.AbstractContextManager[None]:
+        return recording({**pids, "RabbitMQ": common.broker_pid()}, usage)
+
+    return floor.run_floor(nodes, count, deadline, measured, events)
+
+
 # ---- the profile of one extra Vespid run --------------------------------------------------
 def py_spy() -> str | None:
     beside = Path(sys.executable).with_name("py-spy")
@@ -426,6 +440,7 @@ class Config:
     label: str
     run: Callable[[int, Deadline, dict[str, Usage]], Pipeline]
     celery_pool: bool = False  # a candidate for "Celery's best"
+    default: bool = True  # in every run; otherwise only when --only names it
 
     def __call__(self, number: int, count: int, deadline: Deadline) -> Run:
         run = Run(number, Pipeline(self.label, count))
@@ -452,6 +467,10 @@ CONFIGS = [
     celery_config("prefork", "Celery prefork x2", ["--pool", "prefork", "--concurrency", "2"]),
     celery_config("client", "Celery solo, apply_async publisher", ["--pool", "solo"],
                   client=True),
+    Config("f1", "Contract floor, 1 node", lambda n, d, u: run_floor(1, n, d, u)),
+    Config("f10", "Contract floor, 10 nodes", lambda n, d, u: run_floor(10, n, d, u)),
+    Config("f1n", "Contract floor without events, 1 node",
+           lambda n, d, u: run_floor(1, n, d, u, events=False), default=False),
 ]
 
 
@@ -537,8 +556,26 @@ def verdict_lines(summaries: dict[str, Summary]) -> list[str]:
             line += (f" (counted to the N-th task-run instead of N complete: "
                      f"{vespid.start_rate / (best.rate or 1.0):.2f} x best)")
         lines.append(line)
-    cpu = cpu_lines(best, [s for k, s in summaries.items() if k in ("v1", "v10")])
+    lines += floor_lines(summaries, best)
+    cpu = cpu_lines(best, [s for k, s in summaries.items() if k in ("v1", "v10", "f1", "f10")])
     return [*lines, "", *cpu] if cpu else lines
+
+
+def floor_lines(summaries: dict[str, Summary], best: Summary) -> list[str]:
+    """How far the contract alone lets any coordinator go, and how much of it Vespid gets."""
+    lines = []
+    for floor_key, vespid_key in (("f1", "v1"), ("f10", "v10")):
+        bound, vespid = summaries.get(floor_key), summaries.get(vespid_key)
+        if bound is None or not bound.rate:
+            continue
+        ratio = bound.rate / (best.rate or 1.0)
+        line = (f"- {bound.config.label}: {fmt(bound.rate)} tasks/s = **{ratio:.2f} x** "
+                "Celery's best: about the most a coordinator of this contract could do here "
+                "with pika")
+        if vespid is not None and vespid.rate:
+            line += f"; Vespid reaches **{vespid.rate / bound.rate:.2f}** of it"
+        lines.append(line)
+    return lines
 
 
 def cpu_lines(best: Summary, vespid: list[Summary]) -> list[str]:
@@ -652,7 +689,8 @@ HOW_TO_READ = (
 
 
 def plan(rounds: int, only: list[str] | None) -> list[tuple[int, Config]]:
-    chosen = [c for c in CONFIGS if only is None or c.key in only]
+    chosen = [c for c in CONFIGS if c.key in only] if only else [c for c in CONFIGS
+                                                                  if c.default]
     order: list[tuple[int, Config]] = []
     for number in range(1, rounds + 1):
         turn = chosen if number % 2 else list(reversed(chosen))
@@ -668,7 +706,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"times each configuration runs (default {ROUNDS})")
     parser.add_argument("--quick", action="store_true", help="fewer tasks, shorter caps")
     parser.add_argument("--only", nargs="+", choices=[c.key for c in CONFIGS],
-                        help="run only these configurations")
+                        help="run only these configurations (f1n, the contract floor "
+                        "without its events, runs only when named)")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the extra Vespid run profiled with py-spy")
     parser.add_argument("--cap-minutes", type=float,
