@@ -36,6 +36,7 @@ class Outgoing:
     command: str
     body: bytes
     headers: dict[str, Any] | None = None
+    run: tuple[str, int] | None = None  # a task-run: (task, attempt), told when it is confirmed
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class Effects:
         self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
 
     def to_node(self, node: str, message: NodeMessage) -> None:
+        run = (message.name, message.attempt) if isinstance(message, TaskRun) else None
         self.outgoing.append(Outgoing(topology.EXCHANGE, topology.node_key(node),
-                                      message.command, encode(message)))
+                                      message.command, encode(message), run=run))
 
     def kill(self, node: str, task: str, attempt: int | None, reason: str) -> None:
         self.to_node(node, TaskKill(command="task-kill", name=task, attempt=attempt,

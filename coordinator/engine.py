@@ -39,6 +39,9 @@ class Context:
     message_id: str | None = None  # its message_id property, when the sender set one
     # When it reached this coordinator: behind on its messages, that is earlier than `now`.
     arrived: float = 0.0
+    # False while the nodes' messages may be waiting unhandled (in hand, or in the broker
+    # behind a full window): a node-set handled now may then be far older than it looks.
+    nodes_current: bool = True
     extensions: Extensions = field(default_factory=lambda: Extensions(()))
 
     def may_control(self, owner: str | None) -> bool:
@@ -278,16 +281,30 @@ def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) ->
         if name in reported:
             ctx.state.seen_on_node(task)
             continue
-        # A task-run may still be on its way: only a task the node once reported, or one
-        # sent long enough before this node-set reached us, is really gone (task-complete
-        # travels before node-set). Reached us, not handled: a coordinator behind on the
-        # nodes' messages would take a node-set older than its task-run for a loss.
-        sent = task.dispatched_at or 0.0
-        if task.seen_on_node or (ctx.arrived or ctx.now) - sent > ctx.settings.dispatch_grace:
+        if _gone_from(ctx, task):
             lost_under(ctx, task, f"node {node.name} no longer reports this task")
     for name, attempt in sorted(reported.items()):
         if name not in node.running:
             _unexpected(ctx, node, name, attempt)
+
+
+def _gone_from(ctx: Context, task: Task) -> bool:
+    """Whether a node-set that omits the task means its node no longer has it. A task-run
+    may still be on its way: only a task the node once reported (task-complete travels
+    before node-set), or one whose task-run the broker took long enough before this
+    node-set reached us, is really gone. Reached us, not handled: a coordinator behind on
+    the nodes' messages would take a node-set older than its task-run for a loss. Taken by
+    the broker, not decided: until the broker confirms it, no node can have it."""
+    if task.seen_on_node:
+        return True
+    if task._run_unconfirmed or not ctx.nodes_current:
+        # Behind on the nodes' messages, when one reached us says little about when it was
+        # sent: at 1,000 busy nodes node-sets waited in the broker longer than the grace,
+        # and a third of the tasks ran twice. The node's own word (a task it reported, then
+        # not) still counts; the grace waits until we are current again.
+        return False
+    sent = task.dispatched_at or 0.0
+    return (ctx.arrived or ctx.now) - sent > ctx.settings.dispatch_grace
 
 
 def node_left(ctx: Context, node: Node) -> None:

@@ -61,6 +61,7 @@ class Processor:
         self._started = now
         self._next_id = store.next_outbox_id()
         self._confirmed: list[int] = []
+        self._runs: dict[int, tuple[str, int]] = {}  # outbox id of a task-run -> (task, attempt)
         self._reload()
         self._full_collections = gc.get_stats()[2]["collections"]
 
@@ -89,18 +90,29 @@ class Processor:
             gc.freeze()
             self._full_collections = full
 
-    def confirmed(self, outbox_ids: Sequence[int]) -> None:
+    def confirmed(self, outbox_ids: Sequence[int], now: float) -> None:
+        """The broker took these (publisher confirms): their rows go at the next commit, and
+        a task-run among them is on its node's queue from `now`."""
         self._confirmed.extend(outbox_ids)
+        if self._runs:
+            for outbox_id in outbox_ids:
+                run = self._runs.pop(outbox_id, None)
+                if run is not None:
+                    self.state.run_taken(*run, now)
 
-    def process(self, batch: Sequence[Delivery], now: float) -> Outcome:
+    def process(self, batch: Sequence[Delivery], now: float, nodes_current: bool = True
+                ) -> Outcome:
+        """Handle a batch as one transaction. `nodes_current`: whether this coordinator is
+        up to date with the nodes' messages (Context.nodes_current)."""
         try:
-            return self._in_transaction(lambda ctx: self._handle_all(ctx, batch), now)
+            return self._in_transaction(lambda ctx: self._handle_all(ctx, batch), now,
+                                        nodes_current)
         except StoreError:
             raise  # nothing about the messages: retrying them one by one cannot help
         except Exception:
             log.exception("batch_failed_retrying_one_by_one", size=len(batch))
             self._reload()
-            return self._one_by_one(batch, now)
+            return self._one_by_one(batch, now, nodes_current)
 
     def split_reads(self, requests: Sequence[Delivery]
                     ) -> tuple[list[tuple[Delivery, Any]], list[Delivery]]:
@@ -182,18 +194,20 @@ class Processor:
     def _sweep_extensions(ctx: Context) -> None:
         ctx.extensions.tick(ctx)
 
-    def _one_by_one(self, batch: Sequence[Delivery], now: float) -> Outcome:
+    def _one_by_one(self, batch: Sequence[Delivery], now: float, nodes_current: bool
+                    ) -> Outcome:
         total = Outcome()
         for delivery in batch:
-            outcome = self._handle_alone(delivery, now)
+            outcome = self._handle_alone(delivery, now, nodes_current)
             total.replies += outcome.replies
             total.outbox += outcome.outbox
             total.new_nodes += outcome.new_nodes
         return total
 
-    def _handle_alone(self, delivery: Delivery, now: float) -> Outcome:
+    def _handle_alone(self, delivery: Delivery, now: float, nodes_current: bool) -> Outcome:
         try:
-            return self._in_transaction(lambda ctx: self._handle_all(ctx, [delivery]), now)
+            return self._in_transaction(lambda ctx: self._handle_all(ctx, [delivery]), now,
+                                        nodes_current)
         except StoreError:
             raise
         except Exception as exc:
@@ -206,8 +220,10 @@ class Processor:
         ctx.effects.handled.append(_command_of(delivery))  # it was handled, and failed
         self._reject(ctx, delivery, "internal", reason)
 
-    def _in_transaction(self, work: Callable[[Context], None], now: float) -> Outcome:
-        ctx = Context(self.state, self.settings, Effects(), now, extensions=self.extensions)
+    def _in_transaction(self, work: Callable[[Context], None], now: float,
+                        nodes_current: bool = True) -> Outcome:
+        ctx = Context(self.state, self.settings, Effects(), now, nodes_current=nodes_current,
+                      extensions=self.extensions)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:
@@ -248,6 +264,9 @@ class Processor:
                                 out.command, out.body, out.headers)
                     for i, out in enumerate(effects.outgoing)]
         self._next_id = first + len(entries)
+        self._runs.update((entry.id, out.run) for entry, out
+                          in zip(entries[len(effects.files):], effects.outgoing, strict=True)
+                          if out.run is not None)
         return entries
 
     def _handle_all(self, ctx: Context, batch: Sequence[Delivery]) -> None:

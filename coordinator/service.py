@@ -130,6 +130,9 @@ class CoordinatorService:
         self._ack_after: deque[tuple[int, list[int]]] = deque()  # (publish seq, tags)
         self._settled: set[int] = set()
         self._acked = 0  # every tag up to this one is acked
+        # Tags of the nodes' messages not acked yet: with node_prefetch of them the window is
+        # full, and the broker may hold more behind it (_caught_up_with_nodes).
+        self._node_tags: deque[int] = deque()
         self._resend: set[int] = set()
         self._returned: set[int] = set()
         self._close_reason: str | None = None
@@ -333,6 +336,7 @@ class CoordinatorService:
     @_stop_on_store_error
     def _on_node_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
         """A node's message (the node channel)."""
+        self._node_tags.append(method.delivery_tag)
         self._receive(self._from_nodes, method, props, body)
 
     def _receive(self, into: list[Delivery] | deque[Delivery], method: Any, props: Any,
@@ -376,7 +380,8 @@ class CoordinatorService:
             batch += nodes
             if batch:
                 started = time.perf_counter()
-                self._publish(self.processor.process(batch, time.time()))
+                self._publish(self.processor.process(
+                    batch, time.time(), nodes_current=self._caught_up_with_nodes()))
                 self._settle([delivery.tag for delivery in batch])
                 self._learn_cost(time.perf_counter() - started, len(batch))
             self._batch_due = False
@@ -421,20 +426,24 @@ class CoordinatorService:
 
     def _caught_up_with_nodes(self) -> bool:
         """Whether the nodes' messages are handled about as they come. If not (the oldest
-        one in hand waited longer than NODE_LAG_SECONDS), no node may be declared lost: its
-        heartbeat may be among them, or behind them in the queue. Losing every node of a
+        one in hand waited longer than NODE_LAG_SECONDS, or the node channel's window is
+        full, so the broker may hold more behind it), no node may be declared lost: its
+        heartbeat may be among them, or behind them in the queue; and a node-set that omits
+        a task may be older than the task-run (engine._gone_from). Losing every node of a
         farm because this process fell behind ran each of their tasks twice."""
         now = time.time()
         # Both queues: a node of contract v1 sends its node-sets with the requests.
         oldest = min((queue[0].received for queue in (self._from_nodes, self._requests)
                       if queue), default=now)
         waited = now - oldest
-        if waited <= NODE_LAG_SECONDS:
+        window_full = len(self._node_tags) >= self.settings.node_prefetch
+        if waited <= NODE_LAG_SECONDS and not window_full:
             return True
         if now >= self._next_lag_warning:
             self._next_lag_warning = now + LAG_WARNING_SECONDS
             log.warning("node_sweep_deferred", behind_seconds=round(waited, 1),
-                        waiting=len(self._from_nodes) + len(self._requests))
+                        waiting=len(self._from_nodes) + len(self._requests),
+                        window_full=window_full)
         return False
 
     # ---- publishing ------------------------------------------------------------------
@@ -546,7 +555,7 @@ class CoordinatorService:
             self._returned.discard(outbox_id)
             self._resend.add(outbox_id)
             return
-        self.processor.confirmed([outbox_id])
+        self.processor.confirmed([outbox_id], time.time())
         key = next(k for k, holder in self._holder.items() if holder.id == outbox_id)
         del self._holder[key]
         held = self._held.pop(key)
@@ -595,7 +604,7 @@ class CoordinatorService:
             else:
                 self._returned.discard(outbox_id)
                 self._resend.add(outbox_id)
-        self.processor.confirmed(done)
+        self.processor.confirmed(done, time.time())
         self._ack_settled()
         self._pump_files()
 
@@ -619,3 +628,5 @@ class CoordinatorService:
         if acked > self._acked:
             self._acked = acked
             self._channel.basic_ack(delivery_tag=acked, multiple=True)
+            while self._node_tags and self._node_tags[0] <= acked:
+                self._node_tags.popleft()

@@ -29,8 +29,8 @@ class CoordinatorSettings(ProcessSettings):
                                    description="a node silent this many intervals is lost")
     dispatch_grace: float = Field(
         default=15.0, gt=0,
-        description="seconds a node may take to report a task it was sent before the "
-                    "coordinator believes the node does not have it")
+        description="seconds a node may take to report a task, from when the broker took "
+                    "its task-run, before the coordinator believes the node does not have it")
     prefetch: int = Field(default=500, ge=1, le=65535,
                           description="requests in flight at most (node messages: node_prefetch)")
     node_prefetch: int = Field(

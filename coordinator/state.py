@@ -130,8 +130,16 @@ class Task:
     message: str | None = None
     log: str | None = None
     path: str | None = None
+    # When the broker took its current task-run (until then, when it was decided), and
+    # whether the node has reported it since: decide whether a node-set omitting it means
+    # the node lost it (engine.reconcile_node).
     dispatched_at: float | None = None
     seen_on_node: bool = False
+    # In memory only: its task-run is not yet confirmed by the broker, so no node can have
+    # it yet. A coordinator whose publishes wait on the broker (flow control at 1,000 busy
+    # nodes) took node-sets sent before the task-run even left for losses, and ran the task
+    # twice; after a restart it is False and forgive_downtime gives the grace instead.
+    _run_unconfirmed: bool = field(default=False, repr=False, compare=False)
     cancel_requested: bool = False
     holds: dict[str, str] = field(default_factory=dict)  # request key -> repository
     lent_cores: float = 0.0  # cores given back while it waits for its children
@@ -757,6 +765,16 @@ class State:
         self._changed_node(node)
         self.node_gained_room(node.name)
 
+    def run_taken(self, name: str, attempt: int, now: float) -> None:
+        """The broker confirmed the task-run of this attempt: the grace for the node to
+        report it counts from now. In memory only, like forgive_downtime."""
+        task = self.tasks.get(name)
+        if task is None or task.status is not TaskStatus.WORKING or task.attempt != attempt:
+            return
+        task._run_unconfirmed = False
+        if not task.seen_on_node:
+            task.dispatched_at = max(task.dispatched_at or now, now)
+
     def seen_on_node(self, task: Task) -> None:
         if not task.seen_on_node:
             task.seen_on_node = True
@@ -822,6 +840,7 @@ class State:
         task.time_start = now
         task.dispatched_at = now
         task.seen_on_node = False
+        task._run_unconfirmed = True
         task.attempts.append(Attempt(task.attempt, node.name, now, allocated=dict(allocated)))
         for repo in repos.values():
             self._hold(repo, task.name)

@@ -70,10 +70,15 @@ def dead_letters(outcome: Outcome) -> list[OutboxEntry]:
     return [e for e in outcome.outbox if e.exchange == "vespid.dead"]
 
 
-def start_one(proc: Processor, name: str = "t1", now: float = T0, **fields: Any) -> None:
+def start_one(proc: Processor, name: str = "t1", now: float = T0, confirm: bool = True,
+              **fields: Any) -> Outcome:
+    """Start one task on n1; with `confirm`, the broker takes everything it sent at once."""
     send(proc, node_set(), now)
     outcome = send(proc, task_create(name, **fields), now)
     assert [key for key, _ in to_nodes(outcome)] == ["node.n1"]
+    if confirm:
+        proc.confirmed([e.id for e in outcome.outbox], now)
+    return outcome
 
 
 # --- creating and starting tasks ------------------------------------------------------------
@@ -439,6 +444,77 @@ def test_a_node_set_that_came_within_the_grace_leaves_it_working_even_if_handled
     assert info(proc, "t1", T0 + GRACE + 31)["success"] == "terminated"
 
 
+def test_a_node_set_never_ends_a_task_whose_task_run_the_broker_has_not_taken(
+        proc: Processor) -> None:
+    """At 1,000 busy nodes the broker held back the coordinator's publishes for longer than
+    the grace: node-sets sent before the task-run even left were taken for losses, and a
+    third of the tasks ran twice. No node can have a task-run the broker has not taken."""
+    start_one(proc, retries=0, confirm=False)
+
+    outcome = send(proc, node_set(activetasks=[]), T0 + 10 * GRACE)
+
+    assert event_keys(outcome) == []
+    assert info(proc, "t1", T0 + 10 * GRACE)["status"] == "working"
+
+
+def test_the_grace_counts_from_when_the_broker_took_the_task_run(proc: Processor) -> None:
+    outcome = start_one(proc, retries=0, confirm=False)
+    taken = T0 + 100
+    proc.confirmed([e.id for e in outcome.outbox], taken)
+
+    send(proc, node_set(activetasks=[]), taken + GRACE - 1)
+    assert info(proc, "t1", taken + GRACE - 1)["status"] == "working"
+
+    send(proc, node_set(activetasks=[]), taken + GRACE + 1)
+    reply = info(proc, "t1", taken + GRACE + 1)
+    assert reply["success"] == "terminated"
+    assert "no longer reports" in reply["message"]
+
+
+def test_behind_on_the_nodes_messages_a_node_set_past_the_grace_ends_nothing(
+        proc: Processor) -> None:
+    """With the node channel's messages waiting (in hand, or in the broker behind a full
+    window), a node-set reaching us now may have been sent long ago, before the node got
+    the task-run: the grace waits until the coordinator is current again."""
+    start_one(proc, retries=0)
+    behind = proc.process([deliver(node_set(activetasks=[]))], T0 + GRACE + 30,
+                          nodes_current=False)
+
+    assert event_keys(behind) == []
+    assert info(proc, "t1", T0 + GRACE + 30)["status"] == "working"
+
+    send(proc, node_set(activetasks=[]), T0 + GRACE + 31)
+    assert info(proc, "t1", T0 + GRACE + 31)["success"] == "terminated"
+
+
+def test_behind_on_the_nodes_messages_a_task_the_node_reported_then_omits_is_still_gone(
+        proc: Processor) -> None:
+    """The node's own word needs no clock: it listed the task, then a later node-set does
+    not (its task-complete would have come first)."""
+    start_one(proc, retries=0)
+    send(proc, node_set(activetasks=["t1"]), T0 + 1)
+
+    proc.process([deliver(node_set(activetasks=[]))], T0 + 2, nodes_current=False)
+
+    assert info(proc, "t1", T0 + 2)["success"] == "terminated"
+
+
+def test_a_confirm_for_an_earlier_attempt_leaves_the_current_one_waiting(
+        proc: Processor) -> None:
+    """The task-run of an attempt since given up is confirmed late: the attempt that
+    replaced it has not reached the broker yet, so it is not judged by that time."""
+    first = start_one(proc, retries=1, confirm=False)
+    send(proc, node_set("n2"), T0)
+    send(proc, {"command": "node-set", "name": "n1", "capabilities": {}, "repositories": {},
+                "activetasks": {}, "leaving": True}, T0 + 1)  # attempt 1 lost; 2 goes to n2
+    proc.confirmed([e.id for e in first.outbox], T0 + 2)
+
+    send(proc, node_set("n2", activetasks=[]), T0 + 10 * GRACE)
+
+    reply = info(proc, "t1", T0 + 10 * GRACE)
+    assert (reply["status"], reply["node"]) == ("working", "n2")
+
+
 def test_a_node_reporting_a_task_it_should_not_run_is_told_to_kill_it(
         proc: Processor) -> None:
     send(proc, node_set())
@@ -604,7 +680,7 @@ def test_unconfirmed_outbox_entries_survive_reopening_and_confirmed_ones_are_del
     send(proc, node_set())
     created = send(proc, task_create())
     ids = [e.id for e in created.outbox]
-    proc.confirmed(ids[:1])
+    proc.confirmed(ids[:1], T0)
     send(proc, {"command": "node-list"})
     store.close()
 
