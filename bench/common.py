@@ -721,6 +721,30 @@ def simulator_main(spec: SimSpec, pipe: Connection) -> None:
         sys.exit(1)
 
 
+class SelectChild:
+    """A helper process's pika SelectConnection with one channel, reporting to the parent
+    on `pipe`: a connection that fails to open or closes sends ("final", why) and stops the
+    loop. A subclass takes the channel in `_on_channel` and starts the loop in `run`."""
+
+    def __init__(self, url: str, name: str, pipe: Connection) -> None:
+        self.pipe = pipe
+        self.channel: Any = None
+        self.connection = pika.SelectConnection(
+            connection_parameters(url, name), on_open_callback=self._on_open,
+            on_open_error_callback=self._on_error, on_close_callback=self._on_error)
+
+    def _on_error(self, _connection: Any, error: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.pipe.send(("final", repr(error)))
+        self.connection.ioloop.stop()
+
+    def _on_open(self, connection: Any) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_channel(self, channel: Any) -> None:
+        raise NotImplementedError
+
+
 class ChildProcess:
     """A helper process on a pipe: messages (kind, payload) in, commands out; bounded waits."""
 

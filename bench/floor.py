@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import pika
-
 from bench.common import (
     COORDINATOR_KEY,
     COORDINATOR_QUEUE,
@@ -39,9 +37,9 @@ from bench.common import (
     ChildProcess,
     Deadline,
     Peer,
+    SelectChild,
     SimSpec,
     child_setup,
-    connection_parameters,
     log,
     private_vhost,
     simulator_main,
@@ -61,36 +59,24 @@ class FloorStats:
     expected_complete: float | None = None  # when the expect-th task-complete arrived
 
 
-class FloorCoordinator:
+class FloorCoordinator(SelectChild):
     """Relays task-create → task-run and takes task-completes, with events and confirms."""
 
     def __init__(self, url: str, expect: int, events: bool, pipe: Connection) -> None:
-        self.pipe = pipe
+        super().__init__(url, "vespid-bench-floor", pipe)
         self.events = events
         self.expect = expect
         self.stats = FloorStats()
         self.nodes: list[str] = []
         self.turn = 0
-        self.channel: Any = None
         self.seq = 0
         self.unconfirmed: deque[tuple[int, int]] = deque()  # (last publish seq, delivery tag)
         self.confirmed_to = 0  # every publish up to this one is confirmed
         self.confirmed_beyond: set[int] = set()  # confirmed out of order, above confirmed_to
-        self.connection = pika.SelectConnection(
-            connection_parameters(url, "vespid-bench-floor"), on_open_callback=self._on_open,
-            on_open_error_callback=self._on_error, on_close_callback=self._on_error)
 
     def run(self) -> None:
         self.connection.ioloop.call_later(0.1, self._report)
         self.connection.ioloop.start()
-
-    def _on_error(self, _connection: Any, error: Any) -> None:
-        with contextlib.suppress(Exception):
-            self.pipe.send(("final", repr(error)))
-        self.connection.ioloop.stop()
-
-    def _on_open(self, connection: Any) -> None:
-        connection.channel(on_open_callback=self._on_channel)
 
     def _on_channel(self, channel: Any) -> None:
         self.channel = channel

@@ -37,6 +37,7 @@ from bench.common import (
     Deadline,
     NodeSpec,
     Peer,
+    SelectChild,
     SimSpec,
     SimStats,
     bench_parser,
@@ -202,30 +203,18 @@ def note_cpu(result: Pipeline, pids: dict[str, int | None],
 
 
 # ---- the raw pika ceiling -----------------------------------------------------------------
-class Relay:
+class Relay(SelectChild):
     """Consume task-creates, publish a task-run each with confirms, ack after confirm."""
 
     def __init__(self, url: str, pipe: Connection) -> None:
-        self.pipe = pipe
-        self.channel: Any = None
+        super().__init__(url, "vespid-bench-relay", pipe)
         self.seq = 0
         self.unconfirmed: deque[tuple[int, int]] = deque()  # (publish seq, delivery tag)
         self.confirmed: set[int] = set()
-        self.connection = pika.SelectConnection(
-            connection_parameters(url, "vespid-bench-relay"), on_open_callback=self._on_open,
-            on_open_error_callback=self._on_error, on_close_callback=self._on_error)
 
     def run(self) -> None:
         self.connection.ioloop.call_later(0.2, self._check_pipe)
         self.connection.ioloop.start()
-
-    def _on_error(self, _connection: Any, error: Any) -> None:
-        with contextlib.suppress(Exception):
-            self.pipe.send(("final", repr(error)))
-        self.connection.ioloop.stop()
-
-    def _on_open(self, connection: Any) -> None:
-        connection.channel(on_open_callback=self._on_channel)
 
     def _on_channel(self, channel: Any) -> None:
         self.channel = channel
