@@ -299,9 +299,9 @@ def _gone_from(ctx: Context, task: Task) -> bool:
         return True
     if task._run_unconfirmed or not ctx.nodes_current:
         # Behind on the nodes' messages, when one reached us says little about when it was
-        # sent: at 1,000 busy nodes node-sets waited in the broker longer than the grace,
-        # and a third of the tasks ran twice. The node's own word (a task it reported, then
-        # not) still counts; the grace waits until we are current again.
+        # sent (it may have waited in the broker longer than the grace). The node's own
+        # word (a task it reported, then not) still counts; the clock waits until we are
+        # current again.
         return False
     sent = task.dispatched_at or 0.0
     return (ctx.arrived or ctx.now) - sent > ctx.settings.dispatch_grace

@@ -234,6 +234,10 @@ class Processor:
             self.store.add_outbox(entries)
             self.store.delete_outbox(self._confirmed)
         self._confirmed = []
+        # Only task-runs that were committed will be sent and confirmed.
+        self._runs.update((entry.id, out.run) for entry, out
+                          in zip(entries[len(ctx.effects.files):], ctx.effects.outgoing,
+                                 strict=True) if out.run is not None)
         # Counted once committed: a batch retried one by one does not count twice.
         self._observe(ctx.effects)
         return Outcome(ctx.effects.replies, entries, ctx.effects.new_nodes)
@@ -264,9 +268,6 @@ class Processor:
                                 out.command, out.body, out.headers)
                     for i, out in enumerate(effects.outgoing)]
         self._next_id = first + len(entries)
-        self._runs.update((entry.id, out.run) for entry, out
-                          in zip(entries[len(effects.files):], effects.outgoing, strict=True)
-                          if out.run is not None)
         return entries
 
     def _handle_all(self, ctx: Context, batch: Sequence[Delivery]) -> None:

@@ -136,9 +136,8 @@ class Task:
     dispatched_at: float | None = None
     seen_on_node: bool = False
     # In memory only: its task-run is not yet confirmed by the broker, so no node can have
-    # it yet. A coordinator whose publishes wait on the broker (flow control at 1,000 busy
-    # nodes) took node-sets sent before the task-run even left for losses, and ran the task
-    # twice; after a restart it is False and forgive_downtime gives the grace instead.
+    # it yet (a publish the broker holds back by flow control waits in pika's buffer);
+    # after a restart it is False and forgive_downtime gives the grace instead.
     _run_unconfirmed: bool = field(default=False, repr=False, compare=False)
     cancel_requested: bool = False
     holds: dict[str, str] = field(default_factory=dict)  # request key -> repository
