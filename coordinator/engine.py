@@ -12,6 +12,7 @@ from functools import partial
 from vespid.coordinator import matcher
 from vespid.coordinator.effects import Effects
 from vespid.coordinator.extension import Extensions
+from vespid.coordinator.hearing import DeafBetween, never_deaf
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.state import Node, State, Task
 from vespid.coordinator.views import task_info
@@ -43,6 +44,14 @@ class Context:
     # behind a full window): a node-set handled now may then be far older than it looks.
     nodes_current: bool = True
     extensions: Extensions = field(default_factory=lambda: Extensions(()))
+    # Seconds between two times when this process heard nothing (hearing.Hearing).
+    deaf_between: DeafBetween = never_deaf
+
+    def elapsed(self, since: float, until: float | None = None) -> float:
+        """Seconds from `since` to `until` (default now) in which a node could have been
+        heard: a stall of this process is not a node's silence."""
+        end = self.now if until is None else until
+        return end - since - self.deaf_between(since, end)
 
     def may_control(self, owner: str | None) -> bool:
         """Only a task's owner, or an admin, may cancel, abort or verify it. A message
@@ -246,10 +255,12 @@ def cancel_tree(ctx: Context, root: Task) -> None:
 
 
 def sweep_nodes(ctx: Context) -> None:
-    """Declare lost every node silent for longer than the heartbeat timeout."""
-    deadline = ctx.now - ctx.settings.node_timeout
+    """Declare lost every node silent for longer than the heartbeat timeout (a stall of
+    this process is not counted as the node's silence)."""
+    timeout = ctx.settings.node_timeout
     for node in ctx.state.nodes.values():
-        if node.alive and node.last_seen < deadline:
+        if node.alive and ctx.now - node.last_seen > timeout \
+                and ctx.elapsed(node.last_seen) > timeout:
             lose_node(ctx, node)
 
 
@@ -275,36 +286,54 @@ def lost_under(ctx: Context, task: Task, why: str) -> None:
 
 
 def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) -> None:
-    """Compare what a node says it runs (name -> attempt) with what we believe it runs."""
-    for name in sorted(node.running):
+    """Compare what a node says it runs (name -> attempt) with what we believe it runs.
+    What it reports is taken in first: it vouches for every task-run queued before it."""
+    if reported:
+        node._lists_tasks = True
+    for name in sorted(node.running & reported.keys()):
         task = ctx.state.tasks[name]
-        if name in reported:
-            ctx.state.seen_on_node(task)
-            continue
-        if _gone_from(ctx, task):
+        ctx.state.seen_on_node(task)
+        if reported[name] in (None, task.attempt):
+            ctx.state.vouched_by(node, task)
+    for name in sorted(node.running - reported.keys()):
+        task = ctx.state.tasks[name]
+        if _gone_from(ctx, node, task):
             lost_under(ctx, task, f"node {node.name} no longer reports this task")
     for name, attempt in sorted(reported.items()):
         if name not in node.running:
             _unexpected(ctx, node, name, attempt)
 
 
-def _gone_from(ctx: Context, task: Task) -> bool:
-    """Whether a node-set that omits the task means its node no longer has it. A task-run
-    may still be on its way: only a task the node once reported (task-complete travels
-    before node-set), or one whose task-run the broker took long enough before this
-    node-set reached us, is really gone. Reached us, not handled: a coordinator behind on
-    the nodes' messages would take a node-set older than its task-run for a loss. Taken by
-    the broker, not decided: until the broker confirms it, no node can have it."""
+# A task-run with later ones to the same node also unreported waits this many graces for the
+# clock: the node has most likely not read its queue yet, and its order decides (below).
+LATE_FACTOR = 10
+
+
+def _gone_from(ctx: Context, node: Node, task: Task) -> bool:
+    """Whether a node-set that omits the task means its node no longer has it.
+
+    A task the node once reported and now omits is gone (task-complete travels before
+    node-set). A node's queue is first in, first out, and its agent takes task-runs in
+    order: a node that reported, or completed, a task-run queued after this one has
+    received this one, so omitting it now means it is gone, whatever the clock says (for
+    a node that lists its tasks at all: a third-party node may leave activetasks empty). A
+    task-run the broker has not confirmed yet cannot be on any node. Otherwise only time
+    can tell: the node-set must reach us more than the grace after the broker took the
+    task-run (reached us, not handled; not counting our own stalls), and only while we
+    are current with the nodes' messages (else it may have waited in the broker)."""
     if task.seen_on_node:
         return True
-    if task._run_unconfirmed or not ctx.nodes_current:
-        # Behind on the nodes' messages, when one reached us says little about when it was
-        # sent (it may have waited in the broker longer than the grace). The node's own
-        # word (a task it reported, then not) still counts; the clock waits until we are
-        # current again.
+    if task._run_unconfirmed:
         return False
+    if node._lists_tasks and 0 < task._dispatch <= node._vouched:
+        return True
+    if not ctx.nodes_current:
+        return False
+    grace = ctx.settings.dispatch_grace
+    if 0 < task._dispatch < node._sent:
+        grace *= LATE_FACTOR
     sent = task.dispatched_at or 0.0
-    return (ctx.arrived or ctx.now) - sent > ctx.settings.dispatch_grace
+    return ctx.elapsed(sent, ctx.arrived or ctx.now) > grace
 
 
 def node_left(ctx: Context, node: Node) -> None:

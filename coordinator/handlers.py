@@ -115,6 +115,9 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         log.info("unknown_task_complete_ignored", task=msg.name, node=msg.node)
         return None
     if _is_current(task, msg.node, msg.attempt):
+        node = ctx.state.nodes.get(msg.node)
+        if node is not None:
+            ctx.state.vouched_by(node, task)
         ctx.state.set_results(task, _results(msg))
         # A task cancelled while it ran ends terminated, whatever its process made of the kill.
         success = Severity.TERMINATED if task.cancel_requested else msg.success

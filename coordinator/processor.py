@@ -20,6 +20,7 @@ from vespid.coordinator.effects import Effects, Reply
 from vespid.coordinator.engine import Context
 from vespid.coordinator.extension import Extension, Extensions, ReplyLater
 from vespid.coordinator.extensions import default_extensions
+from vespid.coordinator.hearing import DeafBetween, never_deaf
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared import topology
@@ -51,8 +52,10 @@ class Outcome:
 
 class Processor:
     def __init__(self, store: Store, settings: CoordinatorSettings, now: float,
-                 extensions: Sequence[Extension] | None = None) -> None:
+                 extensions: Sequence[Extension] | None = None,
+                 deaf_between: DeafBetween = never_deaf) -> None:
         self.store = store
+        self.deaf_between = deaf_between  # this process's stalls (hearing.Hearing)
         self.settings = settings
         self.extensions = Extensions(default_extensions(settings) if extensions is None
                                      else extensions)
@@ -223,7 +226,7 @@ class Processor:
     def _in_transaction(self, work: Callable[[Context], None], now: float,
                         nodes_current: bool = True) -> Outcome:
         ctx = Context(self.state, self.settings, Effects(), now, nodes_current=nodes_current,
-                      extensions=self.extensions)
+                      extensions=self.extensions, deaf_between=self.deaf_between)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:

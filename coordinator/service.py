@@ -23,6 +23,7 @@ from pika.spec import Basic
 
 from vespid.coordinator.extension import Extension
 from vespid.coordinator.extensions import default_extensions
+from vespid.coordinator.hearing import Hearing
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, default_holder, open_store
@@ -95,6 +96,8 @@ class CoordinatorService:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
         self._started = time.time()
+        # Marked whenever the event loop runs: its stalls are no node's silence (hearing.py).
+        self._hearing = Hearing()
         self.store = open_store(settings.state)
         self._processor: Processor | None = None
         if not self.store.shared:
@@ -166,7 +169,8 @@ class CoordinatorService:
 
     def _activate_store(self) -> None:
         epoch = self.store.take_over(default_holder())
-        self._processor = Processor(self.store, self.settings, time.time(), self._extensions())
+        self._processor = Processor(self.store, self.settings, time.time(), self._extensions(),
+                                    deaf_between=self._hearing.deaf_between)
         log.info("coordinator_active", epoch=epoch, state=self.store.location,
                  tasks=len(self.processor.state.tasks), nodes=len(self.processor.state.nodes),
                  seconds_since_start=round(time.time() - self._started, 3))
@@ -341,6 +345,7 @@ class CoordinatorService:
 
     def _receive(self, into: list[Delivery] | deque[Delivery], method: Any, props: Any,
                  body: bytes) -> None:
+        self._hearing.mark(time.time())
         if not self.active:  # the broker made this consumer the active one
             self._become_active()
         into.append(Delivery(body, props.reply_to, props.correlation_id,
@@ -363,6 +368,13 @@ class CoordinatorService:
         the turn's time, committed as one. Between two turns pika sends what was published
         and reads what came, so a request waits for at most one batch, and the turn after a
         read's is always a batch, so reads never starve the nodes."""
+        self._hearing.mark(time.time())
+        try:
+            self._turn()
+        finally:
+            self._hearing.mark(time.time())  # a long turn is a stretch heard nothing in
+
+    def _turn(self) -> None:
         self._flush_scheduled = False
         if self._channel is None or not self._channel.is_open:
             self._requests, self._from_nodes = [], deque()
@@ -412,7 +424,9 @@ class CoordinatorService:
     def _tick(self) -> None:
         if self._channel is None or not self._channel.is_open:
             return
+        self._hearing.mark(time.time())
         outcome = self.processor.tick(time.time(), self._caught_up_with_nodes())
+        self._hearing.mark(time.time())
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
                   if self._resend else [])
         self._resend.clear()

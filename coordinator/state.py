@@ -139,6 +139,9 @@ class Task:
     # it yet (a publish the broker holds back by flow control waits in pika's buffer);
     # after a restart it is False and forgive_downtime gives the grace instead.
     _run_unconfirmed: bool = field(default=False, repr=False, compare=False)
+    # In memory only: where its confirmed task-run stands in its node's queue (Node._sent
+    # then); 0 when not known (not yet confirmed, or sent before a restart).
+    _dispatch: int = field(default=0, repr=False, compare=False)
     cancel_requested: bool = False
     holds: dict[str, str] = field(default_factory=dict)  # request key -> repository
     lent_cores: float = 0.0  # cores given back while it waits for its children
@@ -546,6 +549,14 @@ class Node:
     started: float | None = None
     used: dict[str, float] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
+    # In memory only: task-runs the broker confirmed onto its queue, in order, and the latest
+    # of them it has shown it received (by reporting or completing it): its queue is first
+    # in, first out, so it received every one before that too (engine._gone_from).
+    _sent: int = field(default=0, repr=False, compare=False)
+    _vouched: int = field(default=0, repr=False, compare=False)
+    # Whether it has ever listed a task in its activetasks: only then does leaving one out
+    # mean something before the grace (a third-party node may send them empty).
+    _lists_tasks: bool = field(default=False, repr=False, compare=False)
     # Derived, kept between scheduling passes: rebuilt when what they derive from changes.
     _standing: StandingOffer | None = field(default=None, repr=False, compare=False)
     _free: dict[str, float] | None = field(default=None, repr=False, compare=False)
@@ -771,8 +782,18 @@ class State:
         if task is None or task.status is not TaskStatus.WORKING or task.attempt != attempt:
             return
         task._run_unconfirmed = False
+        node = self.nodes.get(task.node or "")
+        if node is not None and not task._dispatch:  # a copy sent again stands behind it
+            node._sent += 1
+            task._dispatch = node._sent
         if not task.seen_on_node:
             task.dispatched_at = max(task.dispatched_at or now, now)
+
+    def vouched_by(self, node: Node, task: Task) -> None:
+        """The node reported or completed the task's current attempt: it has every task-run
+        queued to it before this one."""
+        if task.node == node.name and task._dispatch > node._vouched:
+            node._vouched = task._dispatch
 
     def seen_on_node(self, task: Task) -> None:
         if not task.seen_on_node:
@@ -840,6 +861,7 @@ class State:
         task.dispatched_at = now
         task.seen_on_node = False
         task._run_unconfirmed = True
+        task._dispatch = 0
         task.attempts.append(Attempt(task.attempt, node.name, now, allocated=dict(allocated)))
         for repo in repos.values():
             self._hold(repo, task.name)
@@ -862,7 +884,7 @@ class State:
         task.close_attempt(now, why, lost=True)
         task.status = TaskStatus.IDLE
         task.node, task.allocated, task.lent_cores = None, {}, 0.0
-        task.dispatched_at, task.seen_on_node = None, False
+        task.dispatched_at, task.seen_on_node, task._dispatch = None, False, 0
         # Its repositories stay held while any of its descendants may still use them; the new
         # attempt then runs next to them (Task.shape) instead of claiming others.
         if all(self.tasks[d].status is TaskStatus.COMPLETE for d in self.descendants(task.name)):

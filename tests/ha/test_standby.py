@@ -87,8 +87,18 @@ def assert_each_ran_once(done: list[dict[str, Any]], runs: Path, total: int) -> 
     assert {t["success"] for t in done} == {"ok"}
     ran = {path.name: path.read_text().count("ran") for path in runs.iterdir()}
     assert len(ran) == total
-    assert {count for count in ran.values()} == {1}, \
-        {name: n for name, n in ran.items() if n != 1}
+    twice = {name: n for name, n in ran.items() if n != 1}
+    assert not twice, f"{twice}\n{story_of(twice, runs.parent)}"
+
+
+def story_of(tasks: dict[str, int], folder: Path, most: int = 60) -> str:
+    """What every process under `folder` logged about these tasks: why a task ran twice."""
+    lines = []
+    for log_file in sorted(folder.rglob("*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            if any(f'"{name}"' in line for name in tasks):
+                lines.append(f"{log_file.parent.name}: {line}")
+    return "\n".join(sorted(lines, key=lambda line: line.split('"timestamp"')[-1])[:most])
 
 
 def test_three_sigkills_of_the_active_coordinator_lose_nothing_and_run_nothing_twice(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from vespid.coordinator.engine import LATE_FACTOR
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store, open_store
@@ -513,6 +515,137 @@ def test_a_confirm_for_an_earlier_attempt_leaves_the_current_one_waiting(
 
     reply = info(proc, "t1", T0 + 10 * GRACE)
     assert (reply["status"], reply["node"]) == ("working", "n2")
+
+
+def start_in_order(proc: Processor, names: list[str], now: float = T0) -> None:
+    """Start these tasks on n1, one core each, their task-runs confirmed in this order."""
+    send(proc, node_set(), now)
+    for name in names:
+        outcome = send(proc, task_create(name, retries=0, requirements={"cores": 1}), now)
+        assert [key for key, _ in to_nodes(outcome)] == ["node.n1"]
+        proc.confirmed([e.id for e in outcome.outbox], now)
+
+
+def status(proc: Processor, name: str, now: float) -> tuple[str, str | None]:
+    reply = info(proc, name, now)
+    return reply["status"], reply["success"]
+
+
+def test_a_node_that_reports_a_later_task_run_has_had_every_earlier_one(
+        proc: Processor) -> None:
+    """A node's queue is first in, first out: listing t2 shows it received t1 before, so
+    t1 left out is gone at once, with no clock (a node-set can be as late as it likes)."""
+    start_in_order(proc, ["t1", "t2"])
+
+    send(proc, node_set(activetasks=["t2"]), T0 + 1)
+
+    assert status(proc, "t1", T0 + 1) == ("complete", "terminated")
+    assert status(proc, "t2", T0 + 1) == ("working", None)
+
+
+def complete(proc: Processor, name: str, now: float) -> None:
+    send(proc, {"command": "task-complete", "name": name, "node": "n1", "success": "ok",
+                "attempt": 1}, now)
+
+
+def test_a_later_task_run_completed_vouches_for_the_earlier_ones_too(
+        proc: Processor) -> None:
+    start_in_order(proc, ["t0"])
+    send(proc, node_set(activetasks=["t0"]), T0)  # a node that lists what it runs
+    complete(proc, "t0", T0)
+    start_in_order(proc, ["t1", "t2"])
+    complete(proc, "t2", T0 + 1)
+
+    send(proc, node_set(activetasks=[]), T0 + 2)
+
+    assert status(proc, "t1", T0 + 2) == ("complete", "terminated")
+
+
+def test_a_node_that_never_lists_its_tasks_is_judged_by_the_grace_alone(
+        proc: Processor) -> None:
+    """A third-party node may send activetasks empty: that it completed t2 and leaves t1
+    out says nothing then, and t1 keeps its grace."""
+    start_in_order(proc, ["t1", "t2"])
+    complete(proc, "t2", T0 + 1)
+
+    send(proc, node_set(activetasks=[]), T0 + 2)
+    assert status(proc, "t1", T0 + 2) == ("working", None)
+
+    send(proc, node_set(activetasks=[]), T0 + LATE_FACTOR * GRACE + 1)
+    assert status(proc, "t1", T0 + LATE_FACTOR * GRACE + 1) == ("complete", "terminated")
+
+
+def test_a_task_run_with_later_ones_also_unreported_waits_for_the_order_not_the_grace(
+        proc: Processor) -> None:
+    """Neither of two task-runs reported: the node has most likely not read its queue yet.
+    The latest is judged by the grace; an earlier one waits LATE_FACTOR graces, since the
+    node's report of any later one will tell."""
+    start_in_order(proc, ["t1", "t2"])
+
+    send(proc, node_set(activetasks=[]), T0 + GRACE + 1)
+
+    assert status(proc, "t2", T0 + GRACE + 1) == ("complete", "terminated")
+    assert status(proc, "t1", T0 + GRACE + 1) == ("working", None)
+    send(proc, node_set(activetasks=[]), T0 + LATE_FACTOR * GRACE + 1)
+    assert status(proc, "t1", T0 + LATE_FACTOR * GRACE + 1) == ("complete", "terminated")
+
+
+def test_a_report_of_another_attempt_vouches_for_no_earlier_task_run(
+        proc: Processor) -> None:
+    start_in_order(proc, ["t1", "t2"])
+
+    send(proc, {**node_set(), "activetasks": {"t2": {"attempt": 7}}}, T0 + 1)
+
+    assert status(proc, "t1", T0 + 1) == ("working", None)
+
+
+def test_a_task_run_not_yet_confirmed_is_not_judged_by_the_order(proc: Processor) -> None:
+    """The broker has not taken t1's task-run (it may reach the queue after t2's): that the
+    node reports t2 says nothing about t1."""
+    send(proc, node_set(), T0)
+    first = send(proc, task_create("t1", retries=0, requirements={"cores": 1}), T0)
+    second = send(proc, task_create("t2", retries=0, requirements={"cores": 1}), T0)
+    proc.confirmed([e.id for e in second.outbox], T0)
+
+    send(proc, node_set(activetasks=["t2"]), T0 + 1)
+    assert status(proc, "t1", T0 + 1) == ("working", None)
+
+    proc.confirmed([e.id for e in first.outbox], T0 + 2)  # now behind t2 in the queue
+    send(proc, node_set(activetasks=["t2"]), T0 + 3)
+    assert status(proc, "t1", T0 + 3) == ("working", None)
+
+
+def stalled(start: float, seconds: float) -> Callable[[float, float], float]:
+    """This coordinator heard nothing from `start` for `seconds` (hearing.Hearing)."""
+    return lambda since, until: max(0.0, min(until, start + seconds) - max(since, start))
+
+
+def test_a_stall_of_the_coordinator_is_not_a_nodes_silence(proc: Processor) -> None:
+    """Its own stall (a long commit, a paused process) left the nodes' heartbeats waiting in
+    its socket: counted as their silence, every node would be lost and its tasks run twice."""
+    start_one(proc, retries=0)
+    timeout = HEARTBEAT * MISSED
+    proc.deaf_between = stalled(T0 + 1, 30)
+
+    proc.tick(T0 + 31 + timeout - 1)
+    assert status(proc, "t1", T0 + 31 + timeout - 1) == ("working", None)
+
+    proc.tick(T0 + 31 + timeout + 0.5)
+    assert status(proc, "t1", T0 + 31 + timeout + 0.5) == ("complete", "terminated")
+
+
+def test_a_node_set_read_after_a_stall_of_the_coordinator_is_not_late(
+        proc: Processor) -> None:
+    """Read after a 30 s stall, a node-set may have been sent before the node read the
+    task-run: the stall does not count toward the grace."""
+    start_one(proc, retries=0)
+    proc.deaf_between = stalled(T0 + 1, 30)
+
+    send(proc, node_set(activetasks=[]), T0 + 31 + GRACE - 2)
+    assert status(proc, "t1", T0 + 31 + GRACE - 2) == ("working", None)
+
+    send(proc, node_set(activetasks=[]), T0 + 31 + GRACE + 1)
+    assert status(proc, "t1", T0 + 31 + GRACE + 1) == ("complete", "terminated")
 
 
 def test_a_node_reporting_a_task_it_should_not_run_is_told_to_kill_it(
