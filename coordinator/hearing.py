@@ -8,8 +8,8 @@ CPU. Meanwhile the nodes' messages wait in its socket, and are read only after. 
 silence, such a stall of 20 s made every node whose heartbeat waited in the socket lost, and
 a node-set sent before its node read a task-run look 20 s late: tasks ran twice. So the
 service marks each time its event loop runs, and a gap between two marks longer than
-`slack` (a healthy loop marks at least once a tick) counts as deafness, which those
-judgements leave out (engine.Context.elapsed).
+`slack` (a healthy loop marks at least once a tick) counts, all of it, as deafness, which
+those judgements leave out (engine.Context.elapsed).
 """
 
 from __future__ import annotations
@@ -35,15 +35,18 @@ class Hearing:
         self._last: float | None = None
         self._deaf: deque[tuple[float, float]] = deque()
 
-    def mark(self, now: float) -> None:
-        """The event loop runs at `now`: the socket is read right after."""
-        last = self._last
+    def mark(self, now: float) -> float:
+        """The event loop runs at `now` (the socket is read right after); returns the
+        seconds of a stall this mark ended (0.0: none)."""
+        last, deaf = self._last, 0.0
         if last is not None and now - last > self.slack:
-            self._deaf.append((last + self.slack, now))
+            self._deaf.append((last, now))  # all of it: the socket was read at neither end
+            deaf = now - last
         if last is None or now > last:
             self._last = now
         while self._deaf and self._deaf[0][1] < now - self.kept:
             self._deaf.popleft()
+        return deaf
 
     def deaf_between(self, start: float, end: float) -> float:
         """Seconds between `start` and `end` during which the process heard nothing."""

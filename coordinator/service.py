@@ -345,7 +345,7 @@ class CoordinatorService:
 
     def _receive(self, into: list[Delivery] | deque[Delivery], method: Any, props: Any,
                  body: bytes) -> None:
-        self._hearing.mark(time.time())
+        self._heard()
         if not self.active:  # the broker made this consumer the active one
             self._become_active()
         into.append(Delivery(body, props.reply_to, props.correlation_id,
@@ -353,6 +353,13 @@ class CoordinatorService:
                              time.time()))
 
         self._schedule_turn()
+
+    def _heard(self) -> None:
+        """The event loop runs now: a long gap since it last did is a stall, which the
+        nodes' clocks leave out (hearing.py), and which an operator should know of."""
+        stalled = self._hearing.mark(time.time())
+        if stalled:
+            log.warning("coordinator_stalled", seconds=round(stalled, 1))
 
     def _schedule_turn(self) -> None:
         if not self._flush_scheduled:
@@ -368,11 +375,11 @@ class CoordinatorService:
         the turn's time, committed as one. Between two turns pika sends what was published
         and reads what came, so a request waits for at most one batch, and the turn after a
         read's is always a batch, so reads never starve the nodes."""
-        self._hearing.mark(time.time())
+        self._heard()
         try:
             self._turn()
         finally:
-            self._hearing.mark(time.time())  # a long turn is a stretch heard nothing in
+            self._heard()  # a long turn is a stretch heard nothing in
 
     def _turn(self) -> None:
         self._flush_scheduled = False
@@ -424,9 +431,9 @@ class CoordinatorService:
     def _tick(self) -> None:
         if self._channel is None or not self._channel.is_open:
             return
-        self._hearing.mark(time.time())
+        self._heard()
         outcome = self.processor.tick(time.time(), self._caught_up_with_nodes())
-        self._hearing.mark(time.time())
+        self._heard()
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
                   if self._resend else [])
         self._resend.clear()

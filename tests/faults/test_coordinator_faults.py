@@ -135,6 +135,34 @@ def test_work_finishes_across_a_broker_restart_and_no_output_is_lost(
     assert (central / "talker" / "attempt-1.log").read_text().splitlines() == expected
 
 
+def test_a_coordinator_paused_longer_than_the_node_timeout_loses_no_node_on_waking(
+        coordinator: VespidProcess, start_node: Callable[..., VespidProcess], raw: RawPeer,
+        tmp_path: Path) -> None:
+    """A coordinator that heard nothing for a while (SIGSTOP here; a commit the disk held
+    up, a starved machine) finds the nodes' heartbeats waiting in its socket. Its stall is
+    not their silence: no node is lost and the running task is not started again. Before,
+    the overdue tick ran before the waiting node-sets were read, and lost every node."""
+    start_node("box1", {"memory": 4000, "cores": 2})
+    marker = tmp_path / "ran"
+    raw.request({"command": "task-create", "name": "long", "executable_pyscript":
+                 f"import pathlib, time; p = pathlib.Path({str(marker)!r}); "
+                 "p.open('a').write('ran\\n'); time.sleep(8)"})
+    raw.wait_for("long", lambda i: i["status"] == "working")
+    offset = len(coordinator.log())
+
+    coordinator.pause()
+    time.sleep(6)  # three times the node timeout of these tests (0.5 s x 4)
+    coordinator.resume()
+
+    done = raw.wait_for("long", lambda i: i["status"] == "complete", timeout=60)
+    assert done["success"] == "ok"
+    assert [a["attempt"] for a in done["attempts"]] == [1]
+    assert marker.read_text() == "ran\n"
+    woken = coordinator.log()[offset:]
+    assert '"node_lost"' not in woken and '"task_requeued"' not in woken, woken[-3000:]
+    assert '"coordinator_stalled"' in woken
+
+
 def test_a_poison_message_is_dead_lettered_by_the_delivery_limit_not_redelivered_forever(
         coordinator: VespidProcess, raw: RawPeer) -> None:
     coordinator.kill()  # stand in for a coordinator that dies on this message every time

@@ -17,16 +17,25 @@ def test_a_loop_that_marks_within_the_slack_is_never_deaf() -> None:
     assert hearing.deaf_between(T0, T0 + 100) == 0.0
 
 
-def test_a_gap_longer_than_the_slack_is_deaf_beyond_the_slack() -> None:
+def test_a_gap_longer_than_the_slack_is_deaf_all_through() -> None:
     hearing = Hearing(slack=2.0)
     hearing.mark(T0)
     hearing.mark(T0 + 30)  # a 30 s turn, or a paused process
 
-    assert hearing.deaf_between(T0, T0 + 30) == pytest.approx(28.0)
+    assert hearing.deaf_between(T0, T0 + 30) == pytest.approx(30.0)
     assert hearing.deaf_between(T0 + 10, T0 + 20) == pytest.approx(10.0)
     assert hearing.deaf_between(T0 + 25, T0 + 60) == pytest.approx(5.0)
     assert hearing.deaf_between(T0 + 30, T0 + 60) == 0.0
-    assert hearing.deaf_between(T0 - 10, T0 + 2) == 0.0
+    assert hearing.deaf_between(T0 - 10, T0 + 2) == pytest.approx(2.0)
+    assert hearing.deaf_between(T0 - 10, T0) == 0.0
+
+
+def test_a_gap_within_the_slack_is_no_stall() -> None:
+    hearing = Hearing(slack=2.0)
+    hearing.mark(T0)
+    hearing.mark(T0 + 1.9)
+
+    assert hearing.deaf_between(T0, T0 + 1.9) == 0.0
 
 
 def test_several_stalls_add_up() -> None:
@@ -34,7 +43,7 @@ def test_several_stalls_add_up() -> None:
     for stamp in (0, 11, 12, 32, 33):
         hearing.mark(T0 + stamp)
 
-    assert hearing.deaf_between(T0, T0 + 40) == pytest.approx(10.0 + 19.0)
+    assert hearing.deaf_between(T0, T0 + 40) == pytest.approx(11.0 + 20.0)
 
 
 def test_a_clock_stepped_back_makes_no_deafness() -> None:
@@ -51,9 +60,17 @@ def test_stalls_older_than_it_keeps_are_forgotten() -> None:
     hearing.mark(T0)
     hearing.mark(T0 + 50)
     hearing.mark(T0 + 51)
-    assert hearing.deaf_between(T0, T0 + 51) == pytest.approx(49.0)
+    assert hearing.deaf_between(T0, T0 + 51) == pytest.approx(50.0)
 
-    hearing.mark(T0 + 151)  # a stall itself, 99 s long; the first ended 101 s ago
+    hearing.mark(T0 + 151)  # a stall itself, 100 s long; the first ended 101 s ago
 
     assert hearing.deaf_between(T0, T0 + 51) == 0.0
-    assert hearing.deaf_between(T0 + 51, T0 + 151) == pytest.approx(99.0)
+    assert hearing.deaf_between(T0 + 51, T0 + 151) == pytest.approx(100.0)
+
+
+def test_a_mark_that_ends_a_stall_says_how_long_it_was() -> None:
+    hearing = Hearing(slack=2.0)
+    assert hearing.mark(T0) == 0.0
+    assert hearing.mark(T0 + 1.5) == 0.0
+
+    assert hearing.mark(T0 + 31.5) == pytest.approx(30.0)
