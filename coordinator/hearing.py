@@ -7,9 +7,10 @@ commit the disk held up, a large read), a pause of the process, a machine that g
 CPU. Meanwhile the nodes' messages wait in its socket, and are read only after. Counted as
 silence, such a stall of 20 s made every node whose heartbeat waited in the socket lost, and
 a node-set sent before its node read a task-run look 20 s late: tasks ran twice. So the
-service marks each time its event loop runs, and a gap between two marks longer than
-`slack` (a healthy loop marks at least once a tick) counts, all of it, as deafness, which
-those judgements leave out (engine.Context.elapsed).
+service marks each time its event loop runs and the span of each of its own turns: a turn
+longer than `busy_min`, and a gap between two marks longer than `slack` (a healthy loop
+marks at least once a tick), count, all of them, as deafness, which those judgements leave
+out (engine.Context.elapsed).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from collections.abc import Callable
 # Seconds between two times during which the process heard nothing.
 DeafBetween = Callable[[float, float], float]
 
-# Above the service's tick (1 s), which marks even when nothing arrives.
+# Above the service's tick (1 s), which marks even when nothing arrives: a longer gap
+# between two marks means the process was stopped, starved, or busy past its own marks.
 STALL_SLACK_SECONDS = 2.0
+# A turn of its own longer than this is recorded as deaf (the socket is read between turns).
+BUSY_SECONDS = 0.25
 # Longer than any timeout the deafness is subtracted from (node timeout, dispatch grace x 10).
 KEPT_SECONDS = 3600.0
 
@@ -29,8 +33,10 @@ KEPT_SECONDS = 3600.0
 class Hearing:
     """The stretches of time this process was deaf (its event loop did not run)."""
 
-    def __init__(self, slack: float = STALL_SLACK_SECONDS, kept: float = KEPT_SECONDS) -> None:
+    def __init__(self, slack: float = STALL_SLACK_SECONDS, busy: float = BUSY_SECONDS,
+                 kept: float = KEPT_SECONDS) -> None:
         self.slack = slack
+        self.busy_min = busy
         self.kept = kept
         self._last: float | None = None
         self._deaf: deque[tuple[float, float]] = deque()
@@ -38,15 +44,31 @@ class Hearing:
     def mark(self, now: float) -> float:
         """The event loop runs at `now` (the socket is read right after); returns the
         seconds of a stall this mark ended (0.0: none)."""
-        last, deaf = self._last, 0.0
+        last = self._last
         if last is not None and now - last > self.slack:
-            self._deaf.append((last, now))  # all of it: the socket was read at neither end
-            deaf = now - last
-        if last is None or now > last:
-            self._last = now
-        while self._deaf and self._deaf[0][1] < now - self.kept:
+            return self._record(last, now)  # all of it: the socket was read at neither end
+        self._last = now if last is None else max(last, now)
+        return 0.0
+
+    def busy(self, began: float, ended: float) -> float:
+        """A turn of the loop's own ran from `began` to `ended`: nothing was read meanwhile.
+        Returns its length if it was long enough to count (0.0: it was not)."""
+        last = self._last
+        if last is not None and began - last > self.slack:
+            self._record(last, began)
+        if ended - began > self.busy_min:
+            return self._record(began, ended)
+        self._last = ended if last is None else max(last, ended)
+        return 0.0
+
+    def _record(self, since: float, until: float) -> float:
+        if until <= since:
+            return 0.0
+        self._deaf.append((since, until))
+        self._last = until if self._last is None else max(self._last, until)
+        while self._deaf and self._deaf[0][1] < until - self.kept:
             self._deaf.popleft()
-        return deaf
+        return until - since
 
     def deaf_between(self, start: float, end: float) -> float:
         """Seconds between `start` and `end` during which the process heard nothing."""

@@ -354,12 +354,20 @@ class CoordinatorService:
 
         self._schedule_turn()
 
-    def _heard(self) -> None:
+    def _heard(self) -> float:
         """The event loop runs now: a long gap since it last did is a stall, which the
         nodes' clocks leave out (hearing.py), and which an operator should know of."""
-        stalled = self._hearing.mark(time.time())
-        if stalled:
-            log.warning("coordinator_stalled", seconds=round(stalled, 1))
+        now = time.time()
+        self._stalled(self._hearing.mark(now))
+        return now
+
+    def _busy_since(self, began: float) -> None:
+        """A turn of ours ran from `began` until now, reading nothing meanwhile."""
+        self._stalled(self._hearing.busy(began, time.time()))
+
+    def _stalled(self, seconds: float) -> None:
+        if seconds > self._hearing.slack:
+            log.warning("coordinator_stalled", seconds=round(seconds, 1))
 
     def _schedule_turn(self) -> None:
         if not self._flush_scheduled:
@@ -375,11 +383,11 @@ class CoordinatorService:
         the turn's time, committed as one. Between two turns pika sends what was published
         and reads what came, so a request waits for at most one batch, and the turn after a
         read's is always a batch, so reads never starve the nodes."""
-        self._heard()
+        began = self._heard()
         try:
             self._turn()
         finally:
-            self._heard()  # a long turn is a stretch heard nothing in
+            self._busy_since(began)
 
     def _turn(self) -> None:
         self._flush_scheduled = False
@@ -431,9 +439,9 @@ class CoordinatorService:
     def _tick(self) -> None:
         if self._channel is None or not self._channel.is_open:
             return
-        self._heard()
+        began = self._heard()
         outcome = self.processor.tick(time.time(), self._caught_up_with_nodes())
-        self._heard()
+        self._busy_since(began)
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
                   if self._resend else [])
         self._resend.clear()

@@ -74,3 +74,25 @@ def test_a_mark_that_ends_a_stall_says_how_long_it_was() -> None:
     assert hearing.mark(T0 + 1.5) == 0.0
 
     assert hearing.mark(T0 + 31.5) == pytest.approx(30.0)
+
+
+def test_a_long_turn_of_its_own_is_deaf_and_a_short_one_is_not() -> None:
+    """A 1.9 s turn (a large read, a commit the disk held up) is no gap between marks, yet
+    nothing was read during it: with the tests' 2 s node timeout it alone lost nodes."""
+    hearing = Hearing(slack=2.0, busy=0.25)
+    hearing.mark(T0)
+
+    assert hearing.busy(T0, T0 + 1.9) == pytest.approx(1.9)
+    assert hearing.busy(T0 + 2.0, T0 + 2.1) == 0.0
+
+    assert hearing.deaf_between(T0, T0 + 3) == pytest.approx(1.9)
+    assert hearing.mark(T0 + 2.5) == 0.0  # the turn moved the last mark to its end
+
+
+def test_a_gap_before_a_turn_counts_too() -> None:
+    hearing = Hearing(slack=2.0, busy=0.25)
+    hearing.mark(T0)
+
+    hearing.busy(T0 + 10, T0 + 10.1)  # stopped for 10 s, then a short turn
+
+    assert hearing.deaf_between(T0, T0 + 11) == pytest.approx(10.0)
