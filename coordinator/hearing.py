@@ -72,8 +72,12 @@ class Hearing:
 
     def deaf_between(self, start: float, end: float) -> float:
         """Seconds between `start` and `end` during which the process heard nothing."""
-        return sum(max(0.0, min(until, end) - max(since, start))
-                   for since, until in self._deaf)
+        deaf = 0.0
+        for since, until in reversed(self._deaf):  # in time order: newest first, then stop
+            if until <= start:
+                break
+            deaf += max(0.0, min(until, end) - max(since, start))
+        return deaf
 
 
 def never_deaf(_start: float, _end: float) -> float:
