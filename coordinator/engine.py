@@ -293,7 +293,7 @@ def reconcile_node(ctx: Context, node: Node, reported: dict[str, int | None]) ->
     for name in sorted(node.running & reported.keys()):
         task = ctx.state.tasks[name]
         ctx.state.seen_on_node(task)
-        if reported[name] in (None, task.attempt):
+        if reported[name] == task.attempt:  # a name alone may be an earlier attempt's
             ctx.state.vouched_by(node, task)
     for name in sorted(node.running - reported.keys()):
         task = ctx.state.tasks[name]

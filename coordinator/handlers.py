@@ -116,7 +116,7 @@ def handle_task_complete(ctx: Context, msg: TaskComplete) -> Reply:
         return None
     if _is_current(task, msg.node, msg.attempt):
         node = ctx.state.nodes.get(msg.node)
-        if node is not None:
+        if node is not None and msg.attempt == task.attempt:
             ctx.state.vouched_by(node, task)
         ctx.state.set_results(task, _results(msg))
         # A task cancelled while it ran ends terminated, whatever its process made of the kill.

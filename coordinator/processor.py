@@ -81,6 +81,9 @@ class Processor:
             gc.enable()
         gc.freeze()
         self.state.forgive_downtime(self._started)
+        for name, attempt in self._runs.values():
+            # Sent and not confirmed yet (a reload after a failed batch): still on its way.
+            self.state.run_unconfirmed(name, attempt)
 
     def _freeze_survivors(self) -> None:
         """After a full collection, what it left (all reachable then) is frozen out of the

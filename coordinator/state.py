@@ -621,12 +621,14 @@ class Node:
             self.used[key] = 0.0 if math.isclose(left, 0.0, abs_tol=1e-9) else left
 
     def to_record(self) -> dict[str, Any]:
+        # Its underscored fields are memory only: derived, or (the queue order) meaningful to
+        # this process alone; and an older coordinator must still read the record.
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("used", "running", "_standing", "_free", "_offer")}
+                if k not in ("used", "running") and not k.startswith("_")}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Node:
-        return cls(**record)
+        return cls(**{k: v for k, v in record.items() if not k.startswith("_")})
 
 
 @dataclass
@@ -788,6 +790,12 @@ class State:
             task._dispatch = node._sent
         if not task.seen_on_node:
             task.dispatched_at = max(task.dispatched_at or now, now)
+
+    def run_unconfirmed(self, name: str, attempt: int) -> None:
+        """This attempt's task-run was sent and the broker has not confirmed it yet."""
+        task = self.tasks.get(name)
+        if task is not None and task.status is TaskStatus.WORKING and task.attempt == attempt:
+            task._run_unconfirmed = True
 
     def vouched_by(self, node: Node, task: Task) -> None:
         """The node reported or completed the task's current attempt: it has every task-run

@@ -526,6 +526,11 @@ def start_in_order(proc: Processor, names: list[str], now: float = T0) -> None:
         proc.confirmed([e.id for e in outcome.outbox], now)
 
 
+def reporting(*names: str) -> dict[str, Any]:
+    """n1's node-set listing these tasks at their first attempt, as the project's agent does."""
+    return {**node_set(), "activetasks": {name: {"attempt": 1} for name in names}}
+
+
 def status(proc: Processor, name: str, now: float) -> tuple[str, str | None]:
     reply = info(proc, name, now)
     return reply["status"], reply["success"]
@@ -537,10 +542,21 @@ def test_a_node_that_reports_a_later_task_run_has_had_every_earlier_one(
     t1 left out is gone at once, with no clock (a node-set can be as late as it likes)."""
     start_in_order(proc, ["t1", "t2"])
 
-    send(proc, node_set(activetasks=["t2"]), T0 + 1)
+    send(proc, reporting("t2"), T0 + 1)
 
     assert status(proc, "t1", T0 + 1) == ("complete", "terminated")
     assert status(proc, "t2", T0 + 1) == ("working", None)
+
+
+def test_a_task_reported_by_name_alone_vouches_for_no_earlier_task_run(
+        proc: Processor) -> None:
+    """A name without its attempt may be an earlier attempt of that task, still running
+    there: it says nothing of which task-runs the node has read."""
+    start_in_order(proc, ["t1", "t2"])
+
+    send(proc, node_set(activetasks=["t2"]), T0 + 1)
+
+    assert status(proc, "t1", T0 + 1) == ("working", None)
 
 
 def complete(proc: Processor, name: str, now: float) -> None:
@@ -551,7 +567,7 @@ def complete(proc: Processor, name: str, now: float) -> None:
 def test_a_later_task_run_completed_vouches_for_the_earlier_ones_too(
         proc: Processor) -> None:
     start_in_order(proc, ["t0"])
-    send(proc, node_set(activetasks=["t0"]), T0)  # a node that lists what it runs
+    send(proc, reporting("t0"), T0)  # a node that lists what it runs
     complete(proc, "t0", T0)
     start_in_order(proc, ["t1", "t2"])
     complete(proc, "t2", T0 + 1)
@@ -607,12 +623,35 @@ def test_a_task_run_not_yet_confirmed_is_not_judged_by_the_order(proc: Processor
     second = send(proc, task_create("t2", retries=0, requirements={"cores": 1}), T0)
     proc.confirmed([e.id for e in second.outbox], T0)
 
-    send(proc, node_set(activetasks=["t2"]), T0 + 1)
+    send(proc, reporting("t2"), T0 + 1)
     assert status(proc, "t1", T0 + 1) == ("working", None)
 
     proc.confirmed([e.id for e in first.outbox], T0 + 2)  # now behind t2 in the queue
-    send(proc, node_set(activetasks=["t2"]), T0 + 3)
+    send(proc, reporting("t2"), T0 + 3)
     assert status(proc, "t1", T0 + 3) == ("working", None)
+
+
+def test_a_reload_after_a_failed_batch_keeps_an_unconfirmed_task_run_unjudged(
+        proc: Processor) -> None:
+    """Reloading rebuilds the state from the store, where nothing says a task-run is still
+    on its way: without the processor's own list, a node-set would count against it."""
+    start_one(proc, retries=0, confirm=False)
+    proc._reload()
+
+    send(proc, node_set(activetasks=[]), T0 + 10 * GRACE)
+
+    assert status(proc, "t1", T0 + 10 * GRACE) == ("working", None)
+
+
+def test_a_nodes_queue_order_is_not_written_to_the_store(proc: Processor) -> None:
+    """Its numbers mean something to this process only; an older coordinator reading the
+    record must not meet fields it does not know."""
+    start_in_order(proc, ["t1"])
+    send(proc, reporting("t1"), T0 + 1)
+    node = proc.state.nodes["n1"]
+    assert (node._sent, node._vouched, node._lists_tasks) == (1, 1, True)
+
+    assert not any(key.startswith("_") for key in node.to_record())
 
 
 def stalled(start: float, seconds: float) -> Callable[[float, float], float]:
