@@ -53,12 +53,10 @@ class Hearing:
     def busy(self, began: float, ended: float) -> float:
         """A turn of the loop's own ran from `began` to `ended`: nothing was read meanwhile.
         Returns its length if it was long enough to count (0.0: it was not)."""
-        last = self._last
-        if last is not None and began - last > self.slack:
-            self._record(last, began)
+        self.mark(began)
         if ended - began > self.busy_min:
             return self._record(began, ended)
-        self._last = ended if last is None else max(last, ended)
+        self.mark(ended)
         return 0.0
 
     def _record(self, since: float, until: float) -> float:

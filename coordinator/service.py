@@ -440,7 +440,7 @@ class CoordinatorService:
         if self._channel is None or not self._channel.is_open:
             return
         began = self._heard()
-        outcome = self.processor.tick(time.time(), self._caught_up_with_nodes())
+        outcome = self.processor.tick(began, self._caught_up_with_nodes())
         self._busy_since(began)
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
                   if self._resend else [])
