@@ -612,7 +612,8 @@ class Simulator:
     def _node_set(self, node: NodeSpec, now: float) -> None:
         body = {"command": "node-set", "name": node.name, "capabilities": node.capabilities,
                 "repositories": node.repositories,
-                "activetasks": {name: {} for name in self.running[node.name]}}
+                "activetasks": {name: {"attempt": attempt}
+                                for name, attempt in self.running[node.name].items()}}
         self.channel.basic_publish(EXCHANGE, NODE_CHANNEL_KEY, json.dumps(body).encode(),
                                    JSON_PROPS)
         previous = self.last_beat.get(node.name)
