@@ -45,6 +45,7 @@ from bench.common import (
     simulator_main,
 )
 from bench.throughput import Pipeline, make_bodies, node_specs, wait_for_runs
+from vespid.shared.writes import coalesce_writes
 
 NODE_QUEUE = "vespid.coordinator.node"
 EVENTS = "vespid.events"
@@ -177,6 +178,7 @@ class FloorCoordinator(SelectChild):
 
 def floor_main(url: str, expect: int, events: bool, pipe: Connection) -> None:
     child_setup()
+    coalesce_writes()  # as the coordinator sends (shared/writes.py): the floor is no slower
     try:
         FloorCoordinator(url, expect, events, pipe).run()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
