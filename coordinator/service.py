@@ -116,7 +116,12 @@ class CoordinatorService:
         self._reset_link()
 
     def _reset_link(self) -> None:
+        # Two channels: one publishes (confirm mode), one consumes and acks. The broker
+        # handles a channel's publishes and its deliveries in one process, in turn: on a
+        # single channel a request waited there behind a burst of task-runs (1,000 nodes
+        # joining at once), 40-100 ms, though this process was reading its socket.
         self._channel: Any = None
+        self._inbox: Any = None
         # Deliveries not handled yet, by queue: requests in the order they came, and the
         # nodes' messages, of which a turn takes what fits its time (_batch_size).
         self._requests: list[Delivery] = []
@@ -128,7 +133,7 @@ class CoordinatorService:
         self._in_flight: dict[int, int | None] = {}  # publish seq -> outbox id (None: reply)
         self._in_flight_heap: list[int] = []
         # Delivery tags handled, once all published up to that seq is confirmed. Both queues
-        # share the channel's tags and a turn takes them out of order, so what is acked is
+        # share the inbox channel's tags and a turn takes them out of order, so what is acked is
         # the prefix of settled tags (multiple=True up to the last of it), never beyond.
         self._ack_after: deque[tuple[int, list[int]]] = deque()  # (publish seq, tags)
         self._settled: set[int] = set()
@@ -290,8 +295,13 @@ class CoordinatorService:
                                  callback=lambda _frame: self._on_confirm_mode())
 
     def _on_confirm_mode(self) -> None:
-        self._channel.basic_qos(prefetch_count=self.settings.prefetch,
-                                callback=lambda _frame: self._on_ready())
+        self._connection.channel(on_open_callback=self._on_inbox)
+
+    def _on_inbox(self, channel: Any) -> None:
+        self._inbox = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.basic_qos(prefetch_count=self.settings.prefetch,
+                          callback=lambda _frame: self._on_ready())
 
     @_stop_on_store_error
     def _on_ready(self) -> None:
@@ -301,8 +311,8 @@ class CoordinatorService:
         # Requests first, the node channel once that consumer is registered: a coordinator
         # started second queues behind the first on both single-active-consumer queues.
         # Each consumer has its own prefetch window, so neither kind starves the other.
-        self._channel.basic_consume(topology.COORDINATOR_QUEUE, self._on_message,
-                                    callback=lambda _frame: self._consume_nodes())
+        self._inbox.basic_consume(topology.COORDINATOR_QUEUE, self._on_message,
+                                  callback=lambda _frame: self._consume_nodes())
 
     def _resume(self) -> None:
         """Active on this connection: send what was decided and not confirmed, and tick.
@@ -323,11 +333,11 @@ class CoordinatorService:
     def _consume_nodes(self) -> None:
         # The node channel's own window (the qos applies to consumers made after it); a
         # turn takes node_batch of them, so requests wait for no more than that.
-        self._channel.basic_qos(prefetch_count=self.settings.node_prefetch,
-                                callback=lambda _frame: self._consume_node_queue())
+        self._inbox.basic_qos(prefetch_count=self.settings.node_prefetch,
+                              callback=lambda _frame: self._consume_node_queue())
 
     def _consume_node_queue(self) -> None:
-        self._channel.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_node_message)
+        self._inbox.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_node_message)
         log.info("coordinator_consuming",
                  queues=[topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE])
 
@@ -650,12 +660,14 @@ class CoordinatorService:
         while self._ack_after and self._ack_after[0][0] < lowest_open:
             _seq, tags = self._ack_after.popleft()
             self._settled.update(tags)
+        if self._inbox is None or not self._inbox.is_open:
+            return  # closing: the broker gives what was not acked to the next consumer
         acked = self._acked
         while acked + 1 in self._settled:
             acked += 1
             self._settled.discard(acked)
         if acked > self._acked:
             self._acked = acked
-            self._channel.basic_ack(delivery_tag=acked, multiple=True)
+            self._inbox.basic_ack(delivery_tag=acked, multiple=True)
             while self._node_tags and self._node_tags[0] <= acked:
                 self._node_tags.popleft()

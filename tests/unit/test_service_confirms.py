@@ -75,7 +75,24 @@ class FakeChannel:
         self.calls.append(("publish", routing_key))
 
     def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
+        assert self.consuming, "acked on a channel that consumes nothing (a delivery tag " \
+            "belongs to the channel it came on)"
         self.acks.append((delivery_tag, multiple))
+
+    confirming: bool = False
+    closed_callbacks: int = 0
+
+    def add_on_close_callback(self, _callback: Any) -> None:
+        self.closed_callbacks += 1
+
+    def add_on_return_callback(self, _callback: Any) -> None:
+        pass
+
+    def confirm_delivery(self, ack_nack_callback: Any,
+                         callback: Callable[[Any], None] | None = None) -> None:
+        self.confirming = True
+        if callback is not None:
+            callback(SimpleNamespace())
 
     def basic_qos(self, prefetch_count: int,
                   callback: Callable[[Any], None] | None = None) -> None:
@@ -137,7 +154,9 @@ def make_service(tmp_path: Path, **options: Any) -> CoordinatorService:
                                    amqp_url=f"amqp://{USER}:secret@localhost:5672/", **options)
     made = CoordinatorService(settings)
     made._connection = FakeConnection()
-    made._channel = FakeChannel()
+    made._channel = FakeChannel()  # publishes
+    made._inbox = FakeChannel(consuming=[topology.COORDINATOR_QUEUE,
+                                         topology.COORDINATOR_NODE_QUEUE])
     return made
 
 
@@ -160,6 +179,13 @@ def channel_of(service: CoordinatorService) -> FakeChannel:
     channel = service._channel
     assert isinstance(channel, FakeChannel)
     return channel
+
+
+def inbox_of(service: CoordinatorService) -> FakeChannel:
+    """The channel the service consumes and acks on."""
+    inbox = service._inbox
+    assert isinstance(inbox, FakeChannel)
+    return inbox
 
 
 def loop_of(service: CoordinatorService) -> FakeIOLoop:
@@ -243,7 +269,7 @@ def join_node(service: CoordinatorService, tag: int = 1) -> None:
     """A node joins: nothing to publish, so its batch is acked at once."""
     deliver(service, tag, node_set())
     assert run_batch(service) == []
-    assert channel_of(service).acks[-1] == (tag, True)
+    assert inbox_of(service).acks[-1] == (tag, True)
 
 
 def add_rows(service: CoordinatorService, *rows: tuple[str, str | None]) -> list[OutboxEntry]:
@@ -274,10 +300,50 @@ def unconfirmed_chunks(service: CoordinatorService, acked: set[int]) -> int:
 # --- acking a batch -------------------------------------------------------------------------
 
 
+@dataclass
+class OpeningConnection(FakeConnection):
+    """Opens channels at once, as the broker would, keeping them in order."""
+
+    opened: list[FakeChannel] = field(default_factory=list)
+
+    def channel(self, on_open_callback: Callable[[Any], None]) -> None:
+        self.opened.append(FakeChannel())
+        on_open_callback(self.opened[-1])
+
+
+def test_requests_and_node_messages_come_and_are_acked_on_a_channel_that_publishes_nothing(
+        tmp_path: Path) -> None:
+    """The broker works through a channel's publishes and deliveries in turn: a request on
+    the channel that sent a burst of task-runs waited behind them."""
+    service = make_service(tmp_path)
+    connection = OpeningConnection()
+    service._connection = connection
+    try:
+        service._on_open(connection)
+
+        publishing, inbox = connection.opened
+        assert (service._channel, service._inbox) == (publishing, inbox)
+        assert publishing.confirming and publishing.consuming == []
+        assert not inbox.confirming
+        assert inbox.consuming == [topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE]
+        assert inbox.prefetch == [service.settings.prefetch, service.settings.node_prefetch]
+        assert publishing.closed_callbacks == inbox.closed_callbacks == 1  # either ends the link
+
+        join_node(service, tag=1)
+        deliver(service, 2, task_create())
+        sent = run_batch(service)
+        assert [p.routing_key for p in sent] == ["node.n1", "task.created.t1", "task.started.t1"]
+        assert inbox.published == []
+        confirm_all(service)
+        assert inbox.acks == [(1, True), (2, True)] and publishing.acks == []
+    finally:
+        service.store.close()
+
+
 def test_a_batch_is_acked_with_its_last_tag_only_once_every_publish_is_confirmed_in_any_order(
         service: CoordinatorService) -> None:
     join_node(service, tag=1)
-    channel = channel_of(service)
+    inbox = inbox_of(service)
 
     # Two deliveries in one batch: a single ioloop callback runs them together.
     deliver(service, 2, task_create(), reply_to="client")
@@ -289,18 +355,18 @@ def test_a_batch_is_acked_with_its_last_tag_only_once_every_publish_is_confirmed
     assert [p.routing_key for p in sent] == ["client", "client", "node.n1", "task.created.t1",
                                              "task.started.t1"]
     assert all(p.properties.user_id == USER for p in sent)
-    assert channel.acks == [(1, True)]
+    assert inbox.acks == [(1, True)]
     for seq in (4, 2, 1, 3):  # out of order, and all but the batch's last publish
         ack(service, seq)
-        assert channel.acks == [(1, True)], f"acked early, after the confirm of {seq}"
+        assert inbox.acks == [(1, True)], f"acked early, after the confirm of {seq}"
     ack(service, 5)
-    assert channel.acks == [(1, True), (3, True)]
+    assert inbox.acks == [(1, True), (3, True)]
 
 
 def test_a_batch_sends_to_nodes_at_once_and_its_events_on_the_loops_next_turn_in_order(
         service: CoordinatorService) -> None:
     join_node(service, tag=1)
-    channel = channel_of(service)
+    channel, inbox = channel_of(service), inbox_of(service)
     deliver(service, 2, task_create(), reply_to="client")
     assert loop_of(service).run_soon() == 1  # the batch alone
     assert [p.routing_key for p in channel.published] == ["client", "node.n1"]
@@ -313,15 +379,15 @@ def test_a_batch_sends_to_nodes_at_once_and_its_events_on_the_loops_next_turn_in
                                                               "task.started.t2"]
     for seq in range(1, 7):  # all but the second batch's last event
         ack(service, seq)
-    assert channel.acks == [(1, True), (2, True)]  # the first batch, once its events were
+    assert inbox.acks == [(1, True), (2, True)]  # the first batch, once its events were
     ack(service, 7)
-    assert channel.acks == [(1, True), (2, True), (3, True)]
+    assert inbox.acks == [(1, True), (2, True), (3, True)]
 
 
 def test_a_later_batch_confirmed_first_waits_for_the_earlier_one(
         service: CoordinatorService) -> None:
     join_node(service, tag=1)
-    channel = channel_of(service)
+    inbox = inbox_of(service)
     deliver(service, 2, task_create(), reply_to="client")
     first = run_batch(service)
     deliver(service, 3, {"command": "task-info", "name": "t1"}, reply_to="client")
@@ -330,15 +396,15 @@ def test_a_later_batch_confirmed_first_waits_for_the_earlier_one(
     assert [p.seq for p in second] == [5]
 
     ack(service, 5)
-    assert channel.acks == [(1, True)]  # the batch of tag 3 waits behind the one of tag 2
+    assert inbox.acks == [(1, True)]  # the batch of tag 3 waits behind the one of tag 2
     ack(service, 4, multiple=True)
-    assert channel.acks == [(1, True), (3, True)]  # both batches settled: one ack for both
+    assert inbox.acks == [(1, True), (3, True)]  # both batches settled: one ack for both
 
 
 def test_a_multiple_confirm_settles_every_publish_up_to_its_tag_and_no_further(
         service: CoordinatorService) -> None:
     join_node(service, tag=1)
-    channel = channel_of(service)
+    inbox = inbox_of(service)
     deliver(service, 2, task_create("t1"), reply_to="client")
     run_batch(service)  # seqs 1-4: reply + 3 outbox rows
     deliver(service, 3, task_create("t2"), reply_to="client")
@@ -348,12 +414,12 @@ def test_a_multiple_confirm_settles_every_publish_up_to_its_tag_and_no_further(
 
     ack(service, 2)  # one of them alone first: the multiple one below covers it again
     ack(service, 4, multiple=True)
-    assert channel.acks == [(1, True), (2, True)]
+    assert inbox.acks == [(1, True), (2, True)]
     tick(service)  # the next transaction forgets the rows confirmed
     assert pending_ids(service) == rows_of_t2
 
     ack(service, 8, multiple=True)
-    assert channel.acks == [(1, True), (2, True), (3, True)]
+    assert inbox.acks == [(1, True), (2, True), (3, True)]
     tick(service)
     assert pending_ids(service) == []
 
@@ -364,7 +430,7 @@ def test_a_multiple_confirm_settles_every_publish_up_to_its_tag_and_no_further(
 def test_a_nacked_outbox_message_stays_in_the_outbox_and_goes_again_on_the_next_tick(
         service: CoordinatorService) -> None:
     join_node(service, tag=1)
-    channel = channel_of(service)
+    channel, inbox = channel_of(service), inbox_of(service)
     deliver(service, 2, task_create())
     sent = run_batch(service)
     run = next(p for p in sent if p.routing_key == "node.n1")
@@ -374,7 +440,7 @@ def test_a_nacked_outbox_message_stays_in_the_outbox_and_goes_again_on_the_next_
     for p in sent:
         (nack if p is run else ack)(service, p.seq)
     # The outbox row keeps it safe, so the delivery need not be redelivered: acked.
-    assert channel.acks[-1] == (2, True)
+    assert inbox.acks[-1] == (2, True)
     assert service._in_flight == {}
 
     calls_before = len(channel.calls)
@@ -404,7 +470,7 @@ def test_a_returned_message_then_acked_is_not_delivered_and_goes_again(
 
     returned(service, run)  # the broker returns it, then acks it (as RabbitMQ does)
     ack(service, sent[-1].seq, multiple=True)
-    assert channel_of(service).acks[-1] == (2, True)
+    assert inbox_of(service).acks[-1] == (2, True)
 
     again = tick(service)
     assert [(p.routing_key, p.outbox_id) for p in again] == [("node.n1", run.outbox_id)]
@@ -423,7 +489,7 @@ def a_request_answered(service: CoordinatorService) -> tuple[FakeChannel, list[P
 
 def test_replies_are_published_to_reply_to_and_never_enter_the_outbox(
         service: CoordinatorService) -> None:
-    channel, sent = a_request_answered(service)
+    _channel, sent = a_request_answered(service)
 
     assert len(sent) == 1
     reply = sent[0]
@@ -433,10 +499,11 @@ def test_replies_are_published_to_reply_to_and_never_enter_the_outbox(
     assert reply.properties.delivery_mode == 1
     assert reply.outbox_id is None
     assert pending_ids(service) == []
-    assert channel.acks == [(1, True)]  # the batch waits for its reply's confirm all the same
+    inbox = inbox_of(service)
+    assert inbox.acks == [(1, True)]  # the batch waits for its reply's confirm all the same
 
     ack(service, reply.seq)
-    assert channel.acks == [(1, True), (2, True)]
+    assert inbox.acks == [(1, True), (2, True)]
     assert tick(service) == []
     assert pending_ids(service) == []
 
@@ -464,11 +531,13 @@ def test_after_a_reconnect_the_unconfirmed_outbox_goes_again_in_order_files_firs
     file_row, run_row = add_rows(service, ("node.n1", sha), ("node.n1", None))
 
     service._reset_link()
-    service._channel = FakeChannel()
+    service._channel, service._inbox = FakeChannel(), FakeChannel()
     service._on_ready()
 
     channel = channel_of(service)
-    assert channel.consuming == [topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE]
+    assert inbox_of(service).consuming == [topology.COORDINATOR_QUEUE,
+                                           topology.COORDINATOR_NODE_QUEUE]
+    assert channel.consuming == []  # the publishing channel consumes nothing
     confirm_all(service)
     keys = [(p.routing_key, p.outbox_id) for p in channel.published]
     assert keys == [("task.created.t1", 1), ("node.n1", 2), ("task.started.t1", 3),
@@ -674,7 +743,7 @@ def test_a_read_is_answered_first_from_the_committed_state_and_node_messages_wai
         small_turns: CoordinatorService) -> None:
     service = small_turns
     join_node(service, tag=1)
-    channel = channel_of(service)
+    inbox = inbox_of(service)
     for tag in range(2, 7):  # five node-sets on the node channel, then a request
         deliver_from_node(service, tag, node_set(f"m{tag}"))
     deliver(service, 7, {"command": "node-list"}, reply_to="client")
@@ -684,15 +753,15 @@ def test_a_read_is_answered_first_from_the_committed_state_and_node_messages_wai
     assert (reply.routing_key, listed) == ("client", ["n1"])
     assert sorted(service.processor.state.nodes) == ["n1"]
     ack(service, 1)
-    assert channel.acks == [(1, True)]  # 7 is settled, but 2-6 come before it
+    assert inbox.acks == [(1, True)]  # 7 is settled, but 2-6 come before it
 
     assert run_batch(service) == []  # the next turn came by itself: a batch of two
     assert sorted(service.processor.state.nodes) == ["m2", "m3", "n1"]
-    assert channel.acks[-1] == (3, True)
+    assert inbox.acks[-1] == (3, True)
     assert run_batch(service) == []  # 4 and 5
-    assert channel.acks[-1] == (5, True)
+    assert inbox.acks[-1] == (5, True)
     assert run_batch(service) == []  # 6, and with it the prefix reaches 7
-    assert channel.acks[-1] == (7, True)
+    assert inbox.acks[-1] == (7, True)
     assert loop_of(service).run_soon() == 0
     assert sorted(service.processor.state.nodes) == ["m2", "m3", "m4", "m5", "m6", "n1"]
 
@@ -726,7 +795,7 @@ def test_a_read_never_shows_a_write_not_yet_committed_and_one_sent_after_a_write
     # comes after, at the end of the batch)
     assert after["name"] == "t1" and after["status"] is None
     confirm_all(service)
-    assert channel_of(service).acks[-1] == (4, True)
+    assert inbox_of(service).acks[-1] == (4, True)
 
 
 def test_the_same_read_twice_in_a_turn_is_built_once_and_answered_twice(
