@@ -280,10 +280,12 @@ class CoordinatorService:
         self._connection.ioloop.stop()
 
     def _on_channel_closed(self, _channel: Any, reason: Any) -> None:
-        self._close_reason = f"channel closed: {reason!r}"
+        # Either channel's end ends the link, and closing the connection then closes the
+        # other one too: the first reason is the one that explains it, and must stay.
+        self._close_reason = self._close_reason or f"channel closed: {reason!r}"
         # Closed by the broker, not with the connection: perhaps over a node's queue.
-        self._check_node_queues = self.active and isinstance(
-            reason, pika.exceptions.ChannelClosedByBroker)
+        if self.active and isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self._check_node_queues = True
         if self._connection.is_open:
             self._connection.close()
 

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pika.exceptions import ChannelClosedByBroker, ChannelClosedByClient
 from pika.spec import Basic
 
 from vespid.coordinator import service as service_module
@@ -144,6 +145,9 @@ class FakeIOLoop:
 class FakeConnection:
     ioloop: FakeIOLoop = field(default_factory=FakeIOLoop)
     is_open: bool = True
+
+    def close(self) -> None:
+        self.is_open = False
 
 
 # --- driving the service --------------------------------------------------------------------
@@ -338,6 +342,22 @@ def test_requests_and_node_messages_come_and_are_acked_on_a_channel_that_publish
         assert inbox.acks == [(1, True), (2, True)] and publishing.acks == []
     finally:
         service.store.close()
+
+
+def test_the_channel_the_broker_closed_explains_the_link_not_the_one_closed_with_it(
+        service: CoordinatorService) -> None:
+    """A known node's queue the broker refuses closes the publishing channel; closing the
+    connection then closes the inbox too. The next connection must still declare the nodes'
+    queues one at a time, so the refusal is named and the process stops (it retried forever
+    when the second close overwrote the first)."""
+    refused = ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg "
+                                         "'x-queue-type' for queue 'vespid.node.box1'")
+    service._on_channel_closed(service._channel, refused)
+    service._on_channel_closed(service._inbox, ChannelClosedByClient(200, "Normal shutdown"))
+
+    assert service._check_node_queues
+    assert service._close_reason is not None and "inequivalent arg" in service._close_reason
+    assert not service._connection.is_open
 
 
 def test_a_batch_is_acked_with_its_last_tag_only_once_every_publish_is_confirmed_in_any_order(
