@@ -12,7 +12,7 @@ import heapq
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial, wraps
 from typing import Any
@@ -259,14 +259,18 @@ class CoordinatorService:
             close_quietly(connection)
 
     def _declare_nodes(self) -> None:
-        """Every known node's queue, on the serving channel: no callback, so pika asks for no
-        reply. At start nothing else waits for a reply on the channel, so they go out at
-        once and the broker applies them in order, ahead of the task-runs published after
-        them. After a standby took over they may wait in pika behind the consumers' set-up,
-        and a task-run that reaches the broker first comes back unroutable and goes again
-        with its queue declared (_on_return, _tick)."""
-        for node in self.processor.state.nodes:
-            topology.declare_node(self._channel, node)
+        """Every known node's queue, on the publishing channel: no callback, so pika asks for
+        no reply. Nothing else waits for a reply on that channel (the consumers are set up
+        on the inbox), so they go out at once, at start and when a standby takes over, and
+        the broker applies them in order, ahead of the task-runs published after them. A
+        task-run that comes back unroutable all the same (its queue deleted by hand) goes
+        again with its queue declared (_on_return, _tick)."""
+        self._declare_node_queues(self.processor.state.nodes)
+
+    def _declare_node_queues(self, nodes: Iterable[str]) -> None:
+        if self._channel.is_open:  # else closing with the link: the next one declares them
+            for node in nodes:
+                topology.declare_node(self._channel, node)
 
     def _on_open(self, connection: Any) -> None:
         connection.channel(on_open_callback=self._on_channel)
@@ -279,15 +283,34 @@ class CoordinatorService:
         self._close_reason = self._close_reason or f"connection closed: {reason!r}"
         self._connection.ioloop.stop()
 
-    def _on_channel_closed(self, _channel: Any, reason: Any) -> None:
+    def _on_channel_closed(self, channel: Any, reason: Any) -> None:
         # Either channel's end ends the link, and closing the connection then closes the
         # other one too: the first reason is the one that explains it, and must stay.
+        # Meanwhile the other channel is closing: pika still hands it replies and confirms,
+        # and every callback that would use it checks that it is open (_link_open).
         self._close_reason = self._close_reason or f"channel closed: {reason!r}"
-        # Closed by the broker, not with the connection: perhaps over a node's queue.
-        if self.active and isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+        # The publishing channel, closed by the broker: perhaps over a node's queue.
+        if (self.active and channel is self._channel
+                and isinstance(reason, pika.exceptions.ChannelClosedByBroker)):
             self._check_node_queues = True
+        self._end_link()
+
+    def _end_link(self) -> None:
         if self._connection.is_open:
             self._connection.close()
+
+    def _on_consumer_cancelled(self, frame: Any) -> None:
+        """The broker ended a consumer of ours (its queue was deleted): with the channel
+        still open, nothing more would come, and the nodes' silence would be taken for
+        their loss. The next connection declares the queues again and consumes anew."""
+        log.error("coordinator_consumer_cancelled", consumer_tag=frame.method.consumer_tag)
+        self._close_reason = self._close_reason or "the broker cancelled a consumer"
+        self._end_link()
+
+    def _link_open(self) -> bool:
+        """Both channels open: neither is closing with the link."""
+        return all(channel is not None and channel.is_open
+                   for channel in (self._channel, self._inbox))
 
     def _on_channel(self, channel: Any) -> None:
         self._channel = channel
@@ -297,16 +320,20 @@ class CoordinatorService:
                                  callback=lambda _frame: self._on_confirm_mode())
 
     def _on_confirm_mode(self) -> None:
-        self._connection.channel(on_open_callback=self._on_inbox)
+        if self._channel.is_open:
+            self._connection.channel(on_open_callback=self._on_inbox)
 
     def _on_inbox(self, channel: Any) -> None:
         self._inbox = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
         channel.basic_qos(prefetch_count=self.settings.prefetch,
                           callback=lambda _frame: self._on_ready())
 
     @_stop_on_store_error
     def _on_ready(self) -> None:
+        if not self._link_open():
+            return
         if self.active:
             self._declare_nodes()
             self._resume()
@@ -335,10 +362,14 @@ class CoordinatorService:
     def _consume_nodes(self) -> None:
         # The node channel's own window (the qos applies to consumers made after it); a
         # turn takes node_batch of them, so requests wait for no more than that.
+        if not self._link_open():
+            return
         self._inbox.basic_qos(prefetch_count=self.settings.node_prefetch,
                               callback=lambda _frame: self._consume_node_queue())
 
     def _consume_node_queue(self) -> None:
+        if not self._link_open():
+            return
         self._inbox.basic_consume(topology.COORDINATOR_NODE_QUEUE, self._on_node_message)
         log.info("coordinator_consuming",
                  queues=[topology.COORDINATOR_QUEUE, topology.COORDINATOR_NODE_QUEUE])
@@ -489,9 +520,8 @@ class CoordinatorService:
 
     # ---- publishing ------------------------------------------------------------------
     def _publish(self, outcome: Outcome, defer_events: bool = True) -> None:
-        for node in outcome.new_nodes:
-            # Same channel, so the broker declares and binds before the task-run arrives.
-            topology.declare_node(self._channel, node)
+        # Same channel, so the broker declares and binds before the task-run arrives.
+        self._declare_node_queues(outcome.new_nodes)
         for reply in outcome.replies:
             kind = str(reply.body.get("command") or reply.body.get("type"))  # either dialect
             self._send_reply(reply.reply_to, reply.data,
@@ -610,7 +640,12 @@ class CoordinatorService:
               mandatory: bool) -> None:
         # RabbitMQ checks user_id against the login: nodes trust only the coordinator's.
         props.user_id = self._user
-        self._channel.basic_publish(exchange, key, body, props, mandatory=mandatory)
+        # A channel closing with the link (the other one ended) still has confirms on their
+        # way, which may free what waited (a file's window, a held entry, a refused reply):
+        # pika refuses publishes there. What is not published now is in the outbox, and the
+        # next connection sends it; the numbering is this link's, dropped with it.
+        if self._channel.is_open:
+            self._channel.basic_publish(exchange, key, body, props, mandatory=mandatory)
         self._seq += 1
         self._in_flight[self._seq] = outbox_id
         heapq.heappush(self._in_flight_heap, self._seq)

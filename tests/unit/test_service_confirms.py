@@ -69,25 +69,35 @@ class FakeChannel:
     # Everything in call order, publishes as ("publish", routing key): shows declare-first.
     calls: list[tuple[str, str]] = field(default_factory=list)
 
+    def _usable(self) -> None:
+        """pika refuses any call on a channel that is closing or closed."""
+        assert self.is_open, "a call on a channel that is closing"
+
     def basic_publish(self, exchange: str, routing_key: str, body: bytes, properties: Any,
                       mandatory: bool = False) -> None:
+        self._usable()
         self.published.append(Published(len(self.published) + 1, exchange, routing_key, body,
                                          properties, mandatory))
         self.calls.append(("publish", routing_key))
 
     def basic_ack(self, delivery_tag: int = 0, multiple: bool = False) -> None:
+        self._usable()
         assert self.consuming, "acked on a channel that consumes nothing (a delivery tag " \
             "belongs to the channel it came on)"
         self.acks.append((delivery_tag, multiple))
 
     confirming: bool = False
     closed_callbacks: int = 0
+    on_cancel: Any = None
 
     def add_on_close_callback(self, _callback: Any) -> None:
         self.closed_callbacks += 1
 
     def add_on_return_callback(self, _callback: Any) -> None:
         pass
+
+    def add_on_cancel_callback(self, callback: Any) -> None:
+        self.on_cancel = callback
 
     def confirm_delivery(self, ack_nack_callback: Any,
                          callback: Callable[[Any], None] | None = None) -> None:
@@ -97,12 +107,14 @@ class FakeChannel:
 
     def basic_qos(self, prefetch_count: int,
                   callback: Callable[[Any], None] | None = None) -> None:
+        self._usable()
         self.prefetch.append(prefetch_count)
         if callback is not None:  # qos-ok, at once
             callback(SimpleNamespace())
 
     def basic_consume(self, queue: str, on_message_callback: Any,
                       callback: Callable[[Any], None] | None = None) -> None:
+        self._usable()
         self.consuming.append(queue)
         if callback is not None:  # the broker's consume-ok, at once
             callback(SimpleNamespace())
@@ -111,6 +123,7 @@ class FakeChannel:
         self.calls.append(("exchange_declare", exchange))
 
     def queue_declare(self, queue: str, durable: bool, arguments: dict[str, Any]) -> None:
+        self._usable()
         self.declared_queues.append(queue)
         self.calls.append(("queue_declare", queue))
 
@@ -358,6 +371,60 @@ def test_the_channel_the_broker_closed_explains_the_link_not_the_one_closed_with
     assert service._check_node_queues
     assert service._close_reason is not None and "inequivalent arg" in service._close_reason
     assert not service._connection.is_open
+
+
+def test_a_consume_ok_that_arrives_while_the_link_closes_touches_no_channel(
+        service: CoordinatorService) -> None:
+    """The broker refused a node's queue on the publishing channel; the inbox's consume-ok
+    was already on its way and arrives while the inbox closes with the connection."""
+    service._inbox.consuming.clear()
+    refused = ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg")
+    service._channel.is_open = False
+    service._on_channel_closed(service._channel, refused)
+    service._inbox.is_open = False  # closing, with the connection
+
+    service._consume_nodes()  # would raise inside pika's frame dispatch
+    service._consume_node_queue()
+    service._on_ready()
+
+    assert service._inbox.consuming == [] and service._inbox.prefetch == []
+    assert service._check_node_queues and not service._connection.is_open
+
+
+def test_confirms_on_a_publishing_channel_closing_with_the_link_publish_nothing(
+        service: CoordinatorService) -> None:
+    """The broker closed the inbox (a consumer's ack timed out, say): the publishing channel
+    closes with the connection while confirms still come, and a refused reply would go
+    again. Nothing is published there, nothing is acked, and no node queue is checked one
+    at a time next (the inbox declares none)."""
+    channel, [reply] = a_request_answered(service)
+    timed_out = ChannelClosedByBroker(406, "PRECONDITION_FAILED - delivery acknowledgement "
+                                           "on channel 2 timed out")
+    service._inbox.is_open = False
+    service._on_channel_closed(service._inbox, timed_out)
+    channel.is_open = False  # closing, with the connection
+    acks_before = list(inbox_of(service).acks)
+
+    nack(service, reply.seq)
+
+    assert [p.seq for p in channel.published] == [reply.seq]  # not sent again here
+    assert inbox_of(service).acks == acks_before
+    assert not service._check_node_queues
+    assert "timed out" in (service._close_reason or "")
+
+
+def test_a_consumer_the_broker_cancels_ends_the_link(service: CoordinatorService) -> None:
+    """Its queue deleted, the broker cancels the consumer and keeps the channel open: nothing
+    would come any more, and the nodes' silence would be taken for their loss."""
+    connection = OpeningConnection()
+    service._connection = connection
+    service._on_open(connection)
+    _publishing, inbox = connection.opened
+
+    inbox.on_cancel(SimpleNamespace(method=SimpleNamespace(consumer_tag="ctag1.0")))
+
+    assert not connection.is_open
+    assert service._close_reason == "the broker cancelled a consumer"
 
 
 def test_a_batch_is_acked_with_its_last_tag_only_once_every_publish_is_confirmed_in_any_order(
