@@ -29,7 +29,6 @@ from vespid.shared.errors import (
 )
 from vespid.shared.startup import collector_paused
 from vespid.shared.text import amount
-from vespid.shared.writes import coalesce_writes
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_BROKER, EXIT_NOT_FOUND, EXIT_TIMEOUT = range(6)
 EXIT_CODES: list[tuple[type[VespidError], int]] = [
@@ -555,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    coalesce_writes()  # this process's connections send what waits in one go (writes.py)
     with collector_paused():  # building the parser imports most of what any command runs
+        from vespid.shared.writes import coalesce_writes  # imports pika: inside the pause
+
+        coalesce_writes()  # this process's connections send what waits in one go
         args = build_parser().parse_args(_options_after_command(
             sys.argv[1:] if argv is None else argv))
     if args.command not in SERVICES:  # a command's own warnings: readable, on stderr

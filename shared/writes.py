@@ -32,10 +32,10 @@ def coalesce_writes() -> bool:
     """Install the joining send on pika's plaintext transport (once; idempotent). Returns
     whether it is installed: False if this pika's transport is not the one it was written
     for."""
-    if getattr(_Transport, "_produce", None) is _produce:
+    current = getattr(_Transport, "_produce", None)
+    if current is _produce:
         return True
-    base = getattr(_Transport, "_produce", None)
-    if base is None or not hasattr(_Transport, "_sigint_safe_send"):
+    if current is None or not hasattr(_Transport, "_sigint_safe_send"):
         return False
     _Transport._produce = _produce
     return True
