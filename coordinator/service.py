@@ -268,7 +268,7 @@ class CoordinatorService:
         self._declare_node_queues(self.processor.state.nodes)
 
     def _declare_node_queues(self, nodes: Iterable[str]) -> None:
-        if self._channel.is_open:  # else closing with the link: the next one declares them
+        if self._usable(self._channel):  # else closing with the link: the next one declares
             for node in nodes:
                 topology.declare_node(self._channel, node)
 
@@ -307,10 +307,14 @@ class CoordinatorService:
         self._close_reason = self._close_reason or "the broker cancelled a consumer"
         self._end_link()
 
+    @staticmethod
+    def _usable(channel: Any) -> bool:
+        """Made and open: pika refuses every call on a channel that is closing."""
+        return channel is not None and bool(channel.is_open)
+
     def _link_open(self) -> bool:
         """Both channels open: neither is closing with the link."""
-        return all(channel is not None and channel.is_open
-                   for channel in (self._channel, self._inbox))
+        return self._usable(self._channel) and self._usable(self._inbox)
 
     def _on_channel(self, channel: Any) -> None:
         self._channel = channel
@@ -320,7 +324,7 @@ class CoordinatorService:
                                  callback=lambda _frame: self._on_confirm_mode())
 
     def _on_confirm_mode(self) -> None:
-        if self._channel.is_open:
+        if self._usable(self._channel):
             self._connection.channel(on_open_callback=self._on_inbox)
 
     def _on_inbox(self, channel: Any) -> None:
@@ -434,7 +438,7 @@ class CoordinatorService:
 
     def _turn(self) -> None:
         self._flush_scheduled = False
-        if self._channel is None or not self._channel.is_open:
+        if not self._usable(self._channel):
             self._requests, self._from_nodes = [], deque()
             return
         reads, writes = self.processor.split_reads(self._requests)
@@ -480,7 +484,7 @@ class CoordinatorService:
 
     @_stop_on_store_error
     def _tick(self) -> None:
-        if self._channel is None or not self._channel.is_open:
+        if not self._usable(self._channel):
             return
         began = self._heard()
         outcome = self.processor.tick(began, self._caught_up_with_nodes())
@@ -546,7 +550,7 @@ class CoordinatorService:
         themselves stays the commit order, and the deliveries that caused them are acked
         only once they are confirmed too (_settle)."""
         self._events_scheduled = False  # (a call at once leaves a scheduled one nothing)
-        if self._channel is None or not self._channel.is_open:
+        if not self._usable(self._channel):
             return  # the outbox sends them again on the next connection
         while self._events:
             self._send_entry(self._events.popleft())
@@ -644,7 +648,7 @@ class CoordinatorService:
         # way, which may free what waited (a file's window, a held entry, a refused reply):
         # pika refuses publishes there. What is not published now is in the outbox, and the
         # next connection sends it; the numbering is this link's, dropped with it.
-        if self._channel.is_open:
+        if self._usable(self._channel):
             self._channel.basic_publish(exchange, key, body, props, mandatory=mandatory)
         self._seq += 1
         self._in_flight[self._seq] = outbox_id
@@ -697,7 +701,7 @@ class CoordinatorService:
         while self._ack_after and self._ack_after[0][0] < lowest_open:
             _seq, tags = self._ack_after.popleft()
             self._settled.update(tags)
-        if self._inbox is None or not self._inbox.is_open:
+        if not self._usable(self._inbox):
             return  # closing: the broker gives what was not acked to the next consumer
         acked = self._acked
         while acked + 1 in self._settled:
