@@ -40,6 +40,13 @@ class Context:
     message_id: str | None = None  # its message_id property, when the sender set one
     # When it reached this coordinator: behind on its messages, that is earlier than `now`.
     arrived: float = 0.0
+    # A time it cannot have been queued before (marks.py): however long it then waited in
+    # the broker, it says nothing of what happened before this. None: not measured (a
+    # processor driven without the service), judged by `arrived` alone.
+    enqueued_after: float | None = None
+    # Every node message queued before this time has been handled (marks.py): a node
+    # silent since long before it is silent indeed. None: not measured, as above.
+    heard_through: float | None = None
     # False while the nodes' messages may be waiting unhandled (in hand, or in the broker
     # behind a full window): a node-set handled now may then be far older than it looks.
     nodes_current: bool = True
@@ -260,8 +267,16 @@ def sweep_nodes(ctx: Context) -> None:
     timeout = ctx.settings.node_timeout
     for node in ctx.state.nodes.values():
         if node.alive and ctx.now - node.last_seen > timeout \
-                and ctx.elapsed(node.last_seen) > timeout:
+                and ctx.elapsed(node.last_seen) > timeout and _silent_in_queue(ctx, node):
             lose_node(ctx, node)
+
+
+def _silent_in_queue(ctx: Context, node: Node) -> bool:
+    """Whether the node's silence is in what the broker queued, not only in what reached
+    us: its last message came more than the timeout before a time up to which every node
+    message has been handled. Behind a backlog, its heartbeats may be waiting there."""
+    heard = ctx.heard_through
+    return heard is None or heard - node.last_seen > ctx.settings.node_timeout
 
 
 def lose_node(ctx: Context, node: Node) -> None:
@@ -319,8 +334,9 @@ def _gone_from(ctx: Context, node: Node, task: Task) -> bool:
     a node that lists its tasks at all: a third-party node may leave activetasks empty). A
     task-run the broker has not confirmed yet cannot be on any node. Otherwise only time
     can tell: the node-set must reach us more than the grace after the broker took the
-    task-run (reached us, not handled; not counting our own stalls), and only while we
-    are current with the nodes' messages (else it may have waited in the broker)."""
+    task-run (reached us, not handled; not counting our own stalls), it must have been
+    queued more than the grace after it too (marks.py: it may have waited in the broker
+    behind a backlog), and only while we are current with the nodes' messages."""
     if task.seen_on_node:
         return True
     if task._run_unconfirmed:
@@ -333,6 +349,8 @@ def _gone_from(ctx: Context, node: Node, task: Task) -> bool:
     if 0 < task._dispatch < node._sent:
         grace *= LATE_FACTOR
     sent = task.dispatched_at or 0.0
+    if ctx.enqueued_after is not None and ctx.enqueued_after - sent <= grace:
+        return False  # it may have been queued within the grace, and waited since
     return ctx.elapsed(sent, ctx.arrived or ctx.now) > grace
 
 

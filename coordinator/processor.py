@@ -41,6 +41,8 @@ class Delivery:
     user_id: str | None = None  # validated by RabbitMQ: who sent it
     message_id: str | None = None  # the sender's id of this message: a redelivery repeats it
     received: float = 0.0  # time.time() when the broker handed it over (0: not known)
+    # A time it was queued after (marks.py; 0.0: no mark came before it; None: not measured)
+    enqueued_after: float | None = None
 
 
 @dataclass
@@ -176,13 +178,15 @@ class Processor:
         self._observe(ctx.effects)
         return Outcome(ctx.effects.replies)
 
-    def tick(self, now: float, lose_silent_nodes: bool = True) -> Outcome:
+    def tick(self, now: float, lose_silent_nodes: bool = True,
+             heard_through: float | None = None) -> Outcome:
         """Periodic work: lose silent nodes (unless told their messages may be waiting
-        unhandled), start what can start, forget confirmed sends."""
+        unhandled; `heard_through`: Context.heard_through), start what can start, forget
+        confirmed sends."""
         self._freeze_survivors()
         sweep = self._sweep if lose_silent_nodes else self._sweep_extensions
         try:
-            return self._in_transaction(sweep, now)
+            return self._in_transaction(sweep, now, heard_through=heard_through)
         except StoreError:
             raise
         except Exception:
@@ -227,9 +231,11 @@ class Processor:
         self._reject(ctx, delivery, "internal", reason)
 
     def _in_transaction(self, work: Callable[[Context], None], now: float,
-                        nodes_current: bool = True) -> Outcome:
+                        nodes_current: bool = True, heard_through: float | None = None
+                        ) -> Outcome:
         ctx = Context(self.state, self.settings, Effects(), now, nodes_current=nodes_current,
-                      extensions=self.extensions, deaf_between=self.deaf_between)
+                      heard_through=heard_through, extensions=self.extensions,
+                      deaf_between=self.deaf_between)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:
@@ -283,7 +289,7 @@ class Processor:
     def _handle(self, ctx: Context, delivery: Delivery, decoded: Any = None) -> None:
         """`decoded`: the message, when split_reads already decoded (and checked) it."""
         ctx.sender, ctx.message_id = delivery.user_id, delivery.message_id
-        ctx.arrived = delivery.received
+        ctx.arrived, ctx.enqueued_after = delivery.received, delivery.enqueued_after
         try:
             if self.settings.require_user_id and delivery.user_id is None:
                 raise ProtocolError("unauthenticated", "this coordinator requires the user_id "

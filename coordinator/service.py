@@ -24,6 +24,7 @@ from pika.spec import Basic
 from vespid.coordinator.extension import Extension
 from vespid.coordinator.extensions import default_extensions
 from vespid.coordinator.hearing import Hearing
+from vespid.coordinator.marks import MARK_TYPE, QueueMarks
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, default_holder, open_store
@@ -53,6 +54,11 @@ FILE_WINDOW_CHUNKS = 16
 # is declared lost until it catches up (_caught_up_with_nodes).
 NODE_LAG_SECONDS = 1.0
 LAG_WARNING_SECONDS = 10.0
+# The queues this process consumes, with the key that reaches each: a mark goes through
+# both every tick (marks.py).
+MARKED_QUEUES = {topology.COORDINATOR_QUEUE: topology.COORDINATOR_KEY,
+                 topology.COORDINATOR_NODE_QUEUE: topology.COORDINATOR_NODE_KEY}
+MARK_BODY = b"{}"
 # A turn handles at least this many node messages, however slow they were lately.
 MIN_NODE_BATCH = 20
 # The exit status of a coordinator that stopped because it may no longer write the state:
@@ -98,6 +104,8 @@ class CoordinatorService:
         self._started = time.time()
         # Marked whenever the event loop runs: its stalls are no node's silence (hearing.py).
         self._hearing = Hearing()
+        # Kept across links: a mark sent on the last one still dates what comes after it.
+        self._marks = QueueMarks(tuple(MARKED_QUEUES))
         self.store = open_store(settings.state)
         self._processor: Processor | None = None
         if not self.store.shared:
@@ -382,22 +390,26 @@ class CoordinatorService:
     @_stop_on_store_error
     def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
         """A request (the request queue)."""
-        self._receive(self._requests, method, props, body)
+        self._receive(self._requests, topology.COORDINATOR_QUEUE, method, props, body)
 
     @_stop_on_store_error
     def _on_node_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
         """A node's message (the node channel)."""
         self._node_tags.append(method.delivery_tag)
-        self._receive(self._from_nodes, method, props, body)
+        self._receive(self._from_nodes, topology.COORDINATOR_NODE_QUEUE, method, props, body)
 
-    def _receive(self, into: list[Delivery] | deque[Delivery], method: Any, props: Any,
-                 body: bytes) -> None:
+    def _receive(self, into: list[Delivery] | deque[Delivery], queue: str, method: Any,
+                 props: Any, body: bytes) -> None:
         self._heard()
         if not self.active:  # the broker made this consumer the active one
             self._become_active()
-        into.append(Delivery(body, props.reply_to, props.correlation_id,
-                             method.delivery_tag, props.user_id, props.message_id,
-                             time.time()))
+        if props.type == MARK_TYPE and props.user_id == self._user:
+            self._marks.received(queue, props.message_id)
+            self._settle([method.delivery_tag])  # acked in order with the rest
+        else:
+            into.append(Delivery(body, props.reply_to, props.correlation_id,
+                                 method.delivery_tag, props.user_id, props.message_id,
+                                 time.time(), enqueued_after=self._marks.through(queue)))
 
         self._schedule_turn()
 
@@ -487,8 +499,10 @@ class CoordinatorService:
         if not self._usable(self._channel):
             return
         began = self._heard()
-        outcome = self.processor.tick(began, self._caught_up_with_nodes())
+        outcome = self.processor.tick(began, self._caught_up_with_nodes(),
+                                      heard_through=self._heard_through())
         self._busy_since(began)
+        self._send_marks()
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]
                   if self._resend else [])
         self._resend.clear()
@@ -499,6 +513,26 @@ class CoordinatorService:
                                      if e.routing_key.startswith("node.")})
         self._publish(outcome)
         self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
+
+    def _send_marks(self) -> None:
+        """On the inbox, outside the publishing channel's confirms: a mark that never comes
+        back only leaves the next one to do its work."""
+        if not self._usable(self._inbox):
+            return
+        for queue, key in MARKED_QUEUES.items():
+            mark = self._marks.send(queue, time.time())
+            self._inbox.basic_publish(
+                topology.EXCHANGE, key, MARK_BODY,
+                properties(MARK_TYPE, app_id=APP_ID, persistent=False, message_id=mark,
+                           user_id=self._user))
+
+    def _heard_through(self) -> float:
+        """Every node message queued before this time is handled: in each queue, the mark
+        the first one in hand came after, or with none in hand the latest mark back."""
+        in_hand = {topology.COORDINATOR_QUEUE: self._requests,
+                   topology.COORDINATOR_NODE_QUEUE: self._from_nodes}
+        return min((waiting[0].enqueued_after or 0.0) if waiting else self._marks.through(queue)
+                   for queue, waiting in in_hand.items())
 
     def _caught_up_with_nodes(self) -> bool:
         """Whether the nodes' messages are handled about as they come. If not (the oldest

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pika
@@ -16,6 +18,25 @@ from tests.processes import VespidProcess
 from tests.raw import RawNode, RawPeer
 
 NODE_KEY = "coordinator.node"
+
+
+@contextmanager
+def paused(process: VespidProcess) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block: what is sent meanwhile queues up."""
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+
+
+def queue_heartbeats(peer: RawPeer, count: int) -> None:
+    """`count` node-sets of node "chatty" (one core) on the node channel."""
+    body = json.dumps({"command": "node-set", "name": "chatty", "capabilities": {"cores": 1},
+                       "repositories": {}, "activetasks": {}}).encode()
+    props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
+    for _ in range(count):
+        peer.channel.basic_publish("vespid", NODE_KEY, body, props)
 
 
 def test_a_raw_node_on_the_node_channel_is_heard_and_its_tasks_complete(
@@ -55,16 +76,9 @@ def test_a_request_is_answered_while_a_flood_of_node_traffic_still_waits(
     coordinator is paused while both queue up, so the order is the test's, not the clock's."""
     flood = 20_000
     peer = RawPeer(amqp_url)
-    body = json.dumps({"command": "node-set", "name": "chatty", "capabilities": {"cores": 1},
-                       "repositories": {}, "activetasks": {}}).encode()
-    props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
-    os.kill(coordinator.pid, signal.SIGSTOP)
-    try:
-        for _ in range(flood):
-            peer.channel.basic_publish("vespid", NODE_KEY, body, props)
+    with paused(coordinator):
+        queue_heartbeats(peer, flood)
         asked = peer.send({"command": "task-info", "name": "nobody"}, reply=True)
-    finally:
-        os.kill(coordinator.pid, signal.SIGCONT)
     while asked not in peer.replies:
         peer.connection.process_data_events(time_limit=0.1)
     waiting = peer.channel.queue_declare("vespid.coordinator.node", passive=True)
@@ -92,8 +106,7 @@ def test_a_request_behind_a_full_window_of_node_messages_is_answered_before_they
     flood = 480  # within the node channel's window (node_prefetch 500): all delivered
     peer = RawPeer(amqp_url)
     props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
-    os.kill(coordinator.pid, signal.SIGSTOP)
-    try:
+    with paused(coordinator):
         for index in range(flood):
             body = json.dumps({"command": "node-set", "name": f"flood{index:03d}",
                                "capabilities": {"cores": 1}, "repositories": {},
@@ -103,8 +116,6 @@ def test_a_request_behind_a_full_window_of_node_messages_is_answered_before_they
                                          passive=True).method.message_count:
             peer.connection.process_data_events(time_limit=0.05)  # all handed over
         asked = peer.send({"command": "node-list"}, reply=True)
-    finally:
-        os.kill(coordinator.pid, signal.SIGCONT)
     while asked not in peer.replies:
         peer.connection.process_data_events(time_limit=0.1)
     listed = json.loads(peer.replies[asked])["nodes"]
@@ -117,3 +128,47 @@ def test_a_request_behind_a_full_window_of_node_messages_is_answered_before_they
 
     assert len(listed) < flood, "the request waited for every node message ahead of it"
     assert len(everyone) == flood
+
+
+def test_a_node_set_that_waited_behind_a_backlog_does_not_end_a_task_on_its_way(
+        amqp_url: str, coordinator: VespidProcess) -> None:
+    """A node sends a node-set before it has read a task-run; behind a backlog of other
+    nodes' messages it reaches the coordinator long after the dispatch grace (3 s here).
+    It was queued within the grace, which is what counts (marks.py): the task runs once.
+    Judged by arrival, it was taken for lost (a third of a busy farm's tasks ran twice).
+    The backlog is queued while the coordinator is paused, and drains after it resumes,
+    while the task is dispatched and the node-set queued behind it."""
+    flood = 60_000
+    peer = RawPeer(amqp_url)
+    node = RawNode(peer, "slowreader", {"cores": 2, "memory": 1000}, key=NODE_KEY)
+    node.node_set([])
+    deadline = time.monotonic() + 15
+    while not peer.request({"command": "node-list"})["nodes"]:  # known before the flood
+        assert time.monotonic() < deadline, "the node's first node-set was never handled"
+        time.sleep(0.05)
+    with paused(coordinator):
+        queue_heartbeats(peer, flood)
+    peer.request({"command": "task-create", "name": "on-its-way", "executable_pyscript": "x",
+                  "retries": 0, "requirements": {"cores": 1, "memory": 500}})  # not chatty
+    peer.wait_for("on-its-way", lambda i: i["status"] == "working")
+    node.capabilities = {**node.capabilities, "usage_sent_after_the_dispatch": True}
+    node.node_set([])  # it has not read the task-run yet; this one waits behind the flood
+    dispatched = time.monotonic()
+    deadline = dispatched + 120
+    while not any(n["name"] == "slowreader" and n["capabilities"].get(
+            "usage_sent_after_the_dispatch") for n in peer.request({"command": "node-list"},
+                                                                   timeout=60)["nodes"]):
+        assert time.monotonic() < deadline, "the node-set behind the flood was never handled"
+        time.sleep(0.2)
+    waited = time.monotonic() - dispatched
+    info = peer.info("on-its-way")
+
+    [run] = node.runs(1)
+    node.node_set({run: 1})
+    node.complete(run)
+    done = peer.wait_for("on-its-way", lambda i: i["status"] == "complete")
+    peer.close()
+
+    assert waited > 3 + 1, f"the backlog drained in {waited:.1f} s: no wait past the grace"
+    assert info["status"] == "working", info.get("message")
+    assert (done["success"], done["node"]) == ("ok", "slowreader")

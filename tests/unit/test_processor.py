@@ -446,6 +446,54 @@ def test_a_node_set_that_came_within_the_grace_leaves_it_working_even_if_handled
     assert info(proc, "t1", T0 + GRACE + 31)["success"] == "terminated"
 
 
+def test_a_node_set_queued_within_the_grace_ends_nothing_however_late_it_arrives(
+        proc: Processor) -> None:
+    """Behind a backlog in the broker a node-set arrives long after it was queued, and the
+    node may have sent it before it read the task-run: a mark sent through the queue
+    (marks.py) says when it was queued at the earliest, and that is what counts. At 1,000
+    busy nodes with the coordinator 30 s behind, judging by arrival ran 3,000 of 100,000
+    tasks twice."""
+    start_one(proc, retries=0)
+    waited = dataclasses.replace(deliver(node_set(activetasks=[])), received=T0 + GRACE + 30,
+                                 enqueued_after=T0 + 1)
+    proc.process([waited], T0 + GRACE + 30)
+
+    assert info(proc, "t1", T0 + GRACE + 30)["status"] == "working"
+
+    queued_late = dataclasses.replace(deliver(node_set(activetasks=[])),
+                                      received=T0 + GRACE + 31, enqueued_after=T0 + GRACE + 1)
+    proc.process([queued_late], T0 + GRACE + 31)
+
+    assert info(proc, "t1", T0 + GRACE + 31)["success"] == "terminated"
+
+
+def test_with_no_mark_before_it_a_node_set_ends_nothing_by_the_clock(proc: Processor) -> None:
+    """0.0: no mark came back before it (a coordinator just started, behind from the
+    start): it may be as old as anything in the queue."""
+    start_one(proc, retries=0)
+    unknown = dataclasses.replace(deliver(node_set(activetasks=[])), received=T0 + 10 * GRACE,
+                                  enqueued_after=0.0)
+    proc.process([unknown], T0 + 10 * GRACE)
+
+    assert info(proc, "t1", T0 + 10 * GRACE)["status"] == "working"
+
+
+def test_a_node_is_lost_only_once_its_silence_is_in_what_the_broker_queued(
+        proc: Processor) -> None:
+    """Behind a backlog the node's heartbeats may be waiting in the broker: it is lost
+    only when everything queued up to a timeout after its last message has been handled."""
+    start_one(proc, retries=0)
+    timeout = HEARTBEAT * MISSED
+
+    behind = proc.tick(T0 + timeout + 30, heard_through=T0 + timeout - 1)
+    assert behind.outbox == []
+    assert info(proc, "t1", T0 + timeout + 30)["status"] == "working"
+
+    proc.tick(T0 + timeout + 31, heard_through=T0 + timeout + 1)
+    reply = info(proc, "t1", T0 + timeout + 31)
+    assert reply["success"] == "terminated" and "lost" in reply["message"]
+
+
 def test_a_node_set_never_ends_a_task_whose_task_run_the_broker_has_not_taken(
         proc: Processor) -> None:
     """At 1,000 busy nodes the broker held back the coordinator's publishes for longer than

@@ -26,6 +26,7 @@ from pika.exceptions import ChannelClosedByBroker, ChannelClosedByClient
 from pika.spec import Basic
 
 from vespid.coordinator import service as service_module
+from vespid.coordinator.marks import MARK_TYPE
 from vespid.coordinator.processor import Outcome
 from vespid.coordinator.service import CoordinatorService
 from vespid.coordinator.settings import CoordinatorSettings
@@ -205,6 +206,22 @@ def inbox_of(service: CoordinatorService) -> FakeChannel:
     return inbox
 
 
+def marks_come_back(service: CoordinatorService, first_tag: int) -> int:
+    """The marks the service sent through its queues, and not yet back, arrive through
+    them (nothing queued before them); returns the next free delivery tag."""
+    inbox = inbox_of(service)
+    tag = first_tag
+    for mark in inbox.published:
+        if mark.properties.type != MARK_TYPE or getattr(mark, "back", False):
+            continue
+        mark.back = True  # type: ignore[attr-defined]
+        handler = (service._on_node_message if mark.routing_key == topology.COORDINATOR_NODE_KEY
+                   else service._on_message)
+        handler(inbox, SimpleNamespace(delivery_tag=tag), mark.properties, mark.body)
+        tag += 1
+    return tag
+
+
 def loop_of(service: CoordinatorService) -> FakeIOLoop:
     connection = service._connection
     assert isinstance(connection, FakeConnection)
@@ -214,14 +231,15 @@ def loop_of(service: CoordinatorService) -> FakeIOLoop:
 def deliver(service: CoordinatorService, tag: int, message: dict[str, Any],
             reply_to: str | None = None) -> None:
     props = SimpleNamespace(reply_to=reply_to, correlation_id=f"corr-{tag}" if reply_to else None,
-                            user_id=None, message_id=None)
+                            user_id=None, message_id=None, type="task-create")
     service._on_message(service._channel, SimpleNamespace(delivery_tag=tag), props,
                         json.dumps(message).encode("utf-8"))
 
 
 def deliver_from_node(service: CoordinatorService, tag: int, message: dict[str, Any]) -> None:
     """A message on the node channel (`vespid.coordinator.node`)."""
-    props = SimpleNamespace(reply_to=None, correlation_id=None, user_id=None, message_id=None)
+    props = SimpleNamespace(reply_to=None, correlation_id=None, user_id=None, message_id=None,
+                            type=message.get("command"))
     service._on_node_message(service._channel, SimpleNamespace(delivery_tag=tag), props,
                              json.dumps(message).encode("utf-8"))
 
@@ -909,7 +927,12 @@ def test_no_node_is_lost_while_node_messages_wait_unhandled_longer_than_a_second
     tick(service)
     assert nodes["quiet"].alive, "lost while its heartbeat may have been waiting in hand"
 
-    run_batch(service)  # caught up: a silent node is lost at the next tick
+    run_batch(service)  # caught up, but no mark back yet: its heartbeats may be queued
+    tick(service)
+    assert nodes["quiet"].alive, "lost with no mark back to say the queues hold nothing older"
+
+    marks_come_back(service, 3)
+    run_batch(service)
     tick(service)
     assert not nodes["quiet"].alive
     assert nodes["busy"].alive
@@ -927,3 +950,45 @@ def test_no_node_is_lost_while_requests_wait_unhandled_either(
 
     tick(service)
     assert service.processor.state.nodes["quiet"].alive
+
+
+# ---- marks through the coordinator's own queues (marks.py) -------------------------------------
+def test_each_tick_sends_a_mark_through_each_queue_on_the_inbox_outside_the_confirms(
+        service: CoordinatorService) -> None:
+    published_before = len(channel_of(service).published)
+
+    tick(service)
+
+    marks = [(m.exchange, m.routing_key, m.properties.type, m.properties.user_id)
+             for m in inbox_of(service).published]
+    assert marks == [(topology.EXCHANGE, topology.COORDINATOR_KEY, MARK_TYPE, service._user),
+                     (topology.EXCHANGE, topology.COORDINATOR_NODE_KEY, MARK_TYPE,
+                      service._user)]
+    assert len(channel_of(service).published) == published_before  # no publish seq taken
+
+
+def test_a_mark_that_comes_back_is_acked_and_dates_what_comes_after_it(
+        service: CoordinatorService) -> None:
+    before = time.time()
+    tick(service)
+    deliver_from_node(service, 1, node_set("early"))  # queued before any mark came back
+    next_tag = marks_come_back(service, 2)
+    deliver_from_node(service, next_tag, node_set("late"))
+
+    early, late = service._from_nodes
+    assert early.enqueued_after == 0.0  # as old as anything could be
+    assert late.enqueued_after is not None and late.enqueued_after >= before
+    assert [d.tag for d in service._requests] == []  # the marks are nobody's requests
+
+    run_batch(service)
+    assert inbox_of(service).acks[-1] == (next_tag, True)  # marks acked in order with the rest
+    assert set(service.processor.state.nodes) == {"early", "late"}
+
+
+def test_a_message_typed_as_a_mark_from_another_login_is_handled_as_what_it_is(
+        service: CoordinatorService) -> None:
+    props = SimpleNamespace(reply_to=None, correlation_id=None, user_id="mallory",
+                            message_id=f"{MARK_TYPE}:{service._marks.token}:1", type=MARK_TYPE)
+    service._on_message(service._inbox, SimpleNamespace(delivery_tag=1), props, b"{}")
+
+    assert [d.tag for d in service._requests] == [1]  # to be refused, not taken as a mark
