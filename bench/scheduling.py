@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,6 +69,7 @@ class Options:
     delay: float
     seed: int
     coordinator_env: dict[str, str] = field(default_factory=dict)
+    keep_logs: Path | None = None  # a folder each cell's coordinator log is copied to
 
 
 @dataclass
@@ -314,6 +316,11 @@ def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
         finally:
             check_simulator(cell, sim.stop() if sim.process.pid else None, options.heartbeat)
             coordinator.stop()
+            if options.keep_logs is not None:
+                options.keep_logs.mkdir(parents=True, exist_ok=True)
+                kept = options.keep_logs / f"coordinator-{cell.nodes}x{cell.tasks}.log"
+                shutil.copyfile(coordinator.log_path, kept)
+                log.info("  the coordinator's log: %s", kept)
             note = describe_log(coordinator.log_summary())
             if note:
                 cell.notes.append(note)
@@ -444,13 +451,16 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
                         help="a coordinator setting for every cell, e.g. node_batch=25 "
                              "(passed as VESPID_NODE_BATCH)")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
+                        help="copy each cell's coordinator log (JSON lines, warnings and "
+                             "up) into DIR, e.g. to read why tasks ran twice")
     args = parser.parse_args(argv)
     nodes, tasks, cap = QUICK_GRID if args.quick else FULL_GRID
     return Options(args.nodes or nodes, args.tasks or tasks,
                    60 * args.cap_minutes if args.cap_minutes else cap,
                    args.heartbeat, args.delay_ms / 1000, args.seed,
                    {"VESPID_" + k.strip().upper(): v for k, v in
-                    (item.split("=", 1) for item in args.set)})
+                    (item.split("=", 1) for item in args.set)}, args.keep_logs)
 
 
 def main(argv: list[str] | None = None) -> int:
