@@ -12,9 +12,14 @@ was queued after that mark was sent: the latest mark received before a message i
 the message cannot predate (`enqueued_after`), whatever the backlog. And once a mark sent
 at `t` came back, every message queued before `t` has arrived.
 
-A mark carries this process's random token; marks of another process (a coordinator that
-stood where this one stands) are acked and dropped, and a message that only looks like a
-mark (the type without the coordinator's broker login) is handled as what it is.
+A mark carries this process's random token and a number; only the times this process
+recorded for its own numbers count. A copy of a mark, put into the queue by anyone, can
+only come after the mark was sent, so it dates what follows it no later than the truth.
+Marks of another process (a coordinator that stood where this one stands, same broker
+login) are acked and dropped; a message of another login that only looks like a mark is
+handled as what it is. A message delivered again after a lost connection may have been
+queued before any mark: it is dated as unknown (the service), and a mark delivered again
+moves nothing.
 """
 
 from __future__ import annotations
@@ -53,15 +58,25 @@ class QueueMarks:
     def ours(self, message_id: str | None) -> bool:
         return (message_id or "").startswith(f"{MARK_TYPE}:{self.token}:")
 
+    def new_link(self) -> None:
+        """A new connection: what the last one had in hand and did not ack comes again,
+        queued before any mark this one sees, so only marks seen from now on date what
+        follows them. Marks sent on the last link still count when they come."""
+        self._through = dict.fromkeys(self._through, 0.0)
+
     def received(self, queue: str, message_id: str | None) -> None:
-        """A mark came back through `queue`: what comes after it was queued after it."""
-        if not self.ours(message_id):
-            return  # another process's, or forgotten: proves nothing about ours
-        seq = int(str(message_id).rsplit(":", 1)[1])
+        """A mark came back through `queue` (delivered for the first time): what comes
+        after it was queued after it was sent."""
+        try:
+            seq = int(str(message_id).rsplit(":", 1)[1]) if self.ours(message_id) else 0
+        except ValueError:
+            seq = 0
+        if not seq:
+            return  # another process's, or not a mark: proves nothing about ours
         sent = self._sent[queue]
         while sent and sent[0][0] <= seq:  # first in, first out: earlier ones are behind us
             mark_seq, sent_at = sent.popleft()
-            if mark_seq == seq:
+            if mark_seq == seq:  # (forgotten ones move nothing) and a clock set back neither
                 self._through[queue] = max(self._through[queue], sent_at)
 
     def through(self, queue: str) -> float:

@@ -130,6 +130,7 @@ class CoordinatorService:
         # joining at once), 40-100 ms, though this process was reading its socket.
         self._channel: Any = None
         self._inbox: Any = None
+        self._marks.new_link()
         # Deliveries not handled yet, by queue: requests in the order they came, and the
         # nodes' messages, of which a turn takes what fits its time (_batch_size).
         self._requests: list[Delivery] = []
@@ -403,15 +404,27 @@ class CoordinatorService:
         self._heard()
         if not self.active:  # the broker made this consumer the active one
             self._become_active()
-        if props.type == MARK_TYPE and props.user_id == self._user:
-            self._marks.received(queue, props.message_id)
+        if self._took_mark(queue, method, props):
             self._settle([method.delivery_tag])  # acked in order with the rest
         else:
+            # One delivered again was in hand on a lost link: queued before any mark seen.
+            enqueued_after = 0.0 if method.redelivered else self._marks.through(queue)
             into.append(Delivery(body, props.reply_to, props.correlation_id,
                                  method.delivery_tag, props.user_id, props.message_id,
-                                 time.time(), enqueued_after=self._marks.through(queue)))
+                                 time.time(), enqueued_after=enqueued_after))
 
         self._schedule_turn()
+
+    def _took_mark(self, queue: str, method: Any, props: Any) -> bool:
+        """Whether the delivery is a mark (marks.py), taken in: ours dates what follows it
+        unless delivered again; another coordinator's (same login) is only dropped."""
+        if props.type != MARK_TYPE:
+            return False
+        if self._marks.ours(props.message_id):
+            if not method.redelivered:
+                self._marks.received(queue, props.message_id)
+            return True
+        return self._user is not None and props.user_id == self._user
 
     def _heard(self) -> float:
         """The event loop runs now: a long gap since it last did is a stall, which the

@@ -47,6 +47,28 @@ def test_a_mark_never_moves_the_time_back() -> None:
     early = marks.send(Q, 5.0)
     late = marks.send(Q, 6.0)
     marks.received(Q, late)
-    marks.received(Q, early)  # redelivered after a later one: proves nothing newer
-
+    marks.received(Q, early)  # after a later one: proves nothing newer
     assert marks.through(Q) == 6.0
+
+    after_clock_step = marks.send(Q, 4.0)  # the wall clock was set back
+    marks.received(Q, after_clock_step)
+    assert marks.through(Q) == 6.0
+
+
+def test_a_new_link_forgets_the_time_but_not_the_marks_on_their_way() -> None:
+    marks = QueueMarks((Q,))
+    marks.received(Q, marks.send(Q, 5.0))
+    on_its_way = marks.send(Q, 6.0)
+
+    marks.new_link()
+    assert marks.through(Q) == 0.0
+    marks.received(Q, on_its_way)
+    assert marks.through(Q) == 6.0
+
+
+def test_a_malformed_mark_of_ours_moves_nothing() -> None:
+    marks = QueueMarks((Q,))
+    marks.send(Q, 5.0)
+
+    marks.received(Q, f"vespid-mark:{marks.token}:not-a-number")
+    assert marks.through(Q) == 0.0

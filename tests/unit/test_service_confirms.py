@@ -206,18 +206,20 @@ def inbox_of(service: CoordinatorService) -> FakeChannel:
     return inbox
 
 
-def marks_come_back(service: CoordinatorService, first_tag: int) -> int:
-    """The marks the service sent through its queues, and not yet back, arrive through
-    them (nothing queued before them); returns the next free delivery tag."""
-    inbox = inbox_of(service)
+def marks_come_back(service: CoordinatorService, first_tag: int, redelivered: bool = False,
+                    sent_on: FakeChannel | None = None) -> int:
+    """The marks the service sent through its queues (on `sent_on`, default its inbox),
+    and not yet back, arrive through them (nothing queued before them); returns the next
+    free delivery tag."""
     tag = first_tag
-    for mark in inbox.published:
+    for mark in (sent_on or inbox_of(service)).published:
         if mark.properties.type != MARK_TYPE or getattr(mark, "back", False):
             continue
         mark.back = True  # type: ignore[attr-defined]
         handler = (service._on_node_message if mark.routing_key == topology.COORDINATOR_NODE_KEY
                    else service._on_message)
-        handler(inbox, SimpleNamespace(delivery_tag=tag), mark.properties, mark.body)
+        handler(service._inbox, SimpleNamespace(delivery_tag=tag, redelivered=redelivered),
+                mark.properties, mark.body)
         tag += 1
     return tag
 
@@ -232,15 +234,17 @@ def deliver(service: CoordinatorService, tag: int, message: dict[str, Any],
             reply_to: str | None = None) -> None:
     props = SimpleNamespace(reply_to=reply_to, correlation_id=f"corr-{tag}" if reply_to else None,
                             user_id=None, message_id=None, type="task-create")
-    service._on_message(service._channel, SimpleNamespace(delivery_tag=tag), props,
-                        json.dumps(message).encode("utf-8"))
+    service._on_message(service._channel, SimpleNamespace(delivery_tag=tag, redelivered=False),
+                        props, json.dumps(message).encode("utf-8"))
 
 
-def deliver_from_node(service: CoordinatorService, tag: int, message: dict[str, Any]) -> None:
+def deliver_from_node(service: CoordinatorService, tag: int, message: dict[str, Any],
+                      redelivered: bool = False) -> None:
     """A message on the node channel (`vespid.coordinator.node`)."""
     props = SimpleNamespace(reply_to=None, correlation_id=None, user_id=None, message_id=None,
                             type=message.get("command"))
-    service._on_node_message(service._channel, SimpleNamespace(delivery_tag=tag), props,
+    service._on_node_message(service._channel,
+                             SimpleNamespace(delivery_tag=tag, redelivered=redelivered), props,
                              json.dumps(message).encode("utf-8"))
 
 
@@ -987,8 +991,79 @@ def test_a_mark_that_comes_back_is_acked_and_dates_what_comes_after_it(
 
 def test_a_message_typed_as_a_mark_from_another_login_is_handled_as_what_it_is(
         service: CoordinatorService) -> None:
-    props = SimpleNamespace(reply_to=None, correlation_id=None, user_id="mallory",
-                            message_id=f"{MARK_TYPE}:{service._marks.token}:1", type=MARK_TYPE)
-    service._on_message(service._inbox, SimpleNamespace(delivery_tag=1), props, b"{}")
+    def typed_as_a_mark(tag: int, user: str, message_id: str) -> None:
+        props = SimpleNamespace(reply_to=None, correlation_id=None, user_id=user,
+                                message_id=message_id, type=MARK_TYPE)
+        service._on_message(service._inbox, SimpleNamespace(delivery_tag=tag,
+                                                            redelivered=False), props, b"{}")
+
+    typed_as_a_mark(1, "mallory", f"{MARK_TYPE}:not-ours:1")
+    typed_as_a_mark(2, service._user or "", f"{MARK_TYPE}:another-coordinator:1")
+    tick(service)
+    [requests_mark, _] = inbox_of(service).published
+    # A copy of a mark of ours, by anyone, comes after the mark was sent: it dates what
+    # follows it no later than the truth, so it counts like the mark.
+    typed_as_a_mark(3, "mallory", requests_mark.properties.message_id)
 
     assert [d.tag for d in service._requests] == [1]  # to be refused, not taken as a mark
+    assert service._marks.through(topology.COORDINATOR_QUEUE) > 0
+
+
+def new_link(service: CoordinatorService) -> FakeChannel:
+    """The connection is lost and a new one is ready; returns the old inbox."""
+    old_inbox = inbox_of(service)
+    service._reset_link()
+    service._channel = FakeChannel()
+    service._inbox = FakeChannel(consuming=[topology.COORDINATOR_QUEUE,
+                                            topology.COORDINATOR_NODE_QUEUE])
+    return old_inbox
+
+
+def test_after_a_reconnect_what_comes_again_is_dated_as_unknown_until_a_new_mark(
+        service: CoordinatorService) -> None:
+    """What the lost link had in hand comes again, from the front of the queue: it may
+    have been queued long before the marks the lost link saw."""
+    tick(service)
+    marks_come_back(service, 1)
+    old_inbox = new_link(service)
+    deliver_from_node(service, 1, node_set("again"), redelivered=True)
+    assert service._from_nodes[0].enqueued_after == 0.0
+    assert service._heard_through() == 0.0  # no node is lost on the lost link's marks
+
+    before = time.time()
+    tick(service)
+    next_tag = marks_come_back(service, 2)  # this link's marks
+    deliver_from_node(service, next_tag, node_set("fresh"))
+    fresh = service._from_nodes[-1]
+    assert fresh.enqueued_after is not None and fresh.enqueued_after >= before
+    assert old_inbox.published and all(getattr(m, "back", False) for m in old_inbox.published)
+
+
+def test_a_mark_of_the_lost_link_still_dates_what_follows_it_unless_it_comes_again(
+        service: CoordinatorService) -> None:
+    sent = time.time()
+    tick(service)  # these marks are still queued when the link is lost
+    requests_mark, node_mark = new_link(service).published
+    marks_come_back(service, 1, redelivered=True, sent_on=FakeChannel(published=[requests_mark]))
+    assert service._marks.through(topology.COORDINATOR_QUEUE) == 0.0  # came again: nothing
+
+    marks_come_back(service, 2, sent_on=FakeChannel(published=[node_mark]))
+    assert service._marks.through(topology.COORDINATOR_NODE_QUEUE) >= sent
+
+
+def test_without_a_login_in_the_url_the_coordinator_still_knows_its_own_marks(
+        tmp_path: Path) -> None:
+    made = make_service(tmp_path)
+    try:
+        made._user = None  # amqp://host/ logs in as pika's default, and sets no user_id
+        tick(made)
+        marks_come_back(made, 1)
+        props = SimpleNamespace(reply_to=None, correlation_id=None, user_id=None,
+                                message_id="vespid-mark:someone-else:1", type=MARK_TYPE)
+        made._on_message(made._inbox, SimpleNamespace(delivery_tag=3, redelivered=False),
+                         props, b"{}")
+
+        assert made._marks.through(topology.COORDINATOR_QUEUE) > 0
+        assert [d.tag for d in made._requests] == [3]  # not ours, from nobody: a message
+    finally:
+        made.store.close()
