@@ -53,6 +53,9 @@ FILE_WINDOW_CHUNKS = 16
 # A node message in hand longer than this means the coordinator is behind on them: no node
 # is declared lost until it catches up (_caught_up_with_nodes).
 NODE_LAG_SECONDS = 1.0
+# Node messages waiting longer than this in the broker (by the marks: a mark comes back about
+# a tick after it was sent when nothing waits) mean the coordinator is behind on them too.
+BROKER_LAG_SECONDS = 3.0
 LAG_WARNING_SECONDS = 10.0
 # The queues this process consumes, with the key that reaches each: a mark goes through
 # both every tick (marks.py).
@@ -559,15 +562,23 @@ class CoordinatorService:
         oldest = min((queue[0].received for queue in (self._from_nodes, self._requests)
                       if queue), default=now)
         waited = now - oldest
+        in_broker = self._broker_lag(now)
         window_full = len(self._node_tags) >= self.settings.node_prefetch
-        if waited <= NODE_LAG_SECONDS and not window_full:
+        if waited <= NODE_LAG_SECONDS and not window_full and in_broker <= BROKER_LAG_SECONDS:
             return True
         if now >= self._next_lag_warning:
             self._next_lag_warning = now + LAG_WARNING_SECONDS
-            log.warning("node_sweep_deferred", behind_seconds=round(waited, 1),
+            log.warning("node_sweep_deferred", behind_seconds=round(max(waited, in_broker), 1),
+                        in_broker_seconds=round(in_broker, 1),
                         waiting=len(self._from_nodes) + len(self._requests),
                         window_full=window_full)
         return False
+
+    def _broker_lag(self, now: float) -> float:
+        """About how long the nodes' messages wait in the broker: the age of the latest
+        mark back through the node queue (0.0 before the first: not known)."""
+        through = self._marks.through(topology.COORDINATOR_NODE_QUEUE)
+        return now - through if through else 0.0
 
     # ---- publishing ------------------------------------------------------------------
     def _publish(self, outcome: Outcome, defer_events: bool = True) -> None:

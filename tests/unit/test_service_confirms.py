@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from pika.exceptions import ChannelClosedByBroker, ChannelClosedByClient
 from pika.spec import Basic
+from structlog.testing import capture_logs
 
 from vespid.coordinator import service as service_module
 from vespid.coordinator.marks import MARK_TYPE
@@ -1067,3 +1068,20 @@ def test_without_a_login_in_the_url_the_coordinator_still_knows_its_own_marks(
         assert [d.tag for d in made._requests] == [3]  # not ours, from nobody: a message
     finally:
         made.store.close()
+
+
+def test_the_marks_tell_how_long_node_messages_wait_in_the_broker(
+        service: CoordinatorService) -> None:
+    """Behind a backlog the window may look free and nothing in hand old (just acked): the
+    latest mark back says how long the messages wait, and the warning says it too."""
+    tick(service)
+    marks_come_back(service, 1)
+    assert service._caught_up_with_nodes()
+
+    service._marks._through[topology.COORDINATOR_NODE_QUEUE] = time.time() - 30
+    service._next_lag_warning = 0.0
+    with capture_logs() as logged:
+        assert not service._caught_up_with_nodes()
+
+    [warning] = [e for e in logged if e["event"] == "node_sweep_deferred"]
+    assert warning["in_broker_seconds"] >= 30 and warning["behind_seconds"] >= 30
