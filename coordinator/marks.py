@@ -39,6 +39,7 @@ class QueueMarks:
     def __init__(self, queues: tuple[str, ...], token: str | None = None,
                  most: int = MOST_OUTSTANDING) -> None:
         self.token = token or secrets.token_hex(8)
+        self._prefix = f"{MARK_TYPE}:{self.token}:"
         self._most = most
         self._seq = 0
         self._sent: dict[str, deque[tuple[int, float]]] = {q: deque() for q in queues}
@@ -53,10 +54,10 @@ class QueueMarks:
         sent.append((self._seq, now))
         while len(sent) > self._most:
             sent.popleft()
-        return f"{MARK_TYPE}:{self.token}:{self._seq}"
+        return f"{self._prefix}{self._seq}"
 
     def ours(self, message_id: str | None) -> bool:
-        return (message_id or "").startswith(f"{MARK_TYPE}:{self.token}:")
+        return (message_id or "").startswith(self._prefix)
 
     def new_link(self) -> None:
         """A new connection: what the last one had in hand and did not ack comes again,
@@ -67,12 +68,10 @@ class QueueMarks:
     def received(self, queue: str, message_id: str | None) -> None:
         """A mark came back through `queue` (delivered for the first time): what comes
         after it was queued after it was sent."""
-        try:
-            seq = int(str(message_id).rsplit(":", 1)[1]) if self.ours(message_id) else 0
-        except ValueError:
-            seq = 0
-        if not seq:
+        number = (message_id or "").removeprefix(self._prefix)
+        if not self.ours(message_id) or not number.isdecimal():
             return  # another process's, or not a mark: proves nothing about ours
+        seq = int(number)
         sent = self._sent[queue]
         while sent and sent[0][0] <= seq:  # first in, first out: earlier ones are behind us
             mark_seq, sent_at = sent.popleft()

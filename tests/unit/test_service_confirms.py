@@ -225,6 +225,16 @@ def marks_come_back(service: CoordinatorService, first_tag: int, redelivered: bo
     return tag
 
 
+def new_link(service: CoordinatorService) -> FakeChannel:
+    """The connection is lost and a new one is ready (both channels open, consuming);
+    returns the old inbox."""
+    old_inbox = inbox_of(service)
+    service._reset_link()
+    service._channel, service._inbox = FakeChannel(), FakeChannel()
+    service._on_ready()
+    return old_inbox
+
+
 def loop_of(service: CoordinatorService) -> FakeIOLoop:
     connection = service._connection
     assert isinstance(connection, FakeConnection)
@@ -640,9 +650,7 @@ def test_after_a_reconnect_the_unconfirmed_outbox_goes_again_in_order_files_firs
     run_batch(service)  # published, never confirmed: the link drops
     file_row, run_row = add_rows(service, ("node.n1", sha), ("node.n1", None))
 
-    service._reset_link()
-    service._channel, service._inbox = FakeChannel(), FakeChannel()
-    service._on_ready()
+    new_link(service)
 
     channel = channel_of(service)
     assert inbox_of(service).consuming == [topology.COORDINATOR_QUEUE,
@@ -1008,16 +1016,6 @@ def test_a_message_typed_as_a_mark_from_another_login_is_handled_as_what_it_is(
 
     assert [d.tag for d in service._requests] == [1]  # to be refused, not taken as a mark
     assert service._marks.through(topology.COORDINATOR_QUEUE) > 0
-
-
-def new_link(service: CoordinatorService) -> FakeChannel:
-    """The connection is lost and a new one is ready; returns the old inbox."""
-    old_inbox = inbox_of(service)
-    service._reset_link()
-    service._channel = FakeChannel()
-    service._inbox = FakeChannel(consuming=[topology.COORDINATOR_QUEUE,
-                                            topology.COORDINATOR_NODE_QUEUE])
-    return old_inbox
 
 
 def test_after_a_reconnect_what_comes_again_is_dated_as_unknown_until_a_new_mark(
