@@ -56,6 +56,7 @@ WINDOW = 1000  # unacknowledged deliveries per consumer, as the coordinator's wi
 @dataclass
 class FloorStats:
     nodes: int = 0
+    creates: int = 0  # task-creates taken (DrainFloor: held for the nodes)
     completes: int = 0
     expected_complete: float | None = None  # when the expect-th task-complete arrived
 
@@ -115,13 +116,18 @@ class FloorCoordinator(SelectChild):
         node = self.nodes[self.turn % len(self.nodes)]
         self.turn += 1
         self._event("created", create)
+        self._run(node, create)
+        self._hold(method.delivery_tag)
+
+    def _run(self, node: str, create: dict[str, Any]) -> None:
+        """The task-run to `node`, and the task's `started` event."""
         self._publish(EXCHANGE, f"node.{node}", {
             "command": "task-run", "name": create["name"],
             "executable_pyscript": create["executable_pyscript"], "path": None,
-            "log": f"//{node}/logs/{create['name']}.log", "cores": 1.0,
+            "log": f"//{node}/logs/{create['name']}.log",
+            "cores": float(create["requirements"].get("cores", 1)),
             "allocated": create["requirements"], "environment": {}, "attempt": 1})
         self._event("started", create, status="working", node=node, **{"time-start": time.time()})
-        self._hold(method.delivery_tag)
 
     def _on_node_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
         message = json.loads(body)
@@ -176,11 +182,71 @@ class FloorCoordinator(SelectChild):
         self.connection.ioloop.call_later(0.05, self._report)
 
 
+class DrainFloor(FloorCoordinator):
+    """The floor of a drain (bench.scheduling --floor): task-creates are held (the `created`
+    event confirmed before the ack) until nodes join; then each node is kept busy up to its
+    cores, and each task-complete frees its task's cores and sends the node the next held
+    task (task-run and `started` event), all confirmed before the acks. Requirements other
+    than cores are not looked at: no matching, only the contract's messages for a decision."""
+
+    def __init__(self, url: str, expect: int, events: bool, pipe: Connection) -> None:
+        super().__init__(url, expect, events, pipe)
+        self.held: deque[dict[str, Any]] = deque()
+        self.free: dict[str, float] = {}  # node -> cores not taken by a task-run
+        self.taken: dict[str, float] = {}  # task -> its cores, while it runs
+
+    def _on_request(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
+        create = json.loads(body)
+        self._event("created", create)
+        self.held.append(create)
+        self.stats.creates += 1
+        self._hold(method.delivery_tag)
+
+    def _on_node_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
+        message = json.loads(body)
+        node = str(message.get("name") if message.get("command") == "node-set"
+                   else message.get("node"))
+        if message.get("command") == "node-set":
+            if node not in self.free:
+                self.free[node] = float(message["capabilities"].get("cores", 1))
+                self.stats.nodes = len(self.free)
+        else:
+            self.free[node] += self.taken.pop(str(message["name"]), 0.0)
+            self._event("completed", message, status="complete",
+                        success=message.get("success"), **{"time-finish": time.time()})
+            self.stats.completes += 1
+            if self.stats.completes == self.expect:
+                self.stats.expected_complete = time.monotonic()
+        self._dispatch(node)
+        self._hold(method.delivery_tag)
+
+    def _dispatch(self, node: str) -> None:
+        while self.held and self._cores(self.held[0]) <= self.free[node]:
+            create = self.held.popleft()
+            cores = self._cores(create)
+            self.free[node] -= cores
+            self.taken[create["name"]] = cores
+            self._run(node, create)
+
+    @staticmethod
+    def _cores(create: dict[str, Any]) -> float:
+        return float(create.get("requirements", {}).get("cores", 1))
+
+
 def floor_main(url: str, expect: int, events: bool, pipe: Connection) -> None:
+    _run_child(FloorCoordinator, url, expect, events, pipe)
+
+
+def drain_floor_main(url: str, expect: int, pipe: Connection) -> None:
+    _run_child(DrainFloor, url, expect, True, pipe)
+
+
+def _run_child(kind: type[FloorCoordinator], url: str, expect: int, events: bool,
+               pipe: Connection) -> None:
     child_setup()
     coalesce_writes()  # as the coordinator sends (shared/writes.py): the floor is no slower
     try:
-        FloorCoordinator(url, expect, events, pipe).run()
+        kind(url, expect, events, pipe).run()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
         with contextlib.suppress(Exception):
             pipe.send(("error", repr(exc)))

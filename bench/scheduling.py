@@ -22,6 +22,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from bench.common import (
     COORDINATOR_QUEUE,
@@ -50,6 +51,7 @@ from bench.common import (
     wait_for_total,
     write_report,
 )
+from bench.floor import FloorStats, drain_floor_main
 
 FULL_GRID = ([10, 100, 1000], [1_000, 10_000, 100_000], 20 * 60)
 QUICK_GRID = ([10, 100], [1_000, 10_000], 3 * 60)
@@ -58,6 +60,7 @@ STALL = 60.0  # no new task-run for this long ends the cell's drain
 PROBE_EVERY = 0.1  # seconds between rounds of requests (one of each kind) during the drain
 PROBE_TIMEOUT = 60.0
 PROBE_KINDS = ("task-info", "node-list")
+TARGET_DECISIONS = 2_500  # issue 14, target 3: decisions/s at 1,000 nodes x 100,000 tasks
 
 
 @dataclass
@@ -70,12 +73,14 @@ class Options:
     seed: int
     coordinator_env: dict[str, str] = field(default_factory=dict)
     keep_logs: Path | None = None  # a folder each cell's coordinator log is copied to
+    floor: bool = False  # each cell again with the contract's floor (bench/floor.py)
 
 
 @dataclass
 class Cell:
     nodes: int
     tasks: int
+    floor: bool = False  # run by the contract's floor instead of a coordinator
     ingest_seconds: float | None = None
     publish_seconds: float | None = None
     first_after_join: float | None = None
@@ -197,19 +202,41 @@ def probe_step(peer: Peer, probes: Probes, cell: Cell, send: bool = True) -> Non
         probes.next_at = max(probes.next_at + PROBE_EVERY, now)
 
 
-def drain(peer: Peer, sim: ChildProcess, coordinator: Coordinator, cell: Cell,
+class Server(Protocol):
+    """What a drain needs of the process deciding: a coordinator or the floor."""
+
+    def cpu_seconds(self) -> float | None: ...
+
+    def check_alive(self) -> None: ...
+
+
+@dataclass
+class FloorServer:
+    child: ChildProcess
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.child.process.pid)
+
+    def check_alive(self) -> None:
+        self.child.poll(0.0)
+
+
+def drain(peer: Peer, sim: ChildProcess, coordinator: Server, cell: Cell,
           deadline: Deadline) -> None:
-    """Nodes join; wait for the W-th task-run, probing the coordinator's responsiveness."""
+    """Nodes join; wait for the W-th task-run, probing the coordinator's responsiveness
+    (not the floor's: it answers no request)."""
     sim.send("join")
     joined = float(sim.wait_for("joined", deadline.within(60)))
     broker = broker_pid()
     cpu_before = (coordinator.cpu_seconds(), sim.latest["progress"].cpu_seconds,
                   process_cpu_seconds(broker))
-    probes = Probes(cell.tasks)
-    probe_step(peer, probes, cell)  # lands right behind the N joining node-sets
+    probes = None if cell.floor else Probes(cell.tasks)
+    if probes is not None:
+        probe_step(peer, probes, cell)  # lands right behind the N joining node-sets
     try:
         wait_for_last_run(peer, sim, coordinator, probes, cell, deadline)
-        finish_probes(peer, probes, cell, deadline)
+        if probes is not None:
+            finish_probes(peer, probes, cell, deadline)
     finally:  # also on Ctrl-C: keep what was measured
         stats: SimStats = sim.latest.get("progress", SimStats())
         cpu_after = (coordinator.cpu_seconds(), stats.cpu_seconds,
@@ -217,14 +244,16 @@ def drain(peer: Peer, sim: ChildProcess, coordinator: Coordinator, cell: Cell,
         record_drain(cell, stats, joined, cpu_before, cpu_after)
 
 
-def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Coordinator,
-                      probes: Probes, cell: Cell, deadline: Deadline) -> None:
+def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Server,
+                      probes: Probes | None, cell: Cell, deadline: Deadline) -> None:
     last_progress, last_distinct = time.monotonic(), 0
     while not deadline.expired():
-        peer.pump(min(0.05, max(0.0, probes.next_at - time.monotonic())))
+        due = probes.next_at if probes is not None else math.inf
+        peer.pump(min(0.05, max(0.0, due - time.monotonic())))
         sim.poll(0.0)
         stats: SimStats = sim.latest.get("progress", SimStats())
-        probe_step(peer, probes, cell)
+        if probes is not None:
+            probe_step(peer, probes, cell)
         if stats.expected_run is not None:
             return
         if stats.distinct > last_distinct:
@@ -286,6 +315,9 @@ def check_simulator(cell: Cell, final: SimStats | None, heartbeat: float) -> Non
 
 
 def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
+    if cell.floor:
+        run_floor_cell(cell, options, deadline)
+        return
     bodies = make_tasks(cell.tasks, options.seed)
     with ExitStack() as stack:
         url = stack.enter_context(private_vhost("vespid-bench-sched"))
@@ -326,13 +358,70 @@ def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
                 cell.notes.append(note)
 
 
+def run_floor_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
+    """The same cell with the contract's floor deciding (bench/floor.py, DrainFloor): the
+    same tasks held, the same simulated nodes joining; its rate bounds any coordinator's."""
+    bodies = make_tasks(cell.tasks, options.seed)
+    with ExitStack() as stack:
+        url = stack.enter_context(private_vhost("vespid-bench-sched-floor"))
+        peer = Peer(url)
+        stack.callback(peer.close)
+        floor = ChildProcess(drain_floor_main, (url, cell.tasks), "floor coordinator")
+        spec = SimSpec(url, make_nodes(cell.nodes), cell.tasks, options.heartbeat,
+                       options.delay)
+        sim = ChildProcess(simulator_main, (spec,), "node simulator")
+        final: SimStats | None = None
+        try:
+            for child, ready in ((floor, "ready"), (sim, "declared")):
+                child.start()
+                stack.callback(child.stop)
+                child.wait_for(ready, deadline.within(300))
+            log.info("  %d nodes declared; queueing %d tasks at the floor", cell.nodes,
+                     cell.tasks)
+            if hold_all(peer, floor, bodies, cell, deadline):
+                drain(peer, sim, FloorServer(floor), cell, deadline)
+                cell.completed = floor_completes(floor, cell.tasks, deadline.within(60))
+        except BenchError as exc:
+            cell.notes.append(str(exc))
+        finally:
+            final = sim.stop() if sim.process.pid else None
+            check_simulator(cell, final, options.heartbeat)
+
+
+def hold_all(peer: Peer, floor: ChildProcess, bodies: list[bytes], cell: Cell,
+             deadline: Deadline) -> bool:
+    """Queue every task; True once the floor holds them all (their events confirmed)."""
+    first, last = peer.publish_many(bodies)
+    cell.publish_seconds = last - first
+    while not deadline.expired():
+        floor.poll(0.05)
+        stats: FloorStats = floor.latest.get("progress", FloorStats())
+        if stats.creates >= len(bodies):
+            cell.ingest_seconds = time.monotonic() - first
+            log.info("  the floor holds them after %.1f s; nodes join", cell.ingest_seconds)
+            return True
+    cell.notes.append("the floor did not take every task-create in time")
+    return False
+
+
+def floor_completes(floor: ChildProcess, tasks: int, deadline: Deadline) -> int:
+    while not deadline.expired():
+        floor.poll(0.05)
+        stats: FloorStats = floor.latest.get("progress", FloorStats())
+        if stats.completes >= tasks:
+            break
+    return int(floor.latest.get("progress", FloorStats()).completes)
+
+
 # ---- the grid and the report --------------------------------------------------------------
 def run_grid(options: Options) -> list[Cell]:
-    """Cheapest cells first (by queue depth, then nodes), so the cap skips the dearest."""
+    """Cheapest cells first (by queue depth, then nodes), so the cap skips the dearest; with
+    --floor, each cell's floor right after it."""
     grid = Deadline.after(options.cap)
     order = sorted(((n, w) for n in options.nodes for w in options.tasks),
                    key=lambda nodes_tasks: (nodes_tasks[1], nodes_tasks[0]))
-    cells = [Cell(n, w) for n, w in order]
+    cells = [Cell(n, w, floor) for n, w in order
+             for floor in ((False, True) if options.floor else (False,))]
     for index, cell in enumerate(cells):
         try:
             run_or_skip(cell, options, grid)
@@ -350,8 +439,8 @@ def run_or_skip(cell: Cell, options: Options, grid: Deadline) -> None:
         cell.skipped = True
         cell.notes.append(f"skipped: the grid cap of {options.cap / 60:g} min was reached")
         return
-    log.info("cell: %d nodes x %d tasks (%.0f s left of the grid cap)", cell.nodes,
-             cell.tasks, grid.remaining())
+    log.info("cell: %d nodes x %d tasks%s (%.0f s left of the grid cap)", cell.nodes,
+             cell.tasks, ", the contract's floor" if cell.floor else "", grid.remaining())
     run_cell(cell, options, grid.within(CELL_CAP))
 
 
@@ -362,13 +451,14 @@ def report_interrupted(cells: list[Cell]) -> None:
 
 
 def row(cell: Cell) -> list[str]:
+    who = "contract floor" if cell.floor else "Vespid"
     if cell.skipped:
-        return [str(cell.nodes), f"{cell.tasks:,}", *["—"] * 10, "; ".join(cell.notes)]
+        return [who, str(cell.nodes), f"{cell.tasks:,}", *["—"] * 10, "; ".join(cell.notes)]
     per_second = rate(cell.decisions, cell.drain_seconds)
     partial = cell.decisions < cell.tasks
     decided = (f"{fmt(per_second)} (partial: {cell.decisions:,}/{cell.tasks:,})" if partial
                else fmt(per_second))
-    return [str(cell.nodes), f"{cell.tasks:,}",
+    return [who, str(cell.nodes), f"{cell.tasks:,}",
             fmt(rate(cell.tasks, cell.ingest_seconds)),
             fmt(cell.first_after_join, 2), fmt(cell.drain_seconds, 2), decided,
             fmt(ms(1 / per_second) if per_second else None, 3),
@@ -403,7 +493,7 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-HEADERS = ["nodes", "queued tasks", "ingest (creates/s)", "1st run after join (s)",
+HEADERS = ["decided by", "nodes", "queued tasks", "ingest (creates/s)", "1st run after join (s)",
            "1st→W-th run (s)", "decisions/s", "ms/decision", "node-list at join (ms)",
            "task-info during drain, median / p95 / max (ms)",
            "node-list during drain, median / p95 / max (ms)",
@@ -412,8 +502,37 @@ HEADERS = ["nodes", "queued tasks", "ingest (creates/s)", "1st run after join (s
            "notes"]
 
 
+def decision_rate(cell: Cell) -> float | None:
+    return rate(cell.decisions, cell.drain_seconds) if cell.decisions >= cell.tasks else None
+
+
+def floor_ratios(cells: list[Cell]) -> list[str]:
+    """Vespid's decisions/s over the floor's, cell by cell (the same run, one after the
+    other), and what the floor's rate says of the target."""
+    floors = {(c.nodes, c.tasks): decision_rate(c) for c in cells if c.floor}
+    lines = []
+    for cell in cells:
+        bound = floors.get((cell.nodes, cell.tasks))
+        vespid = decision_rate(cell)
+        if cell.floor or not bound or not vespid:
+            continue
+        lines.append(f"- {cell.nodes} nodes x {cell.tasks:,} tasks: Vespid {vespid:,.0f} "
+                     f"decisions/s, the contract's floor {bound:,.0f}: Vespid reaches "
+                     f"**{vespid / bound:.2f}** of the floor; the floor is "
+                     f"{bound / TARGET_DECISIONS:.2f} of the target of "
+                     f"{TARGET_DECISIONS:,}/s.")
+    if not lines:
+        return []
+    return ["The contract's floor (bench/floor.py, DrainFloor): a raw-pika stand-in that "
+            "holds the same tasks and keeps each node busy up to its cores, doing only what "
+            "WIRE.md makes a coordinator do for a decision (task-run, `started` and "
+            "`completed` events, acks after publisher confirms), no state, store, matching "
+            "or replies: no coordinator of this contract decides faster on this machine.\n\n"
+            + "\n".join(lines)]
+
+
 def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
-    sections = [markdown_table(HEADERS, [row(c) for c in cells])]
+    sections = [markdown_table(HEADERS, [row(c) for c in cells]), *floor_ratios(cells)]
     if options is not None:
         sections.append(
             f"Settings: node-set every {options.heartbeat:g} s per simulated node, "
@@ -431,7 +550,8 @@ def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
         "process's CPU time over the wall time from join to the W-th run (100% = one "
         "core; the machine has the cores listed above, shared with RabbitMQ). *ingest* "
         "counts from the first publish to the task-list reply that saw all W tasks idle. "
-        "*complete* is task-list status complete once the drain ended.")
+        "*complete* is task-list status complete once the drain ended (for the floor, the "
+        "task-completes it took).")
     return sections
 
 
@@ -451,6 +571,10 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
                         help="a coordinator setting for every cell, e.g. node_batch=25 "
                              "(passed as VESPID_NODE_BATCH)")
+    parser.add_argument("--floor", action="store_true",
+                        help="run each cell a second time with the contract's floor (a "
+                             "raw-pika stand-in doing only what WIRE.md requires for a "
+                             "decision) and print Vespid's share of its rate")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="copy each cell's coordinator log (JSON lines, warnings and "
                              "up) into DIR, e.g. to read why tasks ran twice")
@@ -460,7 +584,8 @@ def parse_options(argv: list[str] | None) -> Options:
                    60 * args.cap_minutes if args.cap_minutes else cap,
                    args.heartbeat, args.delay_ms / 1000, args.seed,
                    {"VESPID_" + k.strip().upper(): v for k, v in
-                    (item.split("=", 1) for item in args.set)}, args.keep_logs)
+                    (item.split("=", 1) for item in args.set)}, args.keep_logs,
+                   args.floor)
 
 
 def main(argv: list[str] | None = None) -> int:
