@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from vespid.coordinator.extension import Encoded
 from vespid.shared import topology
 from vespid.shared.protocol import NodeDrain, RepositoryClean, TaskKill, TaskRun, encode
 from vespid.shared.wire import body_of
@@ -70,7 +71,10 @@ class Effects:
                                       encode(body_of(body))))
 
     def reply(self, reply_to: str, correlation_id: str | None,
-              message: BaseModel | dict[str, Any]) -> None:
+              message: BaseModel | dict[str, Any] | Encoded) -> None:
+        if isinstance(message, Encoded):
+            self.replies.append(Reply(reply_to, correlation_id, message.body, message.data))
+            return
         body = message if isinstance(message, dict) else body_of(message)
         self.replies.append(Reply(reply_to, correlation_id, body, encode(body)))
 

@@ -33,9 +33,19 @@ class ReplyLater:
     produce: Callable[[], BaseModel]
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A reply body with its bytes already written: for a large reply assembled from
+    parts encoded once and kept (the node-list's entries). `data` must be `body` encoded."""
+
+    body: dict[str, Any]
+    data: bytes
+
+
 # A model of shared/, or a body built by hand as the dict such a model describes (for a
-# large, frequent reply; a unit test holds it to its model); None: the plain `ack`.
-Reply = BaseModel | dict[str, Any] | ReplyLater | None
+# large, frequent reply; a unit test holds it to its model), or one already encoded;
+# None: the plain `ack`.
+Reply = BaseModel | dict[str, Any] | Encoded | ReplyLater | None
 Handler = Callable[["Context", Any], Reply]
 E = TypeVar("E", bound="Extension")
 

@@ -9,14 +9,18 @@ every event body to TaskInfoResponse.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Literal
 
-from vespid.coordinator.state import Node, State, Task
+from vespid.coordinator.extension import Encoded
+from vespid.coordinator.state import Listing, Node, State, Task
 from vespid.shared.protocol import (
     NodeRepository,
     TaskInfoResponse,
     TaskStatus,
     TaskSummary,
+    encode,
 )
 
 
@@ -98,9 +102,27 @@ def task_summary(state: State, task: Task) -> TaskSummary:
         **tree_outcome(state, task))
 
 
+def node_list(nodes: Iterable[Node], why_not: Callable[[Node], str | None]) -> Encoded:
+    """The node-list-response, by name, from each node's kept entry (Node.listing);
+    `why_not`: why a node takes no task now (None: it does)."""
+    build = partial(_listing, why_not)
+    entries = [node.listing(build) for node in sorted(nodes, key=lambda n: n.name)]
+    body = {"command": "node-list-response", "nodes": [summary for summary, _ in entries]}
+    data = b"".join((b'{"command":"node-list-response","nodes":[',
+                     b",".join(encoded for _, encoded in entries), b"]}"))
+    return Encoded(body, data)
+
+
+def _listing(why_not: Callable[[Node], str | None], node: Node) -> Listing:
+    reason = why_not(node)
+    summary = node_summary(node, reason is None, reason)
+    return summary, encode(summary)
+
+
 def node_summary(node: Node, accepting: bool, why_not: str | None) -> dict[str, Any]:
-    """One node-list entry, as the dict NodeSummary describes: encoded in the turn that
-    builds it, so it may share the node's own dicts (capabilities, repositories)."""
+    """One node-list entry, as the dict NodeSummary describes. Kept between requests
+    (Node.listing) and shared by their bodies: never changed once built; it shares the
+    node's own dicts (capabilities, repositories), which a node-set replaces."""
     return {
         "name": node.name, "alive": node.alive, "draining": node.draining, "left": node.left,
         "accepting": accepting, "why_not_accepting": why_not, "version": node.version,

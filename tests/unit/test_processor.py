@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from vespid.coordinator import engine, views
 from vespid.coordinator.engine import LATE_FACTOR
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
@@ -926,6 +927,77 @@ def test_a_node_list_reply_is_strict_json(proc: Processor) -> None:
     assert listed["name"] == "n1"
     assert listed["capabilities"] == {"cores": 4, "memory": 8000, "usage_gpu": True}
     assert listed["free"] == {"cores": 4.0, "memory": 8000.0}
+
+
+def asked_node_list(proc: Processor, now: float) -> tuple[dict[str, Any], bytes]:
+    [reply] = send(proc, {"command": "node-list"}, now, reply_to="c").replies
+    return reply.body, reply.data
+
+
+def node_list_built_now(proc: Processor) -> dict[str, Any]:
+    """What the node-list shows, built from the state as it is, with no kept entry."""
+    nodes = sorted(proc.state.nodes.values(), key=lambda n: n.name)
+    return {"command": "node-list-response",
+            "nodes": [views.node_summary(n, engine.why_not_accepting(n) is None,
+                                         engine.why_not_accepting(n)) for n in nodes]}
+
+
+def test_the_node_list_shows_every_change_of_a_node_since_the_last_ask(
+        proc: Processor) -> None:
+    complete = {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok",
+                "attempt": 1}
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("a node joins", lambda: send(proc, node_set(), T0)),
+        ("a second one", lambda: send(proc, node_set("n2", cores=8, memory=1000), T0)),
+        ("a task starts on it", lambda: send(proc, task_create(), T0 + 1)),
+        ("a heartbeat", lambda: send(proc, node_set(activetasks=["t1"]), T0 + 2)),
+        ("new capabilities, heard at the same time",
+         lambda: send(proc, node_set(activetasks=["t1"], cores=16, memory=8000), T0 + 2)),
+        ("its task completes", lambda: send(proc, complete, T0 + 4)),
+        ("drained", lambda: send(proc, {"command": "node-drain", "name": "n1"}, T0 + 5)),
+        ("lost", lambda: proc.tick(T0 + 60)),
+        ("back", lambda: send(proc, node_set(), T0 + 61)),
+    ]
+    asked_at = T0
+    for what, step in steps:
+        asked_node_list(proc, asked_at)  # the entries it keeps, from before the step
+        step()
+        asked_at += 1
+        body, data = asked_node_list(proc, asked_at)
+        assert body == node_list_built_now(proc), what
+        assert data == encode(body), what
+    listed = {n["name"]: n for n in body["nodes"]}
+    assert listed["n1"]["capabilities"] == {"cores": 4, "memory": 8000}
+    assert listed["n1"]["alive"] is True and listed["n1"]["activetasks"] == []
+
+
+def test_the_node_list_shows_the_next_task_that_took_a_finished_ones_room(
+        proc: Processor) -> None:
+    send(proc, node_set(cores=2, memory=8000))
+    send(proc, task_create("t1"))
+    send(proc, task_create("t2"))
+    before, _ = asked_node_list(proc, T0)
+    assert before["nodes"][0]["activetasks"] == ["t1"]
+
+    send(proc, {"command": "task-complete", "name": "t1", "node": "n1", "success": "ok",
+                "attempt": 1})  # t2 takes the same room in the same turn
+
+    after, _ = asked_node_list(proc, T0)
+    assert after["nodes"][0]["activetasks"] == ["t2"]
+    assert after["nodes"][0]["free"] == before["nodes"][0]["free"]
+
+
+def test_a_node_list_builds_only_the_entries_of_nodes_that_changed(proc: Processor) -> None:
+    send(proc, node_set("n1"))
+    send(proc, node_set("n2"))
+    first, _ = asked_node_list(proc, T0)
+
+    send(proc, node_set("n2"), T0 + 1)  # a heartbeat: n2 was heard later
+    second, _ = asked_node_list(proc, T0 + 1)
+
+    assert second["nodes"][0] is first["nodes"][0]  # n1: the same entry, kept
+    assert second["nodes"][1] is not first["nodes"][1]
+    assert second["nodes"][1]["last_seen"] == T0 + 1
 
 
 @pytest.mark.parametrize("raw", [
