@@ -143,12 +143,18 @@ class Shape:
         too, so when `other` fits nowhere, neither does this one."""
         if self.reach != other.reach:
             return False
-        amounts, repo_types, local_types = self.amounts, self.repo_types, self.local_types
-        # A resource this one does not ask for covers nothing, not even an ask of 0: a node
-        # may have less than none of it free (its capacity lowered under running tasks).
-        return (all(amounts.get(key, -math.inf) >= amount for key, amount in other.needs)
-                and all(repo_types[kind] >= n for kind, n in other.repo_types.items())
-                and all(local_types[kind] >= n for kind, n in other.local_types.items()))
+        # Loops, not all() over generators: a pass asks this about every shape it skips.
+        amounts = self.amounts
+        for key, asked in other.needs:
+            # A resource this one does not ask for covers nothing, not even an ask of 0: a
+            # node may have less than none of it free (its capacity lowered under tasks).
+            if amounts.get(key, -math.inf) < asked:
+                return False
+        if other.repo_types and any(self.repo_types[kind] < n
+                                    for kind, n in other.repo_types.items()):
+            return False
+        return not other.local_types or all(self.local_types[kind] >= n
+                                            for kind, n in other.local_types.items())
 
 
 def _repositories(repositories: Mapping[str, Any], environment: Mapping[str, str]
@@ -466,8 +472,13 @@ class _Pass:
         if self.reservation is not None:
             return
         # Only a wait for room is helped by keeping a node free: a repository comes back
-        # when its holder's tree ends, whatever else runs there.
-        room = [o for o in self.all_compatible(shape).offers
+        # when its holder's tree ends, whatever else runs there. The compatible offers
+        # unsorted unless a pass already sorted them: max() below needs no order, and a
+        # pass that only tries where room was freed would sort all of them just for this.
+        listed = self.compatible.get(shape.reach)
+        offers = (listed.offers if listed is not None
+                  else [o for o in self.offers if compatible(shape, o)])
+        room = [o for o in offers
                 if fits_empty(shape, o) and repositories_free(shape, o, self.pool)]
         if not room:
             return

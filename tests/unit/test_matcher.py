@@ -652,6 +652,19 @@ def test_the_node_of_a_previous_reservation_counts_as_dirty() -> None:
     assert placed(result) == {"t": "n"}
 
 
+def test_a_pass_that_tries_only_freed_room_keeps_a_node_the_waiting_task_could_use() -> None:
+    # The roomiest node would take the big task once empty, but only nightly tasks: the node
+    # kept must be one the task could run on, in a pass that looks only where room was freed.
+    big = task("big", cores=8)
+    offers = [busy(node("fussy", cores=16, usage_require_nightly=True), cores=12),
+              busy(node("plain", cores=8), cores=2), busy(node("freed", cores=4), cores=1)]
+
+    result = run([big], offers, blocked_before={big.shape}, dirty=["freed"])
+
+    assert result.assignments == []
+    assert result.reservation == Reservation("big", "plain")
+
+
 def test_a_repository_freed_on_one_node_lets_a_blocked_task_start_on_another() -> None:
     huge = task("huge", seq=1, cores=8)
     waiting = task("t", seq=2, repositories=ENV)
