@@ -140,8 +140,11 @@ HEADERS = ["task-completes a turn (B)", "decisions", "turns", "ms a turn (CPU)",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pass_cost",
                                      description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--nodes", type=int, default=1000)
-    parser.add_argument("--tasks", type=int, default=100_000, help="queued before the drain")
+    parser.add_argument("--nodes", type=int, default=1000,
+                        help="simulated nodes that join once the tasks are queued (default "
+                             "1000)")
+    parser.add_argument("--tasks", type=int, default=100_000,
+                        help="tasks queued before the drain (default 100000)")
     parser.add_argument("--batch", type=int, nargs="+", default=[10, 50, 100],
                         help="task-completes handed over a turn (one drain each)")
     parser.add_argument("--decisions", type=int, default=4000,
