@@ -204,9 +204,9 @@ class DrainFloor(FloorCoordinator):
 
     def _on_node_message(self, _ch: Any, method: Any, _props: Any, body: bytes) -> None:
         message = json.loads(body)
-        node = str(message.get("name") if message.get("command") == "node-set"
-                   else message.get("node"))
-        if message.get("command") == "node-set":
+        joined = message.get("command") == "node-set"
+        node = str(message.get("name") if joined else message.get("node"))
+        if joined:
             if node not in self.free:
                 self.free[node] = float(message["capabilities"].get("cores", 1))
                 self.stats.nodes = len(self.free)

@@ -314,6 +314,12 @@ def check_simulator(cell: Cell, final: SimStats | None, heartbeat: float) -> Non
                           f"{final.max_heartbeat_gap:.1f} s")
 
 
+def simulator_for(url: str, cell: Cell, options: Options) -> ChildProcess:
+    """The cell's simulated nodes (not started), the same for Vespid and the floor."""
+    spec = SimSpec(url, make_nodes(cell.nodes), cell.tasks, options.heartbeat, options.delay)
+    return ChildProcess(simulator_main, (spec,), "node simulator")
+
+
 def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
     if cell.floor:
         run_floor_cell(cell, options, deadline)
@@ -327,9 +333,7 @@ def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
         coordinator.start()
         peer = Peer(url)
         stack.callback(peer.close)
-        spec = SimSpec(url, make_nodes(cell.nodes), cell.tasks, options.heartbeat,
-                       options.delay)
-        sim = ChildProcess(simulator_main, (spec,), "node simulator")
+        sim = simulator_for(url, cell, options)
         try:
             coordinator.wait_ready(peer, deadline.within(90))
             sim.start()
@@ -367,10 +371,7 @@ def run_floor_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
         peer = Peer(url)
         stack.callback(peer.close)
         floor = ChildProcess(drain_floor_main, (url, cell.tasks), "floor coordinator")
-        spec = SimSpec(url, make_nodes(cell.nodes), cell.tasks, options.heartbeat,
-                       options.delay)
-        sim = ChildProcess(simulator_main, (spec,), "node simulator")
-        final: SimStats | None = None
+        sim = simulator_for(url, cell, options)
         try:
             for child, ready in ((floor, "ready"), (sim, "declared")):
                 child.start()
@@ -384,8 +385,7 @@ def run_floor_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
         except BenchError as exc:
             cell.notes.append(str(exc))
         finally:
-            final = sim.stop() if sim.process.pid else None
-            check_simulator(cell, final, options.heartbeat)
+            check_simulator(cell, sim.stop() if sim.process.pid else None, options.heartbeat)
 
 
 def hold_all(peer: Peer, floor: ChildProcess, bodies: list[bytes], cell: Cell,

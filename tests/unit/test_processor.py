@@ -1012,6 +1012,8 @@ def test_a_node_list_reply_stays_strict_json_whatever_a_node_sent(
     outcome = send(proc, {"command": "node-list"}, T0, reply_to="c")
 
     assert b"Infinity" not in encode(outcome.replies[0].body)
+    sent = outcome.replies[0].data  # joined from the nodes' kept entries
+    assert b"Infinity" not in sent and json.loads(sent) == outcome.replies[0].body
 
 
 def test_a_draining_node_gets_no_new_task(proc: Processor) -> None:
