@@ -18,8 +18,9 @@ Rules (docs/protocol.md, "Matching"):
 Waiting tasks come grouped by shape (tasks of one shape fit exactly the same nodes), each
 group in priority-then-age order, so a pass costs per group and per decision, not per
 queued task; a group that could not start last time is only tried against the nodes that
-gained room since (`dirty`), and a group that asks at least as much as one found to fit
-nowhere in the pass is not tried at all (`Shape.covers`).
+gained room since (`dirty`), a group that asks at least as much as one found to fit
+nowhere in the pass is not tried at all (`Shape.covers`), and once those nodes have no
+room left for any group that may only use them, the pass ends (`_Pass.spent`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class RepoRequest:
     local: bool
 
 
+# Each distinct reach (what `compatible` reads) gets a number, once per process: a pass
+# keys its lists by reach and compares reaches for every shape it skips, and hashing or
+# comparing the Labels dataclasses each time was a fifth of a pass. Farms have few reaches
+# (label sets x bids x inherited repositories), so the table stays small.
+_REACHES: dict[tuple[Any, ...], int] = {}
+
+
 @dataclass(frozen=True)
 class Shape:
     """Everything about a task that decides where it may run."""
@@ -92,14 +100,18 @@ class Shape:
     # fields each time was a tenth of a pass.
     local_types: Counter[str] = field(init=False, repr=False, compare=False)
     repo_types: Counter[str] = field(init=False, repr=False, compare=False)
-    # What `compatible` reads: shapes that differ only in what they consume may run on
-    # the same nodes, so a pass finds those nodes once for all of them.
-    reach: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+    # What `compatible` reads, as a number: shapes that differ only in what they consume
+    # may run on the same nodes, so a pass finds those nodes once for all of them.
+    reach: int = field(init=False, repr=False, compare=False)
     # The cores and memory it needs, which ranking a node reads (a dict each time was a
     # fifth of a one-task pass).
     cores: float = field(init=False, repr=False, compare=False)
     memory: float = field(init=False, repr=False, compare=False)
     amounts: dict[str, float] = field(init=False, repr=False, compare=False)  # needs, by key
+    # The least free memory it fits: asking none fits a node with less than none free.
+    least_memory: float = field(init=False, repr=False, compare=False)
+    # Whether it claims a repository from any node, so that one freed anywhere may let it in.
+    anywhere: bool = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,8 +119,10 @@ class Shape:
         object.__setattr__(self, "amounts", needs)
         object.__setattr__(self, "cores", needs.get("cores", 0.0))
         object.__setattr__(self, "memory", needs.get("memory", 0.0))
-        object.__setattr__(self, "reach", (self.labels, self.bid, self.pinned,
-                                           self.unplaceable))
+        object.__setattr__(self, "least_memory", needs.get("memory", -math.inf))
+        object.__setattr__(self, "anywhere", any(not r.local for r in self.repos))
+        reach = (self.labels, self.bid, self.pinned, self.unplaceable)
+        object.__setattr__(self, "reach", _REACHES.setdefault(reach, len(_REACHES)))
         object.__setattr__(self, "local_types", Counter(r.type for r in self.repos if r.local))
         object.__setattr__(self, "repo_types", Counter(r.type for r in self.repos))
         object.__setattr__(self, "_hash", hash((self.needs, self.cores_max, self.labels,
@@ -324,8 +338,7 @@ class _Fitting:
     def of(cls, shape: Shape, offers: _Roomiest, pool: RepoPool, synced: int) -> _Fitting:
         # A shape that asks no memory fits a node with less than none free (its memory
         # lowered under running tasks), as fits_now has it.
-        memory = shape.amounts.get("memory", -math.inf)
-        members = {o.name: o for o in offers.with_room(shape.cores, memory)
+        members = {o.name: o for o in offers.with_room(shape.cores, shape.least_memory)
                    if fits_now(shape, o, pool)}
         heap = [(_rank(shape, o), name) for name, o in members.items()]
         heapq.heapify(heap)
@@ -382,6 +395,50 @@ class _Roomiest:
                 if had >= memory]
 
 
+def _has_room(offer: NodeOffer, asks: Mapping[float, float]) -> bool:
+    """Whether the offer has the cores and memory free for one of `asks` (cores -> memory)."""
+    cores, memory = offer.free.get("cores", 0.0), offer.free.get("memory", 0.0)
+    return any(cores >= c and memory >= m for c, m in asks.items())
+
+
+@dataclass
+class _FreedRoom:
+    """What tells a pass over freed room that it is over before its heap is: on a full farm
+    the room freed since the last pass is spent by the first few dozen shapes in the order,
+    and the hundreds behind them would each be popped only to fit nowhere."""
+
+    asks: dict[int, dict[float, float]] = field(default_factory=dict)  # reach: cores -> memory
+    examples: dict[int, Shape] = field(default_factory=dict)  # a shape of each reach
+    unrestricted: int = 0  # shapes still to try that may use nodes that did not gain room
+    room: dict[int, set[str]] | None = None  # reach -> freed nodes with room for an ask of it
+    reaches_with_room: int = 0
+
+    def expect(self, shape: Shape, restricted: bool) -> None:
+        # Called for every shape queued, every pass: no allocation unless a reach is new.
+        if not restricted:
+            self.unrestricted += 1
+        asks = self.asks.get(shape.reach)
+        if asks is None:
+            asks = self.asks[shape.reach] = {}
+            self.examples[shape.reach] = shape
+        cores, memory = shape.cores, shape.least_memory
+        if asks.get(cores, math.inf) > memory:
+            asks[cores] = memory
+
+    def track(self, offers: Iterable[NodeOffer], kept: str) -> None:
+        self.room = {reach: {o.name for o in offers if o.name != kept
+                             and compatible(self.examples[reach], o) and _has_room(o, asks)}
+                     for reach, asks in self.asks.items()}
+        self.reaches_with_room = sum(1 for names in self.room.values() if names)
+
+    def note_change(self, offer: NodeOffer) -> None:
+        for reach, names in (self.room or {}).items():
+            if offer.name in names and not _has_room(offer, self.asks[reach]):
+                names.discard(offer.name)
+                if not names:
+                    self.reaches_with_room -= 1
+
+
 @dataclass
 class _Pass:
     offers: list[NodeOffer]
@@ -389,14 +446,15 @@ class _Pass:
     blocked_before: frozenset[Shape]
     previous: Reservation | None
     pool: RepoPool
-    compatible: dict[tuple[Any, ...], _Roomiest] = field(default_factory=dict)
-    dirty_compatible: dict[tuple[Any, ...], _Roomiest] = field(default_factory=dict)
+    compatible: dict[int, _Roomiest] = field(default_factory=dict)
+    dirty_compatible: dict[int, _Roomiest] = field(default_factory=dict)
     live: dict[Shape, _Fitting] = field(default_factory=dict)
     reservation: Reservation | None = None
     changed: list[str] = field(default_factory=list)  # nodes whose room a decision took
     # The shapes found to fit nowhere in this pass, by reach (one that covers another
     # already there is dropped when it is added, so the lists stay short).
-    failed: dict[tuple[Any, ...], list[Shape]] = field(default_factory=dict)
+    failed: dict[int, list[Shape]] = field(default_factory=dict)
+    freed: _FreedRoom = field(default_factory=_FreedRoom)
 
     @property
     def by_name(self) -> dict[str, NodeOffer]:
@@ -414,10 +472,14 @@ class _Pass:
 
     _dirty_offers: list[NodeOffer] | None = None
 
+    def only_freed_room(self, shape: Shape) -> bool:
+        """Whether nothing changed for this shape but the nodes that gained room: it fit
+        nowhere last pass, and it claims no repository that may be freed on any node."""
+        return (self.dirty is not None and not shape.anywhere
+                and shape in self.blocked_before)
+
     def candidates(self, shape: Shape) -> _Roomiest:
-        anywhere = any(not r.local for r in shape.repos)  # a repository freed on any node
-        if self.dirty is not None and shape in self.blocked_before and not anywhere:
-            # Nothing changed for this shape but the nodes that gained room.
+        if self.only_freed_room(shape):
             found = self.dirty_compatible.get(shape.reach)
             if found is None:
                 found = _Roomiest(o for o in self.dirty_offers if compatible(shape, o))
@@ -434,6 +496,29 @@ class _Pass:
 
     def note_change(self, offer: NodeOffer) -> None:
         self.changed.append(offer.name)
+        self.freed.note_change(offer)
+
+    def waits(self, shape: Shape) -> None:
+        """The shape is in the pass's heap from its start."""
+        if self.dirty is not None:
+            self.freed.expect(shape, self.only_freed_room(shape))
+
+    def done_with(self, shape: Shape) -> None:
+        """The shape is out of the heap: blocked, or none of its tasks left."""
+        if self.dirty is not None and not self.only_freed_room(shape):
+            self.freed.unrestricted -= 1
+
+    def spent(self) -> bool:
+        """Whether every shape still in the heap would fit nowhere: each may only use the
+        nodes that gained room, none of those (bar the node kept) has the cores and memory
+        any shape of its reach asks, and a node is kept already (so no failure to come
+        keeps one: the pass's outcome is settled)."""
+        freed, kept = self.freed, self.reservation
+        if self.dirty is None or kept is None or freed.unrestricted:
+            return False
+        if freed.room is None:
+            freed.track(self.dirty_offers, kept.node)
+        return freed.reaches_with_room == 0
 
     def best_node(self, shape: Shape, task: str) -> NodeOffer | None:
         # Room only shrinks during a pass: a node that cannot take the shape now will not
@@ -502,21 +587,30 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
         dirty_set.add(reservation.node)  # a lifted reservation frees that node for everyone
     run = _Pass(accepting, dirty_set, frozenset(blocked_before), reservation,
                 RepoPool(accepting))
-    heap = [(tasks[0], shape, 0) for shape, tasks in queue.items() if tasks]
+    heap = []
+    for shape, tasks in queue.items():
+        if tasks:
+            heap.append((tasks[0], shape, 0))
+            run.waits(shape)
     heapq.heapify(heap)
     assignments: list[Assignment] = []
     blocked: set[Shape] = set()
     while heap:
+        if run.spent():
+            blocked.update(shape for _, shape, _ in heap)
+            break
         key, shape, index = heapq.heappop(heap)
         if run.fits_nowhere(shape):
             # Nor could it be kept a node: the shape it covers found none, or one is kept.
             blocked.add(shape)
+            run.done_with(shape)
             continue
         node = run.best_node(shape, key[-1])
         if node is None:
             blocked.add(shape)
             run.fit_nowhere(shape)
             run.reserve_for(shape, key[-1])
+            run.done_with(shape)
             continue
         allocated = allocate(shape, node)
         repos, sources = _claim(shape, node, accepting, run.pool)
@@ -529,6 +623,8 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
         tasks = queue[shape]
         if index + 1 < len(tasks):
             heapq.heappush(heap, (tasks[index + 1], shape, index + 1))
+        else:
+            run.done_with(shape)
     return MatchResult(assignments, blocked, run.reservation)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Iterable, Mapping
@@ -665,6 +666,35 @@ def test_a_pass_that_tries_only_freed_room_keeps_a_node_the_waiting_task_could_u
     assert result.reservation == Reservation("big", "plain")
 
 
+def test_a_blocked_shape_asking_no_memory_starts_where_cores_were_freed_below_none() -> None:
+    # Its memory lowered under its tasks, the node gains cores only: a shape that asks no
+    # memory fits there, so the pass must not count the freed room as spent once the big
+    # task ahead of it has a node kept.
+    big, waiting = task("big", seq=1, cores=8), task("any", seq=2, cores=1)
+    offers = [busy(node("wide", cores=8), cores=2),
+              busy(node("low", cores=4, memory=1000), cores=2, memory=-200)]
+
+    result = run([big, waiting], offers, blocked_before={big.shape, waiting.shape},
+                 dirty=["low"], reservation=Reservation("big", "wide"))
+
+    assert result.reservation == Reservation("big", "wide")
+    assert placed(result) == {"any": "low"}
+
+
+def test_a_pass_over_freed_room_still_keeps_a_node_for_the_first_task_that_fits_nowhere(
+        ) -> None:
+    # The big task is first in the order and cannot use the 1 core freed: it keeps the node
+    # that could hold it, and the small task behind it may not take that node.
+    big, small = task("big", seq=1, cores=8), task("small", seq=2, cores=1)
+    offers = [busy(node("wide", cores=8), cores=1), busy(node("other", cores=2), cores=0)]
+
+    result = run([big, small], offers, blocked_before={big.shape, small.shape}, dirty=["wide"])
+
+    assert result.reservation == Reservation("big", "wide")
+    assert result.assignments == []
+    assert result.blocked == {big.shape, small.shape}
+
+
 def test_a_repository_freed_on_one_node_lets_a_blocked_task_start_on_another() -> None:
     huge = task("huge", seq=1, cores=8)
     waiting = task("t", seq=2, repositories=ENV)
@@ -686,10 +716,12 @@ def test_a_repository_freed_on_one_node_lets_a_blocked_task_start_on_another() -
 # --- the pass against its rules, the slow way -----------------------------------------------
 
 
-def reference_match(tasks: Iterable[Task], offers: list[NodeOffer]) -> MatchResult:
+def reference_match(tasks: Iterable[Task], offers: list[NodeOffer],
+                    previous: Reservation | None = None) -> MatchResult:
     """The rules of one pass with nothing remembered or skipped: every task in priority-then-
     age order is looked at against every node (match keeps heaps, shares candidate lists and
-    skips shapes it can tell fit nowhere; its choices must be these)."""
+    skips shapes it can tell fit nowhere; its choices must be these). A task kept a node by
+    the `previous` pass keeps the same one while it may."""
     accepting = [o for o in offers if o.accepting]
     pool = RepoPool(accepting)
     assignments: list[Assignment] = []
@@ -704,8 +736,10 @@ def reference_match(tasks: Iterable[Task], offers: list[NodeOffer]) -> MatchResu
             blocked.add(t.shape)
             room = [o for o in accepting if compatible(t.shape, o) and fits_empty(t.shape, o)
                     and repositories_free(t.shape, o, pool)]
+            kept = [o for o in room if previous == Reservation(t.name, o.name)]
             if reservation is None and room:
-                chosen = max(room, key=lambda o: (o.free.get("cores", 0.0), o.name))
+                chosen = kept[0] if kept else max(room, key=lambda o: (o.free.get("cores", 0.0),
+                                                                     o.name))
                 reservation = Reservation(t.name, chosen.name)
             continue
         best = min(usable, key=lambda o: _rank(t.shape, o))
@@ -766,6 +800,48 @@ def test_a_pass_chooses_what_looking_at_every_task_and_node_would(seed: int) -> 
 
     result = run(tasks, offers)
 
+    assert result.assignments == expected.assignments
+    assert result.blocked == expected.blocked
+    assert result.reservation == expected.reservation
+
+
+def free_some(offers: list[NodeOffer], seed: int) -> list[str]:
+    """Room freed on some nodes, as tasks ending there free it (cores, memory, a repository
+    they held); returns those nodes' names."""
+    rng = random.Random(seed)
+    freed = [o for o in offers if rng.random() < 0.3]
+    for offer in freed:
+        for resource in ("cores", "memory"):  # some free cores only, some memory only
+            if resource in offer.capacity and rng.random() < 0.7:
+                gained = rng.choice((0.5, 1.0)) * offer.capacity[resource]
+                offer.free[resource] = min(offer.capacity[resource],
+                                           offer.free[resource] + gained)
+        held = [(r, kind) for r, kind in sorted(offer.repos.items())
+                if r not in offer.free_repos.get(kind, [])]
+        if held and rng.random() < 0.5:
+            repo, kind = held[0]
+            offer.free_repos.setdefault(kind, []).append(repo)
+    return [o.name for o in freed]
+
+
+@pytest.mark.parametrize("seed", range(500))
+def test_a_pass_over_freed_room_chooses_what_looking_at_every_task_and_node_would(
+        seed: int) -> None:
+    """The next pass after some nodes gained room, which tries the shapes that fit nowhere
+    last time only there (and skips those that cannot fit there at all), against a full look."""
+    tasks, offers = random_farm(seed)
+    first = run(tasks, offers)
+    started = {a.task for a in first.assignments}
+    waiting = [t for t in tasks if t.name not in started]
+    newcomers = random_farm(seed + 10_000)[0][:3]  # shapes never tried, queued since
+    waiting += [Task(f"new{t.name}", t.shape, t.priority, 1000 + t.seq) for t in newcomers]
+    dirty = free_some(offers, seed)
+    twin = copy.deepcopy(offers)
+
+    result = run(waiting, offers, blocked_before=first.blocked, dirty=dirty,
+                 reservation=first.reservation)
+
+    expected = reference_match(waiting, twin, previous=first.reservation)
     assert result.assignments == expected.assignments
     assert result.blocked == expected.blocked
     assert result.reservation == expected.reservation
