@@ -278,8 +278,10 @@ def fits_now(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
 
 
 def repositories_free(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
+    # Only a request that may be met on another node needs the farm's count: the node's own
+    # free repositories are in the pool, so they already meet the local ones there.
     return (all(len(node.free_repos.get(t, ())) >= n for t, n in shape.local_types.items())
-            and (not shape.repos or pool.enough(shape)))
+            and (not shape.anywhere or pool.enough(shape)))
 
 
 def fits_empty(shape: Shape, node: NodeOffer) -> bool:
@@ -557,21 +559,27 @@ class _Pass:
         if self.reservation is not None:
             return
         # Only a wait for room is helped by keeping a node free: a repository comes back
-        # when its holder's tree ends, whatever else runs there. The compatible offers
-        # unsorted unless a pass already sorted them: max() below needs no order, and a
-        # pass that only tries where room was freed would sort all of them just for this.
+        # when its holder's tree ends, whatever else runs there.
+        previous = self.previous
+        if previous is not None and previous.task == task:
+            kept = self.by_name.get(previous.node)
+            if kept is not None and compatible(shape, kept) and self._room_for(shape, kept):
+                self.reservation = previous  # still waiting: the same node, no look around
+                return
+        # The compatible offers unsorted unless a pass already sorted them: max() below
+        # needs no order, and a pass that only tries where room was freed would sort all
+        # of them just for this.
         listed = self.compatible.get(shape.reach)
         offers = (listed.offers if listed is not None
                   else [o for o in self.offers if compatible(shape, o)])
-        room = [o for o in offers
-                if fits_empty(shape, o) and repositories_free(shape, o, self.pool)]
-        if not room:
-            return
-        previous = self.previous
-        keep = [o for o in room if previous and previous.task == task and o.name == previous.node]
-        chosen = keep[0] if keep else max(room, key=lambda o: (o.free.get("cores", 0.0),
-                                                               o.name))
-        self.reservation = Reservation(task, chosen.name)
+        room = [o for o in offers if self._room_for(shape, o)]
+        if room:
+            chosen = max(room, key=lambda o: (o.free.get("cores", 0.0), o.name))
+            self.reservation = Reservation(task, chosen.name)
+
+    def _room_for(self, shape: Shape, offer: NodeOffer) -> bool:
+        """Whether the offer, once empty, could take the shape."""
+        return fits_empty(shape, offer) and repositories_free(shape, offer, self.pool)
 
 
 def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer], *,
