@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -77,11 +78,23 @@ class RepoRequest:
     local: bool
 
 
-# Each distinct reach (what `compatible` reads) gets a number, once per process: a pass
-# keys its lists by reach and compares reaches for every shape it skips, and hashing or
-# comparing the Labels dataclasses each time was a fifth of a pass. Farms have few reaches
-# (label sets x bids x inherited repositories), so the table stays small.
+# Each distinct reach (what `compatible` reads) gets a number: a pass keys its lists by
+# reach and compares reaches for every shape it skips, and hashing or comparing the Labels
+# dataclasses each time was a fifth of a pass. The table is bounded (bids are any number a
+# client likes): when full it starts over, and numbers are never reused, so two reaches
+# never share one; an equal reach numbered again only costs a pass a list made twice.
 _REACHES: dict[tuple[Any, ...], int] = {}
+_REACHES_KEPT = 10_000
+_REACH_NUMBERS = itertools.count()
+
+
+def _reach_number(reach: tuple[Any, ...]) -> int:
+    number = _REACHES.get(reach)
+    if number is None:
+        if len(_REACHES) >= _REACHES_KEPT:
+            _REACHES.clear()
+        number = _REACHES[reach] = next(_REACH_NUMBERS)
+    return number
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,7 @@ class Shape:
         object.__setattr__(self, "least_memory", needs.get("memory", -math.inf))
         object.__setattr__(self, "anywhere", any(not r.local for r in self.repos))
         reach = (self.labels, self.bid, self.pinned, self.unplaceable)
-        object.__setattr__(self, "reach", _REACHES.setdefault(reach, len(_REACHES)))
+        object.__setattr__(self, "reach", _reach_number(reach))
         object.__setattr__(self, "local_types", Counter(r.type for r in self.repos if r.local))
         object.__setattr__(self, "repo_types", Counter(r.type for r in self.repos))
         object.__setattr__(self, "_hash", hash((self.needs, self.cores_max, self.labels,

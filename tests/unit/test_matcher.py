@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from vespid.coordinator import matcher
 from vespid.coordinator.matcher import (
     Assignment,
     Labels,
@@ -877,6 +878,23 @@ def test_a_task_asking_no_memory_fits_a_node_with_less_than_none_free() -> None:
     result = run([task("any", cores=1), task("some", seq=2, cores=1, memory=100)], [over])
 
     assert placed(result) == {"any": "over"}
+
+
+def test_shapes_that_may_run_on_the_same_nodes_share_their_reach_number() -> None:
+    assert shape(cores=1, memory=100).reach == shape(cores=8, gpus=1).reach
+    assert shape(cores=1).reach != shape(cores=1, usage_alice=True).reach
+    assert shape(cores=1).reach != shape(cores=1, bid=2).reach
+
+
+def test_reach_numbers_stay_distinct_when_the_table_starts_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(matcher, "_REACHES_KEPT", 3)
+    shapes = [shape(cores=1, bid=bid) for bid in range(10)]  # ten reaches, the table full thrice
+
+    assert len({s.reach for s in shapes}) == 10
+    again = shape(cores=2, bid=9)  # the same reach as the last: still in the table
+    assert again.reach == shapes[-1].reach
+    assert shape(cores=1, bid=0).reach not in {s.reach for s in shapes[1:]}
 
 
 def test_a_shape_is_not_covered_by_one_that_runs_on_other_nodes() -> None:
