@@ -279,6 +279,11 @@ class RepoPool:
                     self._count[kind] += len(names)
         return self._count
 
+    def claimed(self, kind: str) -> None:
+        """One repository of `kind` left its node's free list."""
+        if self._count is not None:  # else the count, when made, sees the lists as they are
+            self._count[kind] -= 1
+
     def enough(self, shape: Shape) -> bool:
         count = self.count
         return all(count[kind] >= n for kind, n in shape.repo_types.items())
@@ -328,7 +333,7 @@ def _claim(shape: Shape, node: NodeOffer, offers: Sequence[NodeOffer],
         source = next(o for o in sources if o.free_repos.get(request.type))
         claimed[request.key] = source.free_repos[request.type].pop(0)
         sources_used.add(source.name)
-        pool.count[request.type] -= 1
+        pool.claimed(request.type)
     return claimed, sources_used
 
 

@@ -464,6 +464,18 @@ def test_a_local_request_skips_a_host_whose_repositories_of_that_type_are_all_he
     assert placed(run([task(repositories=LOCAL_ENV)], nodes)) == {"t": "free"}
 
 
+def test_a_local_claim_before_the_farm_is_counted_leaves_the_count_right() -> None:
+    # The first claim of the pass is local (no count needed for it); the farm's count,
+    # made afterwards for the non-local request, must see one repository left, not none.
+    hosted = {"//n/e1": "env", "//n/e2": "env"}
+    first = task("a", seq=1, repositories={"env": {"request": "env", "local": True}})
+    second = task("b", seq=2, repositories={"env": {"request": "env"}})
+
+    result = run([first, second], [node("n", cores=8, repos=hosted)])
+
+    assert claimed(result) == {"a": {"env": "//n/e1"}, "b": {"env": "//n/e2"}}
+
+
 def test_a_non_local_request_may_take_a_repository_hosted_on_another_node() -> None:
     nodes = [node("worker", cores=4), busy(node("store", cores=4, repos={"//s/env": "env"}),
                                            cores=0)]
@@ -724,13 +736,13 @@ def reference_match(tasks: Iterable[Task], offers: list[NodeOffer],
     skips shapes it can tell fit nowhere; its choices must be these). A task kept a node by
     the `previous` pass keeps the same one while it may."""
     accepting = [o for o in offers if o.accepting]
-    pool = RepoPool(accepting)
     assignments: list[Assignment] = []
     blocked: set[Shape] = set()
     reservation: Reservation | None = None
     for t in sorted(tasks, key=lambda t: t.key):
         if t.shape in blocked:  # a shape that fit nowhere is done for the pass
             continue
+        pool = RepoPool(accepting)  # counted afresh: nothing kept up to date between tasks
         usable = [o for o in accepting if compatible(t.shape, o) and fits_now(t.shape, o, pool)
                   and (reservation is None or o.name != reservation.node)]
         if not usable:
