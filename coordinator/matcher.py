@@ -445,9 +445,11 @@ class _FreedRoom:
         if asks.get(cores, math.inf) > memory:
             asks[cores] = memory
 
-    def track(self, offers: Iterable[NodeOffer], kept: str) -> None:
-        self.room = {reach: {o.name for o in offers if o.name != kept
-                             and compatible(self.examples[reach], o) and _has_room(o, asks)}
+    def track(self, offers: Callable[[Shape], _Roomiest], kept: str) -> None:
+        """Start following which freed nodes have room left: `offers` gives those a shape's
+        reach may use, `kept` is the node kept for a waiting task."""
+        self.room = {reach: {o.name for o in offers(self.examples[reach]).offers
+                             if o.name != kept and _has_room(o, asks)}
                      for reach, asks in self.asks.items()}
         self.reaches_with_room = sum(1 for names in self.room.values() if names)
 
@@ -500,12 +502,16 @@ class _Pass:
 
     def candidates(self, shape: Shape) -> _Roomiest:
         if self.only_freed_room(shape):
-            found = self.dirty_compatible.get(shape.reach)
-            if found is None:
-                found = _Roomiest(o for o in self.dirty_offers if compatible(shape, o))
-                self.dirty_compatible[shape.reach] = found
-            return found
+            return self.freed_compatible(shape)
         return self.all_compatible(shape)
+
+    def freed_compatible(self, shape: Shape) -> _Roomiest:
+        """The nodes that gained room and could take the shape's reach."""
+        found = self.dirty_compatible.get(shape.reach)
+        if found is None:
+            found = _Roomiest(o for o in self.dirty_offers if compatible(shape, o))
+            self.dirty_compatible[shape.reach] = found
+        return found
 
     def all_compatible(self, shape: Shape) -> _Roomiest:
         found = self.compatible.get(shape.reach)
@@ -537,7 +543,7 @@ class _Pass:
         if self.dirty is None or kept is None or freed.unrestricted:
             return False
         if freed.room is None:
-            freed.track(self.dirty_offers, kept.node)
+            freed.track(self.freed_compatible, kept.node)
         return freed.reaches_with_room == 0
 
     def best_node(self, shape: Shape, task: str) -> NodeOffer | None:
