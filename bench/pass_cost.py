@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many decisions each drain measures (default 4000)")
     args = parser.parse_args(argv)
     setup_logging()
-    # The coordinator's own log lines (a node joined, a task started) are not the report.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    # The coordinator's own log lines (a node joined, a task started) are not the report;
+    # its loggers are cached on first use, as the coordinator has them (shared/logs.py).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+                        cache_logger_on_first_use=True)
     results = [measure(args.nodes, args.tasks, batch, args.decisions) for batch in args.batch]
     write_report("Vespid coordinator cost per turn (in process)", [
         markdown_table(HEADERS, [row(r) for r in results]),

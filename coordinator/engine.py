@@ -96,8 +96,7 @@ def why_not_accepting(node: Node) -> str | None:
 
 def node_offers(state: State) -> list[matcher.NodeOffer]:
     """Every node's offer, each built again only if it changed since the last pass."""
-    build = partial(_build_offer, state)
-    return [node.offer(build) for node in state.nodes.values()]
+    return state.offers(partial(_build_offer, state))
 
 
 def _build_offer(state: State, node: Node) -> matcher.NodeOffer:

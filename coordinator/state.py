@@ -564,6 +564,9 @@ class Node:
     _standing: StandingOffer | None = field(default=None, repr=False, compare=False)
     _free: dict[str, float] | None = field(default=None, repr=False, compare=False)
     _offer: NodeOffer | None = field(default=None, repr=False, compare=False)
+    # The State's set of nodes whose offer was dropped since its last pass (State.offers):
+    # a pass then rebuilds only those, not a look at each of 1,000 nodes.
+    _stale: set[str] | None = field(default=None, repr=False, compare=False)
     _listed: tuple[tuple[Any, ...], Listing] | None = field(default=None, repr=False,
                                                             compare=False)
 
@@ -582,7 +585,8 @@ class Node:
         if (cached is None or cached.capabilities is not self.capabilities
                 or cached.repositories is not self.repositories):
             cached = self._standing = StandingOffer.of(self)
-            self._free = self._offer = None
+            self._free = None
+            self.offer_changed()
         return cached
 
     def offer(self, build: Callable[[Node], NodeOffer]) -> NodeOffer:
@@ -597,6 +601,8 @@ class Node:
 
     def offer_changed(self) -> None:
         self._offer = None
+        if self._stale is not None:
+            self._stale.add(self.name)
 
     def listing(self, build: Callable[[Node], Listing]) -> Listing:
         """Its node-list entry, built by `build` only when something it shows changed: a
@@ -620,7 +626,8 @@ class Node:
 
     def offer_terms(self) -> tuple[Any, ...]:
         """What decides where tasks fit, of what a node-set says."""
-        return (self.capabilities, self.repositories, self.alive, self.draining, self.protocol)
+        return (self.capabilities, self.repositories, self.alive, self.left, self.draining,
+                self.protocol)
 
     def free_resources(self) -> dict[str, float]:
         """What is not reserved now (a copy: the matcher spends from it during a pass)."""
@@ -631,12 +638,14 @@ class Node:
         return dict(self._free)
 
     def reserve(self, amounts: dict[str, float]) -> None:
-        self._free = self._offer = None
+        self._free = None
+        self.offer_changed()
         for key, amount in amounts.items():
             self.used[key] = self.used.get(key, 0.0) + amount
 
     def release(self, amounts: dict[str, float]) -> None:
-        self._free = self._offer = None
+        self._free = None
+        self.offer_changed()
         for key, amount in amounts.items():
             left = self.used.get(key, 0.0) - amount
             self.used[key] = 0.0 if math.isclose(left, 0.0, abs_tol=1e-9) else left
@@ -673,6 +682,10 @@ class State:
     roomier: set[str] | None = None
     reservation: Reservation | None = None
     needs_scheduling: bool = True
+    # Every node's offer as of the last pass, and the nodes whose offer was dropped since
+    # (Node.offer_changed adds them): `offers` rebuilds only those.
+    _offers: dict[str, NodeOffer] = field(default_factory=dict, repr=False)
+    _stale_offers: set[str] = field(default_factory=set, repr=False)
     keys: dict[TaskIdentity, str] = field(default_factory=dict)  # keyed creates -> task
     # Per task, over itself and all its descendants: the worst severity so far, and how many
     # are not complete. Kept up to date on every change so list views and events carry a
@@ -730,7 +743,18 @@ class State:
 
     def add_node(self, node: Node) -> None:
         self.nodes[node.name] = node
+        node._stale = self._stale_offers
+        node.offer_changed()
         self._index_repositories(node, {})
+
+    def offers(self, build: Callable[[Node], NodeOffer]) -> list[NodeOffer]:
+        """Every node's offer (in the order the nodes joined), building again only those
+        dropped since the last call."""
+        offers, nodes = self._offers, self.nodes
+        for name in self._stale_offers:
+            offers[name] = nodes[name].offer(build)
+        self._stale_offers.clear()
+        return list(offers.values())
 
     def _index_repositories(self, node: Node, before: dict[str, Any]) -> None:
         for repo in before.keys() - node.repositories.keys():
@@ -776,13 +800,19 @@ class State:
         something that decides where tasks fit changed (a heartbeat usually changes none)."""
         before = node.offer_terms()
         hosted_before = node.repositories
-        node.capabilities, node.repositories = capabilities, repositories
-        self._index_repositories(node, hosted_before)
+        # A heartbeat's dicts equal the ones held: keep those, which what was derived from
+        # them (the offer, the node-list entry) is known by.
+        if capabilities != node.capabilities:
+            node.capabilities = capabilities
+        if repositories != hosted_before:
+            node.repositories = repositories
+            self._index_repositories(node, hosted_before)
         node.draining, node.started, node.last_seen = draining, started, now
         node.alive, node.left = True, False
         node.version, node.log_dir, node.protocol = version, log_dir, protocol
-        self._changed_node(node)
+        self.dirty_nodes.add(node.name)
         if node.offer_terms() != before:
+            node.offer_changed()
             self.node_gained_room(node.name)
 
     def drain(self, node: Node) -> None:

@@ -1000,6 +1000,50 @@ def test_a_node_list_builds_only_the_entries_of_nodes_that_changed(proc: Process
     assert second["nodes"][1]["last_seen"] == T0 + 1
 
 
+def offers_built_now(proc: Processor) -> list[Any]:
+    """Every node's offer built from the state as it is, from copies with nothing kept."""
+    fresh = []
+    for node in proc.state.nodes.values():
+        copy = dataclasses.replace(node, used=dict(node.used), running=set(node.running))
+        fresh.append(engine._build_offer(proc.state, copy))
+    return fresh
+
+
+def test_the_offers_a_pass_sees_follow_every_change_of_a_node(proc: Processor) -> None:
+    repo = "//n1/vespid/ws"
+    with_repo = {**node_set("n1"), "repositories": {repo: {"type": "ws"}}}
+    complete = {"command": "task-complete", "node": "n1", "success": "ok"}
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("a node joins", lambda: send(proc, node_set(), T0)),
+        ("a second one", lambda: send(proc, node_set("n2", cores=8, memory=1000), T0)),
+        ("a task starts", lambda: send(proc, task_create(), T0 + 1)),
+        ("a heartbeat", lambda: send(proc, node_set(activetasks=["t1"]), T0 + 2)),
+        ("new capabilities", lambda: send(proc, node_set(activetasks=["t1"], cores=16,
+                                                         memory=8000), T0 + 2)),
+        ("a repository appears", lambda: send(proc, {**with_repo, "activetasks": ["t1"]},
+                                               T0 + 3)),
+        ("a task claims it", lambda: send(proc, task_create(
+            "r1", requirements={"cores": 1},
+            repositories={"env": {"request": "ws", "local": True}}), T0 + 3)),
+        ("the first task completes", lambda: send(proc, {**complete, "name": "t1",
+                                                         "attempt": 1}, T0 + 4)),
+        ("the claimer completes: the repository is free",
+         lambda: send(proc, {**complete, "name": "r1", "attempt": 1}, T0 + 4)),
+        ("the repository goes", lambda: send(proc, node_set(), T0 + 5)),
+        ("a bid", lambda: send(proc, node_set(cores=16, memory=8000, min_bid=3), T0 + 5)),
+        ("drained", lambda: send(proc, {"command": "node-drain", "name": "n1"}, T0 + 6)),
+        ("lost", lambda: proc.tick(T0 + 70)),
+        ("back", lambda: send(proc, node_set(), T0 + 71)),
+        ("the other one back, then gone", lambda: send(proc, {
+            **node_set("n2", cores=8, memory=1000), "leaving": True}, T0 + 72)),
+    ]
+    for what, step in steps:
+        engine.node_offers(proc.state)  # the offers kept, from before the step
+        step()
+        assert engine.node_offers(proc.state) == offers_built_now(proc), what
+    assert [o.accepting for o in engine.node_offers(proc.state)] == [True, False]
+
+
 @pytest.mark.parametrize("raw", [
     b'{"command":"node-set","name":"n1","capabilities":{"cores":4,"cores_max":Infinity}}',
     b'{"command":"node-set","name":"n1","capabilities":{"cores":4},'
