@@ -53,6 +53,9 @@ class Context:
     extensions: Extensions = field(default_factory=lambda: Extensions(()))
     # Seconds between two times when this process heard nothing (hearing.Hearing).
     deaf_between: DeafBetween = never_deaf
+    # How many tasks this turn's scheduling pass may start (None: all that fit): the
+    # service bounds a turn's time by it, and the pass goes on at the next turn.
+    decision_limit: int | None = None
 
     def elapsed(self, since: float, until: float | None = None) -> float:
         """Seconds from `since` to `until` (default now) in which a node could have been
@@ -115,7 +118,8 @@ def _build_offer(state: State, node: Node) -> matcher.NodeOffer:
 
 
 def schedule(ctx: Context) -> int:
-    """Start every waiting task that fits somewhere now; returns how many started."""
+    """Start every waiting task that fits somewhere now, or the first `decision_limit` of
+    them (the pass goes on at the next turn); returns how many started."""
     state = ctx.state
     state.needs_scheduling = False
     if not state.queue:
@@ -123,11 +127,15 @@ def schedule(ctx: Context) -> int:
         return 0
     offers = node_offers(state)
     result = matcher.match(state.queue, offers, blocked_before=state.blocked,
-                           dirty=state.roomier, reservation=state.reservation)
+                           dirty=state.roomier, reservation=state.reservation,
+                           limit=ctx.decision_limit)
     for assignment in result.assignments:
         start_task(ctx, state.tasks[assignment.task], state.nodes[assignment.node],
                    assignment.allocated, assignment.repos)
-    state.blocked, state.reservation, state.roomier = result.blocked, result.reservation, set()
+    state.blocked, state.roomier, state.reservation = matcher.carry_over(
+        result, state.blocked, state.roomier, state.reservation)
+    if result.unfinished:
+        state.needs_scheduling = True
     return len(result.assignments)
 
 

@@ -241,6 +241,8 @@ class MatchResult:
     assignments: list[Assignment]
     blocked: set[Shape]
     reservation: Reservation | None
+    # The shapes still to try when the pass stopped at its limit (empty: it went through).
+    unfinished: set[Shape] = field(default_factory=set)
 
 
 def _is_amount(value: Any) -> bool:
@@ -608,11 +610,13 @@ class _Pass:
 
 def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer], *,
           blocked_before: Iterable[Shape] = (), dirty: Iterable[str] | None = None,
-          reservation: Reservation | None = None) -> MatchResult:
+          reservation: Reservation | None = None, limit: int | None = None) -> MatchResult:
     """Start what can start now, in priority-then-age order across all shapes.
 
     `dirty` names the nodes that gained room since the last pass; a shape in
-    `blocked_before` is only tried on those (None: try every node)."""
+    `blocked_before` is only tried on those (None: try every node). With a `limit`, the
+    pass stops after that many assignments, which are the first that many of the whole
+    pass: the shapes it did not finish are in `unfinished` (see `carry_over`)."""
     accepting = [o for o in offers if o.accepting]
     dirty_set = None if dirty is None else set(dirty)
     if dirty_set is not None and reservation is not None:
@@ -631,6 +635,9 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
         if run.spent():
             blocked.update(shape for _, shape, _ in heap)
             break
+        if len(assignments) == limit:
+            return MatchResult(assignments, blocked, run.reservation,
+                               {shape for _, shape, _ in heap})
         key, shape, index = heapq.heappop(heap)
         if run.fits_nowhere(shape):
             # Nor could it be kept a node: the shape it covers found none, or one is kept.
@@ -658,6 +665,27 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
         else:
             run.done_with(shape)
     return MatchResult(assignments, blocked, run.reservation)
+
+
+def carry_over(result: MatchResult, blocked_before: Iterable[Shape],
+               dirty: set[str] | None, reservation: Reservation | None
+               ) -> tuple[set[Shape], set[str] | None, Reservation | None]:
+    """What the next pass starts from after `result`: (blocked, dirty, reservation).
+
+    A pass that went through leaves what it found, and no node gained room since. One
+    stopped at its limit leaves the next pass to go on as if it were this one: a shape it
+    did not finish keeps what was known of it before (blocked ones are still tried on
+    every node that gained room since they were), the nodes that had gained room still
+    have, and the node kept for a waiting task stays kept unless this pass kept another,
+    which frees the first for everyone."""
+    if not result.unfinished:
+        return result.blocked, set(), result.reservation
+    before = set(blocked_before)
+    blocked = result.blocked | {shape for shape in result.unfinished if shape in before}
+    kept = result.reservation or reservation
+    if dirty is not None and reservation is not None and kept != reservation:
+        dirty = dirty | {reservation.node}
+    return blocked, dirty, kept
 
 
 def explain(shape: Shape, offers: Iterable[NodeOffer],

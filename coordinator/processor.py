@@ -51,6 +51,10 @@ class Outcome:
     outbox: list[OutboxEntry] = field(default_factory=list)
     new_nodes: list[str] = field(default_factory=list)
 
+    def count(self, command: str) -> int:
+        """How many messages of this command it sends (task-run: how many tasks started)."""
+        return sum(1 for entry in self.outbox if entry.command == command)
+
 
 class Processor:
     def __init__(self, store: Store, settings: CoordinatorSettings, now: float,
@@ -108,13 +112,14 @@ class Processor:
                 if run is not None:
                     self.state.run_taken(*run, now)
 
-    def process(self, batch: Sequence[Delivery], now: float, nodes_current: bool = True
-                ) -> Outcome:
+    def process(self, batch: Sequence[Delivery], now: float, nodes_current: bool = True,
+                decisions: int | None = None) -> Outcome:
         """Handle a batch as one transaction. `nodes_current`: whether this coordinator is
-        up to date with the nodes' messages (Context.nodes_current)."""
+        up to date with the nodes' messages (Context.nodes_current); `decisions`: how many
+        tasks its scheduling pass may start (Context.decision_limit)."""
         try:
             return self._in_transaction(lambda ctx: self._handle_all(ctx, batch), now,
-                                        nodes_current)
+                                        nodes_current, decisions=decisions)
         except StoreError:
             raise  # nothing about the messages: retrying them one by one cannot help
         except Exception:
@@ -179,14 +184,15 @@ class Processor:
         return Outcome(ctx.effects.replies)
 
     def tick(self, now: float, lose_silent_nodes: bool = True,
-             heard_through: float | None = None) -> Outcome:
+             heard_through: float | None = None, decisions: int | None = None) -> Outcome:
         """Periodic work: lose silent nodes (unless told their messages may be waiting
-        unhandled; `heard_through`: Context.heard_through), start what can start, forget
-        confirmed sends."""
+        unhandled; `heard_through`: Context.heard_through), start what can start (at most
+        `decisions`), forget confirmed sends."""
         self._freeze_survivors()
         sweep = self._sweep if lose_silent_nodes else self._sweep_extensions
         try:
-            return self._in_transaction(sweep, now, heard_through=heard_through)
+            return self._in_transaction(sweep, now, heard_through=heard_through,
+                                        decisions=decisions)
         except StoreError:
             raise
         except Exception:
@@ -231,11 +237,11 @@ class Processor:
         self._reject(ctx, delivery, "internal", reason)
 
     def _in_transaction(self, work: Callable[[Context], None], now: float,
-                        nodes_current: bool = True, heard_through: float | None = None
-                        ) -> Outcome:
+                        nodes_current: bool = True, heard_through: float | None = None,
+                        decisions: int | None = None) -> Outcome:
         ctx = Context(self.state, self.settings, Effects(), now, nodes_current=nodes_current,
                       heard_through=heard_through, extensions=self.extensions,
-                      deaf_between=self.deaf_between)
+                      deaf_between=self.deaf_between, decision_limit=decisions)
         with self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:

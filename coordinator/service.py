@@ -62,8 +62,13 @@ LAG_WARNING_SECONDS = 10.0
 MARKED_QUEUES = {topology.COORDINATOR_QUEUE: topology.COORDINATOR_KEY,
                  topology.COORDINATOR_NODE_QUEUE: topology.COORDINATOR_NODE_KEY}
 MARK_BODY = b"{}"
-# A turn handles at least this many node messages, however slow they were lately.
-MIN_NODE_BATCH = 20
+# A turn handles at least this many node messages, and its scheduling pass may start at
+# least this many tasks, however slow they were lately.
+MIN_NODE_BATCH = 10
+MIN_TURN_DECISIONS = 20
+# A pass may start this many times what fits a turn's time: the node messages taken are
+# sized so that what they let start fits, and this bounds a turn they misjudged.
+TURN_DECISIONS_FACTOR = 2
 # The exit status of a coordinator that stopped because it may no longer write the state:
 # a supervisor restarting it makes it a standby.
 SUPERSEDED_EXIT = 3
@@ -140,7 +145,10 @@ class CoordinatorService:
         self._from_nodes: deque[Delivery] = deque()
         self._flush_scheduled = False
         self._batch_due = False  # a turn answered reads: the next one handles a batch
-        self._message_seconds = 0.001  # what handling one message costs, lately
+        # What a message handled, or a task started, cost lately (a turn's commit and
+        # scheduling pass shared among them).
+        self._unit_seconds = 0.001
+        self._starts_per_message = 1.0  # tasks a node message let start, lately
         self._seq = 0
         self._in_flight: dict[int, int | None] = {}  # publish seq -> outbox id (None: reply)
         self._in_flight_heap: list[int] = []
@@ -480,27 +488,49 @@ class CoordinatorService:
             nodes = [self._from_nodes.popleft()
                      for _ in range(min(self._batch_size(), len(self._from_nodes)))]
             batch += nodes
-            if batch:
+            if batch or self.processor.state.needs_scheduling:
                 started = time.perf_counter()
-                self._publish(self.processor.process(
-                    batch, time.time(), nodes_current=self._caught_up_with_nodes()))
+                outcome = self.processor.process(
+                    batch, time.time(), nodes_current=self._caught_up_with_nodes(),
+                    decisions=self._decision_limit(len(batch)))
+                self._publish(outcome)
                 self._settle([delivery.tag for delivery in batch])
-                self._learn_cost(time.perf_counter() - started, len(batch))
+                self._learn_cost(time.perf_counter() - started, len(batch),
+                                 outcome.count("task-run"))
             self._batch_due = False
-        if self._requests or self._from_nodes:
-            self._schedule_turn()
+        if self._requests or self._from_nodes or self.processor.state.needs_scheduling:
+            self._schedule_turn()  # a pass stopped at its limit goes on
         self._ack_settled()
 
+    def _fits(self) -> int:
+        """How many messages handled and tasks started fit a turn's time (turn_seconds),
+        by what each cost lately."""
+        return int(self.settings.turn_seconds / self._unit_seconds)
+
     def _batch_size(self) -> int:
-        """How many node messages fit the turn's time (turn_seconds), by what a message
-        cost lately (its share of its batch's commit and scheduling included); never fewer
-        than MIN_NODE_BATCH, so a slow machine still keeps up with its nodes."""
+        """How many node messages a turn takes: as many as fit its time with the tasks they
+        let start (a task-complete lets about one start; when 1,000 nodes join a deep queue,
+        a node-set lets several, and turns of messages alone took three times their time,
+        which every request then waited for), never fewer than MIN_NODE_BATCH, so a slow
+        machine still keeps up with its nodes."""
         most = self.settings.node_batch
-        fits = int(self.settings.turn_seconds / self._message_seconds)
+        fits = int(self._fits() / (1 + self._starts_per_message))
         return max(min(MIN_NODE_BATCH, most), min(most, fits))
 
-    def _learn_cost(self, seconds: float, messages: int) -> None:
-        self._message_seconds += (seconds / messages - self._message_seconds) / 8
+    def _decision_limit(self, taken: int) -> int:
+        """How many tasks the pass of a turn that took `taken` messages may start; the pass
+        goes on at the next turn. Only a turn its messages misjudged comes near: a pass
+        that stops leaves more for the next to look over."""
+        return max(MIN_TURN_DECISIONS, TURN_DECISIONS_FACTOR * self._fits() - taken)
+
+    def _learn_cost(self, seconds: float, messages: int, started: int) -> None:
+        if messages + started:
+            self._unit_seconds += (seconds / (messages + started) - self._unit_seconds) / 8
+        if messages:
+            # Up at once, down slowly: one turn too long is one too many.
+            lately = started / messages
+            self._starts_per_message = max(
+                lately, self._starts_per_message + (lately - self._starts_per_message) / 8)
 
     def _settle(self, tags: list[int]) -> None:
         """These deliveries are handled: ack them once all published so far is confirmed
@@ -516,7 +546,8 @@ class CoordinatorService:
             return
         began = self._heard()
         outcome = self.processor.tick(began, self._caught_up_with_nodes(),
-                                      heard_through=self._heard_through())
+                                      heard_through=self._heard_through(),
+                                      decisions=self._decision_limit(0))
         self._busy_since(began)
         self._send_marks()
         resend = ([e for e in self.store.pending_outbox() if e.id in self._resend]

@@ -43,10 +43,11 @@ class CoordinatorSettings(ProcessSettings):
     turn_seconds: float = Field(
         default=0.03, gt=0, le=10,
         description="how long a turn of node messages may take, about: a turn takes as "
-                    "many as fit by what they cost lately (at least 20, at most "
-                    "node_batch). Requests are answered between turns, so this bounds how "
-                    "long one waits behind the nodes' traffic; longer turns commit less "
-                    "often")
+                    "many as fit with the tasks they let start, by what each cost lately "
+                    "(at least 10, at most node_batch), and its scheduling pass goes on at "
+                    "the next turn past twice what fits. Requests are answered between "
+                    "turns, so this bounds how long one waits behind the nodes' traffic; "
+                    "longer turns commit less often")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     results_dir: Path | None = Field(default=None,
                                      description="where Golem-style results are kept: "

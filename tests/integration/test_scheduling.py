@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
+from tests import processes
 from tests.processes import VespidProcess
 from tests.raw import RawNode, RawPeer
+from vespid.coordinator.service import MIN_TURN_DECISIONS
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +157,21 @@ def test_higher_bids_start_first_and_a_node_takes_only_bids_above_its_minimum(
     time.sleep(0.3)
     assert raw.info("cheap")["status"] is None
     assert any("bidding at least 1" in r for r in raw.info("cheap")["waiting_reason"])
+
+
+def test_a_pass_stopped_at_its_turns_limit_goes_on_with_nothing_more_heard(
+        amqp_url: str, tmp_path: Path, started: list[VespidProcess], raw: RawPeer) -> None:
+    # A turn of a microsecond: each pass may start only the least (MIN_TURN_DECISIONS).
+    proc = processes.coordinator(amqp_url, tmp_path / "coordinator",
+                                 VESPID_TURN_SECONDS="0.000001").start()
+    started.append(proc)
+    proc.wait_for_log("coordinator_consuming")
+    names = [f"t{index:03d}" for index in range(3 * MIN_TURN_DECISIONS + 5)]
+    for name in names:
+        create(raw, name, requirements={"cores": 1})
+    big = RawNode(raw, "big", {"cores": len(names), "memory": 64000})
+
+    big.node_set([])  # the only message from a node: the passes after it go on alone
+
+    assert sorted(big.runs(len(names), timeout=30)) == names
+    assert all(raw.info(name)["node"] == "big" for name in (names[0], names[-1]))

@@ -24,6 +24,7 @@ from vespid.coordinator.matcher import (
     _claim,
     _rank,
     allocate,
+    carry_over,
     compatible,
     explain,
     fits_empty,
@@ -858,6 +859,89 @@ def test_a_pass_over_freed_room_chooses_what_looking_at_every_task_and_node_woul
     assert result.assignments == expected.assignments
     assert result.blocked == expected.blocked
     assert result.reservation == expected.reservation
+
+
+def in_passes_of_at_most(limit: int, tasks: list[Task], offers: list[NodeOffer],
+                         **options: Any) -> MatchResult:
+    """Passes of at most `limit` assignments, each going on from what the one before left
+    (carry_over), the tasks it started gone from the queue, until one goes through: all
+    their assignments, and what the last one found."""
+    blocked: set[Shape] = set(options.get("blocked_before", ()))
+    dirty = options.get("dirty")
+    dirty = None if dirty is None else set(dirty)
+    kept = options.get("reservation")
+    assignments: list[Assignment] = []
+    for _ in range(len(tasks) + 1):
+        result = run(tasks, offers, blocked_before=blocked, dirty=dirty, reservation=kept,
+                     limit=limit)
+        assert len(result.assignments) <= limit
+        assignments += result.assignments
+        started = {a.task for a in result.assignments}
+        tasks = [t for t in tasks if t.name not in started]
+        blocked, dirty, kept = carry_over(result, blocked, dirty, kept)
+        if not result.unfinished:
+            return MatchResult(assignments, result.blocked, result.reservation)
+    raise AssertionError("the passes never went through")
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_passes_stopped_at_a_limit_choose_what_one_whole_pass_would(seed: int) -> None:
+    """A turn's pass stops after its limit and the next turn's goes on: together they make
+    the choices of one pass with no limit, first passes and passes over freed room alike."""
+    limit = 1 + seed % 3
+    tasks, offers = random_farm(seed)
+    whole = reference_match(tasks, random_farm(seed)[1])
+
+    first = in_passes_of_at_most(limit, tasks, offers)
+
+    assert first.assignments == whole.assignments
+    assert first.blocked == whole.blocked and first.reservation == whole.reservation
+    started = {a.task for a in first.assignments}
+    waiting = [t for t in tasks if t.name not in started]
+    waiting += [Task(f"new{t.name}", t.shape, t.priority, 1000 + t.seq)
+                for t in random_farm(seed + 10_000)[0][:3]]
+    dirty = free_some(offers, seed)
+    twin = copy.deepcopy(offers)
+
+    result = in_passes_of_at_most(limit, waiting, offers, blocked_before=first.blocked,
+                                  dirty=dirty, reservation=first.reservation)
+
+    expected = reference_match(waiting, twin, previous=first.reservation)
+    assert result.assignments == expected.assignments
+    assert result.blocked == expected.blocked
+    assert result.reservation == expected.reservation
+
+
+def test_a_pass_stopped_at_its_limit_says_which_shapes_it_did_not_finish() -> None:
+    small, big = task("a", seq=1, cores=1), task("b", seq=3, cores=2)
+    tasks = [small, task("a2", seq=2, cores=1), big]
+
+    result = run(tasks, [node("n", cores=8)], limit=1)
+
+    assert placed(result) == {"a": "n"}
+    assert result.unfinished == {small.shape, big.shape}
+    assert run(tasks[1:], [node("n", cores=8)], limit=2).unfinished == set()
+
+
+def test_a_pass_stopped_before_a_node_is_kept_keeps_the_one_kept_before() -> None:
+    previous = Reservation("big", "m")
+    stopped = MatchResult([], set(), None, unfinished={shape(cores=1)})
+
+    blocked, dirty, kept = carry_over(stopped, [shape(cores=64)], {"n"}, previous)
+
+    assert kept == previous and dirty == {"n"}
+    assert blocked == set()  # what the pass did not finish was not blocked before
+
+
+def test_a_pass_stopped_after_keeping_another_node_frees_the_first() -> None:
+    waiting = shape(cores=64)
+    stopped = MatchResult([], {waiting}, Reservation("big", "x"),
+                          unfinished={shape(cores=1)})
+
+    blocked, dirty, kept = carry_over(stopped, [waiting], {"n"}, Reservation("old", "m"))
+
+    assert kept == Reservation("big", "x") and dirty == {"n", "m"}
+    assert blocked == {waiting}
 
 
 def test_a_shape_needing_more_than_one_that_fit_nowhere_is_not_looked_at() -> None:

@@ -1216,3 +1216,19 @@ def test_a_node_set_that_grows_a_node_is_offered_at_its_new_size(proc: Processor
     assert [(node, body["name"]) for node, body in to_nodes(outcome)
             if body["command"] == "task-run"] == [("node.n1", "big")]
     assert info(proc, "big")["node"] == "n1"
+
+
+def test_a_turn_starts_at_most_its_decisions_and_the_next_turn_goes_on(
+        proc: Processor) -> None:
+    for index in range(5):
+        send(proc, task_create(f"t{index}", requirements={"cores": 1}, priority=index % 2))
+
+    first = proc.process([deliver(node_set(cores=8))], T0, decisions=2)
+    assert proc.state.needs_scheduling
+    second = proc.process([], T0, decisions=2)
+    third = proc.process([], T0, decisions=2)
+
+    started = [[body["name"] for _key, body in to_nodes(outcome)
+                if body["command"] == "task-run"] for outcome in (first, second, third)]
+    assert started == [["t1", "t3"], ["t0", "t2"], ["t4"]]  # priority, then age
+    assert not proc.state.needs_scheduling

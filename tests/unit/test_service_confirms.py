@@ -1083,3 +1083,42 @@ def test_the_marks_tell_how_long_node_messages_wait_in_the_broker(
 
     [warning] = [e for e in logged if e["event"] == "node_sweep_deferred"]
     assert warning["in_broker_seconds"] >= 30 and warning["behind_seconds"] >= 30
+
+
+# --- how much a turn takes on ----------------------------------------------------------------
+
+
+def task_runs(published: list[Published]) -> list[str]:
+    return [json.loads(p.body)["name"] for p in published if p.routing_key.startswith("node.")]
+
+
+def test_a_pass_stopped_at_its_limit_goes_on_in_a_turn_of_its_own(tmp_path: Path) -> None:
+    service = make_service(tmp_path, turn_seconds=1e-6)  # the least: MIN_TURN_DECISIONS
+    try:
+        count = service_module.MIN_TURN_DECISIONS + 5
+        for tag in range(1, count + 1):
+            deliver(service, tag, task_create(f"t{tag:02d}"))
+        run_batch(service)
+        deliver_from_node(service, 1, {**node_set("big"),
+                                       "capabilities": {"cores": 64, "memory": 64000}})
+
+        first = task_runs(run_batch(service))
+        rest = task_runs(run_batch(service))  # no message came: the turn came by itself
+
+        assert first == [f"t{tag:02d}" for tag in range(1, service_module.MIN_TURN_DECISIONS + 1)]
+        assert rest == [f"t{tag:02d}" for tag in range(len(first) + 1, count + 1)]
+        assert loop_of(service).run_soon() == 0  # and then none
+    finally:
+        service.store.close()
+
+
+def test_node_messages_that_let_several_tasks_start_make_the_next_batch_smaller_at_once(
+        service: CoordinatorService) -> None:
+    service._learn_cost(0.010, 100, 100)  # a task-complete lets one start: 200 units, 10 ms
+    steady = service._batch_size()
+
+    service._learn_cost(0.030, 20, 160)  # 20 nodes joined a deep queue: 8 starts each
+
+    assert service._starts_per_message == 8.0  # up at once, not by an eighth
+    assert service._batch_size() == max(service_module.MIN_NODE_BATCH, service._fits() // 9)
+    assert service._batch_size() < steady
