@@ -121,7 +121,7 @@ def schedule(ctx: Context) -> int:
     """Start every waiting task that fits somewhere now, or the first `decision_limit` of
     them (the pass goes on at the next turn); returns how many started."""
     state = ctx.state
-    state.needs_scheduling = False
+    state.needs_scheduling = state.pass_stopped = False
     if not state.queue:
         state.roomier, state.reservation = set(), None
         return 0
@@ -134,7 +134,8 @@ def schedule(ctx: Context) -> int:
                    assignment.allocated, assignment.repos)
     state.blocked, state.roomier, state.reservation = matcher.carry_over(
         result, state.blocked, state.roomier, state.reservation)
-    if result.unfinished:
+    state.pass_stopped = bool(result.unfinished)
+    if state.pass_stopped:
         state.needs_scheduling = True
     return len(result.assignments)
 

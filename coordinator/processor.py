@@ -125,7 +125,7 @@ class Processor:
         except Exception:
             log.exception("batch_failed_retrying_one_by_one", size=len(batch))
             self._reload()
-            return self._one_by_one(batch, now, nodes_current)
+            return self._one_by_one(batch, now, nodes_current, decisions)
 
     def split_reads(self, requests: Sequence[Delivery]
                     ) -> tuple[list[tuple[Delivery, Any]], list[Delivery]]:
@@ -210,20 +210,21 @@ class Processor:
     def _sweep_extensions(ctx: Context) -> None:
         ctx.extensions.tick(ctx)
 
-    def _one_by_one(self, batch: Sequence[Delivery], now: float, nodes_current: bool
-                    ) -> Outcome:
+    def _one_by_one(self, batch: Sequence[Delivery], now: float, nodes_current: bool,
+                    decisions: int | None) -> Outcome:
         total = Outcome()
         for delivery in batch:
-            outcome = self._handle_alone(delivery, now, nodes_current)
+            outcome = self._handle_alone(delivery, now, nodes_current, decisions)
             total.replies += outcome.replies
             total.outbox += outcome.outbox
             total.new_nodes += outcome.new_nodes
         return total
 
-    def _handle_alone(self, delivery: Delivery, now: float, nodes_current: bool) -> Outcome:
+    def _handle_alone(self, delivery: Delivery, now: float, nodes_current: bool,
+                      decisions: int | None) -> Outcome:
         try:
             return self._in_transaction(lambda ctx: self._handle_all(ctx, [delivery]), now,
-                                        nodes_current)
+                                        nodes_current, decisions=decisions)
         except StoreError:
             raise
         except Exception as exc:

@@ -488,19 +488,27 @@ class CoordinatorService:
             nodes = [self._from_nodes.popleft()
                      for _ in range(min(self._batch_size(), len(self._from_nodes)))]
             batch += nodes
-            if batch or self.processor.state.needs_scheduling:
+            going_on = self.processor.state.pass_stopped
+            if batch or going_on:
                 started = time.perf_counter()
                 outcome = self.processor.process(
                     batch, time.time(), nodes_current=self._caught_up_with_nodes(),
                     decisions=self._decision_limit(len(batch)))
                 self._publish(outcome)
                 self._settle([delivery.tag for delivery in batch])
+                # A pass going on starts what earlier messages let start, not these.
                 self._learn_cost(time.perf_counter() - started, len(batch),
-                                 outcome.count("task-run"))
+                                 outcome.count("task-run"), by_these=not going_on)
             self._batch_due = False
-        if self._requests or self._from_nodes or self.processor.state.needs_scheduling:
-            self._schedule_turn()  # a pass stopped at its limit goes on
+        self._go_on()
         self._ack_settled()
+
+    def _go_on(self) -> None:
+        """Another turn if anything waits, a pass stopped at its limit included (which a
+        State reloaded after a failed batch never says: a pass that fails is not retried
+        in a loop)."""
+        if self._requests or self._from_nodes or self.processor.state.pass_stopped:
+            self._schedule_turn()
 
     def _fits(self) -> int:
         """How many messages handled and tasks started fit a turn's time (turn_seconds),
@@ -523,10 +531,10 @@ class CoordinatorService:
         that stops leaves more for the next to look over."""
         return max(MIN_TURN_DECISIONS, TURN_DECISIONS_FACTOR * self._fits() - taken)
 
-    def _learn_cost(self, seconds: float, messages: int, started: int) -> None:
+    def _learn_cost(self, seconds: float, messages: int, started: int, by_these: bool) -> None:
         if messages + started:
             self._unit_seconds += (seconds / (messages + started) - self._unit_seconds) / 8
-        if messages:
+        if messages and by_these:
             # Up at once, down slowly: one turn too long is one too many.
             lately = started / messages
             self._starts_per_message = max(
@@ -559,6 +567,7 @@ class CoordinatorService:
         outcome.new_nodes += sorted({e.routing_key.removeprefix("node.") for e in resend
                                      if e.routing_key.startswith("node.")})
         self._publish(outcome)
+        self._go_on()  # a pass the tick's scheduling stopped (a lost node's tasks, say)
         self._connection.ioloop.call_later(TICK_SECONDS, self._tick)
 
     def _send_marks(self) -> None:

@@ -682,6 +682,7 @@ class State:
     roomier: set[str] | None = None
     reservation: Reservation | None = None
     needs_scheduling: bool = True
+    pass_stopped: bool = False  # the last pass stopped at its limit: the next goes on
     # Every node's offer as of the last pass, and the nodes whose offer was dropped since
     # (Node.offer_changed adds them): `offers` rebuilds only those.
     _offers: dict[str, NodeOffer] = field(default_factory=dict, repr=False)
@@ -748,12 +749,16 @@ class State:
         self._index_repositories(node, {})
 
     def offers(self, build: Callable[[Node], NodeOffer]) -> list[NodeOffer]:
-        """Every node's offer (in the order the nodes joined), building again only those
-        dropped since the last call."""
-        offers, nodes = self._offers, self.nodes
-        for name in self._stale_offers:
-            offers[name] = nodes[name].offer(build)
-        self._stale_offers.clear()
+        """Every node's offer (in the order the nodes joined, which decides, say, whose
+        repository a non-local request takes), building again only those dropped since the
+        last call."""
+        offers, nodes, stale = self._offers, self.nodes, self._stale_offers
+        if any(name not in offers for name in stale):  # a node joined: listed in its place
+            offers = self._offers = {name: node.offer(build) for name, node in nodes.items()}
+        else:
+            for name in stale:
+                offers[name] = nodes[name].offer(build)
+        stale.clear()
         return list(offers.values())
 
     def _index_repositories(self, node: Node, before: dict[str, Any]) -> None:

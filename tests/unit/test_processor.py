@@ -1004,7 +1004,9 @@ def offers_built_now(proc: Processor) -> list[Any]:
     """Every node's offer built from the state as it is, from copies with nothing kept."""
     fresh = []
     for node in proc.state.nodes.values():
-        copy = dataclasses.replace(node, used=dict(node.used), running=set(node.running))
+        copy = dataclasses.replace(node, used=dict(node.used), running=set(node.running),
+                                   _standing=None, _free=None, _offer=None, _stale=None,
+                                   _listed=None)
         fresh.append(engine._build_offer(proc.state, copy))
     return fresh
 
@@ -1042,6 +1044,19 @@ def test_the_offers_a_pass_sees_follow_every_change_of_a_node(proc: Processor) -
         step()
         assert engine.node_offers(proc.state) == offers_built_now(proc), what
     assert [o.accepting for o in engine.node_offers(proc.state)] == [True, False]
+
+
+def test_the_offers_keep_the_order_the_nodes_joined_in(proc: Processor) -> None:
+    # The order decides, say, whose repository a non-local request takes: not a set's order.
+    names = [f"node-{index:02d}" for index in range(30, 0, -1)]
+    for name in names[:10]:
+        send(proc, node_set(name))
+    engine.node_offers(proc.state)
+    for name in names[10:]:
+        send(proc, node_set(name))
+    send(proc, node_set(names[3], cores=16, memory=8000))  # one of the first changes
+
+    assert [o.name for o in engine.node_offers(proc.state)] == names
 
 
 @pytest.mark.parametrize("raw", [

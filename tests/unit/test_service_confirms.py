@@ -1114,11 +1114,82 @@ def test_a_pass_stopped_at_its_limit_goes_on_in_a_turn_of_its_own(tmp_path: Path
 
 def test_node_messages_that_let_several_tasks_start_make_the_next_batch_smaller_at_once(
         service: CoordinatorService) -> None:
-    service._learn_cost(0.010, 100, 100)  # a task-complete lets one start: 200 units, 10 ms
+    service._learn_cost(0.010, 100, 100, by_these=True)  # a complete lets one start
     steady = service._batch_size()
 
-    service._learn_cost(0.030, 20, 160)  # 20 nodes joined a deep queue: 8 starts each
+    service._learn_cost(0.030, 20, 160, by_these=True)  # 20 nodes joined a deep queue
 
     assert service._starts_per_message == 8.0  # up at once, not by an eighth
     assert service._batch_size() == max(service_module.MIN_NODE_BATCH, service._fits() // 9)
     assert service._batch_size() < steady
+
+
+def test_the_starts_of_a_pass_going_on_are_not_put_down_to_the_turns_messages(
+        service: CoordinatorService) -> None:
+    service._learn_cost(0.030, 1, 60, by_these=False)  # one cancel beside a continued pass
+
+    assert service._starts_per_message == 1.0
+
+
+def big_node(name: str) -> dict[str, Any]:
+    return {**node_set(name), "capabilities": {"cores": 64, "memory": 64000}}
+
+
+def test_a_pass_the_tick_stopped_goes_on_in_a_turn_of_its_own(tmp_path: Path) -> None:
+    service = make_service(tmp_path, turn_seconds=1e-6)  # each pass: MIN_TURN_DECISIONS
+    try:
+        count = service_module.MIN_TURN_DECISIONS + 5
+        deliver_from_node(service, 1, big_node("n1"))
+        deliver_from_node(service, 2, big_node("n2"))
+        for tag in range(3, count + 3):
+            deliver(service, tag, {**task_create(f"t{tag:02d}"), "retries": 3})
+        while loop_of(service).run_soon():
+            pass
+        confirm_all(service)
+        state = service.processor.state
+        assert sum(t.node == "n1" for t in state.tasks.values()) == count
+        tick(service)  # sends the marks
+        marks_come_back(service, 1000)  # the node queue is heard through now
+        while loop_of(service).run_soon():
+            pass
+        state.nodes["n1"].last_seen = time.time() - 10_000  # n1 falls silent
+        state.nodes["n2"].last_seen = time.time()
+
+        tick(service)  # loses n1: its tasks wait again, and the tick's pass stops
+
+        assert not state.nodes["n1"].alive
+        assert sum(t.node == "n2" for t in state.tasks.values()) == \
+            service_module.MIN_TURN_DECISIONS
+        while loop_of(service).run_soon():  # the turns that follow, with nothing received
+            pass
+        assert sum(t.node == "n2" for t in state.tasks.values()) == count
+    finally:
+        service.store.close()
+
+
+def test_a_pass_that_fails_is_not_retried_in_a_loop_of_empty_turns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = make_service(tmp_path, turn_seconds=1e-6)  # passes of MIN_TURN_DECISIONS
+    try:
+        count = service_module.MIN_TURN_DECISIONS + 5
+        for tag in range(1, count + 1):
+            deliver(service, tag, task_create(f"t{tag:02d}"))
+        loop_of(service).run_soon()
+        extensions = service.processor.extensions
+        real_started = extensions.started
+
+        def started(ctx: Any, task: Any) -> None:  # an extension failing on one task's start
+            if task.name == f"t{count:02d}":
+                raise RuntimeError("extension bug")
+            real_started(ctx, task)
+
+        monkeypatch.setattr(extensions, "started", started)
+        deliver_from_node(service, 100, big_node("big"))
+
+        turns = 0
+        while loop_of(service).run_soon() and turns < 50:
+            turns += 1
+
+        assert turns < 10  # the batch, the pass going on, the failure: then quiet
+    finally:
+        service.store.close()
