@@ -17,7 +17,6 @@ import os
 import re
 import socket
 import sqlite3
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -28,7 +27,6 @@ from typing import Any
 from vespid.coordinator.records import dumps, loads
 from vespid.coordinator.state import Attempt, Node, State, Task, stored_definition
 from vespid.shared.errors import StoreError
-from vespid.shared.logs import get_logger
 from vespid.shared.protocol import Severity, TaskDefinition, TaskStatus
 
 # Both dialects: {integer} and {blob} are their names for a 64-bit integer and for bytes;
@@ -280,39 +278,6 @@ class Store(ABC):
         ]
 
 
-log = get_logger(__name__)
-
-# How often the WAL is copied into the database file, off the coordinator's thread.
-CHECKPOINT_SECONDS = 1.0
-
-
-class Checkpointer:
-    """Copies the WAL into the database file every CHECKPOINT_SECONDS, on a thread and a
-    connection of its own (SQLite lets a checkpoint run beside a writer, and Python's
-    sqlite3 lets go of the GIL while SQLite works). Left to SQLite, the commit that found
-    1,000 pages in the WAL copied them and synced both files itself, in the middle of a
-    turn: in process, a tenth of the coordinator's turns at 1,000 nodes."""
-
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vespid-checkpoint",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(CHECKPOINT_SECONDS):
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:  # the next one may do; the WAL only grows meanwhile
-                log.warning("checkpoint_failed", error=str(exc))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._db.close()
-
-
 class SqliteStore(Store):
     # A stored generated column: SQLite derives it in C whenever a row is written, by any
     # version (an older one's positional insert does not see it), so it always agrees with
@@ -342,14 +307,12 @@ class SqliteStore(Store):
         # NORMAL in WAL mode is durable against a process crash, which is what we guard
         # against here; FULL would add an fsync per batch for power loss.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's work
         self._db.executescript(SCHEMA.format(integer="INTEGER", blob="BLOB",
                                              head=self.HEAD_COLUMN))
         self._add_missing_columns()
         with self.transaction():
             self._migrate()
             self._add_head()
-        self._checkpointer = Checkpointer(path)
 
     def _add_head(self) -> None:
         """A state written before the head column: the table made again with it (SQLite adds
@@ -394,8 +357,7 @@ class SqliteStore(Store):
         return f"INSERT OR REPLACE INTO {table} VALUES ({marks})"
 
     def close(self) -> None:
-        self._checkpointer.close()
-        self._db.close()  # the last connection: SQLite copies what is left and drops the WAL
+        self._db.close()
 
     @property
     def in_transaction(self) -> bool:

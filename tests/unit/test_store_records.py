@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -449,34 +448,3 @@ def test_tasks_of_one_kind_share_a_shape_and_a_label_is_never_taken_for_a_number
     assert "user_alice" in owned.labels.carried and owned is not first
     # A value that cannot be a key (only a damaged stored row has one) is shaped as before.
     assert made("e", {"cores": 2, "odd": [1]}).shape().cores == 2.0
-
-
-# --- the WAL, copied into the database file off the coordinator's thread -------------------
-
-
-def test_the_wal_is_copied_into_the_database_file_with_no_commit_doing_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_SECONDS", 0.05)
-    path = tmp_path / "state.db"
-    store = SqliteStore(path)
-    try:
-        assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
-        before = path.stat().st_size
-        proc = Processor(store, settings(tmp_path), now=T0)
-        for index in range(300):
-            send(proc, task_create(f"t{index}"))
-        deadline = time.monotonic() + 10
-        while path.stat().st_size == before and time.monotonic() < deadline:
-            time.sleep(0.05)  # the checkpointer's next round
-        copied = path.stat().st_size
-    finally:
-        store.close()
-
-    assert copied > before  # the tasks' pages reached the file itself
-    assert not store._checkpointer._thread.is_alive()
-    assert not (tmp_path / "state.db-wal").exists()  # closed: all copied, the WAL gone
-    reopened = SqliteStore(path)
-    try:
-        assert len(reopened.load_state().tasks) == 300
-    finally:
-        reopened.close()
