@@ -585,8 +585,7 @@ class Node:
         if (cached is None or cached.capabilities is not self.capabilities
                 or cached.repositories is not self.repositories):
             cached = self._standing = StandingOffer.of(self)
-            self._free = None
-            self.offer_changed()
+            self._room_changed()
         return cached
 
     def offer(self, build: Callable[[Node], NodeOffer]) -> NodeOffer:
@@ -603,6 +602,11 @@ class Node:
         self._offer = None
         if self._stale is not None:
             self._stale.add(self.name)
+
+    def _room_changed(self) -> None:
+        """What is free changed: the kept free room and offer go."""
+        self._free = None
+        self.offer_changed()
 
     def listing(self, build: Callable[[Node], Listing]) -> Listing:
         """Its node-list entry, built by `build` only when something it shows changed: a
@@ -638,14 +642,12 @@ class Node:
         return dict(self._free)
 
     def reserve(self, amounts: dict[str, float]) -> None:
-        self._free = None
-        self.offer_changed()
+        self._room_changed()
         for key, amount in amounts.items():
             self.used[key] = self.used.get(key, 0.0) + amount
 
     def release(self, amounts: dict[str, float]) -> None:
-        self._free = None
-        self.offer_changed()
+        self._room_changed()
         for key, amount in amounts.items():
             left = self.used.get(key, 0.0) - amount
             self.used[key] = 0.0 if math.isclose(left, 0.0, abs_tol=1e-9) else left
