@@ -194,6 +194,14 @@ def small_turns(tmp_path: Path) -> Iterator[CoordinatorService]:
     made.store.close()
 
 
+@pytest.fixture
+def least_passes(tmp_path: Path) -> Iterator[CoordinatorService]:
+    """A coordinator whose turns fit nothing: each pass starts MIN_TURN_DECISIONS at most."""
+    made = make_service(tmp_path, turn_seconds=1e-6)
+    yield made
+    made.store.close()
+
+
 def channel_of(service: CoordinatorService) -> FakeChannel:
     channel = service._channel
     assert isinstance(channel, FakeChannel)
@@ -1088,28 +1096,29 @@ def test_the_marks_tell_how_long_node_messages_wait_in_the_broker(
 # --- how much a turn takes on ----------------------------------------------------------------
 
 
+def big_node(name: str) -> dict[str, Any]:
+    return {**node_set(name), "capabilities": {"cores": 64, "memory": 64000}}
+
+
 def task_runs(published: list[Published]) -> list[str]:
     return [json.loads(p.body)["name"] for p in published if p.routing_key.startswith("node.")]
 
 
-def test_a_pass_stopped_at_its_limit_goes_on_in_a_turn_of_its_own(tmp_path: Path) -> None:
-    service = make_service(tmp_path, turn_seconds=1e-6)  # the least: MIN_TURN_DECISIONS
-    try:
-        count = service_module.MIN_TURN_DECISIONS + 5
-        for tag in range(1, count + 1):
-            deliver(service, tag, task_create(f"t{tag:02d}"))
-        run_batch(service)
-        deliver_from_node(service, 1, {**node_set("big"),
-                                       "capabilities": {"cores": 64, "memory": 64000}})
+def test_a_pass_stopped_at_its_limit_goes_on_in_a_turn_of_its_own(
+        least_passes: CoordinatorService) -> None:
+    service = least_passes
+    count = service_module.MIN_TURN_DECISIONS + 5
+    for tag in range(1, count + 1):
+        deliver(service, tag, task_create(f"t{tag:02d}"))
+    run_batch(service)
+    deliver_from_node(service, 1, big_node("big"))
 
-        first = task_runs(run_batch(service))
-        rest = task_runs(run_batch(service))  # no message came: the turn came by itself
+    first = task_runs(run_batch(service))
+    rest = task_runs(run_batch(service))  # no message came: the turn came by itself
 
-        assert first == [f"t{tag:02d}" for tag in range(1, service_module.MIN_TURN_DECISIONS + 1)]
-        assert rest == [f"t{tag:02d}" for tag in range(len(first) + 1, count + 1)]
-        assert loop_of(service).run_soon() == 0  # and then none
-    finally:
-        service.store.close()
+    assert first == [f"t{tag:02d}" for tag in range(1, service_module.MIN_TURN_DECISIONS + 1)]
+    assert rest == [f"t{tag:02d}" for tag in range(len(first) + 1, count + 1)]
+    assert loop_of(service).run_soon() == 0  # and then none
 
 
 def test_node_messages_that_let_several_tasks_start_make_the_next_batch_smaller_at_once(
@@ -1131,65 +1140,56 @@ def test_the_starts_of_a_pass_going_on_are_not_put_down_to_the_turns_messages(
     assert service._starts_per_message == 1.0
 
 
-def big_node(name: str) -> dict[str, Any]:
-    return {**node_set(name), "capabilities": {"cores": 64, "memory": 64000}}
+def test_a_pass_the_tick_stopped_goes_on_in_a_turn_of_its_own(
+        least_passes: CoordinatorService) -> None:
+    service = least_passes
+    count = service_module.MIN_TURN_DECISIONS + 5
+    deliver_from_node(service, 1, big_node("n1"))
+    deliver_from_node(service, 2, big_node("n2"))
+    for tag in range(3, count + 3):
+        deliver(service, tag, {**task_create(f"t{tag:02d}"), "retries": 3})
+    while loop_of(service).run_soon():
+        pass
+    confirm_all(service)
+    state = service.processor.state
+    assert sum(t.node == "n1" for t in state.tasks.values()) == count
+    tick(service)  # sends the marks
+    marks_come_back(service, 1000)  # the node queue is heard through now
+    while loop_of(service).run_soon():
+        pass
+    state.nodes["n1"].last_seen = time.time() - 10_000  # n1 falls silent
+    state.nodes["n2"].last_seen = time.time()
 
+    tick(service)  # loses n1: its tasks wait again, and the tick's pass stops
 
-def test_a_pass_the_tick_stopped_goes_on_in_a_turn_of_its_own(tmp_path: Path) -> None:
-    service = make_service(tmp_path, turn_seconds=1e-6)  # each pass: MIN_TURN_DECISIONS
-    try:
-        count = service_module.MIN_TURN_DECISIONS + 5
-        deliver_from_node(service, 1, big_node("n1"))
-        deliver_from_node(service, 2, big_node("n2"))
-        for tag in range(3, count + 3):
-            deliver(service, tag, {**task_create(f"t{tag:02d}"), "retries": 3})
-        while loop_of(service).run_soon():
-            pass
-        confirm_all(service)
-        state = service.processor.state
-        assert sum(t.node == "n1" for t in state.tasks.values()) == count
-        tick(service)  # sends the marks
-        marks_come_back(service, 1000)  # the node queue is heard through now
-        while loop_of(service).run_soon():
-            pass
-        state.nodes["n1"].last_seen = time.time() - 10_000  # n1 falls silent
-        state.nodes["n2"].last_seen = time.time()
-
-        tick(service)  # loses n1: its tasks wait again, and the tick's pass stops
-
-        assert not state.nodes["n1"].alive
-        assert sum(t.node == "n2" for t in state.tasks.values()) == \
-            service_module.MIN_TURN_DECISIONS
-        while loop_of(service).run_soon():  # the turns that follow, with nothing received
-            pass
-        assert sum(t.node == "n2" for t in state.tasks.values()) == count
-    finally:
-        service.store.close()
+    assert not state.nodes["n1"].alive
+    assert sum(t.node == "n2" for t in state.tasks.values()) == \
+        service_module.MIN_TURN_DECISIONS
+    while loop_of(service).run_soon():  # the turns that follow, with nothing received
+        pass
+    assert sum(t.node == "n2" for t in state.tasks.values()) == count
 
 
 def test_a_pass_that_fails_is_not_retried_in_a_loop_of_empty_turns(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    service = make_service(tmp_path, turn_seconds=1e-6)  # passes of MIN_TURN_DECISIONS
-    try:
-        count = service_module.MIN_TURN_DECISIONS + 5
-        for tag in range(1, count + 1):
-            deliver(service, tag, task_create(f"t{tag:02d}"))
-        loop_of(service).run_soon()
-        extensions = service.processor.extensions
-        real_started = extensions.started
+        least_passes: CoordinatorService, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = least_passes
+    count = service_module.MIN_TURN_DECISIONS + 5
+    for tag in range(1, count + 1):
+        deliver(service, tag, task_create(f"t{tag:02d}"))
+    loop_of(service).run_soon()
+    extensions = service.processor.extensions
+    real_started = extensions.started
 
-        def started(ctx: Any, task: Any) -> None:  # an extension failing on one task's start
-            if task.name == f"t{count:02d}":
-                raise RuntimeError("extension bug")
-            real_started(ctx, task)
+    def started(ctx: Any, task: Any) -> None:  # an extension failing on one task's start
+        if task.name == f"t{count:02d}":
+            raise RuntimeError("extension bug")
+        real_started(ctx, task)
 
-        monkeypatch.setattr(extensions, "started", started)
-        deliver_from_node(service, 100, big_node("big"))
+    monkeypatch.setattr(extensions, "started", started)
+    deliver_from_node(service, 100, big_node("big"))
 
-        turns = 0
-        while loop_of(service).run_soon() and turns < 50:
-            turns += 1
+    turns = 0
+    while loop_of(service).run_soon() and turns < 50:
+        turns += 1
 
-        assert turns < 10  # the batch, the pass going on, the failure: then quiet
-    finally:
-        service.store.close()
+    assert turns < 10  # the batch, the pass going on, the failure: then quiet
