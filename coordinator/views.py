@@ -103,10 +103,11 @@ def task_summary(state: State, task: Task) -> TaskSummary:
 
 
 def node_list(nodes: Iterable[Node], why_not: Callable[[Node], str | None]) -> Encoded:
-    """The node-list-response, by name, from each node's kept entry (Node.listing);
-    `why_not`: why a node takes no task now (None: it does)."""
+    """The node-list-response from each node's kept entry (Node.listing), in the order
+    given (by name: State.nodes_by_name); `why_not`: why a node takes no task now (None:
+    it does)."""
     build = partial(_listing, why_not)
-    entries = [node.listing(build) for node in sorted(nodes, key=lambda n: n.name)]
+    entries = [node.listing(build) for node in nodes]
     body = {"command": "node-list-response", "nodes": [summary for summary, _ in entries]}
     data = b"".join((b'{"command":"node-list-response","nodes":[',
                      b",".join(encoded for _, encoded in entries), b"]}"))
