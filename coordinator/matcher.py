@@ -694,7 +694,7 @@ def explain(shape: Shape, offers: Iterable[NodeOffer],
     if shape.unplaceable:
         return [shape.unplaceable]
     offers = list(offers)
-    reasons = [_why_not(shape, offer) for offer in offers]
+    reasons = _grouped((offer.name, _why_not(shape, offer)) for offer in offers)
     if shape.repos and not RepoPool(o for o in offers if o.accepting).enough(shape):
         kinds = ", ".join(sorted({r.type for r in shape.repos}))
         reasons.append(f"not enough free repositories of type {kinds} on any node")
@@ -708,32 +708,58 @@ def explain(shape: Shape, offers: Iterable[NodeOffer],
         "no node is registered"]
 
 
+# Nodes that share a reason are named one by one up to this many; more are one sentence.
+NODES_NAMED = 3
+
+
+def _grouped(reasons: Iterable[tuple[str, str | None]]) -> list[str]:
+    """One sentence per node and reason ("n1: full for now (...)"), in the nodes' order;
+    but where more than NODES_NAMED nodes share a reason, one sentence for them all, where
+    the first of them stood ("n1, n2, n3 and 997 other nodes: full for now (...)"): on a
+    farm of 1,000 busy nodes a task-info listed 1,000 sentences, 60 KB a reply."""
+    listed = [(node, reason) for node, reason in reasons if reason is not None]
+    sharing: dict[str, list[str]] = {}
+    for node, reason in listed:
+        sharing.setdefault(reason, []).append(node)
+    sentences: list[str] = []
+    for node, reason in listed:
+        nodes = sharing[reason]
+        if len(nodes) <= NODES_NAMED:
+            sentences.append(f"{node}: {reason}")
+        elif node == nodes[0]:
+            others = len(nodes) - NODES_NAMED
+            sentences.append(f"{', '.join(nodes[:NODES_NAMED])} and {others} other "
+                             f"node{'s' if others > 1 else ''}: {reason}")
+    return sentences
+
+
 def _why_not(shape: Shape, node: NodeOffer) -> str | None:
+    """Why the node does not take a task of this shape now (None: it would)."""
     if not node.accepting:
-        return f"{node.name}: not accepting work (lost, draining or incompatible)"
+        return "not accepting work (lost, draining or incompatible)"
     missing = shape.labels.required - node.labels.carried
     if missing:
-        return f"{node.name}: lacks label(s) {', '.join(sorted(missing))}"
+        return f"lacks label(s) {', '.join(sorted(missing))}"
     if shape.bid < node.min_bid:
-        return (f"{node.name}: takes only tasks bidding at least {amount(node.min_bid)} "
+        return (f"takes only tasks bidding at least {amount(node.min_bid)} "
                 f"(bid {amount(shape.bid)})")
     unmet = node.labels.required - shape.labels.carried
     if unmet:
-        return f"{node.name}: runs only tasks labelled {', '.join(sorted(unmet))}"
+        return f"runs only tasks labelled {', '.join(sorted(unmet))}"
     absent = [r for r in shape.pinned if r not in node.repos]
     if absent:
-        return f"{node.name}: does not host repository {absent[0]}"
+        return f"does not host repository {absent[0]}"
     need = shape.need
     too_big = [k for k, v in need.items() if node.capacity.get(k, 0.0) < v]
     if too_big:
-        return f"{node.name}: too small ({_amounts(need, node.capacity, too_big)})"
+        return f"too small ({_amounts(need, node.capacity, too_big)})"
     for kind, count in shape.local_types.items():
         if len(node.free_repos.get(kind, ())) < count:
             hosted = sum(1 for t in node.repos.values() if t == kind)
-            return f"{node.name}: no free repository of type {kind} ({hosted} hosted, all held)"
+            return f"no free repository of type {kind} ({hosted} hosted, all held)"
     busy = [k for k, v in need.items() if node.free.get(k, 0.0) < v]
     if busy:
-        return f"{node.name}: full for now ({_amounts(need, node.free, busy)} free)"
+        return f"full for now ({_amounts(need, node.free, busy)} free)"
     return None
 
 

@@ -229,8 +229,8 @@ def test_why_a_task_waited_is_kept_after_it_starts(proc: Processor) -> None:
 
 
 def test_a_reason_names_the_first_obstacles_and_counts_the_rest(proc: Processor) -> None:
-    for index in range(5):
-        send(proc, node_set(f"small{index}", cores=2), T0)
+    for index in range(5):  # each too small in its own way: five obstacles
+        send(proc, node_set(f"small{index}", cores=index + 1), T0)
     send(proc, create("big", cores=8), T0)
     reason = tree(proc, "big", T0 + 2)["tasks"][0]["waiting_reason"]
     assert reason.count("too small") == 3 and reason.endswith("; and 2 more")

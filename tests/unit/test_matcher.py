@@ -1043,6 +1043,29 @@ def test_explain_gives_one_sentence_per_node_that_cannot_take_the_task() -> None
     assert reasons == ["small: lacks label(s) gpu", "plain: lacks label(s) gpu"]
 
 
+def test_explain_gives_one_sentence_to_many_nodes_that_share_a_reason() -> None:
+    full = [busy(node(f"b{index}", cores=4), cores=0) for index in range(6)]
+    offers = [node("small", cores=1), *full[:2], node("roomy", cores=8),
+              *full[2:], node("tiny", cores=1)]
+
+    reasons = explain(shape(cores=2), offers)
+
+    # In the nodes' order, the shared reason where its first node stood; two nodes too
+    # small for the same reason are still named one by one.
+    assert reasons == ["small: too small (cores needs 2, has 1)",
+                       "b0, b1, b2 and 3 other nodes: full for now (cores needs 2, has 0 free)",
+                       "tiny: too small (cores needs 2, has 1)"]
+
+
+def test_explain_names_up_to_three_nodes_that_share_a_reason_one_by_one() -> None:
+    offers = [busy(node(f"b{index}", cores=4), cores=0) for index in range(3)]
+
+    assert explain(shape(cores=2), offers) == [
+        f"b{index}: full for now (cores needs 2, has 0 free)" for index in range(3)]
+    assert explain(shape(cores=2), [*offers, busy(node("b3", cores=4), cores=0)]) == [
+        "b0, b1, b2 and 1 other node: full for now (cores needs 2, has 0 free)"]
+
+
 def test_explain_says_a_node_does_not_host_the_inherited_repository() -> None:
     pinned = shape({"env": {"local": True}}, {"repo_env": "//home/env"})
 
