@@ -26,6 +26,7 @@ room left for any group that may only use them, the pass ends (`_Pass.spent`).
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 import math
@@ -734,35 +735,41 @@ def _grouped(reasons: Iterable[tuple[str, str | None]]) -> list[str]:
 
 
 def _why_not(shape: Shape, node: NodeOffer) -> str | None:
-    """Why the node does not take a task of this shape now (None: it would)."""
+    """Why the node does not take a task of this shape now (None: it would). Asked of every
+    node for each task-info of a waiting task: the usual answer (full for now) is reached
+    without building a set or a dict."""
     if not node.accepting:
         return "not accepting work (lost, draining or incompatible)"
-    missing = shape.labels.required - node.labels.carried
-    if missing:
-        return f"lacks label(s) {', '.join(sorted(missing))}"
+    labels, offered = shape.labels, node.labels
+    if not labels.required <= offered.carried:
+        return f"lacks label(s) {', '.join(sorted(labels.required - offered.carried))}"
     if shape.bid < node.min_bid:
         return (f"takes only tasks bidding at least {amount(node.min_bid)} "
                 f"(bid {amount(shape.bid)})")
-    unmet = node.labels.required - shape.labels.carried
-    if unmet:
-        return f"runs only tasks labelled {', '.join(sorted(unmet))}"
+    if not offered.required <= labels.carried:
+        return f"runs only tasks labelled {', '.join(sorted(offered.required - labels.carried))}"
     absent = [r for r in shape.pinned if r not in node.repos]
     if absent:
         return f"does not host repository {absent[0]}"
-    need = shape.need
-    too_big = [k for k, v in need.items() if node.capacity.get(k, 0.0) < v]
+    capacity, free = node.capacity, node.free
+    too_big = tuple((k, v, capacity.get(k, 0.0)) for k, v in shape.needs
+                    if capacity.get(k, 0.0) < v)
     if too_big:
-        return f"too small ({_amounts(need, node.capacity, too_big)})"
+        return _short("too small", too_big, "")
     for kind, count in shape.local_types.items():
         if len(node.free_repos.get(kind, ())) < count:
             hosted = sum(1 for t in node.repos.values() if t == kind)
             return f"no free repository of type {kind} ({hosted} hosted, all held)"
-    busy = [k for k, v in need.items() if node.free.get(k, 0.0) < v]
+    busy = tuple((k, v, free.get(k, 0.0)) for k, v in shape.needs if free.get(k, 0.0) < v)
     if busy:
-        return f"full for now ({_amounts(need, node.free, busy)} free)"
+        return _short("full for now", busy, " free")
     return None
 
 
-def _amounts(need: Mapping[str, float], have: Mapping[str, float], keys: list[str]) -> str:
-    return ", ".join(f"{k} needs {amount(need[k])}, has {amount(have.get(k, 0.0))}"
-                     for k in keys)
+@functools.lru_cache(maxsize=1024)
+def _short(what: str, shortfall: tuple[tuple[str, float, float], ...], suffix: str) -> str:
+    """`what`, with what is needed and had of each resource short; kept, since most nodes of
+    a busy farm fall short in the same way and writing the numbers was most of a look."""
+    amounts = ", ".join(f"{key} needs {amount(need)}, has {amount(had)}"
+                        for key, need, had in shortfall)
+    return f"{what} ({amounts}{suffix})"

@@ -618,15 +618,17 @@ class Node:
         the coordinator's time, though most nodes show the same between two asks. Unlike
         the offer, the cache checks what it shows itself (a node's dicts are replaced,
         never changed in place, so the same dict means the same content)."""
-        self.standing()  # brought up to date first: rebuilding it counts as a room change
-        shown = (self.capabilities, self.repositories, self.last_seen, self.alive,
-                 self.draining, self.left, self.version, self.protocol, self._room_version)
         cached = self._listed
-        if cached is not None and cached[0] == shown:
+        if cached is not None and cached[0] == self._shown():
             return cached[1]
         listing = build(self)
-        self._listed = (shown, listing)
+        # Taken after the build, which may count a room change (a standing offer made anew).
+        self._listed = (self._shown(), listing)
         return listing
+
+    def _shown(self) -> tuple[Any, ...]:
+        return (self.capabilities, self.repositories, self.last_seen, self.alive,
+                self.draining, self.left, self.version, self.protocol, self._room_version)
 
     def resources(self) -> dict[str, float]:
         """What the node has of each consumable resource (a copy: callers may change it)."""
