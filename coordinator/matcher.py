@@ -715,9 +715,10 @@ NODES_NAMED = 3
 
 def _grouped(reasons: Iterable[tuple[str, str | None]]) -> list[str]:
     """One sentence per node and reason ("n1: full for now (...)"), in the nodes' order;
-    but where more than NODES_NAMED nodes share a reason, one sentence for them all, where
-    the first of them stood ("n1, n2, n3 and 997 other nodes: full for now (...)"): on a
-    farm of 1,000 busy nodes a task-info listed 1,000 sentences, 60 KB a reply."""
+    but where more than NODES_NAMED nodes share a reason, one sentence for them all where
+    the first of them stood, naming the first few by name ("n1, n2, n3 and 997 other
+    nodes: full for now (...)"): on a farm of 1,000 busy nodes a task-info listed 1,000
+    sentences, 60 KB a reply."""
     listed = [(node, reason) for node, reason in reasons if reason is not None]
     sharing: dict[str, list[str]] = {}
     for node, reason in listed:
@@ -729,7 +730,8 @@ def _grouped(reasons: Iterable[tuple[str, str | None]]) -> list[str]:
             sentences.append(f"{node}: {reason}")
         elif node == nodes[0]:
             others = len(nodes) - NODES_NAMED
-            sentences.append(f"{', '.join(nodes[:NODES_NAMED])} and {others} other "
+            named = heapq.nsmallest(NODES_NAMED, nodes)  # by name, as the node-list shows
+            sentences.append(f"{', '.join(named)} and {others} other "
                              f"node{'s' if others > 1 else ''}: {reason}")
     return sentences
 

@@ -1044,7 +1044,7 @@ def test_explain_gives_one_sentence_per_node_that_cannot_take_the_task() -> None
 
 
 def test_explain_gives_one_sentence_to_many_nodes_that_share_a_reason() -> None:
-    full = [busy(node(f"b{index}", cores=4), cores=0) for index in range(6)]
+    full = [busy(node(f"b{index}", cores=4), cores=0) for index in (5, 0, 3, 1, 4, 2)]
     offers = [node("small", cores=1), *full[:2], node("roomy", cores=8),
               *full[2:], node("tiny", cores=1)]
 
@@ -1062,8 +1062,8 @@ def test_explain_names_up_to_three_nodes_that_share_a_reason_one_by_one() -> Non
 
     assert explain(shape(cores=2), offers) == [
         f"b{index}: full for now (cores needs 2, has 0 free)" for index in range(3)]
-    assert explain(shape(cores=2), [*offers, busy(node("b3", cores=4), cores=0)]) == [
-        "b0, b1, b2 and 1 other node: full for now (cores needs 2, has 0 free)"]
+    assert explain(shape(cores=2), [busy(node("a9", cores=4), cores=0), *offers]) == [
+        "a9, b0, b1 and 1 other node: full for now (cores needs 2, has 0 free)"]
 
 
 def test_explain_says_a_node_does_not_host_the_inherited_repository() -> None:
