@@ -615,9 +615,10 @@ class Node:
     def listing(self, build: Callable[[Node], Listing]) -> Listing:
         """Its node-list entry, built by `build` only when something it shows changed: a
         node-list of 1,000 nodes every 100 ms (bench.scheduling's probe) took a seventh of
-        the coordinator's time, though most nodes show the same between two asks. Unlike
-        the offer, the cache checks what it shows itself (a node's dicts are replaced,
-        never changed in place, so the same dict means the same content)."""
+        the coordinator's time, though most nodes show the same between two asks. The
+        cache checks what it shows: a node's dicts are replaced, never changed in place (the
+        same dict means the same content), and what it uses and runs changes only through
+        take, give_back, reserve and release, which count each change (_room_version)."""
         cached = self._listed
         if cached is not None and cached[0] == self._shown():
             return cached[1]
