@@ -77,7 +77,10 @@ class Server:
                 if key.fileobj is not self.channel:
                     self._reap(key.fd)
                     continue
-                data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_REQUEST, 3)
+                try:
+                    data, fds, _flags, _address = socket.recv_fds(self.channel, MAX_REQUEST, 3)
+                except OSError:  # the agent died with our messages unread: reset, not EOF
+                    data, fds = b"", []
                 if not data:
                     self._end_children()
                     return None

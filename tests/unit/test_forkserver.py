@@ -222,20 +222,40 @@ time.sleep(600)
 """
 
 
-def test_the_server_and_its_tasks_end_when_the_agent_dies(tmp_path: Path) -> None:
-    agent = subprocess.Popen([sys.executable, "-c", AGENT, str(tmp_path)],
+STOPPED_AGENT = """\
+import os, signal, sys, time
+from pathlib import Path
+from vespid.node_agent.forks import ForkServer
+folder = Path(sys.argv[1])
+server = ForkServer(lambda: None)
+(folder / "short.py").write_text("import time\\ntime.sleep(0.3)\\n")
+(folder / "long.py").write_text("import time\\ntime.sleep(600)\\n")
+with open(folder / "task.log", "ab") as output:
+    tasks = [server.start(folder / name, folder, dict(os.environ), [], output.fileno())
+             for name in ("short.py", "long.py")]
+print("pids", server.process.pid, tasks[1].pid, flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)  # the short task's end is never read
+"""
+
+
+@pytest.mark.parametrize("script", [AGENT, STOPPED_AGENT], ids=["running", "stopped"])
+def test_the_server_and_its_tasks_end_when_the_agent_dies(tmp_path: Path, script: str) -> None:
+    # Stopped, then killed (a node's operator, the OOM killer): the kernel gives the server
+    # a reset, not an end of file, since the agent left what it sent unread.
+    agent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert agent.stdout is not None
         said = next(line for line in agent.stdout if line.startswith("pids "))
         server_pid, task_pid = map(int, said.split()[1:])
         assert alive(server_pid) and alive(task_pid)
+        time.sleep(1.0)  # when stopped: the short task ended, and the server said so
 
         agent.kill()
         agent.wait(timeout=10)
 
         wait_for(lambda: not alive(server_pid), "the fork server ended")
-        wait_for(lambda: not alive(task_pid), "its task ended")
+        wait_for(lambda: not alive(task_pid), "its (long) task ended")
     finally:
         agent.kill()
         agent.wait(timeout=10)
