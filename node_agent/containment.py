@@ -205,6 +205,17 @@ def _rmdir(path: Path) -> None:
             path.rmdir()
 
 
+def _folders(path: Path) -> list[Path]:
+    """The folders in `path`, by name; none if it is gone, even while being listed: a dead
+    agent's keeper ends its cells while the agent started after it sweeps the same ones,
+    and a folder one of them removes must not stop the other (a new agent that crashed
+    there never shipped what its predecessor left)."""
+    try:
+        return sorted(child for child in path.iterdir() if child.is_dir())
+    except FileNotFoundError:
+        return []
+
+
 def _rmdir_patiently(path: Path, seconds: float = 2.0) -> None:
     """Remove a folder whose cells were just removed: the kernel lets a cgroup go a moment
     after its last process and its last child cgroup went, and refuses until then."""
@@ -375,9 +386,8 @@ class CgroupV1:
     def sweep(self) -> int:
         """End what agents that died left in their cells; returns how many processes."""
         ended = 0
-        node_dir = self.bases["freezer"].parent
-        for agent_dir in sorted(node_dir.iterdir()) if node_dir.exists() else []:
-            if agent_dir.is_dir() and _stale(agent_dir):
+        for agent_dir in _folders(self.bases["freezer"].parent):
+            if _stale(agent_dir):
                 ended += self._end_agent(agent_dir.name)
         return ended
 
@@ -391,10 +401,7 @@ class CgroupV1:
 
     def _end_agent(self, agent: str) -> int:
         ended = 0
-        agent_dir = self.bases["freezer"].parent / agent
-        cells = sorted(p for p in agent_dir.iterdir() if p.is_dir()) \
-            if agent_dir.exists() else []
-        for cell_dir in cells:
+        for cell_dir in _folders(self.bases["freezer"].parent / agent):
             cell = V1Cell({c: b.parent / agent / cell_dir.name for c, b in self.bases.items()})
             ended += len(cell.pids())
             cell.kill()
@@ -516,9 +523,8 @@ class CgroupV2:
 
     def sweep(self) -> int:
         ended = 0
-        node_dir = self.base.parent
-        for agent_dir in sorted(node_dir.iterdir()):
-            if agent_dir.is_dir() and _stale(agent_dir):
+        for agent_dir in _folders(self.base.parent):
+            if _stale(agent_dir):
                 ended += _end_v2_agent(agent_dir)
         return ended
 
@@ -540,8 +546,7 @@ class CgroupV2:
 
 def _end_v2_agent(agent_dir: Path) -> int:
     ended = 0
-    cells = sorted(p for p in agent_dir.iterdir() if p.is_dir()) if agent_dir.exists() else []
-    for cell_dir in cells:
+    for cell_dir in _folders(agent_dir):
         cell = V2Cell(cell_dir)
         ended += len(cell.pids())
         cell.kill()

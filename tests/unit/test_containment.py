@@ -67,6 +67,29 @@ def test_a_cell_of_an_agent_that_died_is_swept_by_the_next(tmp_path: Path) -> No
     assert not any(d.exists() for d in dead_agent.values())
 
 
+def test_a_sweep_goes_on_when_the_dead_agents_keeper_removes_its_folders_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The dead agent's keeper ends its cells while the agent started after it sweeps them:
+    # each folder it lists may be gone by the time it looks inside.
+    node_dir = tmp_path / "vespid" / "node1"
+    for agent in ("999999998", "999999999"):  # no such pids: both stale
+        (node_dir / agent / "cell-a1").mkdir(parents=True)
+    found = CgroupV1({"freezer": node_dir / str(os.getpid())})
+    listing = Path.iterdir
+
+    def removed_when_listed(path: Path) -> Iterator[Path]:
+        if path.name.startswith("99999999"):
+            for child in listing(path):
+                child.rmdir()
+            path.rmdir()  # the keeper was first
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", removed_when_listed)
+
+    assert found.sweep() == 0
+    assert list(listing(node_dir)) == []
+
+
 def test_without_a_writable_cgroup_the_agent_says_what_is_not_contained() -> None:
     said = containment.describe(containment.ProcessGroupOnly())
 
