@@ -26,7 +26,7 @@ from vespid.coordinator.store import OutboxEntry, Store
 from vespid.shared import topology
 from vespid.shared.errors import ProtocolError, StoreError
 from vespid.shared.inbound import decode
-from vespid.shared.logs import get_logger
+from vespid.shared.logs import get_logger, held_until_commit
 from vespid.shared.protocol import AckReply, ErrorReply
 
 log = get_logger(__name__)
@@ -243,7 +243,7 @@ class Processor:
         ctx = Context(self.state, self.settings, Effects(), now, nodes_current=nodes_current,
                       heard_through=heard_through, extensions=self.extensions,
                       deaf_between=self.deaf_between, decision_limit=decisions)
-        with self.store.transaction():
+        with held_until_commit(), self.store.transaction():
             work(ctx)
             if self.state.needs_scheduling:
                 engine.schedule(ctx)

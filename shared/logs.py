@@ -4,9 +4,44 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
+
+# Info and debug events logged inside `held_until_commit`, as (method, event dict).
+_held: ContextVar[list[tuple[str, MutableMapping[str, Any]]] | None] = ContextVar(
+    "vespid_held_logs", default=None)
+_HELD_LEVELS = frozenset({"debug", "info"})
+
+
+def _hold(_logger: Any, method: str, event: MutableMapping[str, Any]
+          ) -> MutableMapping[str, Any]:
+    held = _held.get()
+    if held is None or method not in _HELD_LEVELS:
+        return event
+    held.append((method, event))
+    raise structlog.DropEvent
+
+
+@contextmanager
+def held_until_commit() -> Iterator[None]:
+    """Info and debug events logged in the block come out once it ends without an error
+    (its transaction committed), and not at all if it raises: a line such as task_started
+    never tells of a decision that was rolled back (a coordinator paused mid-batch, then
+    fenced out at its commit, logged starts that never happened). Warnings and errors come
+    out at once."""
+    held: list[tuple[str, MutableMapping[str, Any]]] = []
+    token = _held.set(held)
+    try:
+        yield
+    finally:
+        _held.reset(token)
+    log = structlog.get_logger()
+    for method, event in held:
+        getattr(log, method)(**event)
 
 
 def configure(level: str = "info", json_output: bool | None = None) -> None:
@@ -19,7 +54,8 @@ def configure(level: str = "info", json_output: bool | None = None) -> None:
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            structlog.contextvars.merge_contextvars,  # before _hold: as bound when logged
+            _hold,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
