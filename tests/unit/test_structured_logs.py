@@ -19,32 +19,23 @@ from vespid.shared import logs
 from vespid.shared.errors import Superseded
 
 
-class Lines:
-    """What the coordinator's log configuration writes, read line by line."""
+class Lines(io.StringIO):
+    """What the coordinator's log configuration writes (as its stderr), read line by line."""
 
-    def __init__(self) -> None:
-        self.stream = io.StringIO()
-
-    def read(self) -> list[dict[str, Any]]:
-        text, self.stream = self.stream.getvalue(), io.StringIO()
+    def read_events(self) -> list[dict[str, Any]]:
+        text = self.getvalue()
+        self.seek(0)
+        self.truncate()
         return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture
 def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Lines]:
     lines = Lines()
-    monkeypatch.setattr(sys, "stderr", Writer(lines))
+    monkeypatch.setattr(sys, "stderr", lines)
     logs.configure("info", json_output=True)
     yield lines
     structlog.reset_defaults()
-
-
-class Writer(io.TextIOBase):
-    def __init__(self, lines: Lines) -> None:
-        self.lines = lines
-
-    def write(self, text: str) -> int:
-        return self.lines.stream.write(text)
 
 
 def test_info_logged_in_a_held_block_comes_out_after_it_with_what_was_bound_then(
@@ -55,9 +46,9 @@ def test_info_logged_in_a_held_block_comes_out_after_it_with_what_was_bound_then
         log.info("decided", task="t1")
         structlog.contextvars.unbind_contextvars("node")
         log.warning("odd")
-        assert [e["event"] for e in json_logs.read()] == ["odd"]  # warnings at once
+        assert [e["event"] for e in json_logs.read_events()] == ["odd"]  # warnings at once
 
-    [decided] = json_logs.read()
+    [decided] = json_logs.read_events()
     assert (decided["event"], decided["task"], decided["node"], decided["level"]) == \
         ("decided", "t1", "n1", "info")
 
@@ -70,7 +61,7 @@ def test_info_logged_in_a_held_block_that_raises_never_comes_out(
         raise RuntimeError("the commit failed")
     log.info("after")
 
-    assert [e["event"] for e in json_logs.read()] == ["after"]
+    assert [e["event"] for e in json_logs.read_events()] == ["after"]
 
 
 def test_a_batch_fenced_out_at_its_commit_logs_no_task_it_did_not_start(
@@ -87,9 +78,9 @@ def test_a_batch_fenced_out_at_its_commit_logs_no_task_it_did_not_start(
     monkeypatch.setattr(proc.store, "flush", fenced_out)
     with pytest.raises(Superseded):
         send(proc, task_create("t1"))
-    assert "task_started" not in [e["event"] for e in json_logs.read()]
+    assert "task_started" not in [e["event"] for e in json_logs.read_events()]
 
     monkeypatch.setattr(proc.store, "flush", flush)
     proc.state = proc.store.load_state()
     send(proc, task_create("t2"))
-    assert "task_started" in [e["event"] for e in json_logs.read()]
+    assert "task_started" in [e["event"] for e in json_logs.read_events()]
