@@ -74,6 +74,7 @@ class Options:
     coordinator_env: dict[str, str] = field(default_factory=dict)
     keep_logs: Path | None = None  # a folder each cell's coordinator log is copied to
     floor: bool = False  # each cell again with the contract's floor (bench/floor.py)
+    probe_every: float = PROBE_EVERY  # seconds between rounds of requests; 0: none
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Probes:
     reply), so a slow reply shows as itself and not as fewer samples."""
 
     tasks: int  # task-info asks about bench-000000 .. this many, spread over the queue
+    every: float = PROBE_EVERY  # seconds between rounds; 0: only the one behind the join
     outstanding: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> kind, sent
     next_at: float = 0.0
     rounds: int = 0
@@ -190,7 +192,7 @@ def probe_step(peer: Peer, probes: Probes, cell: Cell, send: bool = True) -> Non
             peer.forget(correlation_id)
             cell.probe_timeouts[kind] += 1
             del probes.outstanding[correlation_id]
-    if send and now >= probes.next_at:
+    if send and now >= probes.next_at and (probes.every or probes.join_id is None):
         asks = {"node-list": {"command": "node-list"},
                 "task-info": {"command": "task-info", "name": probes.task_name()}}
         for kind in ("node-list", "task-info"):
@@ -199,7 +201,7 @@ def probe_step(peer: Peer, probes: Probes, cell: Cell, send: bool = True) -> Non
             if probes.join_id is None:
                 probes.join_id = correlation_id
         probes.rounds += 1
-        probes.next_at = max(probes.next_at + PROBE_EVERY, now)
+        probes.next_at = max(probes.next_at + probes.every, now) if probes.every else math.inf
 
 
 class Server(Protocol):
@@ -222,7 +224,7 @@ class FloorServer:
 
 
 def drain(peer: Peer, sim: ChildProcess, coordinator: Server, cell: Cell,
-          deadline: Deadline) -> None:
+          deadline: Deadline, probe_every: float = PROBE_EVERY) -> None:
     """Nodes join; wait for the W-th task-run, probing the coordinator's responsiveness
     (not the floor's: it answers no request)."""
     sim.send("join")
@@ -230,7 +232,7 @@ def drain(peer: Peer, sim: ChildProcess, coordinator: Server, cell: Cell,
     broker = broker_pid()
     cpu_before = (coordinator.cpu_seconds(), sim.latest["progress"].cpu_seconds,
                   process_cpu_seconds(broker))
-    probes = None if cell.floor else Probes(cell.tasks)
+    probes = None if cell.floor else Probes(cell.tasks, probe_every)
     if probes is not None:
         probe_step(peer, probes, cell)  # lands right behind the N joining node-sets
     try:
@@ -342,7 +344,7 @@ def run_cell(cell: Cell, options: Options, deadline: Deadline) -> None:
             log.info("  %d nodes declared; queueing %d tasks", cell.nodes, cell.tasks)
             if ingest(peer, coordinator, bodies, cell, deadline):
                 log.info("  ingested in %.1f s; nodes join", cell.ingest_seconds or 0)
-                drain(peer, sim, coordinator, cell, deadline)
+                drain(peer, sim, coordinator, cell, deadline, options.probe_every)
                 if cell.decisions >= cell.tasks:
                     reply = wait_for_total(peer, "complete", cell.tasks, deadline.within(60))
                     cell.completed = (int(reply.body["total"]) if reply else
@@ -533,20 +535,21 @@ def floor_ratios(cells: list[Cell]) -> list[str]:
 
 def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
     sections = [markdown_table(HEADERS, [row(c) for c in cells]), *floor_ratios(cells)]
+    every = options.probe_every if options is not None else PROBE_EVERY
     if options is not None:
         sections.append(
             f"Settings: node-set every {options.heartbeat:g} s per simulated node, "
             f"task-complete {options.delay * 1000:g} ms after each task-run, grid cap "
             f"{options.cap / 60:g} min, cell cap {CELL_CAP / 60:g} min, stall limit "
-            f"{STALL:g} s, task mix seed {options.seed}"
+            f"{STALL:g} s, task mix seed {options.seed}, requests every {every:g} s"
             + "".join(f", {k}={v}" for k, v in options.coordinator_env.items()) + ".")
     sections.append(
         "How to read it: *decisions/s* = W / (time from the first to the W-th task-run seen "
         "by the simulated nodes); *ms/decision* is its inverse. *node-list at join* is a "
         "request sent right behind the N joining node-sets, so it waits for the first "
         "scheduling pass over the full queue; the next two columns are a task-info and a "
-        f"node-list sent every {PROBE_EVERY * 1000:g} ms from the join until the W-th run "
-        "(each on time, answered or not), with the number of samples. *CPU* is each "
+        f"node-list sent every {every * 1000:g} ms (0: none) from the join until the W-th "
+        "run (each on time, answered or not), with the number of samples. *CPU* is each "
         "process's CPU time over the wall time from join to the W-th run (100% = one "
         "core; the machine has the cores listed above, shared with RabbitMQ). *ingest* "
         "counts from the first publish to the task-list reply that saw all W tasks idle. "
@@ -578,6 +581,10 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="copy each cell's coordinator log (JSON lines, warnings and "
                              "up) into DIR, e.g. to read why tasks ran twice")
+    parser.add_argument("--probe-every", type=float, default=PROBE_EVERY, metavar="SECONDS",
+                        help="seconds between the drain's rounds of requests (a task-info "
+                             f"and a node-list; default {PROBE_EVERY:g}); 0 sends only the "
+                             "node-list behind the join, to see what the requests cost")
     args = parser.parse_args(argv)
     nodes, tasks, cap = QUICK_GRID if args.quick else FULL_GRID
     return Options(args.nodes or nodes, args.tasks or tasks,
@@ -585,7 +592,7 @@ def parse_options(argv: list[str] | None) -> Options:
                    args.heartbeat, args.delay_ms / 1000, args.seed,
                    {"VESPID_" + k.strip().upper(): v for k, v in
                     (item.split("=", 1) for item in args.set)}, args.keep_logs,
-                   args.floor)
+                   args.floor, args.probe_every)
 
 
 def main(argv: list[str] | None = None) -> int:
