@@ -58,7 +58,6 @@ class TimedMatch:
         self.seconds: list[float] = []
 
     def __call__(self, queue: Any, offers: Any, **options: Any) -> Any:
-        offers = list(offers)
         started = time.perf_counter()
         result = self.original(queue, offers, **options)
         if offers:

@@ -6,6 +6,7 @@ the handlers and the periodic sweep share it and unit tests drive it directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -99,6 +100,11 @@ def why_not_accepting(node: Node) -> str | None:
 
 def node_offers(state: State) -> list[matcher.NodeOffer]:
     """Every node's offer, each built again only if it changed since the last pass."""
+    return list(offers_by_name(state).values())
+
+
+def offers_by_name(state: State) -> Mapping[str, matcher.NodeOffer]:
+    """The same, as the state keeps them: a pass reads the few it needs by name."""
     return state.offers(partial(_build_offer, state))
 
 
@@ -125,10 +131,10 @@ def schedule(ctx: Context) -> int:
     if not state.queue:
         state.roomier, state.reservation = set(), None
         return 0
-    offers = node_offers(state)
-    result = matcher.match(state.queue, offers, blocked_before=state.blocked,
+    result = matcher.match(state.queue, offers_by_name(state), blocked_before=state.blocked,
                            dirty=state.roomier, reservation=state.reservation,
-                           limit=ctx.decision_limit)
+                           limit=ctx.decision_limit, heads=state.heads,
+                           asks=state.queue_asks())
     for assignment in result.assignments:
         start_task(ctx, state.tasks[assignment.task], state.nodes[assignment.node],
                    assignment.allocated, assignment.repos)

@@ -32,6 +32,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -424,53 +425,117 @@ def _has_room(offer: NodeOffer, asks: Mapping[float, float]) -> bool:
     return any(cores >= c and memory >= m for c, m in asks.items())
 
 
+@dataclass(frozen=True)
+class QueueAsks:
+    """What the queued shapes ask, by reach (what decides which nodes a shape may use): for
+    each number of cores asked, the least memory asked with it. A pass over freed room reads
+    it to tell when no node that gained room can take any shape left. It depends only on
+    which shapes are queued, so a caller may keep it while they stay the same (State does):
+    made afresh each pass it cost a look at every queued shape."""
+
+    asks: dict[int, dict[float, float]]  # reach: cores -> least memory
+    examples: dict[int, Shape]  # a shape of each reach
+    anywhere: frozenset[Shape]  # shapes that claim a repository any node may free
+
+    @classmethod
+    def of(cls, shapes: Iterable[Shape]) -> QueueAsks:
+        asks: dict[int, dict[float, float]] = {}
+        examples: dict[int, Shape] = {}
+        anywhere = []
+        for shape in shapes:
+            if shape.anywhere:
+                anywhere.append(shape)
+            by_cores = asks.get(shape.reach)
+            if by_cores is None:
+                by_cores = asks[shape.reach] = {}
+                examples[shape.reach] = shape
+            cores, memory = shape.cores, shape.least_memory
+            if by_cores.get(cores, math.inf) > memory:
+                by_cores[cores] = memory
+        return cls(asks, examples, frozenset(anywhere))
+
+
 @dataclass
 class _FreedRoom:
     """What tells a pass over freed room that it is over before its heap is: on a full farm
     the room freed since the last pass is spent by the first few dozen shapes in the order,
     and the hundreds behind them would each be popped only to fit nowhere."""
 
-    asks: dict[int, dict[float, float]] = field(default_factory=dict)  # reach: cores -> memory
-    examples: dict[int, Shape] = field(default_factory=dict)  # a shape of each reach
-    unrestricted: int = 0  # shapes still to try that may use nodes that did not gain room
+    queued: QueueAsks
+    unrestricted: int  # shapes still to try that may use nodes that did not gain room
     room: dict[int, set[str]] | None = None  # reach -> freed nodes with room for an ask of it
     reaches_with_room: int = 0
-
-    def expect(self, shape: Shape, restricted: bool) -> None:
-        # Called for every shape queued, every pass: no allocation unless a reach is new.
-        if not restricted:
-            self.unrestricted += 1
-        asks = self.asks.get(shape.reach)
-        if asks is None:
-            asks = self.asks[shape.reach] = {}
-            self.examples[shape.reach] = shape
-        cores, memory = shape.cores, shape.least_memory
-        if asks.get(cores, math.inf) > memory:
-            asks[cores] = memory
 
     def track(self, offers: Callable[[Shape], _Roomiest], kept: str) -> None:
         """Start following which freed nodes have room left: `offers` gives those a shape's
         reach may use, `kept` is the node kept for a waiting task."""
-        self.room = {reach: {o.name for o in offers(self.examples[reach]).offers
+        examples = self.queued.examples
+        self.room = {reach: {o.name for o in offers(examples[reach]).offers
                              if o.name != kept and _has_room(o, asks)}
-                     for reach, asks in self.asks.items()}
+                     for reach, asks in self.queued.asks.items()}
         self.reaches_with_room = sum(1 for names in self.room.values() if names)
 
     def note_change(self, offer: NodeOffer) -> None:
+        asks = self.queued.asks
         for reach, names in (self.room or {}).items():
-            if offer.name in names and not _has_room(offer, self.asks[reach]):
+            if offer.name in names and not _has_room(offer, asks[reach]):
                 names.discard(offer.name)
                 if not names:
                     self.reaches_with_room -= 1
 
 
+class _Order:
+    """The queue's tasks in start order across shapes: the shapes' first tasks as the
+    caller keeps them sorted, merged with each shape's next task once one of it started.
+    A heap of the queue's ~700 shapes, built and popped in every pass, was about a fifth
+    of a pass on a busy farm."""
+
+    def __init__(self, heads: Iterable[tuple[QueueKey, Shape]],
+                 queue: Mapping[Shape, Sequence[QueueKey]]) -> None:
+        self._heads = iter(heads)
+        self._head = next(self._heads, None)
+        self._queue = queue
+        self._next: list[tuple[QueueKey, Shape, int]] = []  # a heap
+
+    def __bool__(self) -> bool:
+        return self._head is not None or bool(self._next)
+
+    def pop(self) -> tuple[QueueKey, Shape, int]:
+        """The next task: its key, its shape and its place in the shape's tasks."""
+        head, later = self._head, self._next
+        if later and (head is None or later[0][0] < head[0]):
+            return heapq.heappop(later)
+        assert head is not None
+        self._head = next(self._heads, None)
+        return head[0], head[1], 0
+
+    def then(self, shape: Shape, index: int) -> bool:
+        """After the shape's task at `index` started: its next one, if any, comes in."""
+        tasks = self._queue[shape]
+        if index + 1 < len(tasks):
+            heapq.heappush(self._next, (tasks[index + 1], shape, index + 1))
+            return True
+        return False
+
+    def shapes_left(self) -> set[Shape]:
+        left = {shape for _, shape, _ in self._next}
+        if self._head is not None:
+            left.add(self._head[1])
+            left.update(shape for _, shape in self._heads)
+            self._head = None
+        return left
+
+
 @dataclass
 class _Pass:
-    offers: list[NodeOffer]
+    # Every node's offer by name, accepting or not, as the caller keeps them: a pass reads
+    # the few it needs by name, and lists the accepting ones only when a shape may use any
+    # node (no copy of 1,000 offers, nor lists and dicts of them, made for every pass).
+    nodes: Mapping[str, NodeOffer]
     dirty: set[str] | None
-    blocked_before: frozenset[Shape]
+    blocked_before: AbstractSet[Shape]
     previous: Reservation | None
-    pool: RepoPool
+    pool: RepoPool = field(init=False)
     compatible: dict[int, _Roomiest] = field(default_factory=dict)
     dirty_compatible: dict[int, _Roomiest] = field(default_factory=dict)
     live: dict[Shape, _Fitting] = field(default_factory=dict)
@@ -479,23 +544,26 @@ class _Pass:
     # The shapes found to fit nowhere in this pass, by reach (one that covers another
     # already there is dropped when it is added, so the lists stay short).
     failed: dict[int, list[Shape]] = field(default_factory=dict)
-    freed: _FreedRoom = field(default_factory=_FreedRoom)
+    freed: _FreedRoom | None = None  # in a pass over freed room (dirty is not None)
 
-    @property
-    def by_name(self) -> dict[str, NodeOffer]:
-        if self._by_name is None:
-            self._by_name = {o.name: o for o in self.offers}
-        return self._by_name
+    def __post_init__(self) -> None:
+        self.pool = RepoPool(o for o in self.nodes.values() if o.accepting)
 
-    _by_name: dict[str, NodeOffer] | None = None
+    @functools.cached_property
+    def offers(self) -> list[NodeOffer]:
+        """The accepting offers, in the caller's order."""
+        return [o for o in self.nodes.values() if o.accepting]
 
-    @property
+    def offer(self, name: str) -> NodeOffer | None:
+        """The node's offer, if it accepts work."""
+        found = self.nodes.get(name)
+        return found if found is not None and found.accepting else None
+
+    @functools.cached_property
     def dirty_offers(self) -> list[NodeOffer]:
-        if self._dirty_offers is None:
-            self._dirty_offers = [o for o in self.offers if o.name in (self.dirty or ())]
-        return self._dirty_offers
-
-    _dirty_offers: list[NodeOffer] | None = None
+        """The accepting nodes that gained room, by name (no order of theirs decides
+        anything: ties between nodes go by name)."""
+        return [o for o in map(self.offer, sorted(self.dirty or ())) if o is not None]
 
     def only_freed_room(self, shape: Shape) -> bool:
         """Whether nothing changed for this shape but the nodes that gained room: it fit
@@ -525,16 +593,12 @@ class _Pass:
 
     def note_change(self, offer: NodeOffer) -> None:
         self.changed.append(offer.name)
-        self.freed.note_change(offer)
-
-    def waits(self, shape: Shape) -> None:
-        """The shape is in the pass's heap from its start."""
-        if self.dirty is not None:
-            self.freed.expect(shape, self.only_freed_room(shape))
+        if self.freed is not None:
+            self.freed.note_change(offer)
 
     def done_with(self, shape: Shape) -> None:
-        """The shape is out of the heap: blocked, or none of its tasks left."""
-        if self.dirty is not None and not self.only_freed_room(shape):
+        """The shape is out of the order: blocked, or none of its tasks left."""
+        if self.freed is not None and not self.only_freed_room(shape):
             self.freed.unrestricted -= 1
 
     def spent(self) -> bool:
@@ -543,7 +607,7 @@ class _Pass:
         any shape of its reach asks, and a node is kept already (so no failure to come
         keeps one: the pass's outcome is settled)."""
         freed, kept = self.freed, self.reservation
-        if self.dirty is None or kept is None or freed.unrestricted:
+        if freed is None or kept is None or freed.unrestricted:
             return False
         if freed.room is None:
             freed.track(self.freed_compatible, kept.node)
@@ -589,7 +653,7 @@ class _Pass:
         # when its holder's tree ends, whatever else runs there.
         previous = self.previous
         if previous is not None and previous.task == task:
-            kept = self.by_name.get(previous.node)
+            kept = self.offer(previous.node)
             if kept is not None and compatible(shape, kept) and self._room_for(shape, kept):
                 self.reservation = previous  # still waiting: the same node, no look around
                 return
@@ -609,37 +673,46 @@ class _Pass:
         return fits_empty(shape, offer) and repositories_free(shape, offer, self.pool)
 
 
-def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer], *,
-          blocked_before: Iterable[Shape] = (), dirty: Iterable[str] | None = None,
-          reservation: Reservation | None = None, limit: int | None = None) -> MatchResult:
+def match(queue: Mapping[Shape, Sequence[QueueKey]],
+          offers: Mapping[str, NodeOffer] | Iterable[NodeOffer], *,
+          blocked_before: AbstractSet[Shape] | Iterable[Shape] = (),
+          dirty: Iterable[str] | None = None,
+          reservation: Reservation | None = None, limit: int | None = None,
+          heads: Iterable[tuple[QueueKey, Shape]] | None = None,
+          asks: QueueAsks | None = None) -> MatchResult:
     """Start what can start now, in priority-then-age order across all shapes.
 
-    `dirty` names the nodes that gained room since the last pass; a shape in
-    `blocked_before` is only tried on those (None: try every node). With a `limit`, the
-    pass stops after that many assignments, which are the first that many of the whole
-    pass: the shapes it did not finish are in `unfinished` (see `carry_over`)."""
-    accepting = [o for o in offers if o.accepting]
+    `offers` may be a mapping by name, kept by the caller (never changed here). `dirty`
+    names the nodes that gained room since the last pass; a shape in `blocked_before` is
+    only tried on those (None: try every node). With a `limit`, the pass stops after that
+    many assignments, which are the first that many of the whole pass: the shapes it did
+    not finish are in `unfinished` (see `carry_over`). A caller that keeps them may give
+    `heads`, each queued shape's first task as (key, shape) in ascending order, and `asks`,
+    QueueAsks.of the queued shapes; every group in `queue` must then have a task."""
+    nodes = offers if isinstance(offers, Mapping) else {o.name: o for o in offers}
     dirty_set = None if dirty is None else set(dirty)
     if dirty_set is not None and reservation is not None:
         dirty_set.add(reservation.node)  # a lifted reservation frees that node for everyone
-    run = _Pass(accepting, dirty_set, frozenset(blocked_before), reservation,
-                RepoPool(accepting))
-    heap = []
-    for shape, tasks in queue.items():
-        if tasks:
-            heap.append((tasks[0], shape, 0))
-            run.waits(shape)
-    heapq.heapify(heap)
+    if not isinstance(blocked_before, AbstractSet):
+        blocked_before = frozenset(blocked_before)
+    if heads is None:
+        queue = {shape: tasks for shape, tasks in queue.items() if tasks}
+        heads = sorted((tasks[0], shape) for shape, tasks in queue.items())
+    run = _Pass(nodes, dirty_set, blocked_before, reservation)
+    if dirty_set is not None:
+        queued = asks if asks is not None else QueueAsks.of(queue)
+        restricted = (queue.keys() & blocked_before) - queued.anywhere
+        run.freed = _FreedRoom(queued, unrestricted=len(queue) - len(restricted))
+    order = _Order(heads, queue)
     assignments: list[Assignment] = []
     blocked: set[Shape] = set()
-    while heap:
+    while order:
         if run.spent():
-            blocked.update(shape for _, shape, _ in heap)
+            blocked.update(order.shapes_left())
             break
         if len(assignments) == limit:
-            return MatchResult(assignments, blocked, run.reservation,
-                               {shape for _, shape, _ in heap})
-        key, shape, index = heapq.heappop(heap)
+            return MatchResult(assignments, blocked, run.reservation, order.shapes_left())
+        key, shape, index = order.pop()
         if run.fits_nowhere(shape):
             # Nor could it be kept a node: the shape it covers found none, or one is kept.
             blocked.add(shape)
@@ -653,17 +726,14 @@ def match(queue: Mapping[Shape, Sequence[QueueKey]], offers: Iterable[NodeOffer]
             run.done_with(shape)
             continue
         allocated = allocate(shape, node)
-        repos, sources = _claim(shape, node, accepting, run.pool)
+        repos, sources = _claim(shape, node, run.offers if shape.anywhere else (), run.pool)
         for resource, granted in allocated.items():
             node.free[resource] = node.free.get(resource, 0.0) - granted
         run.note_change(node)
         for source in sources - {node.name}:
-            run.note_change(run.by_name[source])
+            run.note_change(run.nodes[source])
         assignments.append(Assignment(key[-1], node.name, allocated, repos))
-        tasks = queue[shape]
-        if index + 1 < len(tasks):
-            heapq.heappush(heap, (tasks[index + 1], shape, index + 1))
-        else:
+        if not order.then(shape, index):
             run.done_with(shape)
     return MatchResult(assignments, blocked, run.reservation)
 

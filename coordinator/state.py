@@ -13,7 +13,7 @@ import contextlib
 import functools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from vespid.coordinator.matcher import (
     NOT_CONSUMED,
     Labels,
     NodeOffer,
+    QueueAsks,
     QueueKey,
     Reservation,
     Shape,
@@ -698,6 +699,10 @@ class State:
     # Scheduling memo: shapes that fit nowhere at the last pass, nodes that gained room
     # since (None: every node), and the node kept free for the longest-waiting task.
     blocked: set[Shape] = field(default_factory=set)
+    # Each queued shape's first task, in the order tasks start: a pass takes them in this
+    # order without sorting the queue's ~700 shapes again each time.
+    heads: SortedList[tuple[QueueKey, Shape]] = field(default_factory=SortedList)
+    _queue_asks: QueueAsks | None = field(default=None, repr=False)
     roomier: set[str] | None = None
     reservation: Reservation | None = None
     needs_scheduling: bool = True
@@ -748,7 +753,15 @@ class State:
         parent = self.tasks.get(task.parent or "")
         key = task.queue_key(parent is not None and parent.status is TaskStatus.WORKING)
         self.waiting_shape[task.name] = (shape, key)
-        self.queue.setdefault(shape, SortedList[QueueKey]()).add(key)
+        group = self.queue.get(shape)
+        if group is None:
+            group = self.queue[shape] = SortedList[QueueKey]()
+            self._queue_asks = None
+        elif key < group[0]:
+            self.heads.remove((group[0], shape))
+        if not group or key < group[0]:
+            self.heads.add((key, shape))
+        group.add(key)
         self.needs_scheduling = True
 
     def dequeue(self, task: Task) -> None:
@@ -757,11 +770,24 @@ class State:
             return
         shape, key = entry
         group = self.queue[shape]
+        was_head = group[0] == key
         group.discard(key)
+        if was_head:
+            self.heads.remove((key, shape))
+            if group:
+                self.heads.add((group[0], shape))
         if not group:
             del self.queue[shape]
             del self.shapes[shape]
             self.blocked.discard(shape)
+            self._queue_asks = None
+
+    def queue_asks(self) -> QueueAsks:
+        """What the queued shapes ask (matcher.QueueAsks), made again only once a shape
+        joined or left the queue: most passes have the same shapes waiting."""
+        if self._queue_asks is None:
+            self._queue_asks = QueueAsks.of(self.queue)
+        return self._queue_asks
 
     def add_node(self, node: Node) -> None:
         self.nodes[node.name] = node
@@ -774,10 +800,10 @@ class State:
             self._names_sorted = sorted(self.nodes)
         return [self.nodes[name] for name in self._names_sorted]
 
-    def offers(self, build: Callable[[Node], NodeOffer]) -> list[NodeOffer]:
-        """Every node's offer (in the order the nodes joined, which decides, say, whose
-        repository a non-local request takes), building again only those dropped since the
-        last call."""
+    def offers(self, build: Callable[[Node], NodeOffer]) -> Mapping[str, NodeOffer]:
+        """Every node's offer by name (in the order the nodes joined, which decides, say,
+        whose repository a non-local request takes), building again only those dropped
+        since the last call. The mapping is kept: read it, never change it."""
         offers, nodes, stale = self._offers, self.nodes, self._stale_offers
         if any(name not in offers for name in stale):  # a node joined: listed in its place
             offers = self._offers = {name: node.offer(build) for name, node in nodes.items()}
@@ -785,7 +811,7 @@ class State:
             for name in stale:
                 offers[name] = nodes[name].offer(build)
         stale.clear()
-        return list(offers.values())
+        return offers
 
     def _index_repositories(self, node: Node, before: dict[str, Any]) -> None:
         for repo in before.keys() - node.repositories.keys():

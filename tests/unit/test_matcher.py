@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from sortedcontainers import SortedList
 
 from vespid.coordinator import matcher
 from vespid.coordinator.matcher import (
@@ -17,6 +18,7 @@ from vespid.coordinator.matcher import (
     Labels,
     MatchResult,
     NodeOffer,
+    QueueAsks,
     QueueKey,
     RepoPool,
     Reservation,
@@ -88,7 +90,16 @@ def queue(*tasks: Task) -> dict[Shape, list[QueueKey]]:
 
 
 def run(tasks: Iterable[Task], offers: Iterable[NodeOffer], **options: Any) -> MatchResult:
-    return match(queue(*tasks), list(offers), **options)
+    """The pass as a caller with nothing kept makes it; checked against the same pass made
+    as the State makes it (the offers by name, the queue's heads and asks kept), on a copy."""
+    grouped, offers = queue(*tasks), list(offers)
+    kept = match(grouped, {o.name: o for o in copy.deepcopy(offers)},
+                 heads=SortedList((keys[0], shape) for shape, keys in grouped.items()),
+                 asks=QueueAsks.of(grouped), **options)
+    result = match(grouped, offers, **options)
+    assert (kept.assignments, kept.blocked, kept.reservation, kept.unfinished) == (
+        result.assignments, result.blocked, result.reservation, result.unfinished)
+    return result
 
 
 def placed(result: MatchResult) -> dict[str, str]:

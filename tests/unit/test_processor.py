@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from vespid.coordinator import engine, views
 from vespid.coordinator.engine import LATE_FACTOR
+from vespid.coordinator.matcher import QueueAsks
 from vespid.coordinator.processor import Delivery, Outcome, Processor
 from vespid.coordinator.settings import CoordinatorSettings
 from vespid.coordinator.store import OutboxEntry, Store, open_store
@@ -1247,3 +1249,63 @@ def test_a_turn_starts_at_most_its_decisions_and_the_next_turn_goes_on(
                 if body["command"] == "task-run"] for outcome in (first, second, third)]
     assert started == [["t1", "t3"], ["t0", "t2"], ["t4"]]  # priority, then age
     assert not proc.state.needs_scheduling
+
+
+# --- what the State keeps for the matching pass ---------------------------------------------
+
+
+def assert_kept_for_passes_as_made_afresh(proc: Processor) -> None:
+    """The queue's heads and asks the State keeps between passes are what the queue says."""
+    state = proc.state
+    assert list(state.heads) == sorted((group[0], shape) for shape, group in state.queue.items())
+    kept, fresh = state.queue_asks(), QueueAsks.of(state.queue)
+    assert (kept.asks, kept.anywhere) == (fresh.asks, fresh.anywhere)
+    assert {reach: (shape.reach, shape in state.queue) for reach, shape in kept.examples.items()
+            } == {reach: (reach, True) for reach in fresh.examples}
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_queue_order_and_asks_kept_for_passes_follow_every_change(
+        proc: Processor, seed: int) -> None:
+    """Tasks of a few shapes and priorities created (children of running tasks among them,
+    which go first), started, completed and cancelled, nodes joining and changing size: after
+    every batch, what the State keeps for the next pass is what the queue makes afresh."""
+    rng = random.Random(seed)
+    running: dict[str, tuple[str, int]] = {}  # task -> (node, attempt)
+    idle: list[str] = []
+    now, made, started = T0, 0, 0
+    for _ in range(80):
+        now += 0.05
+        roll, batch = rng.random(), []
+        if roll < 0.45:
+            for _ in range(rng.randint(1, 4)):
+                made += 1
+                fields: dict[str, Any] = {
+                    "requirements": {"cores": rng.choice((1, 2, 4)),
+                                     "memory": rng.choice((500, 2000))},
+                    "priority": rng.choice((0, 0, 1, 5))}
+                if running and rng.random() < 0.3:
+                    fields["parent"] = rng.choice(sorted(running))
+                batch.append(task_create(f"t{made}", **fields))
+                idle.append(f"t{made}")
+        elif roll < 0.6:
+            name = f"n{rng.randint(1, 3)}"
+            batch.append(node_set(name, [t for t, (n, _) in running.items() if n == name],
+                                  cores=rng.choice((2, 4, 8)), memory=4000))
+        elif roll < 0.85 and running:
+            done = rng.choice(sorted(running))
+            node, attempt = running.pop(done)
+            batch.append({"command": "task-complete", "name": done, "node": node,
+                          "success": "ok", "attempt": attempt})
+        elif idle:
+            batch.append({"command": "task-cancel", "name": idle.pop(rng.randrange(len(idle)))})
+        outcome = proc.process([deliver(message) for message in batch], now)
+        for key, run in to_nodes(outcome):
+            if run.get("command") == "task-run":
+                running[run["name"]] = (key.removeprefix("node."), run["attempt"])
+                if run["name"] in idle:
+                    idle.remove(run["name"])
+                started += 1
+        proc.confirmed([e.id for e in outcome.outbox], now)
+        assert_kept_for_passes_as_made_afresh(proc)
+    assert started and proc.state.queue  # tasks started, and others still waited
