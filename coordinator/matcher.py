@@ -20,7 +20,9 @@ group in priority-then-age order, so a pass costs per group and per decision, no
 queued task; a group that could not start last time is only tried against the nodes that
 gained room since (`dirty`), a group that asks at least as much as one found to fit
 nowhere in the pass is not tried at all (`Shape.covers`), and once those nodes have no
-room left for any group that may only use them, the pass ends (`_Pass.spent`).
+room left for any group that may only use them, the pass ends (`_Pass.spent`). A caller
+that keeps the groups' first tasks in order and what the groups ask (`heads`, `asks`: the
+State does) spares each pass a look at every group before it starts.
 """
 
 from __future__ import annotations
@@ -256,14 +258,24 @@ def labels_compatible(task: Labels, node: Labels) -> bool:
 
 
 def preference_score(task: Labels, node: Labels) -> int:
+    if not (task.preferred or node.preferred):  # most: no sets made for a score of 0
+        return 0
     return len(task.preferred & node.carried) + len(node.preferred & task.carried)
 
 
 def compatible(shape: Shape, node: NodeOffer) -> bool:
     """Whether the node could ever take the shape, whatever is running there now."""
-    return (shape.unplaceable is None and labels_compatible(shape.labels, node.labels)
-            and shape.bid >= node.min_bid
-            and all(repo in node.repos for repo in shape.pinned))
+    if shape.unplaceable is not None or shape.bid < node.min_bid:
+        return False
+    asked, offered = shape.labels, node.labels
+    if not (asked.required <= offered.carried and offered.required <= asked.carried):
+        return False  # labels_compatible, written out: asked of every node a pass lists
+    if shape.pinned:
+        hosted = node.repos
+        for repo in shape.pinned:
+            if repo not in hosted:
+                return False
+    return True
 
 
 class RepoPool:
@@ -293,23 +305,39 @@ class RepoPool:
         return all(count[kind] >= n for kind, n in shape.repo_types.items())
 
 
+# These three are asked of a node for every shape a pass looks over: plain loops, not
+# any()/all() over generators, which made each ask several times slower.
 def fits_now(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
-    if any(node.free.get(k, 0.0) < amount for k, amount in shape.needs):
-        return False
+    free = node.free
+    for key, asked in shape.needs:
+        if free.get(key, 0.0) < asked:
+            return False
     return repositories_free(shape, node, pool)
 
 
 def repositories_free(shape: Shape, node: NodeOffer, pool: RepoPool) -> bool:
     # Only a request that may be met on another node needs the farm's count: the node's own
     # free repositories are in the pool, so they already meet the local ones there.
-    return (all(len(node.free_repos.get(t, ())) >= n for t, n in shape.local_types.items())
-            and (not shape.anywhere or pool.enough(shape)))
+    if shape.local_types:
+        free_repos = node.free_repos
+        for kind, count in shape.local_types.items():
+            if len(free_repos.get(kind, ())) < count:
+                return False
+    return not shape.anywhere or pool.enough(shape)
 
 
 def fits_empty(shape: Shape, node: NodeOffer) -> bool:
     """Whether the node, once empty, has room for the shape."""
-    return (all(node.capacity.get(k, 0.0) >= amount for k, amount in shape.needs)
-            and all(node.repo_counts[t] >= n for t, n in shape.local_types.items()))
+    capacity = node.capacity
+    for key, asked in shape.needs:
+        if capacity.get(key, 0.0) < asked:
+            return False
+    if shape.local_types:
+        counts = node.repo_counts
+        for kind, count in shape.local_types.items():
+            if counts[kind] < count:
+                return False
+    return True
 
 
 def _rank(shape: Shape, node: NodeOffer) -> tuple[bool, int, float, float, str]:
