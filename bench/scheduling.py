@@ -169,7 +169,7 @@ class Probes:
     reply), so a slow reply shows as itself and not as fewer samples."""
 
     tasks: int  # task-info asks about bench-000000 .. this many, spread over the queue
-    every: float = PROBE_EVERY  # seconds between rounds; 0: only the one behind the join
+    every: float = PROBE_EVERY  # seconds between rounds; 0: only the round behind the join
     outstanding: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> kind, sent
     next_at: float = 0.0
     rounds: int = 0
@@ -192,7 +192,7 @@ def probe_step(peer: Peer, probes: Probes, cell: Cell, send: bool = True) -> Non
             peer.forget(correlation_id)
             cell.probe_timeouts[kind] += 1
             del probes.outstanding[correlation_id]
-    if send and now >= probes.next_at and (probes.every or probes.join_id is None):
+    if send and now >= probes.next_at:
         asks = {"node-list": {"command": "node-list"},
                 "task-info": {"command": "task-info", "name": probes.task_name()}}
         for kind in ("node-list", "task-info"):
@@ -584,7 +584,7 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument("--probe-every", type=float, default=PROBE_EVERY, metavar="SECONDS",
                         help="seconds between the drain's rounds of requests (a task-info "
                              f"and a node-list; default {PROBE_EVERY:g}); 0 sends only the "
-                             "node-list behind the join, to see what the requests cost")
+                             "first round, behind the join, to see what the requests cost")
     args = parser.parse_args(argv)
     nodes, tasks, cap = QUICK_GRID if args.quick else FULL_GRID
     return Options(args.nodes or nodes, args.tasks or tasks,

@@ -267,9 +267,8 @@ def compatible(shape: Shape, node: NodeOffer) -> bool:
     """Whether the node could ever take the shape, whatever is running there now."""
     if shape.unplaceable is not None or shape.bid < node.min_bid:
         return False
-    asked, offered = shape.labels, node.labels
-    if not (asked.required <= offered.carried and offered.required <= asked.carried):
-        return False  # labels_compatible, written out: asked of every node a pass lists
+    if not labels_compatible(shape.labels, node.labels):
+        return False
     if shape.pinned:
         hosted = node.repos
         for repo in shape.pinned:

@@ -757,9 +757,10 @@ class State:
         if group is None:
             group = self.queue[shape] = SortedList[QueueKey]()
             self._queue_asks = None
-        elif key < group[0]:
-            self.heads.remove((group[0], shape))
-        if not group or key < group[0]:
+        head = group[0] if group else None
+        if head is None or key < head:  # the shape's first task now
+            if head is not None:
+                self.heads.remove((head, shape))
             self.heads.add((key, shape))
         group.add(key)
         self.needs_scheduling = True
