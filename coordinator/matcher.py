@@ -847,22 +847,34 @@ def _why_not(shape: Shape, node: NodeOffer) -> str | None:
                 f"(bid {amount(shape.bid)})")
     if not offered.required <= labels.carried:
         return f"runs only tasks labelled {', '.join(sorted(offered.required - labels.carried))}"
-    absent = [r for r in shape.pinned if r not in node.repos]
-    if absent:
-        return f"does not host repository {absent[0]}"
-    capacity, free = node.capacity, node.free
-    too_big = tuple((k, v, capacity.get(k, 0.0)) for k, v in shape.needs
-                    if capacity.get(k, 0.0) < v)
+    for repo in shape.pinned:
+        if repo not in node.repos:
+            return f"does not host repository {repo}"
+    too_big = _shortfall(shape.needs, node.capacity)
     if too_big:
         return _short("too small", too_big, "")
     for kind, count in shape.local_types.items():
         if len(node.free_repos.get(kind, ())) < count:
             hosted = sum(1 for t in node.repos.values() if t == kind)
             return f"no free repository of type {kind} ({hosted} hosted, all held)"
-    busy = tuple((k, v, free.get(k, 0.0)) for k, v in shape.needs if free.get(k, 0.0) < v)
+    busy = _shortfall(shape.needs, node.free)
     if busy:
         return _short("full for now", busy, " free")
     return None
+
+
+def _shortfall(needs: tuple[tuple[str, float], ...], has: Mapping[str, float]
+               ) -> tuple[tuple[str, float, float], ...]:
+    """(resource, needed, had) of each need `has` falls short of. A plain loop that builds
+    nothing when nothing falls short: asked twice of every node for each task-info."""
+    short: list[tuple[str, float, float]] | None = None
+    for key, need in needs:
+        had = has.get(key, 0.0)
+        if had < need:
+            if short is None:
+                short = []
+            short.append((key, need, had))
+    return () if short is None else tuple(short)
 
 
 @functools.lru_cache(maxsize=1024)

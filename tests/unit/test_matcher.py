@@ -1034,6 +1034,17 @@ def test_explain_says_a_big_enough_node_is_full_for_now() -> None:
     assert explain(shape(cores=4), [offer]) == ["box: full for now (cores needs 4, has 1 free)"]
 
 
+def test_explain_names_every_resource_short_in_the_order_the_task_asks_them() -> None:
+    small = node("small", cores=2, memory=1000)
+    full = busy(node("full", cores=8, memory=8000), cores=1, memory=500)
+    enough_memory = busy(node("spare", cores=8, memory=8000), cores=0)
+
+    assert explain(shape(cores=4, memory=3000), [small, full, enough_memory]) == [
+        "small: too small (cores needs 4, has 2, memory needs 3000, has 1000)",
+        "full: full for now (cores needs 4, has 1, memory needs 3000, has 500 free)",
+        "spare: full for now (cores needs 4, has 0 free)"]
+
+
 def test_explain_says_a_node_is_not_accepting() -> None:
     reasons = explain(shape(), [node("box", cores=8, accepting=False)])
 
