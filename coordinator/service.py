@@ -9,6 +9,8 @@ but not confirmed stays in the outbox and is sent again after a reconnect or res
 from __future__ import annotations
 
 import heapq
+import itertools
+import operator
 import signal
 import time
 from collections import deque
@@ -762,8 +764,11 @@ class CoordinatorService:
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         acked = isinstance(method, Basic.Ack)
-        seqs = ([s for s in self._in_flight if s <= method.delivery_tag] if method.multiple
-                else [method.delivery_tag])
+        # Published in ascending seq, so the settled ones lead the dict: a multiple ack reads
+        # only those, not every message still in flight (thousands in a drain).
+        seqs = (list(itertools.takewhile(partial(operator.ge, method.delivery_tag),
+                                         self._in_flight))
+                if method.multiple else [method.delivery_tag])
         done: list[int] = []
         for seq in seqs:
             outbox_id = self._in_flight.pop(seq, None)
