@@ -765,7 +765,7 @@ class CoordinatorService:
         method = frame.method
         acked = isinstance(method, Basic.Ack)
         # Published in ascending seq, so the settled ones lead the dict: a multiple ack reads
-        # only those, not every message still in flight (thousands in a drain).
+        # only those, not every message still in flight.
         seqs = (list(itertools.takewhile(partial(operator.ge, method.delivery_tag),
                                          self._in_flight))
                 if method.multiple else [method.delivery_tag])

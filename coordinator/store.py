@@ -239,7 +239,7 @@ class Store(ABC):
             self._upsert("tasks", ("name", "seq", "status", "parent", "record", "definition")),
             new)
         # A task's seq never changes once written. Set again, SQLite rewrote its entry in the
-        # seq index all the same: a third of the pages each batch wrote.
+        # seq index all the same: 7 % of the pages each batch wrote in a 1,000-node drain.
         self._execute_many(
             self._sql("UPDATE tasks SET status = ?, record = ? WHERE name = ?"), changed)
         self._execute_many(self._sql("UPDATE tasks SET status = ? WHERE name = ?"), kept)
