@@ -296,6 +296,20 @@ def process_cpu_seconds(pid: int | None) -> float | None:
     return _stat_seconds(pid, 11)
 
 
+def scheduler_seconds(pid: int | None) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds waiting in a run queue) of all a live process's threads."""
+    if pid is None:
+        return None
+    on_cpu = waiting = 0
+    try:
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            running, queued, _slices = (thread / "schedstat").read_text().split()
+            on_cpu, waiting = on_cpu + int(running), waiting + int(queued)
+    except (OSError, ValueError):
+        return None
+    return on_cpu / 1e9, waiting / 1e9
+
+
 def children_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a live process's reaped children (cutime + cstime)."""
     return _stat_seconds(pid, 13)

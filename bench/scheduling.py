@@ -43,8 +43,8 @@ from bench.common import (
     log,
     markdown_table,
     private_vhost,
-    process_cpu_seconds,
     rate,
+    scheduler_seconds,
     setup_logging,
     simulator_main,
     task_create,
@@ -93,9 +93,9 @@ class Cell:
     probe_timeouts: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(PROBE_KINDS, 0))
     completed: int | None = None
-    coordinator_cpu: float | None = None
-    simulator_cpu: float | None = None
-    broker_cpu: float | None = None
+    # Each process's share of the drain (1.0 = one core) on a CPU, and runnable but
+    # waiting for one: the two add up to about 1.0 for a process that never waits for work.
+    usage: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     skipped: bool = False
 
@@ -207,7 +207,8 @@ def probe_step(peer: Peer, probes: Probes, cell: Cell, send: bool = True) -> Non
 class Server(Protocol):
     """What a drain needs of the process deciding: a coordinator or the floor."""
 
-    def cpu_seconds(self) -> float | None: ...
+    @property
+    def pid(self) -> int | None: ...
 
     def check_alive(self) -> None: ...
 
@@ -216,8 +217,9 @@ class Server(Protocol):
 class FloorServer:
     child: ChildProcess
 
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.child.process.pid)
+    @property
+    def pid(self) -> int | None:
+        return self.child.process.pid
 
     def check_alive(self) -> None:
         self.child.poll(0.0)
@@ -229,9 +231,9 @@ def drain(peer: Peer, sim: ChildProcess, coordinator: Server, cell: Cell,
     (not the floor's: it answers no request)."""
     sim.send("join")
     joined = float(sim.wait_for("joined", deadline.within(60)))
-    broker = broker_pid()
-    cpu_before = (coordinator.cpu_seconds(), sim.latest["progress"].cpu_seconds,
-                  process_cpu_seconds(broker))
+    pids = {"coordinator": coordinator.pid, "simulator": sim.process.pid,
+            "broker": broker_pid()}
+    before = {who: scheduler_seconds(pid) for who, pid in pids.items()}
     probes = None if cell.floor else Probes(cell.tasks, probe_every)
     if probes is not None:
         probe_step(peer, probes, cell)  # lands right behind the N joining node-sets
@@ -241,9 +243,8 @@ def drain(peer: Peer, sim: ChildProcess, coordinator: Server, cell: Cell,
             finish_probes(peer, probes, cell, deadline)
     finally:  # also on Ctrl-C: keep what was measured
         stats: SimStats = sim.latest.get("progress", SimStats())
-        cpu_after = (coordinator.cpu_seconds(), stats.cpu_seconds,
-                     process_cpu_seconds(broker))
-        record_drain(cell, stats, joined, cpu_before, cpu_after)
+        after = {who: scheduler_seconds(pid) for who, pid in pids.items()}
+        record_drain(cell, stats, joined, before, after)
 
 
 def wait_for_last_run(peer: Peer, sim: ChildProcess, coordinator: Server,
@@ -279,12 +280,12 @@ def finish_probes(peer: Peer, probes: Probes, cell: Cell, deadline: Deadline) ->
     probes.outstanding.clear()
 
 
-# CPU seconds used so far by (coordinator, simulator, broker)
-CpuPair = tuple[float | None, float | None, float | None]
+# Each process's (seconds on a CPU, seconds waiting for one) so far, None if it is gone.
+Schedule = dict[str, tuple[float, float] | None]
 
 
-def record_drain(cell: Cell, stats: SimStats, joined: float, before: CpuPair,
-                 after: CpuPair) -> None:
+def record_drain(cell: Cell, stats: SimStats, joined: float, before: Schedule,
+                 after: Schedule) -> None:
     cell.decisions = stats.distinct
     if stats.first_run is None:
         cell.notes.append("no task-run arrived at all")
@@ -293,15 +294,11 @@ def record_drain(cell: Cell, stats: SimStats, joined: float, before: CpuPair,
     end = stats.expected_run or stats.last_run
     assert end is not None
     cell.drain_seconds = end - stats.first_run
-    cell.coordinator_cpu = cpu_share(before[0], after[0], end - joined)
-    cell.simulator_cpu = cpu_share(before[1], after[1], end - joined)
-    cell.broker_cpu = cpu_share(before[2], after[2], end - joined)
-
-
-def cpu_share(before: float | None, after: float | None, wall: float) -> float | None:
-    if before is None or after is None or wall <= 0:
-        return None
-    return (after - before) / wall
+    wall = end - joined
+    for who, then in before.items():
+        now = after.get(who)
+        if then is not None and now is not None and wall > 0:
+            cell.usage[who] = ((now[0] - then[0]) / wall, (now[1] - then[1]) / wall)
 
 
 def check_simulator(cell: Cell, final: SimStats | None, heartbeat: float) -> None:
@@ -467,8 +464,7 @@ def row(cell: Cell) -> list[str]:
             fmt(ms(cell.join_latency)),
             *(latencies(cell.probe_latencies[kind], cell.probe_timeouts[kind])
               for kind in PROBE_KINDS),
-            " / ".join(percent(x) for x in (cell.coordinator_cpu, cell.simulator_cpu,
-                                            cell.broker_cpu)),
+            " / ".join(usage(cell.usage.get(who)) for who in USAGE_ORDER),
             "—" if cell.completed is None else f"{cell.completed:,}",
             "; ".join(cell.notes) or ""]
 
@@ -487,8 +483,12 @@ def latencies(samples: list[float], timeouts: int) -> str:
     return text
 
 
-def percent(share: float | None) -> str:
-    return "—" if share is None else f"{100 * share:.0f}%"
+USAGE_ORDER = ("coordinator", "simulator", "broker")
+
+
+def usage(shares: tuple[float, float] | None) -> str:
+    """`73% (27%)`: on a CPU, and (runnable but waiting for one)."""
+    return "—" if shares is None else f"{100 * shares[0]:.0f}% ({100 * shares[1]:.0f}%)"
 
 
 def ms(seconds: float | None) -> float | None:
@@ -499,7 +499,7 @@ HEADERS = ["decided by", "nodes", "queued tasks", "ingest (creates/s)", "1st run
            "1st→W-th run (s)", "decisions/s", "ms/decision", "node-list at join (ms)",
            "task-info during drain, median / p95 / max (ms)",
            "node-list during drain, median / p95 / max (ms)",
-           "CPU coordinator / simulator / RabbitMQ",
+           "CPU (waiting for a CPU) coordinator / simulator / RabbitMQ",
            "complete",
            "notes"]
 
@@ -550,8 +550,11 @@ def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
         "scheduling pass over the full queue; the next two columns are a task-info and a "
         f"node-list sent every {every * 1000:g} ms (0: none) from the join until the W-th "
         "run (each on time, answered or not), with the number of samples. *CPU* is each "
-        "process's CPU time over the wall time from join to the W-th run (100% = one "
-        "core; the machine has the cores listed above, shared with RabbitMQ). *ingest* "
+        "process's time on a CPU over the wall time from join to the W-th run (100% = one "
+        "core; the machine has the cores listed above, shared with RabbitMQ), and in "
+        "brackets its time runnable but waiting for a CPU (/proc schedstat): the two add "
+        "up to about 100% for a process that never waits for work, which is CPU-bound "
+        "and gets no more because the machine is busy. *ingest* "
         "counts from the first publish to the task-list reply that saw all W tasks idle. "
         "*complete* is task-list status complete once the drain ended (for the floor, the "
         "task-completes it took).")

@@ -44,7 +44,16 @@ import pika
 from kombu.serialization import dumps
 
 from bench import celery_app, common, floor, throughput
-from bench.common import BenchError, Coordinator, Deadline, Peer, fmt, log, rate
+from bench.common import (
+    BenchError,
+    Coordinator,
+    Deadline,
+    Peer,
+    fmt,
+    log,
+    rate,
+    scheduler_seconds,
+)
 from bench.throughput import Pipeline
 
 FULL_TASKS, QUICK_TASKS = 10_000, 2_000
@@ -63,20 +72,6 @@ class Usage:
     cpu: float  # seconds on a CPU
     wait: float  # seconds runnable but waiting for a CPU (the machine was busy)
     wall: float
-
-
-def scheduler_seconds(pid: int | None) -> tuple[float, float] | None:
-    """(seconds on a CPU, seconds waiting in a run queue) of all a live process's threads."""
-    if pid is None:
-        return None
-    on_cpu = waiting = 0
-    try:
-        for thread in Path(f"/proc/{pid}/task").iterdir():
-            running, queued, _slices = (thread / "schedstat").read_text().split()
-            on_cpu, waiting = on_cpu + int(running), waiting + int(queued)
-    except (OSError, ValueError):
-        return None
-    return on_cpu / 1e9, waiting / 1e9
 
 
 @contextlib.contextmanager
