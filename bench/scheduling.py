@@ -61,6 +61,9 @@ PROBE_EVERY = 0.1  # seconds between rounds of requests (one of each kind) durin
 PROBE_TIMEOUT = 60.0
 PROBE_KINDS = ("task-info", "node-list")
 TARGET_DECISIONS = 2_500  # issue 14, target 3: decisions/s at 1,000 nodes x 100,000 tasks
+TARGET_NODES, TARGET_TASKS = 1_000, 100_000
+TARGET_P95 = 0.1  # issue 14, target 4: a request's p95 (s) while 1,000 nodes work
+MIN_P95_SAMPLES = 20  # fewer, and a p95 is only the worst request
 
 
 @dataclass
@@ -475,12 +478,16 @@ def latencies(samples: list[float], timeouts: int) -> str:
         text = "—"
     else:
         ordered = sorted(samples)
-        p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
-        text = (f"{fmt(ms(statistics.median(ordered)))} / {fmt(ms(p95))} / "
+        text = (f"{fmt(ms(statistics.median(ordered)))} / {fmt(ms(p95(ordered)))} / "
                 f"{fmt(ms(ordered[-1]))} (n={len(ordered)})")
     if timeouts:
         text += f" ({timeouts} unanswered in {PROBE_TIMEOUT:.0f} s)"
     return text
+
+
+def p95(ordered: list[float]) -> float:
+    """The 95th percentile of sorted samples (nearest rank)."""
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 USAGE_ORDER = ("coordinator", "simulator", "broker")
@@ -533,8 +540,41 @@ def floor_ratios(cells: list[Cell]) -> list[str]:
             + "\n".join(lines)]
 
 
+def target_lines(cells: list[Cell]) -> list[str]:
+    """Issue 14's targets 3 and 4, for each cell that measures them: the figure, its share
+    of the target, and whether it is met."""
+    lines = []
+    for cell in cells:
+        if cell.floor or cell.skipped or cell.nodes != TARGET_NODES:
+            continue
+        decided = decision_rate(cell)
+        if cell.tasks == TARGET_TASKS and decided is not None:
+            lines.append(f"- Target 3, ≥ {TARGET_DECISIONS:,} decisions/s at 1,000 nodes x "
+                         f"100,000 queued: {decided:,.0f}/s, **{decided / TARGET_DECISIONS:.2f}**"
+                         f" of it: {met(decided >= TARGET_DECISIONS)}.")
+        lines += [request_target(cell, kind) for kind in PROBE_KINDS
+                  if len(cell.probe_latencies[kind]) >= MIN_P95_SAMPLES]
+    return ["Issue 14's targets:\n\n" + "\n".join(lines)] if lines else []
+
+
+def request_target(cell: Cell, kind: str) -> str:
+    found = p95(sorted(cell.probe_latencies[kind]))
+    unanswered = cell.probe_timeouts[kind]
+    verdict = met(found <= TARGET_P95 and not unanswered)
+    if unanswered:
+        verdict += f" ({unanswered} unanswered)"
+    return (f"- Target 4, a {kind}'s p95 ≤ {ms(TARGET_P95):g} ms while 1,000 nodes work, "
+            f"{cell.tasks:,} queued: {fmt(ms(found))} ms, **{found / TARGET_P95:.2f}** of the "
+            f"limit: {verdict}.")
+
+
+def met(yes: bool) -> str:
+    return "met" if yes else "not met"
+
+
 def report_sections(cells: list[Cell], options: Options | None) -> list[str]:
-    sections = [markdown_table(HEADERS, [row(c) for c in cells]), *floor_ratios(cells)]
+    sections = [markdown_table(HEADERS, [row(c) for c in cells]), *target_lines(cells),
+                *floor_ratios(cells)]
     every = options.probe_every if options is not None else PROBE_EVERY
     if options is not None:
         sections.append(
