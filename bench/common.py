@@ -310,6 +310,36 @@ def scheduler_seconds(pid: int | None) -> tuple[float, float] | None:
     return on_cpu / 1e9, waiting / 1e9
 
 
+@dataclass(frozen=True)
+class Usage:
+    """One process over the measured part of a run (all its threads; /proc schedstat)."""
+
+    cpu: float  # seconds on a CPU
+    wait: float  # seconds runnable but waiting for a CPU (the machine was busy)
+    wall: float
+
+    def text(self) -> str:
+        """`73% (27%)`: its share of one core on a CPU, and (runnable but waiting for one)."""
+        if self.wall <= 0:
+            return "—"
+        return f"{100 * self.cpu / self.wall:.0f}% ({100 * self.wait / self.wall:.0f}%)"
+
+
+@contextlib.contextmanager
+def recording(pids: dict[str, int | None], into: dict[str, Usage]) -> Iterator[None]:
+    """Fills `into` with each process's Usage over the `with` block, if it is still alive."""
+    before = {name: scheduler_seconds(pid) for name, pid in pids.items()}
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        wall = time.monotonic() - start
+        for name, pid in pids.items():
+            now, then = scheduler_seconds(pid), before[name]
+            if now is not None and then is not None:
+                into[name] = Usage(now[0] - then[0], now[1] - then[1], wall)
+
+
 def children_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a live process's reaped children (cutime + cstime)."""
     return _stat_seconds(pid, 13)

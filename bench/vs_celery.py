@@ -49,10 +49,11 @@ from bench.common import (
     Coordinator,
     Deadline,
     Peer,
+    Usage,
     fmt,
     log,
     rate,
-    scheduler_seconds,
+    recording,
 )
 from bench.throughput import Pipeline
 
@@ -65,34 +66,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # ---- where the CPU went --------------------------------------------------------------------
-@dataclass(frozen=True)
-class Usage:
-    """One process over the measured part of a run (all its threads; /proc schedstat)."""
-
-    cpu: float  # seconds on a CPU
-    wait: float  # seconds runnable but waiting for a CPU (the machine was busy)
-    wall: float
-
-
-@contextlib.contextmanager
-def recording(pids: dict[str, int | None], into: dict[str, Usage]) -> Iterator[None]:
-    """Fills `into` with each process's Usage over the `with` block, if it is still alive."""
-    before = {name: scheduler_seconds(pid) for name, pid in pids.items()}
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        wall = time.monotonic() - start
-        for name, pid in pids.items():
-            now, then = scheduler_seconds(pid), before[name]
-            if now is not None and then is not None:
-                into[name] = Usage(now[0] - then[0], now[1] - then[1], wall)
-
-
 def usage_note(usage: dict[str, Usage]) -> str | None:
     """`CPU (waiting for a CPU) from the first publish to the end: coordinator 57% (40%), …`."""
-    parts = [f"{name} {100 * u.cpu / u.wall:.0f}% ({100 * u.wait / u.wall:.0f}%)"
-             for name, u in usage.items() if u.wall > 0]
+    parts = [f"{name} {u.text()}" for name, u in usage.items() if u.wall > 0]
     return ("CPU (runnable, waiting for a CPU) from the first publish to all done: "
             + ", ".join(parts)) if parts else None
 
